@@ -1,0 +1,64 @@
+"""difftune: customize and compress diffusion models (diffusers UNets, DiT and PixArt transformers).
+
+The flat public API::
+
+    import difftune as dt
+    dt.inject(pipe.unet, dt.LoRAConfig(rank=4, alpha=4, target_modules=["to_q", "to_v"]), name="style")
+    ...train...
+    dt.save_adapter(pipe, "out/style")
+    dt.load_adapter(other_pipe, "out/style", weight=0.8)
+    dt.fuse(other_pipe); dt.unfuse(other_pipe); dt.delete_adapter(other_pipe, "style")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import DifftuneError
+from .loading import (
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    fuse,
+    inject,
+    list_adapters,
+    load_adapter,
+    merge,
+    remove,
+    save_adapter,
+    set_adapter_weights,
+    trainable_parameter_count,
+    unfuse,
+    unmerge,
+)
+from .methods import METHODS, MethodConfig
+from .methods.lora import LoRAConfig
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(METHODS)
+
+
+__all__ = [
+    "DifftuneError",
+    "LoRAConfig",
+    "METHODS",
+    "MethodConfig",
+    "__version__",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "fuse",
+    "inject",
+    "list_adapters",
+    "list_methods",
+    "load_adapter",
+    "merge",
+    "remove",
+    "save_adapter",
+    "set_adapter_weights",
+    "trainable_parameter_count",
+    "unfuse",
+    "unmerge",
+]

@@ -1,0 +1,117 @@
+"""``difftune`` command line: it parses arguments and dispatches; the work happens in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import DifftuneError, bad_value
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` → (path, weight). A suffix after the last ':' that is not a number is an error."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or Path(spec).exists():
+        return spec, 1.0
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise bad_value("--adapter", spec, "PATH or PATH:WEIGHT with a numeric weight (e.g. out/style:0.8)") from None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .serialization import inspect_adapter
+
+    info = inspect_adapter(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"method:            {info['method']}")
+    print(f"name:              {info['name']}")
+    print(f"base model:        {info['base_model'] or '(not recorded)'}")
+    print(f"component:         {info['component'] or '(not recorded)'}")
+    print(f"adapted modules:   {info['modules']}")
+    print(f"trainable params:  {info['parameters']:,}")
+    print(f"size:              {_human(info['file_bytes'])} ({', '.join(info['dtypes'])})")
+    print(f"difftune version:  {info['difftune_version']}")
+    print("config:            " + json.dumps(info["config"], sort_keys=True))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate, load_pipeline
+    from .loading import load_adapter
+
+    specs = [parse_adapter_spec(s) for s in args.adapter or []]
+    pipe = load_pipeline(args.model, device=args.device)
+    for i, (path, weight) in enumerate(specs):
+        load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
+    images = generate(pipe, prompt=args.prompt, class_label=args.class_label, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, height=args.height, width=args.width)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="difftune", description="Customize and compress diffusion models.")
+    p.add_argument("--version", action="version", version=f"difftune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="describe a saved adapter (method, base, component, params, size)")
+    s.add_argument("path", help="adapter folder or adapter_model.safetensors")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("generate", help="generate an image with a local diffusers pipeline and adapters")
+    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]", help="adapter to load; repeatable")
+    s.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
+    s.add_argument("--class-label", type=int, help="class id (class-conditional DiT pipelines)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--out", required=True, help="output PNG path")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")
+    s.add_argument("--out", default="outputs/demo")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DifftuneError as e:
+        print(f"difftune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Load a diffusers pipeline from a local folder and generate with it; shared by the CLI and the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .errors import DifftuneError, bad_value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on a local folder, in fp32 on CPU unless told otherwise."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise DifftuneError(
+            f"`--model` {str(path)!r} is not a diffusers pipeline folder (no model_index.json). Hint: pass a folder "
+            "written by pipe.save_pretrained(); difftune loads local folders only"
+        )
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or default_device())
+
+
+def generate(
+    pipe: Any,
+    prompt: str | None = None,
+    class_label: int | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+) -> list[Image.Image]:
+    """Images from ``pipe``: text pipelines take ``prompt``, class-conditional DiT takes ``class_label``."""
+    if steps < 1:
+        raise bad_value("steps", steps, "an integer >= 1")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": generator}
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    name = type(pipe).__name__
+    if "DiT" in name:
+        if class_label is None:
+            raise bad_value("class_label", class_label, "an integer class id for a class-conditional DiT pipeline")
+        kwargs["class_labels"] = [int(class_label)] * num_images
+    else:
+        if prompt is None:
+            raise bad_value("prompt", prompt, "a text prompt for a text-to-image pipeline")
+        kwargs.update(prompt=prompt, num_images_per_prompt=num_images, height=height, width=width)
+        if "PixArt" in name:
+            kwargs.update(use_resolution_binning=False, clean_caption=False)
+    return list(pipe(**kwargs).images)

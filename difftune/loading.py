@@ -1,0 +1,193 @@
+"""The public verbs, for a model or a whole diffusers pipeline.
+
+Every function takes either an ``nn.Module`` (a UNet, a DiT/PixArt transformer, a text encoder) or a diffusers
+``DiffusionPipeline``. For a pipeline, adapters go to the denoiser (``unet``, else ``transformer``) unless the adapter
+file or ``component`` says otherwise; the management verbs (weights, fuse, delete, list) act on every component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import serialization
+from .errors import DifftuneError, bad_value
+from .methods import base
+from .methods.base import MethodConfig
+
+DENOISERS = ("unet", "transformer")
+
+
+def _is_pipeline(obj: object) -> bool:
+    return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "components", None), dict)
+
+
+def modules_of(obj: Any) -> dict[str, nn.Module]:
+    """``{component name: module}`` for a pipeline's torch components, or ``{"": obj}`` for a module."""
+    if isinstance(obj, nn.Module):
+        return {"": obj}
+    if _is_pipeline(obj):
+        return {k: v for k, v in obj.components.items() if isinstance(v, nn.Module)}
+    raise bad_value("pipe", type(obj).__name__, "a diffusers DiffusionPipeline or a torch nn.Module")
+
+
+def component_of(obj: Any, component: str | None = None) -> tuple[str, nn.Module]:
+    """The (name, module) an adapter goes to: ``component`` if given, else the pipeline's denoiser."""
+    if isinstance(obj, nn.Module):
+        return "", obj
+    mods = modules_of(obj)
+    if component:
+        if component not in mods:
+            raise bad_value("component", component, f"one of this pipeline's torch components {sorted(mods)}")
+        return component, mods[component]
+    for name in DENOISERS:
+        if name in mods:
+            return name, mods[name]
+    raise DifftuneError(f"pipeline {type(obj).__name__} has no unet or transformer; pass `component=`")
+
+
+def _holder(obj: Any, name: str) -> tuple[str, nn.Module]:
+    for comp, module in modules_of(obj).items():
+        if name in base.adapter_names(module):
+            return comp, module
+    raise bad_value("name", name, f"one of the loaded adapters {list(list_adapters(obj))}")
+
+
+def _base_model_name(obj: Any, module: nn.Module) -> str:
+    if _is_pipeline(obj):
+        return str(getattr(obj, "name_or_path", "") or "")
+    cfg = getattr(module, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or (cfg.get("_name_or_path", "") if isinstance(cfg, dict) else ""))
+
+
+def inject(
+    obj: Any, config: MethodConfig, name: str = "default", weight: float = 1.0, *, component: str | None = None,
+    freeze_base: bool = True,
+) -> list[str]:
+    """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.base.inject`."""
+    _, module = component_of(obj, component)
+    return base.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
+
+
+def save_adapter(obj: Any, path: str | Path, name: str | None = None, *, base_model: str | None = None) -> Path:
+    """Save adapter ``name`` to the folder ``path`` (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``name`` may be left out when exactly one adapter is loaded. ``base_model`` defaults to the pipeline's or
+    model's ``name_or_path``.
+    """
+    if name is None:
+        loaded = list(list_adapters(obj))
+        if len(loaded) != 1:
+            raise bad_value("name", name, f"one of the loaded adapters {loaded}", "Say which adapter to save.")
+        name = loaded[0]
+    comp, module = _holder(obj, name)
+    return serialization.save_adapter_file(
+        module, path, name=name, base_model=base_model if base_model is not None else _base_model_name(obj, module),
+        component=comp,
+    )
+
+
+def load_adapter(
+    obj: Any, path: str | Path, name: str | None = None, weight: float = 1.0, *, component: str | None = None
+) -> str:
+    """Load a saved adapter (folder or ``.safetensors`` file) into a pipeline or model.
+
+    Args:
+        obj: a diffusers pipeline (SD, SDXL, DiT, PixArt, ...) or an nn.Module.
+        path: what `save_adapter` wrote, or its ``adapter_model.safetensors`` alone.
+        name: the adapter's name here (default: the name it was saved under).
+        weight: w in ``base + Σ w_i δ_i``; change it later with `set_adapter_weights`.
+        component: override the pipeline component recorded in the file.
+
+    Returns:
+        The adapter's name.
+    """
+    if component is None and _is_pipeline(obj):
+        component = serialization.read_header(path).get("component") or None
+    _, module = component_of(obj, component)
+    return serialization.load_adapter_file(module, path, name=name, weight=weight)
+
+
+def set_adapter_weights(obj: Any, weights: Mapping[str, float]) -> None:
+    """Set each named adapter's weight, e.g. ``{"style": 0.7, "subject": 1.0}``; fused adapters are re-fused."""
+    if not isinstance(weights, Mapping):
+        raise bad_value("weights", weights, "a mapping {adapter name: weight}")
+    for name in weights:
+        _holder(obj, name)
+    for module in modules_of(obj).values():
+        here = {n: w for n, w in weights.items() if n in base.adapter_names(module)}
+        if here:
+            base.set_weights(module, here)
+
+
+def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
+    names = [names] if isinstance(names, str) else names
+    if names is not None:
+        for n in names:
+            _holder(obj, n)
+    for module in modules_of(obj).values():
+        present = base.adapter_names(module)
+        here = present if names is None else [n for n in names if n in present]
+        if here:
+            verb(module, here)
+
+
+def fuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
+    """Merge the (default: all enabled) adapters' weighted ΔW into the base weights, computed in fp32."""
+    _per_module(obj, names, base.merge)
+
+
+def unfuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
+    """Undo `fuse`: the original weights come back bit-identical."""
+    _per_module(obj, names, base.unmerge)
+
+
+def delete_adapter(obj: Any, name: str | Sequence[str]) -> None:
+    """Remove adapters and free their parameters; fully un-adapted modules get their original layer back."""
+    _per_module(obj, name, base.remove)
+
+
+def enable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
+    _per_module(obj, names, base.enable)
+
+
+def disable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
+    _per_module(obj, names, base.disable)
+
+
+def list_adapters(obj: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {"method", "weight", "component", "modules", "enabled", "fused"}}`` for every loaded adapter."""
+    out: dict[str, dict[str, Any]] = {}
+    for comp, module in modules_of(obj).items():
+        for _, host in base.hosts(module):
+            for n, adapter in host.adapters.items():
+                info = out.setdefault(n, {
+                    "method": adapter.config.method, "weight": host.adapter_weights[n], "component": comp or None,
+                    "modules": 0, "enabled": n not in host.disabled, "fused": n in host.merged,
+                })
+                info["modules"] += 1
+    return out
+
+
+def remove(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = False) -> None:
+    """Remove adapters (all when ``names`` is None), restoring the original modules.
+
+    With ``merge=True`` their weighted ΔW stays baked into the base weights (peft's ``merge_and_unload``).
+    """
+    _per_module(obj, names, lambda module, here: base.remove(module, here, merge=merge))
+
+
+def trainable_parameter_count(obj: Any, name: str | None = None) -> int:
+    """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
+    total = 0
+    for module in modules_of(obj).values():
+        if name is None or name in base.adapter_names(module):
+            total += sum(p.numel() for p in base.adapter_parameters(module, name))
+    return total
+
+
+merge = fuse
+unmerge = unfuse

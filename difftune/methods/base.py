@@ -1,0 +1,499 @@
+"""The adapter core shared by every method: config base, registry, the host wrapper and the model-level verbs.
+
+A method file defines three things: a config dataclass registered with one line (``@register_method("lora")``),
+one `Adapter` subclass per supported base-layer type, and the config's ``make_adapter`` that picks it. Everything
+else (inject, weights, enable/disable, merge/unmerge, remove, state dicts) is written once here.
+
+Layout of an adapted module (peft-style module replacement, never a patched ``forward``)::
+
+    parent.to_q = AdapterHost(base_layer=<the original nn.Linear>)
+    parent.to_q.adapters["style"]   = LoRAAdapter(...)   # parameters lora_A, lora_B
+    parent.to_q.adapters["subject"] = KronAAdapter(...)
+
+The host's output is ``base(x) + Σ_i w_i · δ_i(x)`` over the enabled adapters i with weights w_i. For weight-space
+methods δ_i(x) = ΔW_i x, so merging writes ``W = W0 + Σ w_i ΔW_i`` (computed in fp32, original kept for an exact
+unmerge). Activation-space methods set ``mergeable = False`` and may rewrite the output (or input) freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DifftuneError, bad_value
+from ..targeting import canonical_name, find_targets
+
+METHODS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(name: str):
+    """Class decorator registering a `MethodConfig` subclass under ``name`` (the registry key and file name)."""
+
+    def wrap(cls: type[MethodConfig]) -> type[MethodConfig]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise DifftuneError(f"method name {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+        cls.method = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[MethodConfig]:
+    """The config class registered as ``name``; a `DifftuneError` listing the registered names otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise bad_value("method", name, f"one of the registered methods {sorted(METHODS)}",
+                        "Was the adapter written by a newer difftune, or is the method name misspelled?")
+    return METHODS[name]
+
+
+def check_weight(weight: object, field_name: str = "weight") -> float:
+    """``weight`` as a float; strings, bools and non-finite numbers are refused rather than coerced."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+        raise bad_value(field_name, weight, "a finite number (e.g. 0.8)",
+                        "Adapter weights scale the adapter's contribution; pass a float, not a string.")
+    return float(weight)
+
+
+def check_adapter_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+        raise bad_value("name", name, "a non-empty string without '.' that does not start with '_'",
+                        "Adapter names key a ModuleDict, e.g. 'default' or 'style_v2'.")
+    return name
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares; each method subclasses this and adds its hyperparameters.
+
+    Attributes:
+        target_modules: module-name patterns to adapt (equal name, dotted suffix such as ``"to_q"``, or a regex).
+        exclude_modules: patterns removed from the selection.
+    """
+
+    target_modules: list[str] = field(default_factory=list)
+    exclude_modules: list[str] = field(default_factory=list)
+
+    method: ClassVar[str] = ""
+    #: Whether ΔW exists (weight-space) so the adapter can be merged into the base weights.
+    mergeable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # one pattern given bare: accept it as a one-item list
+                value = [value]
+                setattr(self, name, value)
+            if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+                raise bad_value(name, value, "a list of non-empty module-name patterns", "e.g. ['to_q', 'to_v'].")
+        if not self.target_modules:
+            raise bad_value("target_modules", self.target_modules, "at least one pattern",
+                            "e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'] for the attention projections.")
+
+    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+        """The adapter for ``base_layer``, or None when this method does not support that layer type."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_adapter")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
+        """Build from a mapping; unknown keys are an error naming the key and the known fields."""
+        if not isinstance(data, Mapping):
+            raise bad_value(f"{cls.method} config", data, "a mapping of field names to values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DifftuneError(f"unknown key(s) {unknown} for method {cls.method!r}; known fields: {sorted(known)}")
+        return cls(**dict(data))
+
+    def check_types(self) -> None:
+        """Check field values against their annotations (catches YAML/JSON strings where numbers belong)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints.get(f.name)
+            if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise bad_value(f.name, value, f"a number ({hint.__name__})")
+            if hint is int and not isinstance(value, int):
+                raise bad_value(f.name, value, "an integer")
+            if hint is bool and not isinstance(value, bool):
+                raise bad_value(f.name, value, "true or false")
+            if hint is str and not isinstance(value, str):
+                raise bad_value(f.name, value, "a string")
+
+
+class Adapter(nn.Module):
+    """One method's state on one base layer.
+
+    Subclasses keep everything that must be saved in parameters or persistent buffers whose names start with
+    ``prefix``, so saving is filtering the state dict. Weight-space methods implement `delta_weight`; the default
+    `delta` then computes ΔW·x with the base layer's own operator (stride, padding, ...). Override `delta` when
+    there is a cheaper route that never materializes ΔW.
+    """
+
+    prefix: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def delta_weight(self) -> Tensor:
+        """ΔW with the shape of ``base_layer.weight``."""
+        raise DifftuneError(f"method {self.config.method!r} is not weight-space: it has no ΔW and cannot be merged")
+
+    def pre_forward(self, x: Tensor, weight: float) -> Tensor:
+        """Rewrite the base layer's input (activation-space methods); identity by default."""
+        return x
+
+    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+        """δ(x), the adapter's additive contribution to the base layer's output: ΔW·x by default."""
+        dw = self.delta_weight()
+        return apply_weight(base_layer, x.to(dw.dtype), dw)
+
+    def forward(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
+        """The host's output after this adapter: ``out + weight · δ(x)``."""
+        return out + weight * self.delta(x, base_layer).to(out.dtype)
+
+
+def apply_weight(base_layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``base_layer``'s operator with another weight and no bias (used to compute ΔW·x)."""
+    if isinstance(base_layer, nn.Linear):
+        return F.linear(x, weight)
+    if isinstance(base_layer, nn.Conv2d):
+        return base_layer._conv_forward(x, weight, None)  # honours padding_mode, stride, dilation, groups
+    raise DifftuneError(f"no ΔW·x rule for {type(base_layer).__name__}; the method must override `delta`")
+
+
+class AdapterHost(nn.Module):
+    """Wraps one base layer and holds every adapter injected into it, by name."""
+
+    _difftune_host = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.adapter_weights: dict[str, float] = {}
+        self.disabled: set[str] = set()
+        self.merged: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads e.g. `attn.to_q.weight.dtype` or `conv.in_channels` must keep working on the host.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def active(self) -> list[tuple[Adapter, float]]:
+        return [(a, self.adapter_weights[n]) for n, a in self.adapters.items()
+                if n not in self.disabled and n not in self.merged]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        active = self.active()
+        for adapter, w in active:
+            x = adapter.pre_forward(x, w)
+        out = self.base_layer(x, *args, **kwargs)
+        for adapter, w in active:
+            out = adapter(x, out, w, self.base_layer)
+        return out
+
+    # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
+    def merge(self, names: Iterable[str]) -> None:
+        for n in names:
+            if n in self.merged:
+                continue
+            if not self.adapters[n].mergeable:
+                raise DifftuneError(
+                    f"adapter {n!r} ({self.adapters[n].config.method}) acts on activations and cannot be merged into "
+                    "weights; keep it unmerged (it runs as a module at inference)"
+                )
+            if n in self.disabled:
+                raise DifftuneError(f"adapter {n!r} is disabled; enable it before merging")
+            self.merged.append(n)
+        self._write_merged()
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        drop = set(self.merged if names is None else names)
+        self.merged = [n for n in self.merged if n not in drop]
+        self._write_merged()
+
+    def _write_merged(self) -> None:
+        weight = self.base_layer.weight
+        original = self._buffers.get("original_weight")
+        if not self.merged:
+            if original is not None:
+                with torch.no_grad():
+                    weight.copy_(original)
+                del self._buffers["original_weight"]
+            return
+        if original is None:
+            original = weight.detach().clone()
+            self.register_buffer("original_weight", original, persistent=False)
+        with torch.no_grad():
+            total = original.float()
+            for n in self.merged:
+                total = total + self.adapter_weights[n] * self.adapters[n].delta_weight().float()
+            weight.copy_(total.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"weights={self.adapter_weights}, disabled={sorted(self.disabled)}, merged={self.merged}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-level verbs. Each takes the model (an nn.Module) the adapters live in.
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, AdapterHost]]:
+    """(name, host) for every adapter host in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterHost):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters in ``model``, in injection order."""
+    seen: dict[str, None] = {}
+    for _, host in hosts(model):
+        seen.update(dict.fromkeys(host.adapters))
+    return list(seen)
+
+
+def get_config(model: nn.Module, name: str) -> MethodConfig:
+    """The config adapter ``name`` was injected with."""
+    for _, host in hosts(model):
+        if name in host.adapters:
+            return host.adapters[name].config
+    raise _unknown_adapter(model, name)
+
+
+def _unknown_adapter(model: nn.Module, name: object) -> DifftuneError:
+    return bad_value("name", name, f"one of the adapters in the model {adapter_names(model)}")
+
+
+def _names(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:
+    existing = adapter_names(model)
+    if names is None:
+        return existing
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in existing:
+            raise _unknown_adapter(model, n)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(
+    model: nn.Module, config: MethodConfig, name: str = "default", weight: float = 1.0, freeze_base: bool = True
+) -> list[str]:
+    """Add adapter ``name`` of ``config``'s method to every module of ``model`` that ``config`` targets.
+
+    Works on models built on the meta device (adapter tensors are created where the base weights live).
+
+    Args:
+        model: the module to adapt (a UNet, a transformer, a text encoder, or any nn.Module).
+        config: a registered method's config (e.g. ``LoRAConfig(rank=4, alpha=4, target_modules=["to_q"])``).
+        name: the adapter's name; several adapters can live in one model.
+        weight: its weight w in ``base + Σ w_i δ_i``.
+        freeze_base: make only this adapter's parameters trainable (everything else ``requires_grad=False``).
+
+    Returns:
+        The names of the adapted modules.
+
+    Raises:
+        DifftuneError: unregistered config type, bad name or weight, a name already in use, nothing matched, or
+            matched modules of a type the method does not support.
+    """
+    if not isinstance(config, MethodConfig) or type(config).method not in METHODS:
+        raise bad_value("config", config, f"a registered method config ({sorted(METHODS)})")
+    name, weight = check_adapter_name(name), check_weight(weight)
+    if name in adapter_names(model):
+        raise DifftuneError(f"an adapter named {name!r} is already in the model; pick another name or remove it first")
+    targets = find_targets(model, config.target_modules, config.exclude_modules)
+    planned: list[tuple[str, nn.Module, Adapter]] = []
+    unsupported: dict[str, str] = {}
+    for target in targets:
+        module = model.get_submodule(target)
+        base = module.base_layer if isinstance(module, AdapterHost) else module
+        adapter = config.make_adapter(base)
+        if adapter is None:
+            unsupported[canonical_name(target)] = type(base).__name__
+        else:
+            planned.append((target, module, adapter))
+    if unsupported:
+        examples = dict(list(unsupported.items())[:5])
+        raise DifftuneError(
+            f"method {config.method!r} cannot adapt {len(unsupported)} matched module(s) of unsupported type, e.g. "
+            f"{examples}. Narrow `target_modules` or add `exclude_modules` for them."
+        )
+    for target, module, adapter in planned:
+        host = module if isinstance(module, AdapterHost) else AdapterHost(module)
+        host.adapters[name] = adapter
+        host.adapter_weights[name] = weight
+        if host is not module:
+            _set_module(model, target, host)
+    if freeze_base:
+        marker = f"adapters.{name}."
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname.startswith(marker) or f".{marker}" in pname)
+    return [canonical_name(t) for t, _, _ in planned]
+
+
+def remove(model: nn.Module, names: str | Sequence[str] | None = None, merge: bool = False) -> None:
+    """Delete adapters (all when ``names`` is None); hosts left empty are replaced by their original module.
+
+    With ``merge=True`` the adapters' weighted ΔW is baked into the base weights first (peft's ``merge_and_unload``);
+    otherwise merged adapters are unmerged, so the base weights are restored exactly. Parameters are freed.
+    """
+    names = _names(model, names)
+    if merge:
+        _merge(model, names)
+    for host_name, host in list(hosts(model)):
+        gone = [n for n in names if n in host.adapters]
+        if not gone:
+            continue
+        baked = [n for n in gone if n in host.merged]
+        if merge and baked:
+            # The baked adapters become part of the original: W0 <- W0 + Σ_baked w ΔW, so that adapters that stay
+            # merged can still be unmerged exactly down to the new base.
+            with torch.no_grad():
+                w0 = host.original_weight.float()
+                for n in baked:
+                    w0 = w0 + host.adapter_weights[n] * host.adapters[n].delta_weight().float()
+                host.original_weight = w0.to(host.original_weight.dtype)
+            host.merged = [n for n in host.merged if n not in baked]
+            host._write_merged()
+        else:
+            host.unmerge(gone)
+        for n in gone:
+            del host.adapters[n]
+            host.adapter_weights.pop(n, None)
+            host.disabled.discard(n)
+        if not len(host.adapters):
+            _set_module(model, host_name, host.base_layer)
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Write ``W0 + Σ w_i ΔW_i`` into the base weights for the named (default: all enabled) adapters."""
+    _merge(model, names)
+
+
+def _merge(model: nn.Module, names: str | Sequence[str] | None) -> None:  # `remove(merge=...)` shadows `merge`
+    names = _names(model, names)
+    for _, host in hosts(model):
+        host.merge([n for n in names if n in host.adapters and (n not in host.disabled)])
+
+
+def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Restore the exact original weights for the named (default: all) merged adapters."""
+    names = _names(model, names)
+    for _, host in hosts(model):
+        host.unmerge([n for n in names if n in host.adapters])
+
+
+def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
+    """Set each named adapter's weight w; merged adapters are re-merged with the new weight."""
+    if not isinstance(weights, Mapping):
+        raise bad_value("weights", weights, "a mapping {adapter name: weight}")
+    checked = {n: check_weight(w, f"weights[{n!r}]") for n, w in weights.items()}
+    _names(model, list(checked))
+    for _, host in hosts(model):
+        touched = False
+        for n, w in checked.items():
+            if n in host.adapters:
+                host.adapter_weights[n] = w
+                touched = touched or n in host.merged
+        if touched:
+            host._write_merged()
+
+
+def get_weights(model: nn.Module) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for _, host in hosts(model):
+        out.update(host.adapter_weights)
+    return out
+
+
+def enable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Re-enable adapters turned off by `disable`."""
+    names = _names(model, names)
+    for _, host in hosts(model):
+        host.disabled.difference_update(names)
+
+
+def disable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Turn adapters off without deleting them (the model then computes the base output for them)."""
+    names = _names(model, names)
+    for _, host in hosts(model):
+        merged = [n for n in names if n in host.merged]
+        if merged:
+            raise DifftuneError(f"adapter(s) {merged} are merged into the weights; unmerge before disabling")
+        host.disabled.update(n for n in names if n in host.adapters)
+
+
+def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors keyed ``<canonical module name>.<prefixed tensor name>``."""
+    out: dict[str, Tensor] = {}
+    for host_name, host in hosts(model):
+        if name in host.adapters:
+            path = canonical_name(host_name)
+            for key, tensor in host.adapters[name].state_dict().items():
+                out[f"{path}.{key}"] = tensor
+    if not out and name not in adapter_names(model):
+        raise _unknown_adapter(model, name)
+    return out
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Like `adapter_state_dict` but the live tensors (parameters and buffers), for loading in place."""
+    out: dict[str, Tensor] = {}
+    for host_name, host in hosts(model):
+        if name in host.adapters:
+            path = canonical_name(host_name)
+            adapter = host.adapters[name]
+            for key, tensor in [*adapter.named_parameters(), *adapter.named_buffers()]:
+                out[f"{path}.{key}"] = tensor
+    return out
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """Parameters of the named adapter (all adapters when None)."""
+    names = _names(model, name)
+    params = []
+    for _, host in hosts(model):
+        for n in names:
+            if n in host.adapters:
+                params.extend(host.adapters[n].parameters())
+    return params
+
+
+def target_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
+    """Names, types and parameter shapes of the base layers adapter ``name`` sits on, hashed.
+
+    Recorded at save time and compared at load time to tell "this adapter was made for another base model".
+    """
+    import hashlib
+
+    lines = []
+    for host_name, host in hosts(model):
+        if name in host.adapters:
+            shapes = [f"{canonical_name(k)}:{tuple(v.shape)}" for k, v in host.base_layer.named_parameters()
+                      if ".adapters." not in k and not k.startswith("adapters.")]
+            lines.append(f"{canonical_name(host_name)}|{type(host.base_layer).__name__}|{','.join(shapes)}")
+    lines.sort()
+    return {"modules": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}

@@ -1,0 +1,100 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, arXiv 2106.09685), the baseline every other method is compared with.
+
+    ΔW = (α / r) · B A,    A ∈ R^{r × d_in},  B ∈ R^{d_out × r}
+
+For a Conv2d of kernel k, A is a (r, d_in, k, k) convolution with the base layer's stride and padding and B a 1×1
+convolution, so ΔW = (α / r) · (B A) reshaped to (d_out, d_in, k, k) — peft's convention, which makes our weights
+interchangeable with peft's (``lora_A`` ↔ ``lora_A.weight``). Initialization follows peft: A Kaiming-uniform
+(a = √5), B = 0, so a fresh adapter leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import bad_value
+from .base import Adapter, MethodConfig, register_method
+
+INITS = ("default", "gaussian")
+
+
+@register_method("lora")
+@dataclass
+class LoRAConfig(MethodConfig):
+    """LoRA hyperparameters.
+
+    Attributes:
+        rank: r, the inner dimension of B A.
+        alpha: α; the update is scaled by α / r (α / √r with ``use_rslora``).
+        dropout: dropout probability on the adapter's input during training.
+        use_rslora: rank-stabilized scaling α / √r (Kalajdzievski, 2023).
+        init: "default" (A Kaiming-uniform, B = 0, as peft) or "gaussian" (A ~ N(0, 1/r), B = 0).
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_types()
+        if self.rank < 1:
+            raise bad_value("rank", self.rank, "an integer >= 1", "Typical values are 4-64.")
+        if self.alpha <= 0:
+            raise bad_value("alpha", self.alpha, "a positive number", "alpha = rank gives a scale of 1.")
+        if not 0 <= self.dropout < 1:
+            raise bad_value("dropout", self.dropout, "in [0, 1)")
+        if self.init not in INITS:
+            raise bad_value("init", self.init, f"one of {INITS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+        if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
+            return LoRAAdapter(base_layer, self)
+        return None
+
+
+class LoRAAdapter(Adapter):
+    prefix = "lora_"
+
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, config: LoRAConfig) -> None:
+        super().__init__(config)
+        w = base_layer.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        r = config.rank
+        if isinstance(base_layer, nn.Conv2d):
+            a_shape: tuple[int, ...] = (r, base_layer.in_channels, *base_layer.kernel_size)
+            b_shape: tuple[int, ...] = (base_layer.out_channels, r, 1, 1)
+        else:
+            a_shape, b_shape = (r, base_layer.in_features), (base_layer.out_features, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.scale = config.scale
+        if config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> Tensor:
+        a, b = self.lora_A, self.lora_B
+        # (d_out, r) @ (r, d_in·k·k) -> (d_out, d_in, k, k) for convs, (d_out, d_in) for linears
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scale
+
+    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+        # Two thin products instead of materializing the (d_out, d_in) ΔW.
+        x = self.lora_dropout(x.to(self.lora_A.dtype))
+        if isinstance(base_layer, nn.Conv2d):
+            return F.conv2d(base_layer._conv_forward(x, self.lora_A, None), self.lora_B) * self.scale
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale

@@ -1,0 +1,19 @@
+"""class-conditional DiT with difftune adapters: DiTPipeline
+plus difftune's adapter verbs (`load_adapter`, `set_adapter_weights`, `fuse_adapters`, `unfuse_adapters`,
+`delete_adapter`, `list_adapters`).
+
+Load as a diffusers custom pipeline by path (works offline)::
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir, custom_pipeline=difftune.pipelines.path("dit"),
+                                             trust_remote_code=True)
+
+or import it: ``from difftune.pipelines.difftune_dit import DifftuneDiTPipeline``.
+"""
+
+from diffusers import DiTPipeline
+
+from difftune.pipeline_mixin import DifftuneAdapterMixin
+
+
+class DifftuneDiTPipeline(DifftuneAdapterMixin, DiTPipeline):
+    pass

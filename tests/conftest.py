@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    from difftune.testing import write_clip_tokenizer
+
+    return write_clip_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    """A tiny SD pipeline saved in diffusers format (what `difftune generate --model` takes)."""
+    from difftune.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("sd") / "model")

@@ -1,0 +1,64 @@
+"""The `difftune` command line, end to end on the tiny SD pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import difftune as dt
+from difftune.cli import main, parse_adapter_spec
+from difftune.testing import randomize_adapter
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, sd_dir):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(sd_dir)
+    dt.inject(pipe, dt.LoRAConfig(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), name="style")
+    randomize_adapter(pipe.unet, "style", std=0.3)
+    return dt.save_adapter(pipe, tmp_path_factory.mktemp("ad") / "style")
+
+
+def test_help_runs_as_console_script():
+    out = subprocess.run([sys.executable, "-m", "difftune", "--help"], capture_output=True, text=True, check=True)
+    assert "inspect" in out.stdout and "generate" in out.stdout
+
+
+def test_inspect(adapter, capsys):
+    assert main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "method:            lora" in out and "component:         unet" in out
+    n = dt.serialization.inspect_adapter(adapter)["parameters"]
+    assert f"trainable params:  {n:,}" in out
+
+
+def test_generate_at_two_weights_writes_different_images(adapter, sd_dir, tmp_path):
+    outs = []
+    for w in ("1.0", "0.2"):
+        out = tmp_path / f"w{w}.png"
+        rc = main(["generate", "--model", str(sd_dir), "--adapter", f"{adapter}:{w}", "--prompt", "a photo of a cat",
+                   "--seed", "3", "--steps", "3", "--out", str(out)])
+        assert rc == 0 and out.is_file()
+        outs.append(np.asarray(Image.open(out), dtype=np.float32))
+    assert outs[0].shape == outs[1].shape and np.abs(outs[0] - outs[1]).max() > 1
+
+
+def test_generate_errors_are_clear(adapter, sd_dir, tmp_path, capsys):
+    rc = main(["generate", "--model", str(sd_dir), "--adapter", f"{adapter}:strong", "--prompt", "x",
+               "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "`--adapter` must be PATH or PATH:WEIGHT" in capsys.readouterr().err
+    rc = main(["generate", "--model", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "model_index.json" in capsys.readouterr().err
+
+
+def test_parse_adapter_spec(tmp_path):
+    assert parse_adapter_spec("out/a:0.5") == ("out/a", 0.5)
+    assert parse_adapter_spec("out/a") == ("out/a", 1.0)
+    odd = tmp_path / "a:b"
+    odd.mkdir()
+    assert parse_adapter_spec(str(odd)) == (str(odd), 1.0)
