@@ -25,7 +25,7 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
             f"`--model` {str(path)!r} is not a diffusers pipeline folder (no model_index.json). Hint: pass a folder "
             "written by pipe.save_pretrained(); difftune loads local folders only"
         )
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 

@@ -62,3 +62,13 @@ def test_parse_adapter_spec(tmp_path):
     odd = tmp_path / "a:b"
     odd.mkdir()
     assert parse_adapter_spec(str(odd)) == (str(odd), 1.0)
+
+
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "dt.load_adapter" in out
+    grid = Image.open(tmp_path / "demo" / "weights.png")
+    thirds = np.split(np.asarray(grid, dtype=np.float32), 3, axis=1)
+    assert np.abs(thirds[0] - thirds[2]).max() > 1  # weight 0 vs weight 1 differ
+    assert dt.serialization.inspect_adapter(tmp_path / "demo" / "adapter")["method"] == "lora"

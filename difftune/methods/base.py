@@ -210,9 +210,10 @@ class AdapterHost(nn.Module):
 
     # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
     def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
         for n in names:
-            if n in self.merged:
-                continue
             if not self.adapters[n].mergeable:
                 raise DifftuneError(
                     f"adapter {n!r} ({self.adapters[n].config.method}) acts on activations and cannot be merged into "
@@ -224,9 +225,10 @@ class AdapterHost(nn.Module):
         self._write_merged()
 
     def unmerge(self, names: Iterable[str] | None = None) -> None:
-        drop = set(self.merged if names is None else names)
-        self.merged = [n for n in self.merged if n not in drop]
-        self._write_merged()
+        drop = set(self.merged if names is None else names) & set(self.merged)
+        if drop:
+            self.merged = [n for n in self.merged if n not in drop]
+            self._write_merged()
 
     def _write_merged(self) -> None:
         weight = self.base_layer.weight
@@ -363,7 +365,8 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None, merge: bo
     names = _names(model, names)
     if merge:
         _merge(model, names)
-    for host_name, host in list(hosts(model)):
+    # Innermost hosts first: putting back an outer host's base_layer renames the hosts nested inside it.
+    for host_name, host in sorted(hosts(model), key=lambda item: -item[0].count(".")):
         gone = [n for n in names if n in host.adapters]
         if not gone:
             continue
