@@ -67,6 +67,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import TrainConfig
+    from .train import main as train_main
+
+    train_main(load_config(TrainConfig, args.config, args.set or []))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -97,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--out", required=True, help="output PNG path")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("train", help="train with a YAML config (any method); same as python -m difftune.train")
+    s.add_argument("config", help="training YAML (see configs/)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.max_steps=500; repeatable")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")
     s.add_argument("--out", default="outputs/demo")

@@ -86,6 +86,8 @@ class MethodConfig:
     method: ClassVar[str] = ""
     #: Whether ΔW exists (weight-space) so the adapter can be merged into the base weights.
     mergeable: ClassVar[bool] = True
+    #: False for training-only methods (``full``) that add no adapter and save a whole model instead.
+    is_adapter: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
@@ -105,6 +107,38 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    # -- The trainer's interface. The trainer calls only these and knows no method by name; a method overrides
+    # -- what it needs (its own optimizer, an extra loss term, a progressive schedule, its own save).
+
+    def prepare(self, model: nn.Module, name: str) -> None:
+        """Make ``model`` trainable by this method (default: inject the adapter, freezing everything else)."""
+        inject(model, self, name=name, freeze_base=True)
+
+    def trainable_parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+        """What the optimizer updates (default: the adapter's parameters)."""
+        return adapter_parameters(model, name)
+
+    def checkpoint_tensors(self, model: nn.Module, name: str) -> dict[str, Tensor]:
+        """Live tensors a resumable checkpoint must hold (default: the adapter's parameters and buffers)."""
+        return adapter_tensors(model, name)
+
+    def make_optimizer(self, params: list[nn.Parameter], optimizer_config: Any) -> torch.optim.Optimizer | None:
+        """A method-specific optimizer, or None for the trainer's default built from ``optimizer_config``."""
+        return None
+
+    def extra_loss(self, model: nn.Module, name: str) -> Tensor | None:
+        """A term added to the diffusion loss each step (e.g. a regularizer), or None."""
+        return None
+
+    def on_step(self, model: nn.Module, name: str, step: int, max_steps: int, optimizer: Any) -> None:
+        """Called after each optimizer step (``step`` counts from 1), for progressive schedules."""
+
+    def save_trained(self, pipe: Any, model: nn.Module, path: Any, name: str, base_model: str, component: str) -> Any:
+        """Write the training result to folder ``path`` (default: the adapter in difftune's format)."""
+        from ..serialization import save_adapter_file
+
+        return save_adapter_file(model, path, name=name, base_model=base_model, component=component)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MethodConfig:
@@ -323,6 +357,9 @@ def inject(
     """
     if not isinstance(config, MethodConfig) or type(config).method not in METHODS:
         raise bad_value("config", config, f"a registered method config ({sorted(METHODS)})")
+    if not config.is_adapter:
+        raise DifftuneError(f"method {config.method!r} trains the model itself and adds no adapter; use it through "
+                            "the trainer (difftune train), not inject()")
     name, weight = check_adapter_name(name), check_weight(weight)
     if name in adapter_names(model):
         raise DifftuneError(f"an adapter named {name!r} is already in the model; pick another name or remove it first")

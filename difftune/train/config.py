@@ -1,0 +1,175 @@
+"""The training config: one YAML file, one typed dataclass tree (see ``configs/`` for examples).
+
+Names follow the diffusers training scripts where one exists (``max_grad_norm``, ``snr_gamma``, ``noise_offset``,
+``checkpoints_total_limit``, ``resume_from_checkpoint``) so users find what they know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import DifftuneError, bad_value
+from ..methods.base import MethodConfig, get_method
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  #: local diffusers pipeline folder (``model_index.json`` inside)
+    variant: str | None = None  #: weight variant to load, e.g. "fp16"
+    component: str | None = None  #: the denoiser to train: "unet" or "transformer" (default: whichever exists)
+    from_scratch: bool = False  #: re-initialize the denoiser from its config (the ``full`` method only)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  #: override the scheduler's target
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise bad_value("model.path", self.path, "a local diffusers pipeline folder",
+                            "e.g. model.path=outputs/demo/model (a folder written by save_pretrained)")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["captions", "dreambooth", "classes"] = "captions"
+    path: str = ""  #: image folder (captions: .txt beside each image or metadata.jsonl; classes: one folder per class)
+    instance_prompt: str | None = None  #: DreamBooth: the prompt for every instance image ("a photo of sks dog")
+    class_path: str | None = None  #: DreamBooth prior preservation: folder of class images
+    class_prompt: str | None = None  #: DreamBooth prior preservation: their prompt ("a photo of a dog")
+    prior_loss_weight: float = 1.0  #: weight of the prior-preservation loss
+    default_caption: str | None = None  #: caption for images that have none
+    caption_ext: str = ".txt"
+    resolution: int = 512  #: images are resized (shorter side) and cropped to this square size
+    center_crop: bool = True  #: center crop (else random crop)
+    random_flip: bool = False  #: random horizontal flip
+    repeats: int = 1  #: repeat the dataset this many times per epoch
+    label_dropout: float = 0.0  #: probability of replacing a caption by "" (class by the null class), for CFG
+    cache_latents: bool = False  #: encode every image with the VAE once (needs center crop and no flip)
+    cache_text_embeddings: bool = False  #: encode every caption once
+    num_workers: int = 0  #: dataloader workers
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise bad_value("data.path", self.path, "an image folder")
+        if self.kind == "dreambooth" and not self.instance_prompt:
+            raise bad_value("data.instance_prompt", self.instance_prompt, "a prompt for DreamBooth instance images",
+                            "e.g. 'a photo of sks dog'")
+        if self.class_path and self.kind != "dreambooth":
+            raise bad_value("data.class_path", self.class_path, "unset unless data.kind is 'dreambooth'")
+        if not 0 <= self.label_dropout < 1:
+            raise bad_value("data.label_dropout", self.label_dropout, "in [0, 1)")
+        if self.resolution < 8 or self.resolution % 8:
+            raise bad_value("data.resolution", self.resolution, "a positive multiple of 8")
+        if self.repeats < 1:
+            raise bad_value("data.repeats", self.repeats, "an integer >= 1")
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
+                            "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    scale_lr: bool = False  #: multiply lr by batch_size × gradient_accumulation_steps × processes
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise bad_value("optimizer.lr", self.lr, "a positive number")
+        if len(self.betas) != 2:
+            raise bad_value("optimizer.betas", self.betas, "two numbers [beta1, beta2]")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  #: a diffusers `get_scheduler` name
+    warmup_steps: int = 0
+    num_cycles: int = 1  #: cosine_with_restarts
+    power: float = 1.0  #: polynomial
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise bad_value("schedule.name", self.name, f"one of {SCHEDULES}")
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 500  #: optimizer steps
+    batch_size: int = 1  #: per process
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = 1.0  #: clip the trainable parameters' gradient norm (null: off)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  #: frozen weights in this dtype; trainable stay fp32
+    snr_gamma: float | None = None  #: Min-SNR loss weighting γ (5.0 recommended), diffusers' compute_snr
+    noise_offset: float = 0.0
+    ema: bool = False  #: keep an EMA of the trainable parameters (diffusers EMAModel); saved instead of raw weights
+    ema_decay: float = 0.9999
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    find_unused_parameters: bool = False  #: DDP option for multi-GPU runs with partially used adapters
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise bad_value(f"train.{name}", getattr(self, name), "an integer >= 1")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise bad_value("train.max_grad_norm", self.max_grad_norm, "a positive number or null")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise bad_value("train.snr_gamma", self.snr_gamma, "a positive number or null")
+        if not 0 < self.ema_decay < 1:
+            raise bad_value("train.ema_decay", self.ema_decay, "in (0, 1)")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    progress_bar: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = 0  #: 0: only at the end (when prompts or class labels are given)
+    prompts: list[str] = field(default_factory=list)
+    class_labels: list[int] = field(default_factory=list)  #: class-conditional models
+    seeds: list[int] = field(default_factory=lambda: [0])  #: one image per (prompt, seed)
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    checkpointing_steps: int = 500  #: save a resumable checkpoint every N optimizer steps (0: never)
+    checkpoints_total_limit: int | None = None  #: keep only the newest N checkpoints
+    resume_from_checkpoint: str | None = None  #: "latest" or a checkpoint folder
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    method: dict[str, Any]  #: ``name:`` plus the method's config fields, e.g. {name: lora, rank: 4}
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    adapter_name: str = "default"
+    output_dir: str = "outputs/run"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.method_config()  # validate now, with keys named method.<field>
+
+    def method_config(self) -> MethodConfig:
+        data = dict(self.method)
+        name = data.pop("name", None)
+        if name is None:
+            raise bad_value("method.name", None, "a registered method name, e.g. lora")
+        cls = get_method(name)
+        try:
+            return cls.from_dict(data)
+        except DifftuneError as e:
+            raise DifftuneError(f"in `method` ({name}): {e}") from e

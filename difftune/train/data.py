@@ -1,0 +1,354 @@
+"""Image datasets for fine-tuning: captioned folders, class folders and DreamBooth instance/class pairs.
+
+Augmentation is a pure function of ``(seed, epoch, index)``: each item draws from its own
+``np.random.default_rng([seed, epoch, index])``, never from a global RNG, so a resumed run sees bit-identical batches
+whatever the dataloader's worker count or prefetching. Call ``set_epoch`` at the start of every epoch (on the
+dataset the workers use: with ``persistent_workers`` the workers keep the epoch they were started with).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ..errors import DifftuneError, bad_value
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def preprocess(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """Turn a PIL image into a square training tensor.
+
+    Args:
+        image: Any PIL image; converted to RGB.
+        resolution: Side of the output; the shorter side is resized to it (Lanczos), then the image is cropped.
+        center_crop: Crop the center; otherwise crop at offsets drawn from ``rng``.
+        random_flip: Flip horizontally with probability 0.5, drawn from ``rng`` (after the crop offsets).
+        rng: The generator all randomness comes from.
+
+    Returns:
+        A float32 tensor of shape ``(3, resolution, resolution)`` with values in ``[-1, 1]``.
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        w, h = size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except _UNREADABLE as e:
+        raise DifftuneError(f"cannot read image {path}: {e}. It was readable when the dataset was built") from e
+
+
+def _is_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except _UNREADABLE:
+        return False
+    return True
+
+
+def _check_int(field: str, value: object, minimum: int, expected: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise bad_value(field, value, expected)
+    return int(value)
+
+
+def _check_resolution(resolution: object) -> int:
+    expected = "a positive integer multiple of 8"
+    res = _check_int("data.resolution", resolution, 1, expected)
+    if res % 8:
+        raise bad_value("data.resolution", resolution, expected, f"try {max(8, res // 8 * 8)}")
+    return res
+
+
+def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        what = "a file, not a folder" if path.exists() else "does not exist"
+        raise bad_value(field, str(path), "an existing folder of images", f"{path} {what}")
+    return path
+
+
+def _find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursively, skipping hidden files and folders), sorted by relative path."""
+    found = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in rel.parts):
+            found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _readable(paths: list[Path], root: Path, field: str) -> list[Path]:
+    """Drop unreadable images with one warning; error when none are left."""
+    ok = {p: _is_readable(p) for p in paths}
+    good = [p for p in paths if ok[p]]
+    bad = [p.relative_to(root).as_posix() for p in paths if not ok[p]]
+    if bad:
+        more = ", ..." if len(bad) > 3 else ""
+        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:3])}{more}", stacklevel=3)
+    if not good:
+        raise DifftuneError(
+            f"no usable images in {root} (`{field}`): found {len(paths)} file(s) with extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}, {len(bad)} unreadable. Put readable images in the folder or fix `{field}`"
+        )
+    return good
+
+
+class ImageDataset(Dataset):
+    """A list of records ``{"path": Path, **fields}`` turned into augmented tensors.
+
+    ``item i`` is ``{"pixel_values": Tensor(3, res, res), **fields, "index": i}``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict[str, Any]],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        repeats: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.resolution = _check_resolution(resolution)
+        self.repeats = _check_int("data.repeats", repeats, 1, "an integer >= 1")
+        self.seed = _check_int("seed", seed, 0, "a non-negative integer")
+        self.center_crop, self.random_flip = bool(center_crop), bool(random_flip)
+        self.records = list(records) * self.repeats
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed and the item index, determines the augmentation."""
+        self.epoch = _check_int("epoch", epoch, 0, "a non-negative integer")
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator for item ``index`` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def pixels(self, path: Path, rng: np.random.Generator) -> torch.Tensor:
+        """Load and augment one image."""
+        return preprocess(_load_image(path), self.resolution, self.center_crop, self.random_flip, rng)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} item(s)")
+        index %= len(self)
+        record = self.records[index]
+        item = {"pixel_values": self.pixels(record["path"], self.rng(index))}
+        item.update((k, v) for k, v in record.items() if k != "path")
+        item["index"] = index
+        return item
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """``{relative file name: caption}`` from a ``metadata.jsonl``."""
+    captions = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DifftuneError(f"{path}, line {n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DifftuneError(f'{path}, line {n}: expected an object with a "file_name" string, got {line[:80]!r}')
+        text = row.get("text", row.get("caption"))
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DifftuneError(f'{path}, line {n}: "text"/"caption" must be a string, got {text!r}')
+        captions[Path(row["file_name"]).as_posix().removeprefix("./")] = text
+    return captions
+
+
+class CaptionFolder(ImageDataset):
+    """Images with captions from ``metadata.jsonl``, else a sidecar file, else ``default_caption``.
+
+    Items: ``{"pixel_values", "caption", "index"}``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_ext: str = ".txt",
+        default_caption: str | None = None,
+        repeats: int = 1,
+        seed: int = 0,
+        field: str = "data.path",
+    ) -> None:
+        self.root = _check_dir(root, field)
+        paths = _readable(_find_images(self.root), self.root, field)
+        meta_path = self.root / "metadata.jsonl"
+        meta = _read_metadata(meta_path) if meta_path.is_file() else {}
+        ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
+        records, missing = [], []
+        for p in paths:
+            rel, sidecar = p.relative_to(self.root).as_posix(), p.with_suffix(ext)
+            if rel in meta:
+                caption = meta[rel]
+            elif sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8").strip()
+            elif default_caption is not None:
+                caption = default_caption
+            else:
+                missing.append(rel)
+                continue
+            records.append({"path": p, "caption": caption})
+        if missing:
+            more = ", ..." if len(missing) > 3 else ""
+            raise DifftuneError(
+                f"no caption for {len(missing)} image(s) in {self.root}: {', '.join(missing[:3])}{more}. "
+                f"Add a {ext} file with the same name next to each image (or a metadata.jsonl), "
+                "or set `default_caption` / `instance_prompt`"
+            )
+        super().__init__(records, resolution, center_crop, random_flip, repeats, seed)
+
+
+class ClassFolder(ImageDataset):
+    """One subfolder per class; integer folder names are the labels, else the sorted position is.
+
+    Items: ``{"pixel_values", "class_label", "index"}``. ``class_names`` maps label -> folder name.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        repeats: int = 1,
+        seed: int = 0,
+        field: str = "data.path",
+    ) -> None:
+        self.root = _check_dir(root, field)
+        folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not folders:
+            raise DifftuneError(
+                f"no usable images in {self.root} (`{field}`): no class subfolders. "
+                "Put each class's images in its own subfolder (named by label, e.g. 0/ 1/, or by class name)"
+            )
+        if all(re.fullmatch(r"\d+", name) for name in folders):
+            labels = {name: int(name) for name in folders}
+            if len(set(labels.values())) != len(labels):
+                raise bad_value(field, folders, "class folders with distinct integer names", "e.g. 3 and 03 clash")
+        else:
+            labels = {name: i for i, name in enumerate(folders)}
+        self.class_names: dict[int, str] = {label: name for name, label in sorted(labels.items(), key=lambda x: x[1])}
+        found = [(p, label) for label, name in self.class_names.items() for p in _find_images(self.root / name)]
+        readable = set(_readable([p for p, _ in found], self.root, field))
+        records = [{"path": p, "class_label": label} for p, label in found if p in readable]
+        super().__init__(records, resolution, center_crop, random_flip, repeats, seed)
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images with one prompt, optionally paired with class images for prior preservation.
+
+    Items: ``{"pixel_values", "caption", "index"}``, plus ``"class_pixel_values"`` and ``"class_caption"`` when
+    class images are given. Item ``i`` uses instance ``i % n_instances`` and class image ``i % n_class``.
+    """
+
+    def __init__(
+        self,
+        instance_root: str | os.PathLike[str],
+        instance_prompt: str,
+        resolution: int,
+        class_root: str | os.PathLike[str] | None = None,
+        class_prompt: str | None = None,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        repeats: int = 1,
+        seed: int = 0,
+        field: str = "data.path",
+        class_field: str = "data.class_path",
+    ) -> None:
+        if not isinstance(instance_prompt, str) or not instance_prompt.strip():
+            raise bad_value("instance_prompt", instance_prompt, "a non-empty string", "e.g. 'a photo of sks dog'")
+        root = _check_dir(instance_root, field)
+        inst = [{"path": p, "caption": instance_prompt} for p in _readable(_find_images(root), root, field)]
+        self.instances = ImageDataset(inst, resolution, center_crop, random_flip, repeats, seed)
+        self.classes: ImageDataset | None = None
+        if class_root is not None:
+            if not isinstance(class_prompt, str) or not class_prompt.strip():
+                hint = f"set it (e.g. 'a photo of a dog') or unset `{class_field}`"
+                raise bad_value("class_prompt", class_prompt, "a non-empty string when class images are given", hint)
+            croot = _check_dir(class_root, class_field)
+            cls = [{"path": p, "caption": class_prompt} for p in _readable(_find_images(croot), croot, class_field)]
+            self.classes = ImageDataset(cls, resolution, center_crop, random_flip, 1, seed)
+
+    def __len__(self) -> int:
+        n = len(self.instances)
+        return max(n, len(self.classes)) if self.classes is not None else n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed and the item index, determines the augmentation."""
+        self.instances.set_epoch(epoch)
+        if self.classes is not None:
+            self.classes.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} item(s)")
+        index %= len(self)
+        rng = self.instances.rng(index)  # one stream per item: instance draws first, then the class image
+        inst = self.instances.records[index % len(self.instances)]
+        item = {"pixel_values": self.instances.pixels(inst["path"], rng), "caption": inst["caption"], "index": index}
+        if self.classes is not None:
+            cls = self.classes.records[index % len(self.classes)]
+            item["class_pixel_values"] = self.classes.pixels(cls["path"], rng)
+            item["class_caption"] = cls["caption"]
+        return item
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items: stack tensors, list strings, turn ``class_label`` and ``index`` (ints) into LongTensors.
+
+    DreamBooth's instance and class parts stay under separate keys; the trainer concatenates them.
+    """
+    if not examples:
+        raise bad_value("examples", examples, "a non-empty list of dataset items")
+    batch: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values).contiguous()
+        elif key in ("class_label", "index") or all(isinstance(v, (int, np.integer)) for v in values):
+            batch[key] = torch.tensor([int(v) for v in values], dtype=torch.long)
+        else:
+            batch[key] = list(values)
+    return batch

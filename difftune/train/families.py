@@ -1,0 +1,134 @@
+"""How each pipeline family conditions its denoiser: text (SD, SDXL, PixArt) or class labels (DiT).
+
+A family turns a batch's captions or class labels into the keyword arguments of the denoiser's forward, and knows its
+null condition (the empty prompt, or DiT's null class) for label dropout. The trainer knows no family by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DifftuneError
+
+
+class Family:
+    """Text-conditioned by default; subclasses override `encode` and `denoiser_kwargs`."""
+
+    conditioning = "text"
+
+    def __init__(self, pipe: Any, denoiser: nn.Module) -> None:
+        self.pipe = pipe
+        self.denoiser = denoiser
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if m is not None]
+
+    def _tokens(self, tokenizer: Any, captions: list[str], max_length: int | None = None) -> Any:
+        return tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
+                         max_length=max_length or tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        """Condition tensors for ``captions`` (batch-first), as cached and fed to `denoiser_kwargs`."""
+        enc = self.pipe.text_encoder
+        ids = self._tokens(self.pipe.tokenizer, captions).input_ids.to(device)
+        return {"encoder_hidden_states": enc(ids)[0]}
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+    def null_labels(self, labels: Tensor) -> Tensor:
+        raise DifftuneError("this pipeline is not class-conditional")
+
+    def prepare_training(self) -> None:
+        """Turn off behaviour that would fight the trainer's own choices (see `DiTFamily`)."""
+
+
+class SDXLFamily(Family):
+    @torch.no_grad()
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        # As the SDXL pipeline: penultimate hidden states of both encoders, concatenated; pooled text from the second.
+        states, pooled = [], None
+        pairs = ((self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        for tok, enc in pairs:
+            out = enc(self._tokens(tok, captions).input_ids.to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        b, _, h, w = latents.shape
+        scale = self.pipe.vae_scale_factor
+        # (original size, crop top-left, target size): square, uncropped images at the training resolution
+        time_ids = torch.tensor([h * scale, w * scale, 0, 0, h * scale, w * scale], device=latents.device)
+        time_ids = time_ids.to(cond["text_embeds"].dtype).repeat(b, 1)
+        return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
+
+
+class PixArtFamily(Family):
+    max_length = 120  # PixArt-α's T5 sequence length
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        tokens = self._tokens(self.pipe.tokenizer, captions, self.max_length)
+        mask = tokens.attention_mask.to(device)
+        states = self.pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        b, _, h, w = latents.shape
+        extra: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        if getattr(self.denoiser, "use_additional_conditions", False):
+            scale = self.pipe.vae_scale_factor
+            extra = {"resolution": torch.tensor([[h * scale, w * scale]] * b, device=latents.device),
+                     "aspect_ratio": torch.tensor([[h / w]] * b, device=latents.device)}
+        return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                "encoder_attention_mask": cond["encoder_attention_mask"], "added_cond_kwargs": extra}
+
+
+class DiTFamily(Family):
+    conditioning = "class"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.denoiser.config.num_embeds_ada_norm)
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        return []
+
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        raise DifftuneError("DiT is class-conditional: use data.kind 'classes' (one folder per class)")
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        return {"class_labels": cond["class_labels"]}
+
+    def null_labels(self, labels: Tensor) -> Tensor:
+        return torch.full_like(labels, self.num_classes)  # the pipeline's null class for guidance
+
+    def prepare_training(self) -> None:
+        # diffusers' DiT drops labels inside every block's own label embedder (p = 0.1, drawn independently per
+        # block) while in train mode. The trainer drops labels itself, once per sample, at data.label_dropout;
+        # the in-model dropout is switched off so that setting is the only one.
+        for module in self.denoiser.modules():
+            if type(module).__name__ == "LabelEmbedding":
+                module.dropout_prob = 0.0
+
+
+def family_for(pipe: Any, denoiser: nn.Module) -> Family:
+    name = type(pipe).__name__
+    if "DiT" in name:
+        return DiTFamily(pipe, denoiser)
+    if "PixArt" in name:
+        return PixArtFamily(pipe, denoiser)
+    if "XL" in name and getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXLFamily(pipe, denoiser)
+    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None:
+        return Family(pipe, denoiser)
+    raise DifftuneError(f"difftune does not know how to condition {name}; supported: SD 1.x/2.x, SDXL, PixArt, DiT")
