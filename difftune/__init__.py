@@ -32,6 +32,7 @@ from .loading import (
     unmerge,
 )
 from .methods import METHODS, MethodConfig
+from .methods.full import FullConfig
 from .methods.lora import LoRAConfig
 
 
@@ -42,6 +43,7 @@ def list_methods() -> list[str]:
 
 __all__ = [
     "DifftuneError",
+    "FullConfig",
     "LoRAConfig",
     "METHODS",
     "MethodConfig",
