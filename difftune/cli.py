@@ -76,6 +76,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_digits(spec: str) -> list[int]:
+    """``"0-8"`` or ``"1,3,9"`` → digits."""
+    try:
+        if "-" in spec:
+            lo, hi = (int(v) for v in spec.split("-"))
+            digits = list(range(lo, hi + 1))
+        else:
+            digits = [int(v) for v in spec.split(",")]
+    except ValueError:
+        digits = []
+    if not digits or any(not 0 <= d <= 9 for d in digits):
+        raise bad_value("--digits", spec, "digits 0-9 as a range '0-8' or a list '1,3,9'")
+    return digits
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate, generate_digits, write_report
+    from .generation import load_pipeline
+    from .loading import load_adapter
+
+    pipe = load_pipeline(args.model, device=args.device)
+    for i, spec in enumerate(args.adapter or []):
+        path, weight = parse_adapter_spec(spec)
+        load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
+    digits = parse_digits(args.digits)
+    if args.prompt and len(digits) != 1:
+        raise bad_value("--digits", args.digits, "one digit (the one --prompt should produce)")
+    images, labels = generate_digits(pipe, digits, args.n, prompt=args.prompt, seed=args.seed, steps=args.steps,
+                                     guidance=args.guidance)
+    metrics = evaluate(images, labels)
+    metrics.update(model=str(args.model), adapters=args.adapter or [], prompt=args.prompt, guidance=args.guidance,
+                   steps=args.steps, seed=args.seed)
+    out = write_report(args.out, metrics, images, rows=len(digits))
+    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "fd", "fd_floor", "ink", "diversity")}, indent=2))
+    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    return 0
+
+
+def cmd_zoo_data(args: argparse.Namespace) -> int:
+    from .zoo import mnist
+
+    out = Path(args.out)
+    writers = {"pretrain-captions": mnist.write_pretrain_captions, "pretrain-classes": mnist.write_pretrain_classes,
+               "subject-nine": mnist.write_subject_set, "style-bold": mnist.write_style_set,
+               "heldout": mnist.write_heldout}
+    for name, write in writers.items():
+        print(f"wrote {write(out / name)}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), steps=args.steps, n=args.n, sample_steps=args.sample_steps)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -112,6 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. train.max_steps=500; repeatable")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="generate digits with a reference model (+ adapters) and judge them")
+    s.add_argument("--model", required=True, help="local pipeline folder (e.g. difftune/assets/sd-mini)")
+    s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]")
+    s.add_argument("--digits", default="0-8", help="intended digits: '0-8' or '1,3,9'")
+    s.add_argument("--n", type=int, default=20, help="samples per digit")
+    s.add_argument("--prompt", help="a custom prompt for the single digit in --digits (e.g. a trigger prompt)")
+    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", default="outputs/eval")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("zoo", help="reference-model data: write the MNIST benchmark folders")
+    zsub = s.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    z = zsub.add_parser("data", help="write pretraining, subject, style and held-out folders from real MNIST")
+    z.add_argument("--out", default="outputs/zoo/data")
+    z.set_defaults(func=cmd_zoo_data)
+
+    s = sub.add_parser("quickstart", help="fine-tune the shipped sd-mini on a new digit; before/after numbers")
+    s.add_argument("--out", default="outputs/quickstart")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
+    s.add_argument("--n", type=int, default=20, help="samples per prompt for the judge")
+    s.add_argument("--sample-steps", type=int, default=25, help="sampling steps")
+    s.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")
     s.add_argument("--out", default="outputs/demo")

@@ -52,6 +52,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise wrong
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if value is False else "yes") in args:
+            return "no" if value is False else "yes"  # YAML 1.1 reads an unquoted `no` as false
         if value not in args:
             raise wrong
         return value
@@ -131,7 +133,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DifftuneError(f"`--set` takes KEY=VALUE (e.g. train.max_steps=500), got {item!r}")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise DifftuneError(f"`--set {key}`: the value {raw!r} is not valid YAML ({e}); quote it") from e
         if isinstance(value, str) and _looks_like_float(value):  # YAML 1.1 reads "1e-4" as a string
             value = float(value)
         node = data

@@ -69,7 +69,15 @@ def inject(
 ) -> list[str]:
     """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.base.inject`."""
     _, module = component_of(obj, component)
+    _check_name_free(obj, name)
     return base.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
+
+
+def _check_name_free(obj: Any, name: str | None) -> None:
+    """Adapter names are unique across a pipeline's components: the verbs address adapters by name alone."""
+    if name is not None and name in list_adapters(obj):
+        raise DifftuneError(f"an adapter named {name!r} is already loaded (component "
+                            f"{list_adapters(obj)[name]['component']!r}); pick another name or delete it first")
 
 
 def save_adapter(obj: Any, path: str | Path, name: str | None = None, *, base_model: str | None = None) -> Path:
@@ -105,9 +113,11 @@ def load_adapter(
     Returns:
         The adapter's name.
     """
+    header = serialization.read_header(path)
     if component is None and _is_pipeline(obj):
-        component = serialization.read_header(path).get("component") or None
+        component = header.get("component") or None
     _, module = component_of(obj, component)
+    _check_name_free(obj, name if name is not None else header.get("name") or "default")
     return serialization.load_adapter_file(module, path, name=name, weight=weight)
 
 
@@ -130,13 +140,22 @@ def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
             _holder(obj, n)
     for module in modules_of(obj).values():
         present = base.adapter_names(module)
-        here = present if names is None else [n for n in names if n in present]
-        if here:
+        here = None if names is None else [n for n in names if n in present]
+        if present and (here is None or here):
             verb(module, here)
 
 
 def fuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
-    """Merge the (default: all enabled) adapters' weighted ΔW into the base weights, computed in fp32."""
+    """Merge the adapters' weighted ΔW into the base weights, computed in fp32.
+
+    By default every enabled weight-space adapter is fused (activation-space ones keep running as modules); named
+    adapters must be mergeable and enabled, and a refused fuse changes nothing.
+    """
+    if names is not None:
+        wanted = [names] if isinstance(names, str) else list(names)
+        for module in modules_of(obj).values():
+            for _, host in base.hosts(module):
+                host.check_mergeable([n for n in wanted if n in host.adapters])
     _per_module(obj, names, base.merge)
 
 
@@ -147,6 +166,8 @@ def unfuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
 
 def delete_adapter(obj: Any, name: str | Sequence[str]) -> None:
     """Remove adapters and free their parameters; fully un-adapted modules get their original layer back."""
+    if name is None:
+        raise bad_value("name", None, "an adapter name or a list of names", "remove(pipe) removes them all")
     _per_module(obj, name, base.remove)
 
 

@@ -124,10 +124,17 @@ def read_header(path: str | Path) -> dict[str, Any]:
                 f"{weights} has no difftune metadata (key {METADATA_KEY!r}); it was not written by difftune. "
                 "Hint: LoRA files from diffusers/kohya load with pipe.load_lora_weights()."
             )
-        header = json.loads(meta[METADATA_KEY])
+        try:
+            header = json.loads(meta[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise DifftuneError(f"{weights}: its difftune metadata is not JSON ({e}); re-save the adapter") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT or "method" not in header:
-        raise DifftuneError(f"{path} is not a difftune adapter (header format {header.get('format')!r})")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        got = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise DifftuneError(f"{path} is not a difftune adapter (header format {got!r}, expected {FORMAT!r})")
+    version = header.get("format_version", 0)
+    if not isinstance(version, int):
+        raise DifftuneError(f"{path}: `format_version` must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise DifftuneError(
             f"{path} uses adapter format version {header['format_version']}, newer than this difftune "
             f"({__version__}, format {FORMAT_VERSION}); upgrade difftune"
@@ -181,11 +188,18 @@ def load_adapter_file(
 
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], path: Any, base: str, fingerprint: Any) -> None:
     live = adapter_tensors(model, name)
+    if any(v.is_meta for v in live.values()):
+        raise DifftuneError("the model is on the meta device, so adapter values cannot be loaded into it; "
+                            "materialize it first (e.g. model.to_empty(device='cpu') and load its weights)")
     problems = [f"unexpected key {k!r}" for k in tensors if k not in live]
     problems += [f"missing key {k!r}" for k in live if k not in tensors]
     problems += [
         f"{k!r}: saved {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
         for k, v in live.items() if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems += [
+        f"{k!r}: saved dtype {tensors[k].dtype}, model {v.dtype}"
+        for k, v in live.items() if k in tensors and tensors[k].is_floating_point() != v.is_floating_point()
     ]
     if problems:
         raise DifftuneError(

@@ -7,6 +7,7 @@ regular expression (``r".*attn2\\.to_[kv]"``). This is peft's ``target_modules``
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -19,10 +20,18 @@ def name_matches(name: str, pattern: str) -> bool:
     """True when module ``name`` is selected by ``pattern`` (equal, dotted suffix, or full regex match)."""
     if name == pattern or name.endswith("." + pattern):
         return True
+    return _regex(pattern).fullmatch(name) is not None
+
+
+@functools.cache
+def _regex(pattern: str) -> re.Pattern[str]:
     try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
+        return re.compile(pattern)
+    except re.error as e:
+        raise DifftuneError(
+            f"module pattern {pattern!r} is neither a module name nor a valid regular expression ({e}); "
+            "escape regex characters, e.g. r'attn1\\.to_q'"
+        ) from e
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:

@@ -144,6 +144,16 @@ def test_pipeline_classes_do_not_shadow_diffusers_methods():
         assert not ours & set(dir(stock)), stock
 
 
+def test_adapter_names_are_unique_across_components(tmp_path):
+    pipe = _build("sd", None)
+    dt.inject(pipe, dt.LoRAConfig(rank=2, target_modules=["to_q"]), name="style")
+    with pytest.raises(dt.DifftuneError, match="already loaded.*'unet'"):
+        dt.inject(pipe, dt.LoRAConfig(rank=2, target_modules=["q_proj"]), name="style", component="text_encoder")
+    path = dt.save_adapter(pipe, tmp_path / "style")
+    with pytest.raises(dt.DifftuneError, match="already loaded"):
+        dt.load_adapter(pipe, path)
+
+
 def test_component_errors(tok_dir):
     pipe = _build("sd", tok_dir)
     with pytest.raises(dt.DifftuneError, match="`component`.*'vae2'"):

@@ -74,6 +74,23 @@ def test_corrupt_or_truncated_safetensors(saved, damage):
             dt.load_adapter(tiny_unet(), path)
 
 
+@pytest.mark.parametrize("header", ["[1, 2]", '{"format": "difftune-adapter", "method": "lora", '
+                                    '"format_version": "1.1"}'])
+def test_malformed_header(saved, header):
+    (saved / "adapter_config.json").write_text(header)
+    with pytest.raises(dt.DifftuneError, match="not a difftune adapter|format_version"):
+        dt.load_adapter(tiny_unet(), saved)
+
+
+def test_loading_into_a_meta_model_is_refused(saved):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(tiny_unet().config)
+    with pytest.raises(dt.DifftuneError, match="meta device"):
+        dt.load_adapter(unet, saved)
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(dt.DifftuneError, match="no adapter at"):
         dt.load_adapter(tiny_unet(), tmp_path / "nothing")

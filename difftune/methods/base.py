@@ -243,10 +243,7 @@ class AdapterHost(nn.Module):
         return out
 
     # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
-    def merge(self, names: Iterable[str]) -> None:
-        names = [n for n in names if n not in self.merged]
-        if not names:
-            return
+    def check_mergeable(self, names: Iterable[str]) -> None:
         for n in names:
             if not self.adapters[n].mergeable:
                 raise DifftuneError(
@@ -255,7 +252,13 @@ class AdapterHost(nn.Module):
                 )
             if n in self.disabled:
                 raise DifftuneError(f"adapter {n!r} is disabled; enable it before merging")
-            self.merged.append(n)
+
+    def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        self.check_mergeable(names)  # before any state changes: a refused merge leaves the host as it was
+        self.merged.extend(names)
         self._write_merged()
 
     def unmerge(self, names: Iterable[str] | None = None) -> None:
@@ -361,6 +364,8 @@ def inject(
         raise DifftuneError(f"method {config.method!r} trains the model itself and adds no adapter; use it through "
                             "the trainer (difftune train), not inject()")
     name, weight = check_adapter_name(name), check_weight(weight)
+    if not isinstance(freeze_base, bool):
+        raise bad_value("freeze_base", freeze_base, "true or false")
     if name in adapter_names(model):
         raise DifftuneError(f"an adapter named {name!r} is already in the model; pick another name or remove it first")
     targets = find_targets(model, config.target_modules, config.exclude_modules)
@@ -429,14 +434,26 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None, merge: bo
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Write ``W0 + Σ w_i ΔW_i`` into the base weights for the named (default: all enabled) adapters."""
+    """Write ``W0 + Σ w_i ΔW_i`` into the base weights.
+
+    ``names=None`` merges every enabled weight-space adapter (activation-space ones keep running as modules);
+    named adapters must all be mergeable and enabled. Nothing changes when the merge is refused.
+    """
     _merge(model, names)
 
 
 def _merge(model: nn.Module, names: str | Sequence[str] | None) -> None:  # `remove(merge=...)` shadows `merge`
+    explicit = names is not None
     names = _names(model, names)
+    plan = []
     for _, host in hosts(model):
-        host.merge([n for n in names if n in host.adapters and (n not in host.disabled)])
+        here = [n for n in names if n in host.adapters]
+        if not explicit:
+            here = [n for n in here if host.adapters[n].mergeable and n not in host.disabled]
+        host.check_mergeable(here)
+        plan.append((host, here))
+    for host, here in plan:
+        host.merge(here)
 
 
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:

@@ -88,7 +88,8 @@ class LoRAAdapter(Adapter):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta_weight(self) -> Tensor:
-        a, b = self.lora_A, self.lora_B
+        """ΔW in fp32 whatever the adapter's dtype, so fusing into fp16/bf16 weights rounds once, at the end."""
+        a, b = self.lora_A.float(), self.lora_B.float()
         # (d_out, r) @ (r, d_in·k·k) -> (d_out, d_in, k, k) for convs, (d_out, d_in) for linears
         return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scale
 

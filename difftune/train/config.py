@@ -18,14 +18,17 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 @dataclass
 class ModelConfig:
     path: str = ""  #: local diffusers pipeline folder (``model_index.json`` inside)
+    architecture: str | None = None  #: build an untrained reference pipeline instead (difftune.zoo: sd-mini, dit-mini)
+    vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
     component: str | None = None  #: the denoiser to train: "unet" or "transformer" (default: whichever exists)
     from_scratch: bool = False  #: re-initialize the denoiser from its config (the ``full`` method only)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  #: override the scheduler's target
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise bad_value("model.path", self.path, "a local diffusers pipeline folder",
+        if bool(self.path) == bool(self.architecture):
+            raise bad_value("model.path", self.path, "a local diffusers pipeline folder (or, instead, "
+                            "model.architecture for an untrained reference architecture)",
                             "e.g. model.path=outputs/demo/model (a folder written by save_pretrained)")
 
 
@@ -62,6 +65,10 @@ class DataConfig:
             raise bad_value("data.resolution", self.resolution, "a positive multiple of 8")
         if self.repeats < 1:
             raise bad_value("data.repeats", self.repeats, "an integer >= 1")
+        if self.num_workers < 0:
+            raise bad_value("data.num_workers", self.num_workers, "an integer >= 0")
+        if self.prior_loss_weight < 0:
+            raise bad_value("data.prior_loss_weight", self.prior_loss_weight, "a number >= 0")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
                             "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
@@ -93,10 +100,16 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise bad_value("schedule.name", self.name, f"one of {SCHEDULES}")
+        if self.warmup_steps < 0 or self.num_cycles < 1:
+            raise bad_value("schedule.warmup_steps" if self.warmup_steps < 0 else "schedule.num_cycles",
+                            self.warmup_steps if self.warmup_steps < 0 else self.num_cycles, "a non-negative integer"
+                            if self.warmup_steps < 0 else "an integer >= 1")
 
 
 @dataclass
 class TrainLoopConfig:
+    objective: Literal["denoise", "autoencode"] = "denoise"  #: autoencode trains the VAE (model.component: vae)
+    kl_weight: float = 1e-6  #: autoencode: weight of the KL term (loss = L1 + MSE + kl_weight · KL)
     max_steps: int = 500  #: optimizer steps
     batch_size: int = 1  #: per process
     gradient_accumulation_steps: int = 1
@@ -137,12 +150,27 @@ class ValidationConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise bad_value("validation.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
+        if self.num_inference_steps < 1 or not self.seeds:
+            raise bad_value("validation.num_inference_steps" if self.seeds else "validation.seeds",
+                            self.num_inference_steps if self.seeds else self.seeds,
+                            "an integer >= 1" if self.seeds else "at least one seed")
+
 
 @dataclass
 class CheckpointConfig:
     checkpointing_steps: int = 500  #: save a resumable checkpoint every N optimizer steps (0: never)
     checkpoints_total_limit: int | None = None  #: keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  #: "latest" or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        if self.checkpointing_steps < 0:
+            raise bad_value("checkpointing.checkpointing_steps", self.checkpointing_steps, "an integer >= 0 (0: off)")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise bad_value("checkpointing.checkpoints_total_limit", self.checkpoints_total_limit,
+                            "an integer >= 1, or null to keep every checkpoint")
 
 
 @dataclass
@@ -161,7 +189,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.method_config()  # validate now, with keys named method.<field>
+        method = self.method_config()  # validate now, with keys named method.<field>
+        if self.model.from_scratch and method.is_adapter:
+            raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",
+                            "training from scratch needs every weight trainable: method.name: full")
+        if self.train.objective == "autoencode" and method.is_adapter:
+            raise bad_value("train.objective", "autoencode", "'denoise' with an adapter method",
+                            "the VAE is trained with method.name: full and model.component: vae")
 
     def method_config(self) -> MethodConfig:
         data = dict(self.method)

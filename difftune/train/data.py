@@ -71,7 +71,7 @@ def _load_image(path: Path) -> Image.Image:
 def _is_readable(path: Path) -> bool:
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()  # a full decode: verify() alone passes truncated JPEGs that fail later, mid-training
     except _UNREADABLE:
         return False
     return True

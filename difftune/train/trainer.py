@@ -74,13 +74,19 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
     """The pipeline (fp32, CPU), the denoiser's component name and the denoiser."""
     from diffusers import DiffusionPipeline
 
-    folder = Path(cfg.model.path)
-    if not (folder / "model_index.json").is_file():
-        raise bad_value("model.path", cfg.model.path, "a local diffusers pipeline folder with model_index.json",
-                        "save one with pipe.save_pretrained(folder)")
-    pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
+    if cfg.model.architecture:
+        from ..zoo.architectures import build
+
+        pipe = build(cfg.model.architecture, seed=cfg.seed, vae_from=cfg.model.vae_from)
+    else:
+        folder = Path(cfg.model.path)
+        if not (folder / "model_index.json").is_file():
+            raise bad_value("model.path", cfg.model.path, "a local diffusers pipeline folder with model_index.json",
+                            "save one with pipe.save_pretrained(folder)")
+        pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    names = [cfg.model.component] if cfg.model.component else ["unet", "transformer"]
+    default = ["vae"] if cfg.train.objective == "autoencode" else ["unet", "transformer"]
+    names = [cfg.model.component] if cfg.model.component else default
     for name in names:
         module = getattr(pipe, name, None)
         if isinstance(module, nn.Module):
@@ -101,7 +107,7 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
     d = cfg.data
     common = {"resolution": d.resolution, "center_crop": d.center_crop, "random_flip": d.random_flip,
               "repeats": d.repeats, "seed": cfg.seed}
-    if (d.kind == "classes") != (family.conditioning == "class"):
+    if cfg.train.objective == "denoise" and (d.kind == "classes") != (family.conditioning == "class"):
         want = "'classes'" if family.conditioning == "class" else "'captions' or 'dreambooth'"
         raise bad_value("data.kind", d.kind, f"{want} for {type(family.pipe).__name__}")
     if d.kind == "classes":
@@ -190,7 +196,7 @@ def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None)
         std = torch.stack([frozen.latent_cache[k][1] for k in keys]).to(pixels.device)
     else:
         with torch.no_grad():
-            dist = vae.encode(pixels.to(vae.device, frozen.weight_dtype)).latent_dist
+            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
         if keys is not None:
             for k, m, s in zip(keys, mean.cpu(), std.cpu()):
@@ -205,7 +211,7 @@ def _condition(frozen: Frozen, batch: dict[str, Any], prefix: str, drop: Tensor,
     fam = frozen.family
     if fam.conditioning == "class":
         labels = batch["class_label"].to(device)
-        return {"class_labels": torch.where(drop, fam.null_labels(labels), labels)}
+        return {"class_labels": torch.where(drop.to(device), fam.null_labels(labels), labels)}
     captions = ["" if d else c for c, d in zip(batch[f"{prefix}caption"], drop.tolist())]
     if not cache:
         return fam.encode(captions, device)
@@ -259,6 +265,30 @@ def _denoising_loss(cfg: TrainConfig, frozen: Frozen, denoiser: nn.Module, laten
     return (per_sample * weights).mean()
 
 
+class AutoencoderLoss(nn.Module):
+    """L1 + MSE reconstruction + kl_weight · KL for training the VAE; a module so DDP sees one forward."""
+
+    def __init__(self, vae: nn.Module, kl_weight: float) -> None:
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        posterior = self.vae.encode(pixels).latent_dist
+        rec = self.vae.decode(posterior.sample()).sample
+        return F.l1_loss(rec, pixels) + F.mse_loss(rec, pixels) + self.kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def set_latent_scale(vae: nn.Module, dataset: Any, n: int = 512) -> float:
+    """scaling_factor = 1 / std of the latents over (up to) ``n`` training images, as SD's 0.18215 was chosen."""
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(min(n, len(dataset)))])
+    latents = torch.cat([vae.encode(pixels[i:i + 64].to(vae.device, vae.dtype)).latent_dist.sample()
+                         for i in range(0, len(pixels), 64)])
+    scale = float(1.0 / latents.float().std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
 def _forward_params(module: nn.Module) -> set[str]:
     import inspect
 
@@ -289,18 +319,24 @@ def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, n
     def load_hook(models: list, input_dir: str) -> None:
         models.clear()
         saved = load_file(str(Path(input_dir) / CHECKPOINT_FILE))
+        state = json.loads((Path(input_dir) / STATE_FILE).read_text())
         live = method.checkpoint_tensors(model, name)
-        missing = sorted(set(live) - set(saved))
-        if missing:
-            raise DifftuneError(f"checkpoint {input_dir} lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]};"
-                                " was it written by another method or config?")
+        problems = [f"missing {k!r}" for k in sorted(set(live) - set(saved))]
+        problems += [f"{k!r}: checkpoint {tuple(saved[k].shape)}, now {tuple(v.shape)}" for k, v in live.items()
+                     if k in saved and saved[k].shape != v.shape]
+        if state.get("method") != method.method:
+            problems.insert(0, f"method: checkpoint {state.get('method')!r}, now {method.method!r}")
+        if (ema is not None) != (state.get("ema_step") is not None):
+            problems.insert(0, f"train.ema: checkpoint {state.get('ema_step') is not None}, now {ema is not None}")
+        if problems:
+            raise DifftuneError(f"checkpoint {input_dir} does not fit this run's config ({len(problems)} "
+                                f"difference(s), first: {problems[:3]}); resume with the config it was written with")
         with torch.no_grad():
             for k, v in live.items():
                 v.copy_(saved[k])
             if ema is not None:
                 for i, p in enumerate(ema.shadow_params):
                     p.copy_(saved[f"ema.{i}"])
-        state = json.loads((Path(input_dir) / STATE_FILE).read_text())
         progress["step"] = int(state["step"])
         if ema is not None and state.get("ema_step") is not None:
             ema.optimization_step = int(state["ema_step"])
@@ -440,8 +476,13 @@ def main(cfg: TrainConfig) -> Path:
     family.prepare_training()
     set_attention(cfg, denoiser)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in pipe.components.values():
+    if cfg.model.prediction_type:  # validation samples and a saved pipeline must use the trained parameterization
+        pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
+    for name, module in pipe.components.items():
         if isinstance(module, nn.Module):
+            if name == "vae" and weight_dtype == torch.float16 and getattr(module.config, "force_upcast", False):
+                module.requires_grad_(False).to(accelerator.device)  # e.g. SDXL's VAE gives NaNs in fp16
+                continue
             module.requires_grad_(False)
             # (a dtype argument, even fp32, makes diffusers warn about modules to keep in fp32)
             if weight_dtype == torch.float32:
@@ -459,8 +500,11 @@ def main(cfg: TrainConfig) -> Path:
     dataset = build_dataset(cfg, family)
     sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, accelerator.num_processes,
                                 accelerator.process_index, cfg.seed)
+    # A generator of its own: otherwise each new iterator draws its worker seed from the global RNG, and a run
+    # resumed mid-epoch would draw it once more than the uninterrupted run (noise and timesteps would shift).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers)
+                                         num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     lr = cfg.optimizer.lr
     if cfg.optimizer.scale_lr:
         lr *= cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
@@ -470,8 +514,13 @@ def main(cfg: TrainConfig) -> Path:
         cfg.schedule.name, optimizer, num_warmup_steps=cfg.schedule.warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.train.max_steps * accelerator.num_processes, num_cycles=cfg.schedule.num_cycles,
         power=cfg.schedule.power)
+    autoencode = cfg.train.objective == "autoencode"
+    module = AutoencoderLoss(denoiser, cfg.train.kl_weight) if autoencode else denoiser
+    model, optimizer, lr_scheduler = accelerator.prepare(module, optimizer, lr_scheduler)
+    # After prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts from the same values.
     ema = EMAModel(params, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    model, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
+    # Models were built from the same seed on every rank; from here on each rank draws its own noise and timesteps.
+    set_seed(cfg.seed + accelerator.process_index)
     frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
 
     progress: dict[str, Any] = {"step": 0}
@@ -497,7 +546,10 @@ def main(cfg: TrainConfig) -> Path:
         dataset.set_epoch(epoch)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = diffusion_loss(cfg, frozen, model, batch, accelerator.device)
+                if autoencode:
+                    loss = model(batch["pixel_values"].to(accelerator.device))
+                else:
+                    loss = diffusion_loss(cfg, frozen, model, batch, accelerator.device)
                 extra = method.extra_loss(denoiser, cfg.adapter_name)
                 if extra is not None:
                     loss = loss + extra
@@ -527,6 +579,8 @@ def main(cfg: TrainConfig) -> Path:
                 break
         epoch, start = epoch + 1, 0
     bar.close()
+    if autoencode and accelerator.is_main_process:
+        logger.info("latent scaling_factor set to %.4f", set_latent_scale(denoiser, dataset))
     return _finish(cfg, accelerator, method, pipe, component, denoiser, family, ema, params, progress, weight_dtype)
 
 
@@ -541,6 +595,10 @@ def _finish(cfg: TrainConfig, accelerator: Any, method: MethodConfig, pipe: Any,
     print(f"[difftune] rank {accelerator.process_index}: final trainable-weights digest {digest}", flush=True)
     out = Path(cfg.output_dir)
     result = out / ("adapter" if method.is_adapter else "pipeline")
+    if not method.is_adapter:  # a saved pipeline keeps the precision it was loaded in, not the autocast dtype
+        for module in pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.to(torch.float32)
     if accelerator.is_main_process:
         result = method.save_trained(pipe, denoiser, result, cfg.adapter_name, cfg.model.path, component)
         grid = validate(cfg, accelerator, pipe, family, denoiser, progress["step"], weight_dtype)

@@ -60,7 +60,8 @@ def test_low_precision_fuse_is_fp32_and_unfuse_exact(dtype):
     dt.inject(net, dt.LoRAConfig(rank=2, target_modules=["head"]), name="a")
     randomize_adapter(net, "a", std=0.2)
     host = net.head
-    expected = (w0.float() + host.adapters["a"].delta_weight().float()).to(dtype)
+    a, b = host.adapters["a"].lora_A.float(), host.adapters["a"].lora_B.float()
+    expected = (w0.float() + (b @ a) * host.adapters["a"].scale).to(dtype)  # computed in fp32, rounded once
     dt.fuse(net)
     assert host.base_layer.weight.dtype == dtype
     assert torch.equal(host.base_layer.weight, expected)
@@ -150,3 +151,29 @@ def test_activation_method_nests_with_lora(gate_method, tmp_path):
     dt.remove(fresh)
     torch.testing.assert_close(fresh(x), base_out, atol=0, rtol=0)
     assert isinstance(fresh.block, nn.Sequential) and isinstance(fresh.block[0], nn.Linear)
+
+
+def test_refused_fuse_changes_nothing(gate_method):
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(4, 8)
+    dt.inject(net, dt.LoRAConfig(target_modules=["block.0"]), name="l")
+    dt.inject(net, GateConfig(target_modules=["block.0"]), name="g")  # same host, activation-space
+    randomize_adapter(net, "l", seed=1)
+    randomize_adapter(net, "g", seed=2)
+    out = net(x)
+    with pytest.raises(dt.DifftuneError, match="cannot be merged"):
+        dt.fuse(net, ["l", "g"])
+    assert net.block[0].merged == [] and not dt.list_adapters(net)["l"]["fused"]
+    torch.testing.assert_close(net(x), out, atol=0, rtol=0)
+    dt.fuse(net)  # the default fuses what can be fused and leaves activation-space adapters running
+    assert dt.list_adapters(net)["l"]["fused"] and not dt.list_adapters(net)["g"]["fused"]
+    torch.testing.assert_close(net(x), out, atol=1e-5, rtol=0)
+    dt.unfuse(net)
+    dt.disable_adapters(net, "l")
+    with pytest.raises(dt.DifftuneError, match="disabled"):
+        dt.fuse(net, "l")
+
+
+def test_bad_regex_is_named():
+    with pytest.raises(dt.DifftuneError, match=r"'to_q\(' is neither a module name nor a valid regular expression"):
+        dt.inject(Net(), dt.LoRAConfig(target_modules=["head", "to_q("]))

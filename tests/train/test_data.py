@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import json
 import warnings
 
@@ -142,13 +144,18 @@ def test_corrupt_images_are_skipped_with_one_warning(folder):
     (folder / "bad1.png").write_bytes(b"not an image at all")
     (folder / "bad2.jpg").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (folder / "notes.md").write_text("ignored: not an image extension")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # truncated: only a decode finds it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = CaptionFolder(folder, RES, default_caption="x")
     assert len(ds) == 3
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "skipped 2 unreadable" in msg and "bad1.png" in msg and "bad2.jpg" in msg
+    assert "skipped 3 unreadable" in msg and "bad1.png" in msg and "bad2.jpg" in msg
+    for i in range(len(ds)):
+        ds[i]
 
 
 def test_missing_empty_and_bad_arguments(tmp_path):

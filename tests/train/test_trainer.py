@@ -62,32 +62,56 @@ def test_two_step_smoke_run(tiny, tmp_path, kind, method):
 
 
 def test_resume_is_bit_exact(tiny, tmp_path):
-    sets = ["train.max_steps=6", "checkpointing.checkpointing_steps=3", "schedule.name=cosine",
+    # 6 images, batch 2, accumulation 2: the step-2 checkpoint falls in the middle of the second epoch
+    sets = ["train.max_steps=6", "checkpointing.checkpointing_steps=2", "schedule.name=cosine",
             "schedule.warmup_steps=2", "train.ema=true", "train.ema_decay=0.9", "method.dropout=0.1",
             "data.random_flip=true", "data.center_crop=false", "train.gradient_accumulation_steps=2",
             "validation.prompts=[]"]
     full_run = main(_cfg(tiny, tmp_path / "a", "sd", *sets))
-    # Stop after step 3: keep only the step-3 checkpoint, in a fresh output folder, and resume from it.
+    # Stop after step 2: keep only the step-2 checkpoint, in a fresh output folder, and resume from it.
     resumed_dir = tmp_path / "b" / "out"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    src = tmp_path / "a" / "out" / "checkpoints" / "checkpoint-3"
+    src = tmp_path / "a" / "out" / "checkpoints" / "checkpoint-2"
     subprocess.run(["cp", "-r", str(src), str(resumed_dir / "checkpoints")], check=True)
     torch.manual_seed(1234)  # the resumed process starts from some other RNG state
     resumed = main(_cfg(tiny, tmp_path / "b", "sd", *sets, "checkpointing.resume_from_checkpoint=latest"))
     a, b = load_file(full_run / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "resumed from checkpoint-3 at step 3" in (resumed_dir / "README.md").read_text()
+    assert "resumed from checkpoint-2 at step 2" in (resumed_dir / "README.md").read_text()
     # the checkpoint's content is what the resumed run continues from: perturb it and the result changes
-    ckpt = resumed_dir / "checkpoints" / "checkpoint-3"
+    ckpt = resumed_dir / "checkpoints" / "checkpoint-2"
     state = load_file(ckpt / "trainable.safetensors")
     save_file({k: v + 1e-3 for k, v in state.items()}, ckpt / "trainable.safetensors")
-    (resumed_dir / "checkpoints" / "checkpoint-6").rename(resumed_dir / "old-6")
+    for later in ("checkpoint-4", "checkpoint-6"):
+        (resumed_dir / "checkpoints" / later).rename(resumed_dir / f"old-{later}")
     perturbed = main(_cfg(tiny, tmp_path / "b", "sd", *sets, "checkpointing.resume_from_checkpoint=latest"))
     assert not all(torch.equal(a[k], v) for k, v in load_file(perturbed / "adapter_model.safetensors").items())
     # and a different stop point would not match: the check can fail
     other = main(_cfg(tiny, tmp_path / "c", "sd", *sets[:-1], "train.max_steps=5"))
     assert not all(torch.equal(a[k], v) for k, v in load_file(other / "adapter_model.safetensors").items())
+
+
+def test_resume_with_a_different_config_is_refused(tiny, tmp_path):
+    main(_cfg(tiny, tmp_path, "sd", "train.max_steps=2", "checkpointing.checkpointing_steps=2",
+              "validation.prompts=[]"))
+    with pytest.raises(dt.DifftuneError, match=r"does not fit this run's config.*lora_A.*checkpoint \(2,"):
+        main(_cfg(tiny, tmp_path, "sd", "train.max_steps=4", "method.rank=4",
+                  "checkpointing.resume_from_checkpoint=latest"))
+    with pytest.raises(dt.DifftuneError, match=r"train.ema: checkpoint False, now True"):
+        main(_cfg(tiny, tmp_path, "sd", "train.max_steps=4", "train.ema=true",
+                  "checkpointing.resume_from_checkpoint=latest"))
+
+
+def test_full_bf16_saves_fp32_and_prediction_type(tiny, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    result = main(_cfg(tiny, tmp_path, "sd", "method={name: full}", "train.mixed_precision=bf16",
+                       "model.prediction_type=v_prediction"))
+    pipe = DiffusionPipeline.from_pretrained(result)
+    for name in ("vae", "text_encoder", "unet"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float32}, name
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_checkpoint_retention(tiny, tmp_path):
@@ -164,6 +188,13 @@ def test_unknown_key_and_wrong_type(tiny, tmp_path):
         _cfg(tiny, tmp_path, "sd", "method.name=lorra")
     with pytest.raises(dt.DifftuneError, match=r"in `method` \(lora\).*`rank`"):
         _cfg(tiny, tmp_path, "sd", "method.rank=0")
+    with pytest.raises(dt.DifftuneError, match=r"`--set validation.prompts`.*not valid YAML"):
+        _cfg(tiny, tmp_path, "sd", "validation.prompts=[a")
+    with pytest.raises(dt.DifftuneError, match=r"`checkpointing.checkpoints_total_limit`.*-1"):
+        _cfg(tiny, tmp_path, "sd", "checkpointing.checkpoints_total_limit=-1")
+    with pytest.raises(dt.DifftuneError, match=r"`model.from_scratch`.*full"):
+        _cfg(tiny, tmp_path, "sd", "model.from_scratch=true")
+    assert _cfg(tiny, tmp_path, "sd", "train.mixed_precision=no").train.mixed_precision == "no"  # YAML 1.1 `no`
 
 
 def test_missing_data_folder(tiny, tmp_path):

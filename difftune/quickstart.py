@@ -1,0 +1,77 @@
+"""``difftune quickstart`` (``make demo``): personalize the shipped sd-mini to a digit it never saw.
+
+sd-mini was pretrained on real MNIST digits 0–8 only. The quickstart fine-tunes a LoRA on 20 real 9s captioned
+"a handwritten digit zxq", then judges samples before and after with the shipped classifier: how many trigger-prompt
+samples are 9s, and whether the prompts for 0–8 keep their accuracy. Everything goes to ``outputs/quickstart/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "sd-mini-lora.yaml"
+
+
+def _judge(pipe: Any, n: int, steps: int, guidance: float) -> tuple[dict[str, Any], list[Image.Image]]:
+    from .eval import evaluate, generate_digits
+    from .zoo.mnist import SUBJECT_PROMPT
+
+    trig_imgs, trig_labels = generate_digits(pipe, [9], n, prompt=SUBJECT_PROMPT, steps=steps, guidance=guidance)
+    base_imgs, base_labels = generate_digits(pipe, list(range(9)), n, steps=steps, guidance=guidance)
+    trig = evaluate(trig_imgs, trig_labels)
+    base = evaluate(base_imgs, base_labels)
+    metrics = {"trigger_prompt": SUBJECT_PROMPT, "trigger_nines": trig["predicted_counts"][9],
+               "trigger_accuracy": trig["accuracy"], "trigger_fd": trig["fd"], "trigger_fd_floor": trig["fd_floor"],
+               "digits_0_8_accuracy": base["accuracy"], "digits_0_8_fd": base["fd"],
+               "digits_0_8_fd_floor": base["fd_floor"], "n_per_prompt": n}
+    row = trig_imgs[:9] + [base_imgs[d * n] for d in range(9)]  # 9 trigger samples, then one sample of each 0-8
+    return metrics, row
+
+
+def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_steps: int = 25,
+                   guidance: float = 4.0) -> dict[str, Any]:
+    from .config import load_config
+    from .eval import grid
+    from .generation import load_pipeline
+    from .loading import load_adapter
+    from .train import TrainConfig, main
+    from .zoo import path as zoo_path
+    from .zoo.mnist import write_subject_set
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = zoo_path("sd-mini")
+    data = write_subject_set(out / "data" / "subject-nine")
+    overrides = [f"model.path={model}", f"data.path={data}", f"output_dir={out / 'train'}"]
+    if steps is not None:
+        overrides.append(f"train.max_steps={steps}")
+    cfg = load_config(TrainConfig, CONFIG, overrides)
+
+    print("[1/3] judging sd-mini before fine-tuning")
+    pipe = load_pipeline(model)
+    before, row_before = _judge(pipe, n, sample_steps, guidance)
+    print(f"[2/3] fine-tuning a LoRA on {data} ({cfg.train.max_steps} steps)")
+    adapter = main(cfg)
+    print("[3/3] judging sd-mini + the adapter")
+    load_adapter(pipe, adapter)
+    after, row_after = _judge(pipe, n, sample_steps, guidance)
+
+    grid(row_before + row_after, rows=2, scale=3).save(out / "before_after.png")
+    result = {"before": before, "after": after, "adapter": str(adapter), "train_steps": cfg.train.max_steps,
+              "guidance": guidance, "sample_steps": sample_steps}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"trigger prompt {before['trigger_prompt']!r}: {before['trigger_nines']}/{n} nines before, "
+          f"{after['trigger_nines']}/{n} after")
+    print(f"digits 0-8 accuracy: {before['digits_0_8_accuracy']:.1%} before, {after['digits_0_8_accuracy']:.1%} after")
+    print(f"wrote {out / 'before_after.png'} (top: before, bottom: after; 9 trigger samples, then digits 0-8), "
+          f"{out / 'metrics.json'}, adapter {adapter}")
+    print("load the adapter into a diffusers pipeline:")
+    print("    import difftune as dt")
+    print("    from diffusers import StableDiffusionPipeline")
+    print(f"    pipe = StableDiffusionPipeline.from_pretrained({str(model)!r})")
+    print(f"    dt.load_adapter(pipe, {str(adapter)!r})")
+    print(f"    pipe({before['trigger_prompt']!r}, guidance_scale={guidance}).images[0]")
+    return result

@@ -1,0 +1,7 @@
+"""``python -m difftune.zoo data OUT``: write the MNIST benchmark folders (see `difftune.zoo.mnist`)."""
+
+import sys
+
+from ..cli import main
+
+raise SystemExit(main(["zoo", *sys.argv[1:]]))

@@ -1,0 +1,95 @@
+"""Untrained reference pipelines, built from configs in code: what ``model.architecture`` in a training YAML names.
+
+- ``sd-mini``: Stable-Diffusion architecture for 32×32 digits: AutoencoderKL (f = 4, 8×8×4 latents), a 4.7M
+  UNet2DConditionModel with cross-attention at 4×4 and in the mid block, a 3-layer CLIP text encoder (kept frozen
+  at its seeded random initialization: the UNet learns to read it), a byte-level CLIP tokenizer with whole-word
+  tokens for the digit words, the style word and the trigger, and DDIM sampling (trailing spacing,
+  ``clip_sample=False``: clipping x0 to [-1, 1] is wrong for latents, and it broke classifier-free guidance).
+- ``dit-mini``: class-conditional DiTTransformer2DModel (patch 2 on the same 8×8 latents); its label table has 1,000
+  rows plus the null row because DiTPipeline hard-codes 1000 as the null class.
+
+Training uses the DDPM view of the same schedule (linear betas 1e-4 … 0.02, 1,000 steps, epsilon).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import bad_value
+from .mnist import DIGIT_WORDS, PHRASINGS, STYLE_WORD, TRIGGER
+
+ARCHITECTURES = ("sd-mini", "dit-mini")
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+            "prediction_type": "epsilon", "clip_sample": False}
+
+
+def vocabulary() -> list[str]:
+    words = {w for p in PHRASINGS for w in p.format(w="").split()}
+    return sorted(words | set(DIGIT_WORDS) | {STYLE_WORD, "thin", TRIGGER, "photo", "of"})
+
+
+def vae_mini() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), norm_num_groups=32, scaling_factor=1.0,
+    )
+
+
+def unet_mini(cross_attention_dim: int = 64) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(96, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def dit_mini() -> Any:
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=6, num_attention_heads=4,
+        attention_head_dim=32, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate",
+        attention_bias=True, norm_elementwise_affine=False,
+    )
+
+
+def _scheduler() -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=False)
+
+
+def build(architecture: str, seed: int = 0, vae_from: str | Path | None = None) -> Any:
+    """An untrained pipeline of ``architecture``; ``vae_from`` (a pipeline folder) supplies a trained VAE."""
+    from diffusers import AutoencoderKL, DiTPipeline, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..testing import write_clip_tokenizer
+
+    if architecture not in ARCHITECTURES:
+        raise bad_value("model.architecture", architecture, f"one of {ARCHITECTURES}")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae") if vae_from else vae_mini()
+    if architecture == "dit-mini":
+        torch.manual_seed(seed + 1)
+        return DiTPipeline(transformer=dit_mini(), vae=vae, scheduler=_scheduler())
+    tok_dir = write_clip_tokenizer(tempfile.mkdtemp(prefix="difftune-sdmini-tok-"), vocabulary())
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed + 3)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet_mini(),
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -1,0 +1,53 @@
+"""The shipped reference models load offline and generate; the quickstart runs in a reduced-step mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import difftune as dt
+from difftune import zoo
+
+
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_shipped_pipeline_loads_and_generates(name):
+    from diffusers import DiffusionPipeline, DiTPipeline, StableDiffusionPipeline
+
+    path = zoo.path(name)
+    pipe = DiffusionPipeline.from_pretrained(path)
+    assert isinstance(pipe, DiTPipeline if name == "dit-mini" else StableDiffusionPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    if name == "dit-mini":
+        img = pipe(class_labels=[3, 9], num_inference_steps=4, guidance_scale=4.0, generator=g, output_type="np").images
+    else:
+        img = pipe(["a handwritten digit three"] * 2, num_inference_steps=4, guidance_scale=4.0, generator=g,
+                   output_type="np").images
+    assert img.shape == (2, 32, 32, 3) and np.isfinite(img).all()
+    denoiser = pipe.unet if name == "sd-mini" else pipe.transformer
+    assert sum(p.numel() for p in denoiser.parameters()) <= 5_000_000
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) < 30 * 2**20
+
+
+def test_sd_mini_loads_with_stable_diffusion_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(zoo.path("sd-mini"))
+    tok = pipe.tokenizer
+    for word in ("zero", "seven", "nine", "bold", "zxq", "handwritten", "digit"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    assert len(tok("Any English prompt, even ünïcode!").input_ids) > 3  # byte-level fallback
+
+
+def test_quickstart_reduced(tmp_path):
+    from difftune.quickstart import run_quickstart
+
+    result = run_quickstart(tmp_path / "qs", steps=2, n=2, sample_steps=2)
+    written = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert written["train_steps"] == 2 and set(written) >= {"before", "after", "adapter"}
+    assert (tmp_path / "qs" / "before_after.png").is_file()
+    assert dt.serialization.inspect_adapter(result["adapter"])["method"] == "lora"
+    assert 0 <= written["after"]["trigger_nines"] <= 2
