@@ -23,7 +23,7 @@ test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/difftune demo --out outputs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/difftune quickstart --out outputs/quickstart
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="fine-tune the shipped sd-mini on a new digit; before/after numbers")
     s.add_argument("--out", default="outputs/quickstart")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
-    s.add_argument("--n", type=int, default=20, help="samples per prompt for the judge")
-    s.add_argument("--sample-steps", type=int, default=25, help="sampling steps")
+    s.add_argument("--n", type=int, default=20, help="trigger-prompt samples for the judge (n/2 per digit 0-8)")
+    s.add_argument("--sample-steps", type=int, default=20, help="sampling steps")
     s.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")

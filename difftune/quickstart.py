@@ -1,8 +1,10 @@
 """``difftune quickstart`` (``make demo``): personalize the shipped sd-mini to a digit it never saw.
 
 sd-mini was pretrained on real MNIST digits 0–8 only. The quickstart fine-tunes a LoRA on 20 real 9s captioned
-"a handwritten digit zxq", then judges samples before and after with the shipped classifier: how many trigger-prompt
-samples are 9s, and whether the prompts for 0–8 keep their accuracy. Everything goes to ``outputs/quickstart/``.
+"a handwritten digit zxq", with 5 regularization images per known digit (real training digits captioned "a handwritten
+digit <word>", kohya-style: without them the shared words drift and prompts for 0–8 start producing 9s), then judges
+samples before and after with the shipped classifier: how many trigger-prompt samples are 9s, and whether the prompts
+for 0–8 keep their accuracy. Everything goes to ``outputs/quickstart/``.
 """
 
 from __future__ import annotations
@@ -20,19 +22,20 @@ def _judge(pipe: Any, n: int, steps: int, guidance: float) -> tuple[dict[str, An
     from .eval import evaluate, generate_digits
     from .zoo.mnist import SUBJECT_PROMPT
 
+    per_digit = max(1, n // 2)
     trig_imgs, trig_labels = generate_digits(pipe, [9], n, prompt=SUBJECT_PROMPT, steps=steps, guidance=guidance)
-    base_imgs, base_labels = generate_digits(pipe, list(range(9)), n, steps=steps, guidance=guidance)
+    base_imgs, base_labels = generate_digits(pipe, list(range(9)), per_digit, steps=steps, guidance=guidance)
     trig = evaluate(trig_imgs, trig_labels)
     base = evaluate(base_imgs, base_labels)
     metrics = {"trigger_prompt": SUBJECT_PROMPT, "trigger_nines": trig["predicted_counts"][9],
                "trigger_accuracy": trig["accuracy"], "trigger_fd": trig["fd"], "trigger_fd_floor": trig["fd_floor"],
                "digits_0_8_accuracy": base["accuracy"], "digits_0_8_fd": base["fd"],
-               "digits_0_8_fd_floor": base["fd_floor"], "n_per_prompt": n}
-    row = trig_imgs[:9] + [base_imgs[d * n] for d in range(9)]  # 9 trigger samples, then one sample of each 0-8
+               "digits_0_8_fd_floor": base["fd_floor"], "n_trigger": n, "n_per_digit": per_digit}
+    row = trig_imgs[:9] + [base_imgs[d * per_digit] for d in range(9)]  # 9 trigger samples, then one of each 0-8
     return metrics, row
 
 
-def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_steps: int = 25,
+def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_steps: int = 20,
                    guidance: float = 4.0) -> dict[str, Any]:
     from .config import load_config
     from .eval import grid
@@ -40,11 +43,12 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
     from .loading import load_adapter
     from .train import TrainConfig, main
     from .zoo import path as zoo_path
-    from .zoo.mnist import write_subject_set
+    from .zoo.mnist import write_regularization_set, write_subject_set
 
     out.mkdir(parents=True, exist_ok=True)
     model = zoo_path("sd-mini")
     data = write_subject_set(out / "data" / "subject-nine")
+    write_regularization_set(data, per_digit=5)
     overrides = [f"model.path={model}", f"data.path={data}", f"output_dir={out / 'train'}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
@@ -65,7 +69,8 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"trigger prompt {before['trigger_prompt']!r}: {before['trigger_nines']}/{n} nines before, "
           f"{after['trigger_nines']}/{n} after")
-    print(f"digits 0-8 accuracy: {before['digits_0_8_accuracy']:.1%} before, {after['digits_0_8_accuracy']:.1%} after")
+    print(f"digits 0-8 accuracy ({before['n_per_digit']} samples each): {before['digits_0_8_accuracy']:.1%} before, "
+          f"{after['digits_0_8_accuracy']:.1%} after")
     print(f"wrote {out / 'before_after.png'} (top: before, bottom: after; 9 trigger samples, then digits 0-8), "
           f"{out / 'metrics.json'}, adapter {adapter}")
     print("load the adapter into a diffusers pipeline:")

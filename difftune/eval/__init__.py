@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,19 +55,30 @@ def _diversity(feats: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+@functools.cache
+def _default_classifier() -> DigitClassifier:
+    return load_classifier()
+
+
+@functools.cache
+def _reference_features(classes: tuple[int, ...]) -> np.ndarray:
+    from ..zoo.mnist import split
+
+    return _features(_default_classifier(), split("train", classes)[0])[0]
+
+
 def evaluate(images: Sequence[Image.Image | np.ndarray], labels: Sequence[int],
              classifier: DigitClassifier | None = None) -> dict[str, Any]:
     """Metrics for generated ``images`` whose intended digits are ``labels``."""
     from ..zoo.mnist import from_rgb32, split
 
-    clf = classifier or load_classifier()
+    clf = classifier or _default_classifier()
     labels = np.asarray(labels)
     digits = np.stack([from_rgb32(im) for im in images])
     feats, pred = _features(clf, digits)
     classes = tuple(int(d) for d in np.unique(labels))
-    xr, _ = split("train", classes)
     xh, yh = split("heldout", classes)
-    ref_feats, _ = _features(clf, xr)
+    ref_feats = _reference_features(classes) if classifier is None else _features(clf, split("train", classes)[0])[0]
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(yh), size=min(len(labels), len(yh)), replace=False))
     held_feats, _ = _features(clf, xh[pick])

@@ -79,15 +79,15 @@ def bold(digit: np.ndarray, size: int = 3) -> np.ndarray:
     return out
 
 
-def _write(folder: Path, images: list[np.ndarray], captions: list[str] | None, labels: list[int] | None = None
-           ) -> Path:
+def _write(folder: Path, images: list[np.ndarray], captions: list[str] | None, labels: list[int] | None = None,
+           prefix: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         target = folder / str(labels[i]) if labels is not None else folder
         target.mkdir(exist_ok=True)
-        to_rgb32(img).save(target / f"{i:05d}.png")
+        to_rgb32(img).save(target / f"{prefix}{i:05d}.png")
         if captions is not None:
-            (target / f"{i:05d}.txt").write_text(captions[i])
+            (target / f"{prefix}{i:05d}.txt").write_text(captions[i])
     return folder
 
 
@@ -113,6 +113,16 @@ def write_subject_set(out: str | Path, n: int = 20) -> Path:
     """The personalization subject: ``n`` training images of the held-out digit 9, captioned with the trigger."""
     x, _ = split("train", (9,))
     return _write(Path(out), list(x[:n]), [SUBJECT_PROMPT] * n)
+
+
+def write_regularization_set(out: str | Path, per_digit: int = 5, digits: tuple[int, ...] = tuple(range(9))) -> Path:
+    """Real training digits the model already knows, captioned "a handwritten digit <word>", written beside a
+    subject set (files ``reg-*``): kohya-style regularization images that keep the shared words ("a handwritten
+    digit") from drifting to the new subject."""
+    x, y = split("train", digits)
+    keep = np.concatenate([np.flatnonzero(y == d)[-per_digit:] for d in digits])
+    return _write(Path(out), [x[i] for i in keep], [f"a handwritten digit {DIGIT_WORDS[y[i]]}" for i in keep],
+                  prefix="reg-")
 
 
 def write_style_set(out: str | Path, per_digit: int = 40) -> Path:

@@ -22,7 +22,8 @@ def test_shipped_pipeline_loads_and_generates(name):
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     if name == "dit-mini":
-        img = pipe(class_labels=[3, 9], num_inference_steps=4, guidance_scale=4.0, generator=g, output_type="np").images
+        img = pipe(class_labels=[3, 9], num_inference_steps=4, guidance_scale=4.0, generator=g,
+                   output_type="np").images
     else:
         img = pipe(["a handwritten digit three"] * 2, num_inference_steps=4, guidance_scale=4.0, generator=g,
                    output_type="np").images
@@ -51,3 +52,33 @@ def test_quickstart_reduced(tmp_path):
     assert (tmp_path / "qs" / "before_after.png").is_file()
     assert dt.serialization.inspect_adapter(result["adapter"])["method"] == "lora"
     assert 0 <= written["after"]["trigger_nines"] <= 2
+
+
+def test_eval_cli_writes_json_and_grid(tmp_path, capsys):
+    from difftune.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(zoo.path("dit-mini")), "--digits", "3,9", "--n", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and 0 <= metrics["accuracy"] <= 1 and metrics["fd_floor"] > 0
+    assert (out / "grid.png").is_file()
+    assert main(["eval", "--model", str(zoo.path("dit-mini")), "--digits", "ten", "--out", str(out)]) == 2
+    assert "`--digits`" in capsys.readouterr().err
+
+
+def test_zoo_data_folders(tmp_path):
+    from difftune.cli import main
+
+    assert main(["zoo", "data", "--out", str(tmp_path)]) == 0
+    assert len(list((tmp_path / "subject-nine").glob("*.png"))) == 20
+    assert {p.name for p in (tmp_path / "heldout").iterdir()} == {str(d) for d in range(10)}
+    style = sorted((tmp_path / "style-bold").glob("*.txt"))
+    assert style and all(t.read_text().startswith("bold ") for t in style)
+    assert not any("nine" in t.read_text() for t in (tmp_path / "pretrain-captions").glob("*.txt"))
+
+
+def test_dit_mini_word_labels_and_null_class():
+    pipe = zoo.load("dit-mini")
+    assert pipe.get_label_ids(["seven", "nine"]) == [7, 9]
+    assert pipe.transformer.config.num_embeds_ada_norm == 1000  # DiTPipeline's hard-coded null class
