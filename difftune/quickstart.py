@@ -15,7 +15,18 @@ from typing import Any
 
 from PIL import Image
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "sd-mini-lora.yaml"
+
+def _config_path() -> Path:
+    """configs/ of the repository, or its copy installed as the ``difftune.configs`` package data."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("difftune.configs")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    roots.append(Path(__file__).resolve().parents[1] / "configs")
+    for root in roots:
+        if (root / "quickstart" / "sd-mini-lora.yaml").is_file():
+            return root / "quickstart" / "sd-mini-lora.yaml"
+    raise FileNotFoundError("configs/quickstart/sd-mini-lora.yaml is missing from this installation")
 
 
 def _judge(pipe: Any, n: int, steps: int, guidance: float) -> tuple[dict[str, Any], list[Image.Image]]:
@@ -52,7 +63,7 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
     overrides = [f"model.path={model}", f"data.path={data}", f"output_dir={out / 'train'}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    cfg = load_config(TrainConfig, CONFIG, overrides)
+    cfg = load_config(TrainConfig, _config_path(), overrides)
 
     print("[1/3] judging sd-mini before fine-tuning")
     pipe = load_pipeline(model)
