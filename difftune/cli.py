@@ -109,7 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics.update(model=str(args.model), adapters=args.adapter or [], prompt=args.prompt, guidance=args.guidance,
                    steps=args.steps, seed=args.seed)
     out = write_report(args.out, metrics, images, rows=len(digits))
-    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "fd", "fd_floor", "ink", "diversity")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "fd", "fd_floor", "n_floor", "ink", "diversity")},
+                     indent=2))
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
     return 0
 
@@ -118,6 +119,10 @@ def cmd_zoo_data(args: argparse.Namespace) -> int:
     from .zoo import mnist
 
     out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise bad_value("--out", args.out, "a folder that can be created", str(e)) from e
     writers = {"pretrain-captions": mnist.write_pretrain_captions, "pretrain-classes": mnist.write_pretrain_classes,
                "subject-nine": mnist.write_subject_set, "style-bold": mnist.write_style_set,
                "heldout": mnist.write_heldout}

@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from .errors import DifftuneError, bad_value
+
 
 def _config_path() -> Path:
     """configs/ of the repository, or its copy installed as the ``difftune.configs`` package data."""
@@ -26,7 +28,7 @@ def _config_path() -> Path:
     for root in roots:
         if (root / "quickstart" / "sd-mini-lora.yaml").is_file():
             return root / "quickstart" / "sd-mini-lora.yaml"
-    raise FileNotFoundError("configs/quickstart/sd-mini-lora.yaml is missing from this installation")
+    raise DifftuneError("configs/quickstart/sd-mini-lora.yaml is missing from this installation; reinstall difftune")
 
 
 def _judge(pipe: Any, n: int, steps: int, guidance: float) -> tuple[dict[str, Any], list[Image.Image]]:
@@ -56,6 +58,10 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
     from .zoo import path as zoo_path
     from .zoo.mnist import write_regularization_set, write_subject_set
 
+    if n < 2:
+        raise bad_value("--n", n, "an integer >= 2 (trigger samples; n/2 per digit 0-8)")
+    if sample_steps < 1:
+        raise bad_value("--sample-steps", sample_steps, "an integer >= 1")
     out.mkdir(parents=True, exist_ok=True)
     model = zoo_path("sd-mini")
     data = write_subject_set(out / "data" / "subject-nine")

@@ -3,7 +3,8 @@
 - **accuracy**: fraction classified as the intended digit.
 - **fd**: Fréchet distance between the classifier's 128-d penultimate features of the samples and of the real
   *training-split* digits of the same classes; **fd_floor** is the same distance for as many *held-out* real digits
-  of those classes, i.e. what perfect samples would score at this sample size.
+  of each class (at most the 100 held out per class; ``n_floor``), i.e. what perfect samples would score at this
+  sample size. Both are None below 2 samples.
 - **ink**: mean fraction of pixels above 0.5 (stroke thickness; the "bold" style roughly doubles it).
 - **diversity**: mean pairwise feature distance between samples of the same intended digit, next to the same for
   held-out real digits (**diversity_real**).
@@ -24,8 +25,13 @@ from PIL import Image
 from .classifier import DigitClassifier, load_classifier, to_tensor
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), with symmetric square roots by eigendecomposition."""
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """||μa − μb||² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), with symmetric square roots by eigendecomposition.
+
+    None when either set has fewer than 2 samples (no covariance).
+    """
+    if len(a) < 2 or len(b) < 2:
+        return None
     mu = a.mean(0) - b.mean(0)
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
 
@@ -79,8 +85,12 @@ def evaluate(images: Sequence[Image.Image | np.ndarray], labels: Sequence[int],
     classes = tuple(int(d) for d in np.unique(labels))
     xh, yh = split("heldout", classes)
     ref_feats = _reference_features(classes) if classifier is None else _features(clf, split("train", classes)[0])[0]
+    # The floor: as many held-out real digits of each class as there are samples of it (at most the 100 held out
+    # per class), so it carries the same small-sample bias as `fd`.
     rng = np.random.default_rng(0)
-    pick = np.sort(rng.choice(len(yh), size=min(len(labels), len(yh)), replace=False))
+    pick = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(yh == d), size=min(int((labels == d).sum()), int((yh == d).sum())), replace=False)
+        for d in classes]))
     held_feats, _ = _features(clf, xh[pick])
     per_digit = {int(d): float((pred[labels == d] == d).mean()) for d in classes}
     return {
@@ -90,6 +100,7 @@ def evaluate(images: Sequence[Image.Image | np.ndarray], labels: Sequence[int],
         "predicted_counts": {int(d): int((pred == d).sum()) for d in range(10)},
         "fd": frechet_distance(feats, ref_feats),
         "fd_floor": frechet_distance(held_feats, ref_feats),
+        "n_floor": int(len(pick)),
         "ink": float((digits > 0.5).mean()),
         "ink_real": float((xh[pick] / 255.0 > 0.5).mean()),
         "diversity": _diversity(feats, labels),
@@ -110,8 +121,11 @@ def grid(images: Sequence[Image.Image], rows: int, scale: int = 2) -> Image.Imag
 def generate_digits(pipe: Any, digits: Sequence[int], n: int, prompt: str | None = None, seed: int = 0,
                     steps: int = 25, guidance: float = 4.0, batch: int = 50) -> tuple[list[Image.Image], list[int]]:
     """``n`` samples per digit: class labels for DiT, "a handwritten digit <word>" (or ``prompt``) for text models."""
+    from ..errors import bad_value
     from ..zoo.mnist import DIGIT_WORDS
 
+    if n < 1 or steps < 1:
+        raise bad_value("--n" if n < 1 else "--steps", n if n < 1 else steps, "an integer >= 1")
     images: list[Image.Image] = []
     labels: list[int] = []
     is_dit = "DiT" in type(pipe).__name__
@@ -130,8 +144,13 @@ def generate_digits(pipe: Any, digits: Sequence[int], n: int, prompt: str | None
 
 
 def write_report(out: str | Path, metrics: dict[str, Any], images: Sequence[Image.Image], rows: int) -> Path:
+    from ..errors import bad_value
+
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise bad_value("--out", str(out), "a folder that can be created", str(e)) from e
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     grid(images, rows).save(folder / "grid.png")
     return folder

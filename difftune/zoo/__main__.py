@@ -1,4 +1,4 @@
-"""``python -m difftune.zoo data OUT``: write the MNIST benchmark folders (see `difftune.zoo.mnist`)."""
+"""``python -m difftune.zoo data --out DIR``: write the MNIST benchmark folders (see `difftune.zoo.mnist`)."""
 
 import sys
 

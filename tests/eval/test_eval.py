@@ -54,6 +54,15 @@ def test_frechet_distance_basics():
     a = rng.normal(size=(500, 8))
     assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert frechet_distance(a, a + 3) == pytest.approx(9 * 8, rel=1e-6)
+    assert frechet_distance(a[:1], a) is None
+
+
+def test_floor_matches_the_per_class_sample_counts(clf):
+    x, y = split("heldout", (3, 9))
+    labels = np.array([3] * 5 + [9] * 150)
+    images = [to_rgb32(x[0])] * len(labels)
+    m = evaluate(images, labels, clf)
+    assert m["n_floor"] == 5 + 100  # 5 threes, and the 100 nines held out (not 150)
 
 
 def test_rgb_round_trip():

@@ -65,6 +65,8 @@ def test_eval_cli_writes_json_and_grid(tmp_path, capsys):
     assert (out / "grid.png").is_file()
     assert main(["eval", "--model", str(zoo.path("dit-mini")), "--digits", "ten", "--out", str(out)]) == 2
     assert "`--digits`" in capsys.readouterr().err
+    assert main(["eval", "--model", str(zoo.path("dit-mini")), "--digits", "3", "--n", "0", "--out", str(out)]) == 2
+    assert "`--n` must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_zoo_data_folders(tmp_path):
