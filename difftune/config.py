@@ -8,8 +8,6 @@ keys. Only ``yaml.safe_load`` is used.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from .errors import DifftuneError
+from .fileio import atomic_write
 
 T = TypeVar("T")
 
@@ -194,14 +193,5 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def dump_yaml(obj: Any, path: str | Path) -> Path:
     """Write a config as YAML, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(obj), f, sort_keys=False)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..config import dump_yaml, to_dict
 from ..errors import DifftuneError, bad_value
+from ..fileio import atomic_write
 from ..methods.base import MethodConfig
 from .config import TrainConfig
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
@@ -301,7 +302,8 @@ def _forward_params(module: nn.Module) -> set[str]:
 
 
 def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, name: str, ema: Any,
-                     progress: dict[str, int]) -> None:
+                     progress: dict[str, Any]) -> Any:
+    """Register accelerate save/load hooks; returns ``write_state(dir)``, called once a save_state has finished."""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
@@ -311,10 +313,13 @@ def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, n
         tensors = {k: v.detach().cpu().contiguous() for k, v in method.checkpoint_tensors(model, name).items()}
         if ema is not None:
             tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)})
-        save_file(tensors, str(Path(output_dir) / CHECKPOINT_FILE))
+        atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp))
+
+    def write_state(output_dir: Path) -> None:
+        # Written after accelerate's files: a checkpoint folder without it is incomplete and is never resumed from.
         state = {"step": progress["step"], "method": method.method, "adapter_name": name,
                  "ema_step": ema.optimization_step if ema is not None else None}
-        (Path(output_dir) / STATE_FILE).write_text(json.dumps(state))
+        atomic_write(output_dir / STATE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     def load_hook(models: list, input_dir: str) -> None:
         models.clear()
@@ -343,11 +348,13 @@ def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, n
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+    return write_state
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if root.is_dir() else []
+    found = [p for p in root.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -368,7 +375,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int) -> None:
+def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: Any) -> None:
     out = Path(cfg.output_dir)
     if accelerator.is_main_process and cfg.checkpointing.checkpoints_total_limit:
         existing = checkpoint_dirs(out)
@@ -376,7 +383,11 @@ def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int) -> None:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     # Every process calls save_state: each writes its own RNG state, the main one the rest.
-    accelerator.save_state(str(out / "checkpoints" / f"checkpoint-{step}"))
+    folder = out / "checkpoints" / f"checkpoint-{step}"
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_state(folder)
 
 
 def weights_digest(tensors: dict[str, Tensor]) -> str:
@@ -450,9 +461,7 @@ def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress
     if grid is not None:
         lines += ["", "## Validation samples", "", f"![samples]({grid.relative_to(Path(cfg.output_dir))})"]
     lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```"]
-    path = Path(cfg.output_dir) / "README.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(Path(cfg.output_dir) / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -524,7 +533,7 @@ def main(cfg: TrainConfig) -> Path:
     frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
 
     progress: dict[str, Any] = {"step": 0}
-    checkpoint_hooks(accelerator, method, denoiser, cfg.adapter_name, ema, progress)
+    write_state = checkpoint_hooks(accelerator, method, denoiser, cfg.adapter_name, ema, progress)
     resume = resolve_resume(cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -570,7 +579,7 @@ def main(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=step)
             if cfg.checkpointing.checkpointing_steps and step % cfg.checkpointing.checkpointing_steps == 0:
-                save_checkpoint(accelerator, cfg, step)
+                save_checkpoint(accelerator, cfg, step, write_state)
             if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.train.max_steps:
                 if accelerator.is_main_process:
                     validate(cfg, accelerator, pipe, family, denoiser, step, weight_dtype)

@@ -224,3 +224,14 @@ def test_model_path_and_family_mismatch(tiny, tmp_path):
         main(_cfg(tiny, tmp_path, "sd", f"model.path={tmp_path}"))
     with pytest.raises(dt.DifftuneError, match=r"`data.kind`.*'classes'"):
         main(_cfg(tiny, tmp_path, "dit", "data.kind=captions", f"data.path={tiny['captions']}"))
+
+
+def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
+    from difftune.train.trainer import STATE_FILE, checkpoint_dirs
+
+    for step, complete in ((2, True), (4, True), (6, False)):  # a save interrupted at step 6
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / STATE_FILE).write_text("{}")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
