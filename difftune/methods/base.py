@@ -17,6 +17,7 @@ unmerge). Activation-space methods set ``mergeable = False`` and may rewrite the
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import numbers
@@ -72,7 +73,7 @@ def check_adapter_name(name: object) -> str:
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(abc.ABC):
     """Fields every method shares; each method subclasses this and adds its hyperparameters.
 
     Attributes:
@@ -101,9 +102,9 @@ class MethodConfig:
             raise bad_value("target_modules", self.target_modules, "at least one pattern",
                             "e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'] for the attention projections.")
 
+    @abc.abstractmethod
     def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
         """The adapter for ``base_layer``, or None when this method does not support that layer type."""
-        raise NotImplementedError(f"{type(self).__name__} must implement make_adapter")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +134,7 @@ class MethodConfig:
 
     def on_step(self, model: nn.Module, name: str, step: int, max_steps: int, optimizer: Any) -> None:
         """Called after each optimizer step (``step`` counts from 1), for progressive schedules."""
+        return None  # optional hook: most methods have no schedule
 
     def save_trained(self, pipe: Any, model: nn.Module, path: Any, name: str, base_model: str, component: str) -> Any:
         """Write the training result to folder ``path`` (default: the adapter in difftune's format)."""
