@@ -34,6 +34,11 @@ def _human(n: int) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .serialization import inspect_adapter
 
+    if args.method is not None:
+        return _inspect_method(args)
+    if args.path is None:
+        raise bad_value("path", None, "an adapter folder/file, or --method with --architecture or --model",
+                        "e.g. difftune inspect out/adapter, or difftune inspect --method krona --architecture sd15")
     info = inspect_adapter(args.path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -44,9 +49,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"component:         {info['component'] or '(not recorded)'}")
     print(f"adapted modules:   {info['modules']}")
     print(f"trainable params:  {info['parameters']:,}")
+    for key, label in (("density", "density"), ("base_parameters", "base params")):
+        if key in info:
+            value = info[key]
+            print(f"{label + ':':<19}{value:.4%}" if key == "density" else f"{label + ':':<19}{value:,}")
     print(f"size:              {_human(info['file_bytes'])} ({', '.join(info['dtypes'])})")
     print(f"difftune version:  {info['difftune_version']}")
     print("config:            " + json.dumps(info["config"], sort_keys=True))
+    return 0
+
+
+def _inspect_method(args: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .counting import build_architecture, count_trainable, load_denoiser, method_config
+
+    if (args.architecture is None) == (args.model is None):
+        raise bad_value("--architecture/--model", None, "exactly one of them with --method",
+                        "--architecture sd15|sdxl|dit-xl2 builds shapes only; --model loads a local pipeline")
+    fields = apply_overrides({}, args.set or [])
+    config = method_config(args.method, fields)
+    model = build_architecture(args.architecture) if args.architecture else load_denoiser(args.model, args.component)
+    info = count_trainable(config, model)
+    info["model"] = args.architecture or str(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"method:            {info['method']}")
+    print(f"model:             {info['model']}")
+    print(f"adapted modules:   {info['modules']}")
+    print(f"trainable params:  {info['parameters']:,}")
+    print(f"base params:       {info['base_parameters']:,} ({info['fraction']:.4%} trainable)")
     return 0
 
 
@@ -150,9 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"difftune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("inspect", help="describe a saved adapter (method, base, component, params, size)")
-    s.add_argument("path", help="adapter folder or adapter_model.safetensors")
+    s = sub.add_parser("inspect", help="describe a saved adapter, or count what a method would train on a model")
+    s.add_argument("path", nargs="?", help="adapter folder or adapter_model.safetensors")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--method", help="count this method's trainable parameters instead (e.g. lora, krona, sara)")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a method config field, e.g. rank=8")
+    s.add_argument("--architecture", help="with --method: sd15, sdxl or dit-xl2, built on the meta device")
+    s.add_argument("--model", help="with --method: a local diffusers pipeline folder (real weights)")
+    s.add_argument("--component", help="with --model: the component to adapt (default unet/transformer)")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("generate", help="generate an image with a local diffusers pipeline and adapters")

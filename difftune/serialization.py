@@ -33,10 +33,12 @@ from .methods.base import (
     check_weight,
     get_config,
     get_method,
+    hosts,
     inject,
     remove,
     target_fingerprint,
 )
+from .targeting import canonical_name
 
 FORMAT = "difftune-adapter"
 FORMAT_VERSION = 1
@@ -174,6 +176,15 @@ def load_adapter_file(
 
 
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], path: Any, base: str, fingerprint: Any) -> None:
+    for host_name, host in hosts(model):
+        if name in host.adapters:
+            module = canonical_name(host_name)
+            local = {k[len(module) + 1:]: v for k, v in tensors.items()
+                     if k.startswith(module + ".") and "." not in k[len(module) + 1:]}
+            try:
+                host.adapters[name].adopt(local, host.base_layer)
+            except DifftuneError as e:
+                raise DifftuneError(f"adapter {str(path)!r} (made for {base}) does not fit {module!r}: {e}") from e
     live = adapter_tensors(model, name)
     if any(v.is_meta for v in live.values()):
         raise DifftuneError("the model is on the meta device, so adapter values cannot be loaded into it; "
@@ -214,9 +225,17 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "component": header.get("component") or None,
         "difftune_version": header.get("difftune_version"),
         "modules": header.get("target_fingerprint", {}).get("modules"),
-        "parameters": sum(t.numel() for t in tensors.values()),
+        **_describe(header["method"], tensors),
         "tensors": len(tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "file_bytes": _weights_path(path).stat().st_size,
         "config": header.get("config", {}),
     }
+
+
+def _describe(method: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    try:
+        cls = get_method(method)
+    except DifftuneError:  # an unknown method can still be inspected; count every floating value
+        return {"parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point())}
+    return cls.describe(tensors)

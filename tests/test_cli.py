@@ -37,6 +37,24 @@ def test_inspect(adapter, capsys):
     assert f"trainable params:  {n:,}" in out
 
 
+def test_inspect_counts_a_method_on_an_architecture(capsys):
+    # LoRA r=4 on q/k/v/out of SD1.5, on the meta device: 797,184 (the figure every LoRA tool reports).
+    assert main(["inspect", "--method", "lora", "--architecture", "sd15"]) == 0
+    out = capsys.readouterr().out
+    assert "adapted modules:   128" in out and "trainable params:  797,184" in out
+    assert main(["inspect", "--method", "lora", "--set", "rank=8", "--architecture", "sd15", "--json"]) == 0
+    assert '"parameters": 1594368' in capsys.readouterr().out
+
+
+def test_inspect_method_errors(sd_dir, capsys):
+    assert main(["inspect", "--method", "lora"]) == 2
+    assert "--architecture/--model" in capsys.readouterr().err
+    assert main(["inspect", "--method", "lora", "--set", "rank=x", "--architecture", "sd15"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert main(["inspect", "--method", "lora", "--model", str(sd_dir), "--component", "vae_x"]) == 2
+    assert "vae_x" in capsys.readouterr().err
+
+
 def test_generate_at_two_weights_writes_different_images(adapter, sd_dir, tmp_path):
     outs = []
     for w in ("1.0", "0.2"):

@@ -106,6 +106,23 @@ class MethodConfig(abc.ABC):
     def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
         """The adapter for ``base_layer``, or None when this method does not support that layer type."""
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether a module matched by ``target_modules`` is adapted at all (False: silently passed over).
+
+        Methods whose patterns select broadly (SaRA's default is every module) skip modules with nothing to adapt
+        here; `make_adapter` returning None is for modules that should be adapted but cannot be (an error).
+        """
+        return True
+
+    def default_lr(self) -> float:
+        """The learning rate used when the training config gives none."""
+        return 1e-4
+
+    @classmethod
+    def describe(cls, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Facts about a saved adapter for ``difftune inspect``; ``parameters`` counts the trained values."""
+        return {"parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point())}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -179,6 +196,10 @@ class Adapter(nn.Module):
 
     prefix: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
+    #: Merges by writing its selected entries and restores them exactly itself (no dense copy of W0 is kept).
+    sparse: ClassVar[bool] = False
+    #: Acts through the base layer's parameters (see `param_overrides`) rather than by adding to its output.
+    param_space: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
@@ -187,6 +208,40 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:
         """ΔW with the shape of ``base_layer.weight``."""
         raise DifftuneError(f"method {self.config.method!r} is not weight-space: it has no ΔW and cannot be merged")
+
+    def merge_params(self) -> tuple[str, ...]:
+        """Names of the base layer's parameters a merge changes."""
+        return ("weight",)
+
+    def delta_params(self) -> dict[str, Tensor]:
+        """Dense Δ (fp32) for each name in `merge_params`."""
+        return {"weight": self.delta_weight()}
+
+    # -- Sparse adapters (``sparse = True``) write and restore their own entries; they override these four.
+    def restore(self, pname: str, param: Tensor) -> None:
+        """Write the base values back into this adapter's entries of ``param``."""
+        raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
+
+    def add_into(self, pname: str, param: Tensor, weight: float) -> None:
+        """``param += weight · Δ`` on this adapter's entries."""
+        raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
+
+    def recapture(self, base_layer: nn.Module) -> None:
+        """Take the base layer's current values as the new base (after other adapters were baked into it)."""
+        raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
+
+    def is_stale(self, weight: float) -> bool:
+        """Whether the merged values in the base layer lag behind the adapter's own (it trained since)."""
+        return False
+
+    def param_overrides(self, params: dict[str, Tensor], base_layer: nn.Module, weight: float,
+                        merged: bool) -> dict[str, Tensor]:
+        """The parameters the base layer runs with (``param_space`` adapters); ``params`` holds earlier overrides."""
+        return params
+
+    def adopt(self, tensors: Mapping[str, Tensor], base_layer: nn.Module) -> None:
+        """Reshape to saved ``tensors`` (local names) before they are loaded, e.g. a stored selection mask."""
+        return None  # most adapters' shapes follow from the config alone
 
     def pre_forward(self, x: Tensor, weight: float) -> Tensor:
         """Rewrite the base layer's input (activation-space methods); identity by default."""
@@ -239,7 +294,18 @@ class AdapterHost(nn.Module):
         active = self.active()
         for adapter, w in active:
             x = adapter.pre_forward(x, w)
-        out = self.base_layer(x, *args, **kwargs)
+        params: dict[str, Tensor] = {}
+        if any(a.param_space for a in self.adapters.values()):
+            if any(self.adapters[n].is_stale(self.adapter_weights[n]) for n in self.merged):
+                self._write_merged()  # merged values follow an adapter that trains (in place, no copy)
+            for n, adapter in self.adapters.items():
+                if adapter.param_space and n not in self.disabled:
+                    w, merged = self.adapter_weights[n], n in self.merged
+                    params = adapter.param_overrides(params, self.base_layer, w, merged)
+        if params:
+            out = torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
+        else:
+            out = self.base_layer(x, *args, **kwargs)
         for adapter, w in active:
             out = adapter(x, out, w, self.base_layer)
         return out
@@ -270,22 +336,53 @@ class AdapterHost(nn.Module):
             self._write_merged()
 
     def _write_merged(self) -> None:
-        weight = self.base_layer.weight
-        original = self._buffers.get("original_weight")
-        if not self.merged:
-            if original is not None:
-                with torch.no_grad():
-                    weight.copy_(original)
-                del self._buffers["original_weight"]
-            return
-        if original is None:
-            original = weight.detach().clone()
-            self.register_buffer("original_weight", original, persistent=False)
+        """Set each parameter to ``W0 + Σ_merged w_i Δ_i`` (sums in fp32).
+
+        W0 comes back first: from a dense copy kept only while a dense (e.g. LoRA) adapter is merged into that
+        parameter, and from the base values sparse adapters keep for their own entries.
+        """
         with torch.no_grad():
+            for pname, param in list(self.base_layer.named_parameters(recurse=False)):
+                self._write_param(pname, param)
+
+    def _write_param(self, pname: str, param: Tensor) -> None:
+        key = f"original_{pname}"
+        touching = {n: a for n, a in self.adapters.items() if pname in a.merge_params()}
+        merged = [n for n in self.merged if n in touching]
+        dense = [n for n in merged if not touching[n].sparse]
+        original = self._buffers.get(key)
+        if original is not None:
+            param.copy_(original)
+        for adapter in touching.values():
+            if adapter.sparse:
+                adapter.restore(pname, param)
+        if dense:
+            if original is None:
+                original = param.detach().clone()
+                self.register_buffer(key, original, persistent=False)
             total = original.float()
-            for n in self.merged:
-                total = total + self.adapter_weights[n] * self.adapters[n].delta_weight().float()
-            weight.copy_(total.to(weight.dtype))
+            for n in dense:
+                total = total + self.adapter_weights[n] * touching[n].delta_params()[pname].float()
+            param.copy_(total.to(param.dtype))
+        elif original is not None:
+            del self._buffers[key]
+        for n in merged:
+            if touching[n].sparse:
+                touching[n].add_into(pname, param, self.adapter_weights[n])
+
+    def bake(self, names: Sequence[str]) -> None:
+        """Make merged adapters ``names`` part of the base, W0 ← W0 + Σ w_i Δ_i, so they can be deleted."""
+        keep = [n for n in self.merged if n not in names]
+        self.merged = [n for n in self.merged if n in names]
+        self._write_merged()
+        with torch.no_grad():
+            for key in [k for k in self._buffers if k.startswith("original_")]:
+                del self._buffers[key]  # the current values are the new base
+            for adapter in self.adapters.values():
+                if adapter.sparse:
+                    adapter.recapture(self.base_layer)
+        self.merged = []
+        self.merge(keep)
 
     def extra_repr(self) -> str:
         return f"weights={self.adapter_weights}, disabled={sorted(self.disabled)}, merged={self.merged}"
@@ -376,11 +473,25 @@ def inject(
     for target in targets:
         module = model.get_submodule(target)
         base = module.base_layer if isinstance(module, AdapterHost) else module
-        adapter = config.make_adapter(base)
+        if not config.accepts(base):
+            continue
+        merged = module.merged[:] if isinstance(module, AdapterHost) else []
+        if merged:  # a new adapter sees (and may record) the true base values, not merged ones
+            module.unmerge()
+        try:
+            adapter = config.make_adapter(base)
+        except DifftuneError as e:  # a per-layer refusal (e.g. shapes a method cannot split): name the layer
+            raise DifftuneError(f"cannot adapt {canonical_name(target)!r}: {e}") from e
+        finally:
+            if merged:
+                module.merge(merged)
         if adapter is None:
             unsupported[canonical_name(target)] = type(base).__name__
         else:
             planned.append((target, module, adapter))
+    if not planned and not unsupported:
+        raise DifftuneError(f"method {config.method!r}: none of the {len(targets)} module(s) matched by "
+                            f"`target_modules`={config.target_modules} has anything it can adapt")
     if unsupported:
         examples = dict(list(unsupported.items())[:5])
         raise DifftuneError(
@@ -416,17 +527,10 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None, merge: bo
             continue
         baked = [n for n in gone if n in host.merged]
         if merge and baked:
-            # The baked adapters become part of the original: W0 <- W0 + Σ_baked w ΔW, so that adapters that stay
-            # merged can still be unmerged exactly down to the new base.
-            with torch.no_grad():
-                w0 = host.original_weight.float()
-                for n in baked:
-                    w0 = w0 + host.adapter_weights[n] * host.adapters[n].delta_weight().float()
-                host.original_weight = w0.to(host.original_weight.dtype)
-            host.merged = [n for n in host.merged if n not in baked]
-            host._write_merged()
-        else:
-            host.unmerge(gone)
+            # The baked adapters become part of the original, so that adapters that stay merged can still be
+            # unmerged exactly down to the new base.
+            host.bake(baked)
+        host.unmerge(gone)
         for n in gone:
             del host.adapters[n]
             host.adapter_weights.pop(n, None)

@@ -1,0 +1,69 @@
+"""How many parameters a method would train on a model, without training (``difftune inspect --method``).
+
+Real architectures are built on the meta device (no memory, no download), so a config can be sized for SD1.5,
+SDXL or DiT-XL/2 on any machine. Methods that select weights by value (SaRA) need the real weights: pass a local
+pipeline folder instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import DifftuneError, bad_value
+from .methods.base import MethodConfig, adapter_parameters, get_method, hosts, inject
+
+ARCHITECTURES = ("sd15", "sdxl", "dit-xl2")
+
+
+def build_architecture(name: str) -> nn.Module:
+    """The denoiser of a known architecture on the meta device (shapes only)."""
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+
+    from .testing import build_on_meta, dit_xl2_config, sd15_unet_config, sdxl_unet_config
+
+    builders = {"sd15": (UNet2DConditionModel, sd15_unet_config), "sdxl": (UNet2DConditionModel, sdxl_unet_config),
+                "dit-xl2": (DiTTransformer2DModel, dit_xl2_config)}
+    if name not in builders:
+        raise bad_value("--architecture", name, f"one of {list(ARCHITECTURES)}",
+                        "or pass --model with a local pipeline folder")
+    cls, config = builders[name]
+    return build_on_meta(cls, config())
+
+
+def load_denoiser(path: str | Path, component: str | None = None) -> nn.Module:
+    """The denoiser (``unet``/``transformer``, or ``component``) of a local diffusers pipeline folder, fp32 on CPU."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise bad_value("--model", str(path), "a local diffusers pipeline folder (with model_index.json)")
+    names = [k for k in json.loads(index.read_text()) if not k.startswith("_")]
+    if component is None:
+        component = next((c for c in ("unet", "transformer") if c in names), None)
+    if component not in names:
+        raise bad_value("--component", component, f"one of the pipeline's components {names}")
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    return getattr(pipe, component)
+
+
+def count_trainable(config: MethodConfig, model: nn.Module) -> dict[str, Any]:
+    """Inject ``config`` into ``model`` and report adapted modules, trainable parameters and their share."""
+    total = sum(p.numel() for p in model.parameters())
+    inject(model, config, name="count")
+    trainable = sum(p.numel() for p in adapter_parameters(model, "count"))
+    modules = sum(1 for _, h in hosts(model) if "count" in h.adapters)
+    return {"method": config.method, "modules": modules, "parameters": trainable, "base_parameters": total,
+            "fraction": trainable / total if total else 0.0}
+
+
+def method_config(name: str, fields: dict[str, Any]) -> MethodConfig:
+    cls = get_method(name)
+    if not cls.is_adapter:
+        raise DifftuneError(f"method {name!r} adds no adapter; nothing to count")
+    return cls.from_dict(fields)
