@@ -34,6 +34,7 @@ from .loading import (
 from .methods import METHODS, MethodConfig
 from .methods.full import FullConfig
 from .methods.lora import LoRAConfig
+from .methods.sara import SaRAAdamW, SaRAConfig
 
 
 def list_methods() -> list[str]:
@@ -46,6 +47,8 @@ __all__ = [
     "FullConfig",
     "LoRAConfig",
     "METHODS",
+    "SaRAAdamW",
+    "SaRAConfig",
     "MethodConfig",
     "__version__",
     "delete_adapter",

@@ -141,8 +141,9 @@ class MethodConfig(abc.ABC):
         """Live tensors a resumable checkpoint must hold (default: the adapter's parameters and buffers)."""
         return adapter_tensors(model, name)
 
-    def make_optimizer(self, params: list[nn.Parameter], optimizer_config: Any) -> torch.optim.Optimizer | None:
-        """A method-specific optimizer, or None for the trainer's default built from ``optimizer_config``."""
+    def make_optimizer(self, params: list[nn.Parameter], optimizer_config: Any,
+                       lr: float) -> torch.optim.Optimizer | None:
+        """A method-specific optimizer at learning rate ``lr``, or None for the trainer's default."""
         return None
 
     def extra_loss(self, model: nn.Module, name: str) -> Tensor | None:
@@ -585,6 +586,13 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
             host._write_merged()
 
 
+def refresh(model: nn.Module) -> None:
+    """Rewrite every merged adapter's values into the base weights (after its tensors were changed via ``.data``)."""
+    for _, host in hosts(model):
+        if host.merged:
+            host._write_merged()
+
+
 def get_weights(model: nn.Module) -> dict[str, float]:
     out: dict[str, float] = {}
     for _, host in hosts(model):
@@ -623,14 +631,16 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """Like `adapter_state_dict` but the live tensors (parameters and buffers), for loading in place."""
+    """Like `adapter_state_dict` but the live tensors (parameters and persistent buffers), for loading in place."""
     out: dict[str, Tensor] = {}
     for host_name, host in hosts(model):
         if name in host.adapters:
             path = canonical_name(host_name)
             adapter = host.adapters[name]
+            saved = adapter.state_dict(keep_vars=True).keys()  # persistent state only (not caches such as indices)
             for key, tensor in [*adapter.named_parameters(), *adapter.named_buffers()]:
-                out[f"{path}.{key}"] = tensor
+                if key in saved:
+                    out[f"{path}.{key}"] = tensor
     return out
 
 

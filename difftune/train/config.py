@@ -77,14 +77,14 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
-    lr: float = 1e-4
+    lr: float | None = None  #: None: the method's default (1e-4; SaRA: 1e-3·exp(−350θ))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
     scale_lr: bool = False  #: multiply lr by batch_size × gradient_accumulation_steps × processes
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise bad_value("optimizer.lr", self.lr, "a positive number")
         if len(self.betas) != 2:
             raise bad_value("optimizer.betas", self.betas, "two numbers [beta1, beta2]")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..config import dump_yaml, to_dict
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
-from ..methods.base import MethodConfig
+from ..methods.base import MethodConfig, refresh
 from .config import TrainConfig
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
 from .families import Family, family_for
@@ -120,7 +120,7 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
 
 
 def build_optimizer(cfg: TrainConfig, method: MethodConfig, params: list[nn.Parameter], lr: float) -> Any:
-    own = method.make_optimizer(params, cfg.optimizer)
+    own = method.make_optimizer(params, cfg.optimizer, lr)
     if own is not None:
         return own
     o = cfg.optimizer
@@ -514,10 +514,14 @@ def main(cfg: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    lr = cfg.optimizer.lr
+    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else method.default_lr()
     if cfg.optimizer.scale_lr:
         lr *= cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
     optimizer = build_optimizer(cfg, method, params, lr)
+    if accelerator.is_main_process:
+        source = "optimizer.lr" if cfg.optimizer.lr is not None else f"{method.method}'s default"
+        print(f"[difftune] learning rate {lr:.3e} ({source}); {sum(p.numel() for p in params):,} trainable values",
+              flush=True)
     # Accelerate steps a prepared scheduler once per process per optimizer step: scale as the diffusers scripts do.
     lr_scheduler = get_scheduler(
         cfg.schedule.name, optimizer, num_warmup_steps=cfg.schedule.warmup_steps * accelerator.num_processes,
@@ -599,6 +603,7 @@ def _finish(cfg: TrainConfig, accelerator: Any, method: MethodConfig, pipe: Any,
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(params)  # the EMA weights are the result
+        refresh(denoiser)  # copy_to writes through .data, which adapters holding merged values cannot see
     digest = weights_digest(method.checkpoint_tensors(denoiser, cfg.adapter_name))
     # Each rank reports its digest, so a distributed run can be checked for identical weights on every process.
     print(f"[difftune] rank {accelerator.process_index}: final trainable-weights digest {digest}", flush=True)

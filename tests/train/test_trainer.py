@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 # Method fields for the 2-step smoke runs; every registered method must appear.
 # Per method: config fields for a 2-step run, and the suffix of a saved tensor that starts at zero (so non-zero means
 # it trained); None for methods that save a whole pipeline.
-SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "full": ({}, None)}
+SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "full": ({}, None),
+                                               "sara": ({"threshold": 0.02}, "sara_delta_weight")}
 
 
 def _cfg(tiny, tmp_path, kind="sd", *sets: str) -> TrainConfig:
