@@ -27,7 +27,7 @@ import numpy as np
 
 import difftune as dt
 from difftune.config import load_config
-from difftune.eval import _features, _default_classifier, evaluate, frechet_distance, generate_digits
+from difftune.eval import _default_classifier, _features, evaluate, frechet_distance, generate_digits
 from difftune.generation import load_pipeline
 from difftune.train import TrainConfig, main
 from difftune.zoo import path as zoo_path

@@ -636,11 +636,10 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     for host_name, host in hosts(model):
         if name in host.adapters:
             path = canonical_name(host_name)
-            adapter = host.adapters[name]
-            saved = adapter.state_dict(keep_vars=True).keys()  # persistent state only (not caches such as indices)
-            for key, tensor in [*adapter.named_parameters(), *adapter.named_buffers()]:
-                if key in saved:
-                    out[f"{path}.{key}"] = tensor
+            # persistent state only (not caches such as indices); entries an adapter computes at save time
+            # (SaRA's packed mask) come as fresh tensors, so copying into them is harmless
+            for key, tensor in host.adapters[name].state_dict(keep_vars=True).items():
+                out[f"{path}.{key}"] = tensor
     return out
 
 

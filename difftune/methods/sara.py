@@ -262,11 +262,9 @@ class SaRAAdapter(Adapter):
     def _select(self, pname: str, param: Tensor, mask: Tensor) -> None:
         idx = _index(mask)
         flat = param.detach().reshape(-1)
-        self.register_buffer(f"sara_mask_{pname}", pack_bits(mask))
         self.register_buffer(f"idx_{pname}", idx, persistent=False)
         self.register_buffer(f"w0_{pname}", flat.index_select(0, idx).clone(), persistent=False)
-        self.register_buffer(f"train_{pname}", torch.ones(idx.numel(), dtype=torch.bool, device=param.device),
-                             persistent=False)
+        self.register_buffer(f"train_{pname}", None, persistent=False)  # allocated by PPA or a checkpoint
         delta = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=param.device))
         delta._sara_owner = (weakref.ref(self), pname)  # lets SaRAAdamW find the mask of each vector it updates
         setattr(self, f"sara_delta_{pname}", delta)
@@ -286,7 +284,29 @@ class SaRAAdapter(Adapter):
         return getattr(self, f"w0_{pname}")
 
     def train_mask(self, pname: str) -> Tensor:
-        return getattr(self, f"train_{pname}")
+        """M' over the selected entries (all True until PPA); (|M|,) bool, allocated on first use."""
+        mask = getattr(self, f"train_{pname}")
+        if mask is None:
+            mask = torch.ones(self.index(pname).numel(), dtype=torch.bool, device=self.index(pname).device)
+            setattr(self, f"train_{pname}", mask)
+        return mask
+
+    def all_training(self, pname: str) -> bool:
+        mask = getattr(self, f"train_{pname}")
+        return mask is None or bool(mask.all())
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # The mask is saved packed (n/8 bytes) but kept in memory only as indices: packing happens here.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for p in self.pnames:
+            mask = torch.zeros(math.prod(self.shapes[p]), dtype=torch.bool, device=self.index(p).device)
+            mask[self.index(p).long()] = True
+            destination[f"{prefix}sara_mask_{p}"] = pack_bits(mask)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for p in self.pnames:  # consumed by `adopt` (the loader calls it first); not a tensor of this module
+            state_dict.pop(f"{prefix}sara_mask_{p}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def selected(self) -> int:
         return sum(self.delta_vector(p).numel() for p in self.pnames)
@@ -471,8 +491,8 @@ class SaRAAdamW(torch.optim.AdamW):
             self._add_nuclear_grad()
         frozen = []
         for p, adapter, pname in owned:
-            keep = adapter.train_mask(pname)
-            if p.grad is not None and not bool(keep.all()):
+            if p.grad is not None and not adapter.all_training(pname):
+                keep = adapter.train_mask(pname)
                 stay = (~keep).nonzero().squeeze(1)
                 p.grad.index_fill_(0, stay, 0)
                 frozen.append((p, stay, p.index_select(0, stay)))
@@ -537,7 +557,8 @@ def sara_summary(model: nn.Module, name: str) -> dict[str, Any]:
         adapter = host.adapters[name] if name in host.adapters else None  # noqa: SIM401 (ModuleDict has no get)
         if isinstance(adapter, SaRAAdapter):
             selected += adapter.selected()
-            training += sum(int(adapter.train_mask(p).sum()) for p in adapter.pnames)
+            training += sum(adapter.delta_vector(p).numel() if adapter.all_training(p)
+                            else int(adapter.train_mask(p).sum()) for p in adapter.pnames)
             total += sum(math.prod(s) for s in adapter.shapes.values())
     return {"selected": selected, "training": training, "total": total,
             "density": selected / total if total else 0.0}
