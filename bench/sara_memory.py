@@ -1,10 +1,10 @@
 """SaRA memory and speed vs full fine-tuning, masked dense selective fine-tuning and LoRA: one run, side by side.
 
-    python bench/sara_memory.py [--latent 16] [--fraction 0.05] [--steps 3] [--device cpu]
+    python bench/sara_memory.py [--latent 16] [--batch 1] [--fraction 0.05] [--steps 3] [--device cpu]
 
-The SD1.5 UNet architecture (859.5M parameters) with random weights, batch 1, ``--latent``² latents, 77×768 text
-states, an MSE step with AdamW. Random weights are not distributed like trained ones, so θ is the |W| quantile that
-selects ``--fraction`` of all parameters. Variants, each in its own process so the peak is its own:
+The SD1.5 UNet architecture (859.5M parameters) with random weights, batch ``--batch``, ``--latent``² latents,
+77×768 text states, an MSE step with AdamW. Random weights are not distributed like trained ones, so θ is the |W|
+quantile that selects ``--fraction`` of all parameters. Variants, each in its own process so the peak is its own:
 
 * ``full``: every parameter trains (torch AdamW).
 * ``masked``: the same selection as SaRA trained the obvious way: dense gradients and AdamW state for every
@@ -45,7 +45,7 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def run(variant: str, latent: int, fraction: float, steps: int, device: str) -> dict:
+def run(variant: str, latent: int, fraction: float, steps: int, device: str, batch: int = 1) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -92,10 +92,10 @@ def run(variant: str, latent: int, fraction: float, steps: int, device: str) -> 
     trainable = sum(int(m.sum()) for m in masks) if masks is not None else sum(p.numel() for p in params)
 
     g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(1, 4, latent, latent, generator=g).to(device)
-    cond = torch.randn(1, 77, 768, generator=g).to(device)
-    target = torch.randn(1, 4, latent, latent, generator=g).to(device)
-    t = torch.tensor([500], device=device)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    cond = torch.randn(batch, 77, 768, generator=g).to(device)
+    target = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t = torch.full((batch,), 500, device=device)
     times = []
     for i in range(steps + 1):
         if cuda:
@@ -114,12 +114,14 @@ def run(variant: str, latent: int, fraction: float, steps: int, device: str) -> 
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss()
     return {"variant": variant, "theta": theta, "trainable": trainable, "total": total, "peak": peak,
-            "overhead": peak - base_mem, "step_s": sum(times) / len(times), "device": device, "latent": latent}
+            "overhead": peak - base_mem, "step_s": sum(times) / len(times), "device": device, "latent": latent,
+            "batch": batch}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fraction", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -127,24 +129,25 @@ def main() -> None:
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args()
     if args.variant:
-        print(json.dumps(run(args.variant, args.latent, args.fraction, args.steps, args.device)))
+        print(json.dumps(run(args.variant, args.latent, args.fraction, args.steps, args.device, args.batch)))
         return
     rows = []
     for v in args.variants:
-        cmd = [sys.executable, __file__, "--variant", v, "--latent", str(args.latent), "--fraction",
-               str(args.fraction), "--steps", str(args.steps), "--device", args.device]
+        cmd = [sys.executable, __file__, "--variant", v, "--latent", str(args.latent), "--batch", str(args.batch),
+               "--fraction", str(args.fraction), "--steps", str(args.steps), "--device", args.device]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"variant {v} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {v}: {rows[-1]}", file=sys.stderr, flush=True)
-    full = next((r for r in rows if r["variant"] == "full"), rows[0])
+    full = next((r for r in rows if r["variant"] == "full"), rows[0])  # the reference row (first when no full)
     gib = 1024**3
-    print(f"SD1.5 UNet ({full['total']:,} params), batch 1, {args.latent}x{args.latent} latents, {args.device}; "
+    print(f"SD1.5 UNet ({full['total']:,} params), batch {args.batch}, {args.latent}x{args.latent} latents, "
+          f"{args.device}; reference row: {full['variant']}; "
           f"θ = {full['theta']:.3e} selects {args.fraction:.0%}; mean of {args.steps} steps after one warm-up")
-    print("| variant | trainable | peak memory | vs full | training overhead (peak − model) | vs full | s/step "
-          "| vs full |")
+    ref = "vs " + full["variant"]
+    print(f"| variant | trainable | peak memory | {ref} | training overhead (peak − model) | {ref} | s/step | {ref} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['trainable']:,} | {r['peak'] / gib:.2f} GiB | {r['peak'] / full['peak']:.2f}× | "
