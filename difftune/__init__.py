@@ -33,6 +33,7 @@ from .loading import (
 )
 from .methods import METHODS, MethodConfig
 from .methods.full import FullConfig
+from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
 from .methods.sara import SaRAAdamW, SaRAConfig
 
@@ -45,6 +46,7 @@ def list_methods() -> list[str]:
 __all__ = [
     "DifftuneError",
     "FullConfig",
+    "KronAConfig",
     "LoRAConfig",
     "METHODS",
     "SaRAAdamW",

@@ -19,10 +19,11 @@ from difftune.testing import randomize_adapter, tiny_dit, tiny_unet
 
 # Per-method test config (non-default where it makes the tiny models meaningful) and merge tolerance.
 CASES: dict[str, dict] = {
+    "krona": {"a1": 2, "a2": 2},  # 2 divides every width of the tiny models (conv 4→6 and 6→2, linear 16→24→8)
     "lora": {"rank": 2, "alpha": 4.0},
     "sara": {"threshold": 0.05},  # selects 10-40% of the tiny models' entries
 }
-ATOL = {"lora": 1e-5, "sara": 1e-5}
+ATOL = {"krona": 1e-5, "lora": 1e-5, "sara": 1e-5}
 
 
 class TinyLinear(nn.Module):

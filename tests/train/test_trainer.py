@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Per method: config fields for a 2-step run, and the suffix of a saved tensor that starts at zero (so non-zero means
 # it trained); None for methods that save a whole pipeline.
 SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "full": ({}, None),
+                                               "krona": ({"a1": 4, "a2": 4}, "krona_B"),
                                                "sara": ({"threshold": 0.02}, "sara_delta_weight")}
 
 
