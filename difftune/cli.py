@@ -177,6 +177,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .interop.krona import KronAExportWarning, export_krona
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", KronAExportWarning)
+        out = export_krona(args.path, args.out, format=args.format, prefix=args.prefix, dtype=args.dtype)
+    for w in caught:  # a plain line for people at a terminal, not a Python source location
+        print(f"difftune: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_import_krona(args: argparse.Namespace) -> int:
+    from .interop.krona import import_krona
+
+    out = import_krona(args.checkpoint, args.model, args.out, format=args.format, name=args.name,
+                       component=args.component)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difftune", description="Customize and compress diffusion models.")
     p.add_argument("--version", action="version", version=f"difftune {__version__}")
@@ -241,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")
     s.add_argument("--out", default="outputs/demo")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("export", help="write a DiffuseKronA (krona) adapter as a kohya/LyCORIS LoKr or full-ΔW file")
+    s.add_argument("path", help="adapter folder or adapter_model.safetensors (method krona)")
+    s.add_argument("--out", required=True, help="the .safetensors file to write")
+    s.add_argument("--format", choices=["lokr", "diff"], default="lokr",
+                   help="lokr: factors (A1111/ComfyUI; lycoris-lora for its own splits); diff: the exact full ΔW")
+    s.add_argument("--prefix", default=None, help="kohya key prefix (default from the component: lora_unet)")
+    s.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="tensor dtype (default: the adapter's)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-krona", help="convert a LoKr file or an official DiffuseKronA checkpoint to an adapter")
+    s.add_argument("checkpoint", help="a LoKr .safetensors or an official pytorch_lora_weights.safetensors")
+    s.add_argument("--model", required=True, help="the local diffusers pipeline it was trained on (config only read)")
+    s.add_argument("--out", required=True, help="adapter folder to write")
+    s.add_argument("--format", choices=["auto", "lokr", "official"], default="auto", help="default: from the keys")
+    s.add_argument("--name", default="default", help="the adapter's name")
+    s.add_argument("--component", default=None, help="the component it adapts (default unet/transformer)")
+    s.set_defaults(func=cmd_import_krona)
     return p
 
 
