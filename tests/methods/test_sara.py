@@ -235,6 +235,21 @@ def test_the_stored_mask_is_used_not_recomputed(tmp_path):
     assert dt.trainable_parameter_count(fresh) == count
 
 
+def test_a_low_precision_copy_of_the_base_loads(tmp_path):
+    model = tiny_unet(0)
+    dt.inject(model, SaRAConfig(threshold=THETA), name="s")
+    randomize_adapter(model, "s", seed=5, std=0.01)
+    path = dt.save_adapter(model, tmp_path / "s", name="s")
+    for dtype in (torch.float16, torch.bfloat16):
+        fresh = tiny_unet(0).to(dtype)
+        dt.load_adapter(fresh, path, name="s")
+        assert dt.trainable_parameter_count(fresh) == dt.trainable_parameter_count(model)
+        dt.fuse(fresh)
+        dt.unfuse(fresh)
+        dt.delete_adapter(fresh, "s")
+        assert all(torch.equal(p, q.to(dtype)) for p, q in zip(fresh.parameters(), tiny_unet(0).parameters()))
+
+
 def test_a_different_base_is_rejected(tmp_path):
     model = tiny_unet(0)
     dt.inject(model, SaRAConfig(threshold=THETA), name="s")
