@@ -43,20 +43,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"method:            {info['method']}")
-    print(f"name:              {info['name']}")
-    print(f"base model:        {info['base_model'] or '(not recorded)'}")
-    print(f"component:         {info['component'] or '(not recorded)'}")
-    print(f"adapted modules:   {info['modules']}")
-    print(f"trainable params:  {info['parameters']:,}")
-    for key, label in (("density", "density"), ("base_parameters", "base params")):
-        if key in info:
-            value = info[key]
-            print(f"{label + ':':<19}{value:.4%}" if key == "density" else f"{label + ':':<19}{value:,}")
-    print(f"size:              {_human(info['file_bytes'])} ({', '.join(info['dtypes'])})")
-    print(f"difftune version:  {info['difftune_version']}")
-    print("config:            " + json.dumps(info["config"], sort_keys=True))
+    rows = [("method", info["method"]), ("name", info["name"]),
+            ("base model", info["base_model"] or "(not recorded)"),
+            ("component", info["component"] or "(not recorded)"), ("adapted modules", info["modules"]),
+            ("trainable params", f"{info['parameters']:,}")]
+    if "density" in info:  # methods that select entries (SaRA)
+        rows += [("density", f"{info['density']:.4%}"), ("base params", f"{info['base_parameters']:,}")]
+    rows += [("size", f"{_human(info['file_bytes'])} ({', '.join(info['dtypes'])})"),
+             ("difftune version", info["difftune_version"]), ("config", json.dumps(info["config"], sort_keys=True))]
+    _print_rows(rows)
     return 0
+
+
+def _print_rows(rows: Sequence[tuple[str, object]]) -> None:
+    for label, value in rows:
+        print(f"{label + ':':<19}{value}")
 
 
 def _inspect_method(args: argparse.Namespace) -> int:
@@ -74,11 +75,9 @@ def _inspect_method(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"method:            {info['method']}")
-    print(f"model:             {info['model']}")
-    print(f"adapted modules:   {info['modules']}")
-    print(f"trainable params:  {info['parameters']:,}")
-    print(f"base params:       {info['base_parameters']:,} ({info['fraction']:.4%} trainable)")
+    _print_rows([("method", info["method"]), ("model", info["model"]), ("adapted modules", info["modules"]),
+                 ("trainable params", f"{info['parameters']:,}"),
+                 ("base params", f"{info['base_parameters']:,} ({info['fraction']:.4%} trainable)")])
     return 0
 
 

@@ -35,20 +35,14 @@ def build_architecture(name: str) -> nn.Module:
 
 def load_denoiser(path: str | Path, component: str | None = None) -> nn.Module:
     """The denoiser (``unet``/``transformer``, or ``component``) of a local diffusers pipeline folder, fp32 on CPU."""
-    import json
+    from .generation import load_pipeline
 
-    from diffusers import DiffusionPipeline
-
-    folder = Path(path)
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise bad_value("--model", str(path), "a local diffusers pipeline folder (with model_index.json)")
-    names = [k for k in json.loads(index.read_text()) if not k.startswith("_")]
+    pipe = load_pipeline(path, device="cpu")
+    names = [k for k, v in pipe.components.items() if isinstance(v, nn.Module)]
     if component is None:
         component = next((c for c in ("unet", "transformer") if c in names), None)
     if component not in names:
-        raise bad_value("--component", component, f"one of the pipeline's components {names}")
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+        raise bad_value("--component", component, f"one of the pipeline's model components {names}")
     return getattr(pipe, component)
 
 
