@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from .errors import DifftuneError, bad_value
-from .methods.base import MethodConfig, adapter_parameters, get_method, hosts, inject
+from .methods.base import MethodConfig, get_method
+from .methods.model import adapter_parameters, hosts, inject
 
 ARCHITECTURES = ("sd15", "sdxl", "dit-xl2")
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import serialization
 from .errors import DifftuneError, bad_value
-from .methods import base
+from .methods import model
 from .methods.base import MethodConfig
 
 DENOISERS = ("unet", "transformer")
@@ -51,7 +51,7 @@ def component_of(obj: Any, component: str | None = None) -> tuple[str, nn.Module
 
 def _holder(obj: Any, name: str) -> tuple[str, nn.Module]:
     for comp, module in modules_of(obj).items():
-        if name in base.adapter_names(module):
+        if name in model.adapter_names(module):
             return comp, module
     raise bad_value("name", name, f"one of the loaded adapters {list(list_adapters(obj))}")
 
@@ -67,10 +67,10 @@ def inject(
     obj: Any, config: MethodConfig, name: str = "default", weight: float = 1.0, *, component: str | None = None,
     freeze_base: bool = True,
 ) -> list[str]:
-    """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.base.inject`."""
+    """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.model.inject`."""
     _, module = component_of(obj, component)
     _check_name_free(obj, name)
-    return base.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
+    return model.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
 
 
 def _check_name_free(obj: Any, name: str | None) -> None:
@@ -128,9 +128,9 @@ def set_adapter_weights(obj: Any, weights: Mapping[str, float]) -> None:
     for name in weights:
         _holder(obj, name)
     for module in modules_of(obj).values():
-        here = {n: w for n, w in weights.items() if n in base.adapter_names(module)}
+        here = {n: w for n, w in weights.items() if n in model.adapter_names(module)}
         if here:
-            base.set_weights(module, here)
+            model.set_weights(module, here)
 
 
 def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
@@ -139,7 +139,7 @@ def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
         for n in names:
             _holder(obj, n)
     for module in modules_of(obj).values():
-        present = base.adapter_names(module)
+        present = model.adapter_names(module)
         here = None if names is None else [n for n in names if n in present]
         if present and (here is None or here):
             verb(module, here)
@@ -154,36 +154,36 @@ def fuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     if names is not None:
         wanted = [names] if isinstance(names, str) else list(names)
         for module in modules_of(obj).values():
-            for _, host in base.hosts(module):
+            for _, host in model.hosts(module):
                 host.check_mergeable([n for n in wanted if n in host.adapters])
-    _per_module(obj, names, base.merge)
+    _per_module(obj, names, model.merge)
 
 
 def unfuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     """Undo `fuse`: the original weights come back bit-identical."""
-    _per_module(obj, names, base.unmerge)
+    _per_module(obj, names, model.unmerge)
 
 
 def delete_adapter(obj: Any, name: str | Sequence[str]) -> None:
     """Remove adapters and free their parameters; fully un-adapted modules get their original layer back."""
     if name is None:
         raise bad_value("name", None, "an adapter name or a list of names", "remove(pipe) removes them all")
-    _per_module(obj, name, base.remove)
+    _per_module(obj, name, model.remove)
 
 
 def enable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
-    _per_module(obj, names, base.enable)
+    _per_module(obj, names, model.enable)
 
 
 def disable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
-    _per_module(obj, names, base.disable)
+    _per_module(obj, names, model.disable)
 
 
 def list_adapters(obj: Any) -> dict[str, dict[str, Any]]:
     """``{name: {"method", "weight", "component", "modules", "enabled", "fused"}}`` for every loaded adapter."""
     out: dict[str, dict[str, Any]] = {}
     for comp, module in modules_of(obj).items():
-        for _, host in base.hosts(module):
+        for _, host in model.hosts(module):
             for n, adapter in host.adapters.items():
                 info = out.setdefault(n, {
                     "method": adapter.config.method, "weight": host.adapter_weights[n], "component": comp or None,
@@ -198,15 +198,15 @@ def remove(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = 
 
     With ``merge=True`` their weighted ΔW stays baked into the base weights (peft's ``merge_and_unload``).
     """
-    _per_module(obj, names, lambda module, here: base.remove(module, here, merge=merge))
+    _per_module(obj, names, lambda module, here: model.remove(module, here, merge=merge))
 
 
 def trainable_parameter_count(obj: Any, name: str | None = None) -> int:
     """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
     total = 0
     for module in modules_of(obj).values():
-        if name is None or name in base.adapter_names(module):
-            total += sum(p.numel() for p in base.adapter_parameters(module, name))
+        if name is None or name in model.adapter_names(module):
+            total += sum(p.numel() for p in model.adapter_parameters(module, name))
     return total
 
 

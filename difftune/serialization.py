@@ -25,16 +25,16 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import DifftuneError
 from .fileio import atomic_write
-from .methods.base import (
+from .methods.base import check_adapter_name, check_weight, get_method
+from .methods.model import (
+    MODEL_KEY,
     adapter_names,
     adapter_state_dict,
     adapter_tensors,
-    check_adapter_name,
-    check_weight,
     get_config,
-    get_method,
     hosts,
     inject,
+    model_part,
     remove,
     target_fingerprint,
 )
@@ -179,12 +179,16 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], path: Any,
     for host_name, host in hosts(model):
         if name in host.adapters:
             module = canonical_name(host_name)
+            adapter = host.adapters[name]
             local = {k[len(module) + 1:]: v for k, v in tensors.items()
-                     if k.startswith(module + ".") and "." not in k[len(module) + 1:]}
+                     if k.startswith(module + ".") and k[len(module) + 1:].startswith(adapter.prefix)}
             try:
-                host.adapters[name].adopt(local, host.base_layer)
+                adapter.adopt(local, host.base_layer)
             except DifftuneError as e:
                 raise DifftuneError(f"adapter {str(path)!r} (made for {base}) does not fit {module!r}: {e}") from e
+    part = model_part(model, name)
+    if part is not None and hasattr(part, "adopt"):
+        part.adopt({k[len(MODEL_KEY) + 1:]: v for k, v in tensors.items() if k.startswith(MODEL_KEY + ".")})
     live = adapter_tensors(model, name)
     if any(v.is_meta for v in live.values()):
         raise DifftuneError("the model is on the meta device, so adapter values cannot be loaded into it; "

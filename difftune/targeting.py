@@ -15,6 +15,9 @@ from torch import nn
 
 from .errors import DifftuneError
 
+#: The attribute of an adapted model that holds its adapters' model-level parts (never a target).
+PARTS = "difftune_parts"
+
 
 def name_matches(name: str, pattern: str) -> bool:
     """True when module ``name`` is selected by ``pattern`` (equal, dotted suffix, or full regex match)."""
@@ -79,6 +82,8 @@ def find_targets(
         # A host stands for its base_layer, and its adapters are never targets; modules nested inside the
         # base_layer (e.g. a conv inside a wrapped resnet) still are.
         if any(name == h + ".base_layer" or name.startswith(h + ".adapters") for h in hosts):
+            continue
+        if name == PARTS or name.startswith(PARTS + "."):
             continue
         if getattr(module, "_difftune_host", False):
             hosts.append(name)

@@ -632,7 +632,7 @@ def randomize_adapter(model: torch.nn.Module, name: str, seed: int = 0, std: flo
     Most methods start at ΔW = 0, which would make merge/round-trip tests vacuous; tests call this first.
     Floating-point buffers are left alone (they hold structure such as masks, not learned values).
     """
-    from .methods.base import adapter_parameters
+    from .methods.model import adapter_parameters
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -40,7 +40,8 @@ from .. import __version__
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from ..loading import component_of, inject
-from ..methods import base
+from ..methods import model as core
+from ..methods.host import AdapterHost
 from ..methods.krona import KronAConfig, kron_delta, layer_dims, lycoris_factorization
 from ..serialization import read_header, read_tensors, save_adapter_file
 from ..targeting import canonical_name, find_targets
@@ -353,7 +354,7 @@ def _base_layer(module: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         raise DifftuneError(f"module {name!r} does not exist in this {type(module).__name__}; was the file made for "
                             "another base model?") from None
-    layer = layer.base_layer if isinstance(layer, base.AdapterHost) else layer
+    layer = layer.base_layer if isinstance(layer, AdapterHost) else layer
     if not isinstance(layer, nn.Linear | nn.Conv2d):
         raise DifftuneError(f"module {name!r} is a {type(layer).__name__}; Kronecker adapters need Linear or Conv2d")
     return layer
@@ -416,7 +417,7 @@ def _inject_factors(
     inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
     try:
         with torch.no_grad():
-            for host_name, host in base.hosts(module):
+            for host_name, host in core.hosts(module):
                 if name not in host.adapters:
                     continue
                 adapter = host.adapters[name]
@@ -426,7 +427,7 @@ def _inject_factors(
                 adapter.krona_A.copy_(a)
                 adapter.krona_B.copy_(b)
     except BaseException:
-        base.remove(module, name)
+        core.remove(module, name)
         raise
     return name
 

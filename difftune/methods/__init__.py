@@ -1,6 +1,7 @@
 """Registered methods. Importing a method file registers it (one line each)."""
 
 from . import full, krona, lora, sara  # noqa: F401
-from .base import METHODS, Adapter, AdapterHost, MethodConfig, get_method, register_method
+from .base import METHODS, Adapter, MethodConfig, Site, get_method, register_method
+from .host import AdapterHost
 
-__all__ = ["METHODS", "Adapter", "AdapterHost", "MethodConfig", "get_method", "register_method"]
+__all__ = ["METHODS", "Adapter", "AdapterHost", "MethodConfig", "Site", "get_method", "register_method"]

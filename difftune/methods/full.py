@@ -13,7 +13,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..targeting import find_targets
-from .base import Adapter, MethodConfig, register_method
+from ..train.plugin import TrainerPlugin, register_plugin
+from .base import Adapter, MethodConfig, Site, register_method
 
 
 @register_method("full")
@@ -24,28 +25,31 @@ class FullConfig(MethodConfig):
     target_modules: list[str] = field(default_factory=lambda: [".*"])
     is_adapter = False
 
-    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         return None
 
-    def _selected(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        out: dict[str, nn.Parameter] = {}
-        for module_name in find_targets(model, self.target_modules, self.exclude_modules):
-            for pname, p in model.get_submodule(module_name).named_parameters(recurse=False):
-                out[f"{module_name}.{pname}"] = p
-        return out
 
-    def prepare(self, model: nn.Module, name: str) -> None:
-        selected = {id(p) for p in self._selected(model).values()}
+@register_plugin("full")
+class FullPlugin(TrainerPlugin):
+    """Trains the selected parameters in place and saves the whole pipeline."""
+
+    config: FullConfig
+
+    def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
+        selected = set()
+        for module_name in find_targets(model, self.config.target_modules, self.config.exclude_modules):
+            selected.update(id(p) for p in model.get_submodule(module_name).parameters(recurse=False))
         for p in model.parameters():
             p.requires_grad_(id(p) in selected)
+        return model
 
-    def trainable_parameters(self, model: nn.Module, name: str) -> list[nn.Parameter]:
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
-    def checkpoint_tensors(self, model: nn.Module, name: str) -> dict[str, Tensor]:
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def save_trained(self, pipe: Any, model: nn.Module, path: Any, name: str, base_model: str, component: str) -> Any:
+    def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
         """The whole pipeline, with the trained denoiser, in diffusers format (``from_pretrained`` loads it)."""
         pipe.save_pretrained(str(path))
         return Path(path)

@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
-from .base import Adapter, MethodConfig, register_method
+from ..train.plugin import TrainerPlugin, register_plugin
+from .base import Adapter, MethodConfig, Site, register_method
 
 FACTOR_MODES = ("fixed", "lycoris")
 LAYOUTS = ("canonical", "official")
@@ -96,19 +97,22 @@ class KronAConfig(MethodConfig):
             raise bad_value("layout", self.layout, f"one of {LAYOUTS}",
                             "'official' exists only to run checkpoints of the official DiffuseKronA code exactly.")
 
-    def default_lr(self) -> float:
-        return 1e-3  # the paper's (and the official scripts') constant learning rate
-
     def split(self, d_out: int, d_in: int) -> tuple[int, int]:
         """(a1, a2) for a layer with these dimensions (the config's, or LyCORIS's per-layer split)."""
         if self.factor_mode == "lycoris":
             return lycoris_factorization(d_out, self.factor)[0], lycoris_factorization(d_in, self.factor)[0]
         return self.a1, self.a2
 
-    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
             return KronAAdapter(base_layer, self)
         return None
+
+
+@register_plugin("krona")
+class KronAPlugin(TrainerPlugin):
+    def default_lr(self) -> float:
+        return 1e-3  # the paper's (and the official scripts') constant learning rate
 
 
 def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import bad_value
-from .base import Adapter, MethodConfig, register_method
+from .base import Adapter, MethodConfig, Site, register_method
 
 INITS = ("default", "gaussian")
 
@@ -59,7 +59,7 @@ class LoRAConfig(MethodConfig):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
             return LoRAAdapter(base_layer, self)
         return None

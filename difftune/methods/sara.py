@@ -51,16 +51,10 @@ from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
 from ..targeting import canonical_name
-from .base import (
-    Adapter,
-    AdapterHost,
-    MethodConfig,
-    adapter_parameters,
-    hosts,
-    inject,
-    merge,
-    register_method,
-)
+from ..train.plugin import TrainerPlugin, register_plugin
+from .base import Adapter, MethodConfig, Site, register_method
+from .host import AdapterHost
+from .model import adapter_parameters, hosts, inject, merge
 
 
 def auto_lr(threshold: float) -> float:
@@ -108,24 +102,41 @@ class SaRAConfig(MethodConfig):
         return not isinstance(module, (Adapter, AdapterHost)) and any(
             p.is_floating_point() for p in module.parameters(recurse=False))
 
-    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         return SaRAAdapter(base_layer, self)
 
+    @classmethod
+    def describe(cls, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+        trained = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[-1].startswith("sara_delta_"))
+        base = sum(int(t[0].item()) for k, t in tensors.items() if k.rsplit(".", 1)[-1].startswith("sara_base_"))
+        return {"parameters": trained, "base_parameters": base, "density": trained / base if base else 0.0}
+
+
+def prepare_sara(model: nn.Module, config: SaRAConfig, name: str) -> None:
+    """Inject and merge: the base tensors hold W0 + Δ from now on and are rewritten in place as Δ trains."""
+    inject(model, config, name=name, freeze_base=True)
+    merge(model, name)
+
+
+@register_plugin("sara")
+class SaRAPlugin(TrainerPlugin):
+    """SaRA's training route: merged sparse Δ, its own AdamW, the paper's learning rate, PPA at T_p."""
+
+    config: SaRAConfig
+
     def default_lr(self) -> float:
-        return auto_lr(self.threshold)
+        return auto_lr(self.config.threshold)
 
-    # -- trainer hooks
-    def prepare(self, model: nn.Module, name: str) -> None:
-        """Inject and merge: the base tensors hold W0 + Δ from now on and are rewritten in place as Δ trains."""
-        inject(model, self, name=name, freeze_base=True)
-        merge(model, name)
+    def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
+        prepare_sara(model, self.config, self.name)
+        return model
 
-    def checkpoint_tensors(self, model: nn.Module, name: str) -> dict[str, Tensor]:
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """Δ and, for a resume after PPA, which entries still train (the rest follows from the base)."""
         out = {}
         for host_name, host in hosts(model):
-            if name in host.adapters:
-                adapter = host.adapters[name]
+            if self.name in host.adapters:
+                adapter = host.adapters[self.name]
                 for p in adapter.pnames:
                     out[f"{canonical_name(host_name)}.sara_delta_{p}"] = adapter.delta_vector(p)
                     out[f"{canonical_name(host_name)}.train_{p}"] = adapter.train_mask(p)
@@ -136,23 +147,19 @@ class SaRAConfig(MethodConfig):
         if optimizer_config.name != "adamw":
             raise bad_value("optimizer.name", optimizer_config.name, "'adamw' for SaRA",
                             "SaRA brings its own AdamW (sparse moments, nuclear-norm term, progressive adjustment)")
+        c = self.config
         b1, b2 = optimizer_config.betas
-        return SaRAAdamW(params, threshold=self.threshold, lr=lr, betas=(b1, b2), eps=optimizer_config.eps,
-                         weight_decay=optimizer_config.weight_decay, rank_weight=self.rank_weight,
-                         rank_min_dim=self.rank_min_dim)
+        return SaRAAdamW(params, threshold=c.threshold, lr=lr, betas=(b1, b2), eps=optimizer_config.eps,
+                         weight_decay=optimizer_config.weight_decay, rank_weight=c.rank_weight,
+                         rank_min_dim=c.rank_min_dim)
 
-    def on_step(self, model: nn.Module, name: str, step: int, max_steps: int, optimizer: Any) -> None:
-        if self.progressive_fraction is not None and step == progressive_step(self.progressive_fraction, max_steps):
+    def on_step(self, model: nn.Module, step: int, max_steps: int, optimizer: Any) -> None:
+        pf = self.config.progressive_fraction
+        if pf is not None and step == progressive_step(pf, max_steps):
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
             if not isinstance(inner, SaRAAdamW):
                 raise DifftuneError("SaRA's progressive adjustment needs its own optimizer (SaRAAdamW)")
             inner.progress()
-
-    @classmethod
-    def describe(cls, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-        trained = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[-1].startswith("sara_delta_"))
-        base = sum(int(t[0].item()) for k, t in tensors.items() if k.rsplit(".", 1)[-1].startswith("sara_base_"))
-        return {"parameters": trained, "base_parameters": base, "density": trained / base if base else 0.0}
 
 
 def progressive_step(fraction: float, max_steps: int) -> int:
@@ -435,7 +442,7 @@ class SaRAAdamW(torch.optim.AdamW):
         config = SaRAConfig(threshold=threshold, rank_weight=float(rank_weight), rank_min_dim=rank_min_dim,
                             **({"target_modules": list(target_modules)} if target_modules else {}))
         if isinstance(params, nn.Module):
-            config.prepare(params, name)
+            prepare_sara(params, config, name)
             params = adapter_parameters(params, name)
         params = list(params)
         if not params:

@@ -1,7 +1,7 @@
 """One accelerate trainer for every method: ``main(cfg)`` builds, loops, checkpoints, validates and saves.
 
-The trainer knows no method by name: it calls the method config's hooks (`MethodConfig.prepare`,
-``trainable_parameters``, ``make_optimizer``, ``extra_loss``, ``on_step``, ``checkpoint_tensors``,
+The trainer knows no method by name: it calls the hooks of the method's trainer plugin (`plugin.TrainerPlugin`:
+``prepare``, ``trainable_parameters``, ``make_optimizer``, ``extra_loss``, ``on_step``, ``checkpoint_tensors``,
 ``save_trained``). Conditioning comes from the pipeline family (`families.py`), data from `data.py`.
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from ..config import dump_yaml, to_dict
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
-from ..methods.base import MethodConfig, refresh
+from ..methods.model import refresh
 from .config import TrainConfig
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
 from .families import Family, family_for
+from .plugin import TrainerPlugin, plugin_for
 
 logger = logging.getLogger("difftune.train")
 
@@ -119,8 +120,8 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
     return CaptionFolder(d.path, caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
 
 
-def build_optimizer(cfg: TrainConfig, method: MethodConfig, params: list[nn.Parameter], lr: float) -> Any:
-    own = method.make_optimizer(params, cfg.optimizer, lr)
+def build_optimizer(cfg: TrainConfig, plugin: TrainerPlugin, params: list[nn.Parameter], lr: float) -> Any:
+    own = plugin.make_optimizer(params, cfg.optimizer, lr)
     if own is not None:
         return own
     o = cfg.optimizer
@@ -301,16 +302,18 @@ def _forward_params(module: nn.Module) -> set[str]:
 # Checkpoints: only what trains (safetensors) + accelerate's optimizer/scheduler/RNG states
 
 
-def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, name: str, ema: Any,
+def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, ema: Any,
                      progress: dict[str, Any]) -> Any:
     """Register accelerate save/load hooks; returns ``write_state(dir)``, called once a save_state has finished."""
     from safetensors.torch import load_file, save_file
+
+    method, name = plugin.config, plugin.name
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         weights.clear()  # the frozen base is never written into a checkpoint
         if not accelerator.is_main_process:
             return
-        tensors = {k: v.detach().cpu().contiguous() for k, v in method.checkpoint_tensors(model, name).items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in plugin.checkpoint_tensors(model).items()}
         if ema is not None:
             tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)})
         atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp))
@@ -325,7 +328,7 @@ def checkpoint_hooks(accelerator: Any, method: MethodConfig, model: nn.Module, n
         models.clear()
         saved = load_file(str(Path(input_dir) / CHECKPOINT_FILE))
         state = json.loads((Path(input_dir) / STATE_FILE).read_text())
-        live = method.checkpoint_tensors(model, name)
+        live = plugin.checkpoint_tensors(model)
         problems = [f"missing {k!r}" for k in sorted(set(live) - set(saved))]
         problems += [f"{k!r}: checkpoint {tuple(saved[k].shape)}, now {tuple(v.shape)}" for k, v in live.items()
                      if k in saved and saved[k].shape != v.shape]
@@ -498,8 +501,9 @@ def main(cfg: TrainConfig) -> Path:
                 module.to(accelerator.device)
             else:
                 module.to(accelerator.device, weight_dtype)
-    method.prepare(denoiser, cfg.adapter_name)
-    params = method.trainable_parameters(denoiser, cfg.adapter_name)
+    plugin = plugin_for(method, cfg.adapter_name)
+    denoiser = plugin.prepare(pipe, denoiser)
+    params = plugin.trainable_parameters(denoiser)
     if not params:
         raise DifftuneError(f"method {method.method!r} selected no trainable parameters; check its target_modules")
     cast_training_params(denoiser, dtype=torch.float32)
@@ -514,10 +518,10 @@ def main(cfg: TrainConfig) -> Path:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else method.default_lr()
+    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else plugin.default_lr()
     if cfg.optimizer.scale_lr:
         lr *= cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = build_optimizer(cfg, method, params, lr)
+    optimizer = build_optimizer(cfg, plugin, params, lr)
     if accelerator.is_main_process:
         source = "optimizer.lr" if cfg.optimizer.lr is not None else f"{method.method}'s default"
         print(f"[difftune] learning rate {lr:.3e} ({source}); {sum(p.numel() for p in params):,} trainable values",
@@ -537,7 +541,7 @@ def main(cfg: TrainConfig) -> Path:
     frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
 
     progress: dict[str, Any] = {"step": 0}
-    write_state = checkpoint_hooks(accelerator, method, denoiser, cfg.adapter_name, ema, progress)
+    write_state = checkpoint_hooks(accelerator, plugin, denoiser, ema, progress)
     resume = resolve_resume(cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -563,7 +567,7 @@ def main(cfg: TrainConfig) -> Path:
                     loss = model(batch["pixel_values"].to(accelerator.device))
                 else:
                     loss = diffusion_loss(cfg, frozen, model, batch, accelerator.device)
-                extra = method.extra_loss(denoiser, cfg.adapter_name)
+                extra = plugin.extra_loss(denoiser)
                 if extra is not None:
                     loss = loss + extra
                 accelerator.backward(loss)
@@ -577,7 +581,7 @@ def main(cfg: TrainConfig) -> Path:
             step = progress["step"] = step + 1
             if ema is not None:
                 ema.step(params)
-            method.on_step(denoiser, cfg.adapter_name, step, cfg.train.max_steps, optimizer)
+            plugin.on_step(denoiser, step, cfg.train.max_steps, optimizer)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
@@ -594,17 +598,18 @@ def main(cfg: TrainConfig) -> Path:
     bar.close()
     if autoencode and accelerator.is_main_process:
         logger.info("latent scaling_factor set to %.4f", set_latent_scale(denoiser, dataset))
-    return _finish(cfg, accelerator, method, pipe, component, denoiser, family, ema, params, progress, weight_dtype)
+    return _finish(cfg, accelerator, plugin, pipe, component, denoiser, family, ema, params, progress, weight_dtype)
 
 
-def _finish(cfg: TrainConfig, accelerator: Any, method: MethodConfig, pipe: Any, component: str, denoiser: nn.Module,
+def _finish(cfg: TrainConfig, accelerator: Any, plugin: TrainerPlugin, pipe: Any, component: str, denoiser: nn.Module,
             family: Family, ema: Any, params: list[nn.Parameter], progress: dict[str, Any],
             weight_dtype: torch.dtype) -> Path:
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(params)  # the EMA weights are the result
         refresh(denoiser)  # copy_to writes through .data, which adapters holding merged values cannot see
-    digest = weights_digest(method.checkpoint_tensors(denoiser, cfg.adapter_name))
+    method = plugin.config
+    digest = weights_digest(plugin.checkpoint_tensors(denoiser))
     # Each rank reports its digest, so a distributed run can be checked for identical weights on every process.
     print(f"[difftune] rank {accelerator.process_index}: final trainable-weights digest {digest}", flush=True)
     out = Path(cfg.output_dir)
@@ -614,7 +619,7 @@ def _finish(cfg: TrainConfig, accelerator: Any, method: MethodConfig, pipe: Any,
             if isinstance(module, nn.Module):
                 module.to(torch.float32)
     if accelerator.is_main_process:
-        result = method.save_trained(pipe, denoiser, result, cfg.adapter_name, cfg.model.path, component)
+        result = plugin.save_trained(pipe, denoiser, result, cfg.model.path, component)
         grid = validate(cfg, accelerator, pipe, family, denoiser, progress["step"], weight_dtype)
         write_model_card(cfg, result, grid, progress, digest)
         print(f"[difftune] saved {result}", flush=True)

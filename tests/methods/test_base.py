@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 import difftune as dt
-from difftune.methods import base
-from difftune.methods.base import Adapter, MethodConfig
+from difftune.methods import base, model
+from difftune.methods.base import Adapter, MethodConfig, Site
+from difftune.methods.host import AdapterHost
 from difftune.targeting import canonical_name, find_targets, name_matches
 from difftune.testing import randomize_adapter
 
@@ -99,15 +100,13 @@ def test_remove_with_merge_bakes_the_update():
 @dataclass
 class GateConfig(MethodConfig):
     target_modules: list[str] = field(default_factory=lambda: ["block"])
-    mergeable = False
 
-    def make_adapter(self, base_layer: nn.Module) -> Adapter | None:
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         return GateAdapter(self, base_layer.out_features if hasattr(base_layer, "out_features") else 8)
 
 
 class GateAdapter(Adapter):
     prefix = "gate_"
-    mergeable = False
 
     def __init__(self, config: GateConfig, dim: int) -> None:
         super().__init__(config)
@@ -130,13 +129,13 @@ def test_activation_method_nests_with_lora(gate_method, tmp_path):
     base_out = net(x)
     dt.inject(net, GateConfig(), name="g")
     dt.inject(net, dt.LoRAConfig(target_modules=["block.0", "block.2"]), name="l")  # inside the gated container
-    assert isinstance(net.block.base_layer[0], base.AdapterHost)
+    assert isinstance(net.block.base_layer[0], AdapterHost)
     randomize_adapter(net, "g", seed=1)
     randomize_adapter(net, "l", seed=2)
     out = net(x)
     with pytest.raises(dt.DifftuneError, match="cannot be merged"):
         dt.fuse(net, "g")
-    assert set(base.adapter_state_dict(net, "l")) == {"block.0.lora_A", "block.0.lora_B", "block.2.lora_A",
+    assert set(model.adapter_state_dict(net, "l")) == {"block.0.lora_A", "block.0.lora_B", "block.2.lora_A",
                                                        "block.2.lora_B"}
     dt.save_adapter(net, tmp_path / "g", name="g")
     dt.save_adapter(net, tmp_path / "l", name="l")

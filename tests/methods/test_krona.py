@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import difftune as dt
-from difftune.methods.base import hosts
 from difftune.methods.krona import KronAAdapter, lycoris_factorization
+from difftune.methods.model import hosts
 from difftune.testing import build_on_meta, randomize_adapter, sd15_unet_config
+from difftune.train.plugin import plugin_for
 
 
 def _sd15_meta():
@@ -186,7 +187,7 @@ def test_equals_peft_lokr_where_peft_can_express_the_split(factor):
 
 
 def test_default_learning_rate_is_the_papers():
-    assert dt.KronAConfig().default_lr() == 1e-3
+    assert plugin_for(dt.KronAConfig(), "k").default_lr() == 1e-3
 
 
 def test_krona_config_trains_dreambooth_with_prior_preservation(tmp_path):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import difftune as dt
-from difftune.methods.base import hosts
+from difftune.methods.model import hosts
 from difftune.methods.sara import (
     SaRAAdamW,
     SaRAConfig,
@@ -19,6 +19,7 @@ from difftune.methods.sara import (
     unpack_bits,
 )
 from difftune.testing import randomize_adapter, tiny_unet
+from difftune.train.plugin import plugin_for
 
 THETA = 0.02
 
@@ -50,7 +51,7 @@ def _train(model, opt, steps, seed=0):
 def test_auto_lr_matches_the_paper():
     for theta, lr in ((2e-4, 9.32e-4), (8e-4, 7.56e-4), (2e-3, 4.97e-4), (5e-3, 1.74e-4), (1e-2, 3.02e-5)):
         assert auto_lr(theta) == pytest.approx(lr, rel=5e-3)  # the notes' values, 3 digits
-    assert SaRAConfig(threshold=2e-3).default_lr() == pytest.approx(4.966e-4, rel=1e-3)
+    assert plugin_for(SaRAConfig(threshold=2e-3), "s").default_lr() == pytest.approx(4.966e-4, rel=1e-3)
 
 
 def test_selected_fraction_is_the_fraction_below_threshold():
@@ -125,7 +126,7 @@ def test_gradient_routing_equals_autograd_through_the_dense_weight():
             dt.merge(model)
         args, kwargs = _inputs()
         model(*args, **kwargs).sample.pow(2).mean().backward()
-        grads.append(torch.cat([p.grad for p in dt.methods.base.adapter_parameters(model, "s")]))
+        grads.append(torch.cat([p.grad for p in dt.methods.model.adapter_parameters(model, "s")]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 

@@ -1,0 +1,155 @@
+"""`AdapterHost`: the module that replaces an adapted layer and runs its adapters around the original.
+
+Merging writes ``W = W0 + Σ_merged w_i ΔW_i`` (sums in fp32) and keeps W0 while merged, so unmerging is exact
+(no drift over fuse/unfuse cycles). Sparse adapters restore their own entries instead of a dense copy of W0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DifftuneError
+from .base import Adapter
+from .context import WEIGHTS_KEY, current_inputs, item_weight
+
+
+class AdapterHost(nn.Module):
+    """Wraps one base layer and holds every adapter injected into it, by name."""
+
+    _difftune_host = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.adapter_weights: dict[str, float] = {}
+        self.disabled: set[str] = set()
+        self.merged: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that reads e.g. `attn.to_q.weight.dtype` or `conv.in_channels` must keep working on the host.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def active(self) -> list[tuple[str, Adapter, float]]:
+        return [(n, a, self.adapter_weights[n]) for n, a in self.adapters.items()
+                if n not in self.disabled and n not in self.merged]
+
+    def _item_weights(self, active: list[tuple[str, Adapter, float]]) -> dict[str, bool]:
+        """Which adapters have per-item weights in this call; refuses those that cannot take them."""
+        weights = current_inputs().get(WEIGHTS_KEY) or {}
+        if not weights:
+            return {}
+        for n in weights:
+            if n in self.merged:
+                raise DifftuneError(f"adapter {n!r} is fused into the weights, so it cannot take per-item weights "
+                                    f"(`{WEIGHTS_KEY}`); unfuse it first")
+            if n in self.adapters and self.adapters[n].param_space:
+                raise DifftuneError(f"adapter {n!r} ({self.adapters[n].config.method}) acts through the layer's "
+                                    f"parameters and cannot take per-item weights (`{WEIGHTS_KEY}`)")
+        return {n: n in weights for n, _, _ in active}
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        active = self.active()
+        per_item = self._item_weights(active)
+        for n, adapter, w in active:
+            x = adapter.pre_forward(x, item_weight(n, x) if per_item.get(n) else w)
+        params: dict[str, Tensor] = {}
+        if any(a.param_space for a in self.adapters.values()):
+            if any(self.adapters[n].is_stale(self.adapter_weights[n]) for n in self.merged):
+                self._write_merged()  # merged values follow an adapter that trains (in place, no copy)
+            for n, adapter in self.adapters.items():
+                if adapter.param_space and n not in self.disabled:
+                    w, merged = self.adapter_weights[n], n in self.merged
+                    params = adapter.param_overrides(params, self.base_layer, w, merged)
+        if params:
+            out = torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
+        else:
+            out = self.base_layer(x, *args, **kwargs)
+        for n, adapter, w in active:
+            out = adapter(x, out, item_weight(n, out) if per_item.get(n) else w, self.base_layer)
+        return out
+
+    # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
+    def check_mergeable(self, names: Iterable[str]) -> None:
+        for n in names:
+            if not self.adapters[n].mergeable:
+                raise DifftuneError(
+                    f"adapter {n!r} ({self.adapters[n].config.method}) acts on activations and cannot be merged into "
+                    "weights; keep it unmerged (it runs as a module at inference)"
+                )
+            if n in self.disabled:
+                raise DifftuneError(f"adapter {n!r} is disabled; enable it before merging")
+
+    def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n not in self.merged]
+        if not names:
+            return
+        self.check_mergeable(names)  # before any state changes: a refused merge leaves the host as it was
+        self.merged.extend(names)
+        self._write_merged()
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        drop = set(self.merged if names is None else names) & set(self.merged)
+        if drop:
+            self.merged = [n for n in self.merged if n not in drop]
+            self._write_merged()
+
+    def _write_merged(self) -> None:
+        """Set each parameter to ``W0 + Σ_merged w_i Δ_i`` (sums in fp32).
+
+        W0 comes back first: from a dense copy kept only while a dense (e.g. LoRA) adapter is merged into that
+        parameter, and from the base values sparse adapters keep for their own entries.
+        """
+        with torch.no_grad():
+            for pname, param in list(self.base_layer.named_parameters(recurse=False)):
+                self._write_param(pname, param)
+
+    def _write_param(self, pname: str, param: Tensor) -> None:
+        key = f"original_{pname}"
+        touching = {n: a for n, a in self.adapters.items() if pname in a.merge_params()}
+        merged = [n for n in self.merged if n in touching]
+        dense = [n for n in merged if not touching[n].sparse]
+        original = self._buffers.get(key)
+        if original is not None:
+            param.copy_(original)
+        for adapter in touching.values():
+            if adapter.sparse:
+                adapter.restore(pname, param)
+        if dense:
+            if original is None:
+                original = param.detach().clone()
+                self.register_buffer(key, original, persistent=False)
+            total = original.float()
+            for n in dense:
+                total = total + self.adapter_weights[n] * touching[n].delta_params()[pname].float()
+            param.copy_(total.to(param.dtype))
+        elif original is not None:
+            del self._buffers[key]
+        for n in merged:
+            if touching[n].sparse:
+                touching[n].add_into(pname, param, self.adapter_weights[n])
+
+    def bake(self, names: Sequence[str]) -> None:
+        """Make merged adapters ``names`` part of the base, W0 ← W0 + Σ w_i Δ_i, so they can be deleted."""
+        keep = [n for n in self.merged if n not in names]
+        self.merged = [n for n in self.merged if n in names]
+        self._write_merged()
+        with torch.no_grad():
+            for key in [k for k in self._buffers if k.startswith("original_")]:
+                del self._buffers[key]  # the current values are the new base
+            for adapter in self.adapters.values():
+                if adapter.sparse:
+                    adapter.recapture(self.base_layer)
+        self.merged = []
+        self.merge(keep)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.adapter_weights}, disabled={sorted(self.disabled)}, merged={self.merged}"
+
