@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods.base import MethodConfig, get_method
 from .methods.model import adapter_parameters, hosts, inject
@@ -41,7 +42,7 @@ def load_denoiser(path: str | Path, component: str | None = None) -> nn.Module:
     pipe = load_pipeline(path, device="cpu")
     names = [k for k, v in pipe.components.items() if isinstance(v, nn.Module)]
     if component is None:
-        component = next((c for c in ("unet", "transformer") if c in names), None)
+        component = denoiser_name(names)
     if component not in names:
         raise bad_value("--component", component, f"one of the pipeline's model components {names}")
     return getattr(pipe, component)

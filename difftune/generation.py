@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .components import pipeline_kind
 from .errors import DifftuneError, bad_value
 
 
@@ -48,8 +49,8 @@ def generate(
     kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": generator}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    name = type(pipe).__name__
-    if "DiT" in name:
+    kind = pipeline_kind(pipe)
+    if kind == "dit":
         if class_label is None:
             raise bad_value("class_label", class_label, "an integer class id for a class-conditional DiT pipeline")
         kwargs["class_labels"] = [int(class_label)] * num_images
@@ -57,6 +58,6 @@ def generate(
         if prompt is None:
             raise bad_value("prompt", prompt, "a text prompt for a text-to-image pipeline")
         kwargs.update(prompt=prompt, num_images_per_prompt=num_images, height=height, width=width)
-        if "PixArt" in name:
+        if kind == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
     return list(pipe(**kwargs).images)

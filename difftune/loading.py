@@ -14,11 +14,10 @@ from typing import Any
 from torch import nn
 
 from . import serialization
+from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods import model
 from .methods.base import MethodConfig
-
-DENOISERS = ("unet", "transformer")
 
 
 def _is_pipeline(obj: object) -> bool:
@@ -43,9 +42,9 @@ def component_of(obj: Any, component: str | None = None) -> tuple[str, nn.Module
         if component not in mods:
             raise bad_value("component", component, f"one of this pipeline's torch components {sorted(mods)}")
         return component, mods[component]
-    for name in DENOISERS:
-        if name in mods:
-            return name, mods[name]
+    name = denoiser_name(mods)
+    if name is not None:
+        return name, mods[name]
     raise DifftuneError(f"pipeline {type(obj).__name__} has no unet or transformer; pass `component=`")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..components import pipeline_kind
 from .classifier import DigitClassifier, load_classifier, to_tensor
 
 
@@ -128,7 +129,7 @@ def generate_digits(pipe: Any, digits: Sequence[int], n: int, prompt: str | None
         raise bad_value("--n" if n < 1 else "--steps", n if n < 1 else steps, "an integer >= 1")
     images: list[Image.Image] = []
     labels: list[int] = []
-    is_dit = "DiT" in type(pipe).__name__
+    is_dit = pipeline_kind(pipe) == "dit"
     for d in digits:
         for start in range(0, n, batch):
             k = min(batch, n - start)

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import __version__
+from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from ..loading import component_of, inject
@@ -293,7 +294,7 @@ def denoiser_on_meta(model: str | Path, component: str | None = None) -> tuple[s
         raise bad_value("model", str(model), "a local diffusers pipeline folder (holding model_index.json)")
     entries = json.loads(index.read_text())
     if component is None:
-        component = next((c for c in ("unet", "transformer") if c in entries), None)
+        component = denoiser_name(entries)
     if component not in entries or not isinstance(entries[component], list):
         raise bad_value("component", component, f"a model component of {folder} ({sorted(entries)})")
     cls = getattr(diffusers, entries[component][1], None)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..components import pipeline_kind
 from ..errors import DifftuneError
 
 
@@ -122,13 +123,9 @@ class DiTFamily(Family):
 
 
 def family_for(pipe: Any, denoiser: nn.Module) -> Family:
-    name = type(pipe).__name__
-    if "DiT" in name:
-        return DiTFamily(pipe, denoiser)
-    if "PixArt" in name:
-        return PixArtFamily(pipe, denoiser)
-    if "XL" in name and getattr(pipe, "text_encoder_2", None) is not None:
-        return SDXLFamily(pipe, denoiser)
-    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None:
-        return Family(pipe, denoiser)
-    raise DifftuneError(f"difftune does not know how to condition {name}; supported: SD 1.x/2.x, SDXL, PixArt, DiT")
+    families = {"dit": DiTFamily, "pixart": PixArtFamily, "sdxl": SDXLFamily, "sd": Family}
+    kind = pipeline_kind(pipe)
+    if kind not in families:
+        raise DifftuneError(f"difftune does not know how to condition {type(pipe).__name__}; supported: SD 1.x/2.x, "
+                            "SDXL, PixArt, DiT")
+    return families[kind](pipe, denoiser)

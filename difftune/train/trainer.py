@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..components import DENOISERS
 from ..config import dump_yaml, to_dict
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
@@ -87,7 +88,7 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
                             "save one with pipe.save_pretrained(folder)")
         pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    default = ["vae"] if cfg.train.objective == "autoencode" else ["unet", "transformer"]
+    default = ["vae"] if cfg.train.objective == "autoencode" else list(DENOISERS)
     names = [cfg.model.component] if cfg.model.component else default
     for name in names:
         module = getattr(pipe, name, None)
