@@ -32,6 +32,7 @@ from .loading import (
     unmerge,
 )
 from .methods import METHODS, MethodConfig
+from .methods.context import adapter_inputs
 from .methods.full import FullConfig
 from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
@@ -53,6 +54,7 @@ __all__ = [
     "SaRAConfig",
     "MethodConfig",
     "__version__",
+    "adapter_inputs",
     "delete_adapter",
     "disable_adapters",
     "enable_adapters",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,13 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     num_images: int = 1,
+    adapter_inputs: Mapping[str, Any] | None = None,
 ) -> list[Image.Image]:
-    """Images from ``pipe``: text pipelines take ``prompt``, class-conditional DiT takes ``class_label``."""
+    """Images from ``pipe``: text pipelines take ``prompt``, class-conditional DiT takes ``class_label``.
+
+    ``adapter_inputs`` are per-call inputs for the loaded adapters (see `difftune.adapter_inputs`), given per prompt
+    and expanded to the guidance batch as the difftune pipelines do.
+    """
     if steps < 1:
         raise bad_value("steps", steps, "an integer >= 1")
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -60,4 +66,8 @@ def generate(
         kwargs.update(prompt=prompt, num_images_per_prompt=num_images, height=height, width=width)
         if kind == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
-    return list(pipe(**kwargs).images)
+    from .pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
+
+    # the stock __call__ (a difftune pipeline's own would expand the inputs a second time)
+    call = super(DifftuneAdapterMixin, pipe).__call__ if isinstance(pipe, DifftuneAdapterMixin) else pipe.__call__
+    return list(call_with_adapter_inputs(pipe, call, (), kwargs, adapter_inputs).images)
