@@ -17,7 +17,7 @@ from difftune.cli import main as cli_main
 from difftune.config import load_config
 from difftune.methods import METHODS
 from difftune.train import TrainConfig, main
-from difftune.train.trainer import weights_digest
+from difftune.train.checkpoints import weights_digest
 
 REPO = Path(__file__).resolve().parents[2]
 # Method fields for the 2-step smoke runs; every registered method must appear.
@@ -232,7 +232,7 @@ def test_model_path_and_family_mismatch(tiny, tmp_path):
 
 
 def test_incomplete_checkpoints_are_not_resumed_from(tmp_path):
-    from difftune.train.trainer import STATE_FILE, checkpoint_dirs
+    from difftune.train.checkpoints import STATE_FILE, checkpoint_dirs
 
     for step, complete in ((2, True), (4, True), (6, False)):  # a save interrupted at step 6
         folder = tmp_path / "checkpoints" / f"checkpoint-{step}"

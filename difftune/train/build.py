@@ -1,0 +1,167 @@
+"""What the trainer builds before its loop: the accelerator, the pipeline and its denoiser, the data set and its
+loader, the optimizer.
+
+Data order is a pure function of (seed, epoch) (`EpochBatchSampler`), so a resumed run sees the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..components import DENOISERS
+from ..errors import bad_value
+from .config import TrainConfig
+from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
+from .families import Family
+from .plugin import TrainerPlugin
+
+
+def build_accelerator(cfg: TrainConfig) -> Any:
+    """An ``accelerate.Accelerator`` for ``cfg`` (precision, accumulation, trackers, DDP options)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
+
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise bad_value("train.mixed_precision", "fp16", "'bf16' or 'no' on a machine without CUDA",
+                        "fp16 autocast needs a GPU; bf16 works on CPUs")
+    # accelerate keeps a process-wide singleton; a second main() in the same process (notebooks, tests) with
+    # another precision would be refused. Reset the per-run part; the distributed setup (PartialState) stays.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # accelerate spawns several local processes only through its torchrun (multi-GPU) launcher; on a machine
+        # without CUDA, run them on the CPU with gloo instead of failing (configs/accelerate/cpu_2proc.yaml).
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    out = Path(cfg.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False),
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+    )
+
+
+def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
+    """The pipeline (fp32, CPU), the denoiser's component name and the denoiser."""
+    from diffusers import DiffusionPipeline
+
+    if cfg.model.architecture:
+        from ..zoo.architectures import build
+
+        pipe = build(cfg.model.architecture, seed=cfg.seed, vae_from=cfg.model.vae_from)
+    else:
+        folder = Path(cfg.model.path)
+        if not (folder / "model_index.json").is_file():
+            raise bad_value("model.path", cfg.model.path, "a local diffusers pipeline folder with model_index.json",
+                            "save one with pipe.save_pretrained(folder)")
+        pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    default = ["vae"] if cfg.train.objective == "autoencode" else list(DENOISERS)
+    names = [cfg.model.component] if cfg.model.component else default
+    for name in names:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            if cfg.model.from_scratch:
+                module = _reinitialized(pipe, name, module, cfg.seed)
+            return pipe, name, module
+    raise bad_value("model.component", cfg.model.component, "a torch component of the pipeline (unet/transformer)")
+
+
+def _reinitialized(pipe: Any, name: str, module: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    fresh = type(module).from_config(module.config)
+    pipe.register_modules(**{name: fresh})
+    return fresh
+
+
+def build_dataset(cfg: TrainConfig, family: Family) -> Any:
+    """The data set ``cfg.data`` describes; its items are batched by `collate`."""
+    d = cfg.data
+    common = {"resolution": d.resolution, "center_crop": d.center_crop, "random_flip": d.random_flip,
+              "repeats": d.repeats, "seed": cfg.seed}
+    if cfg.train.objective == "denoise" and (d.kind == "classes") != (family.conditioning == "class"):
+        want = "'classes'" if family.conditioning == "class" else "'captions' or 'dreambooth'"
+        raise bad_value("data.kind", d.kind, f"{want} for {type(family.pipe).__name__}")
+    if d.kind == "classes":
+        return ClassFolder(d.path, **common)
+    if d.kind == "dreambooth":
+        return DreamBoothDataset(d.path, d.instance_prompt, class_root=d.class_path, class_prompt=d.class_prompt,
+                                 **common)
+    return CaptionFolder(d.path, caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
+
+
+def build_optimizer(cfg: TrainConfig, plugin: TrainerPlugin, params: list[nn.Parameter], lr: float) -> Any:
+    """The plugin's own optimizer if it makes one, else ``cfg.optimizer``'s."""
+    own = plugin.make_optimizer(params, cfg.optimizer, lr)
+    if own is not None:
+        return own
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=o.weight_decay)
+    if o.name == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise bad_value("optimizer.name", "adamw8bit", "'adamw' on a machine without CUDA",
+                            "8-bit Adam (bitsandbytes) runs on CUDA GPUs only")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise bad_value("optimizer.name", "adamw8bit", "usable only with bitsandbytes installed",
+                            "pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+
+
+def set_attention(cfg: TrainConfig, denoiser: nn.Module) -> None:
+    """Switch the denoiser to xformers attention when ``train.attention`` asks for it (PyTorch SDPA otherwise)."""
+    if cfg.train.attention == "xformers":
+        if not torch.cuda.is_available():
+            raise bad_value("train.attention", "xformers", "'sdpa' on a machine without CUDA",
+                            "xformers kernels run on CUDA only; PyTorch SDPA is the default")
+        denoiser.enable_xformers_memory_efficient_attention()
+
+
+
+class EpochBatchSampler:
+    """Batches of dataset indices for one process: epoch e shuffles with seed + e; ``start`` skips batches."""
+
+    def __init__(self, n: int, batch_size: int, num_replicas: int, rank: int, seed: int) -> None:
+        self.n, self.batch_size, self.num_replicas, self.rank, self.seed = n, batch_size, num_replicas, rank, seed
+        self.epoch, self.start = 0, 0
+        self.per_epoch = max(1, math.ceil(n / (batch_size * num_replicas)))
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        total = self.per_epoch * self.batch_size * self.num_replicas
+        perm = (perm * math.ceil(total / self.n))[:total]  # wrap around so every process gets full batches
+        for b in range(self.start, self.per_epoch):
+            first = (b * self.num_replicas + self.rank) * self.batch_size
+            yield perm[first:first + self.batch_size]
+
+
+
+def build_loader(cfg: TrainConfig, dataset: Any, num_processes: int, rank: int) -> tuple[Any, EpochBatchSampler]:
+    """This process's data loader and its batch sampler (call ``sampler.set_epoch`` before each epoch)."""
+    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, num_processes, rank, cfg.seed)
+    # A generator of its own: otherwise each new iterator draws its worker seed from the global RNG, and a run
+    # resumed mid-epoch would draw it once more than the uninterrupted run (noise and timesteps would shift).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, sampler

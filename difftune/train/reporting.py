@@ -1,0 +1,92 @@
+"""What a run shows: the validation grid (fixed prompts or class labels and seeds) and the model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import to_dict
+from ..fileio import atomic_write
+from .config import TrainConfig
+from .families import Family
+
+
+@torch.no_grad()
+def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, denoiser: nn.Module, step: int,
+             weight_dtype: torch.dtype) -> Path | None:
+    """Images for the validation prompts (or class labels) with fixed seeds, as one grid PNG; main process only."""
+    from PIL import Image
+
+    from ..generation import generate
+
+    v = cfg.validation
+    conds = v.class_labels if family.conditioning == "class" else v.prompts
+    if not conds:
+        return None
+    was_training = denoiser.training
+    denoiser.eval()
+    rows = []
+    autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
+    with autocast:
+        for c in conds:
+            kw = {"class_label": c} if family.conditioning == "class" else {"prompt": c}
+            rows.append([generate(pipe, seed=s, steps=v.num_inference_steps, guidance=v.guidance_scale, **kw)[0]
+                         for s in v.seeds])
+    denoiser.train(was_training)
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(v.seeds), h * len(rows)))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(img.convert("RGB"), (c * w, r * h))
+    path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    if cfg.logging.report_to == "tensorboard":
+        import numpy as np
+
+        accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(grid)[None]}, step,
+                                                          dataformats="NHWC")
+    return path
+
+
+def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress: dict[str, Any], digest: str) -> Path:
+    """``OUTPUT_DIR/README.md``: base, method, steps, digest, how to load the result, the grid, the config."""
+    import yaml
+
+    m = cfg.method_config()
+    lines = [
+        "---", f"base_model: {cfg.model.path}", "library_name: difftune", f"tags: [difftune, {m.method}]", "---", "",
+        f"# {m.method} trained with difftune", "",
+        f"- base model: `{cfg.model.path}` (component: {cfg.model.component or 'auto'})",
+        f"- method: `{m.method}`; optimizer steps: {progress['step']}; trainable-weights digest: `{digest}`",
+        f"- result: `{result.name}/`",
+    ]
+    if progress.get("resumed"):
+        lines.append(f"- resumed from {progress['resumed']}")
+    if m.is_adapter:
+        lines += ["", "Load it into a diffusers pipeline:", "", "```python", "import difftune as dt",
+                  "from diffusers import DiffusionPipeline", "",
+                  f"pipe = DiffusionPipeline.from_pretrained({cfg.model.path!r})",
+                  f"dt.load_adapter(pipe, {str(result)!r}, weight=1.0)", "```"]
+    if grid is not None:
+        lines += ["", "## Validation samples", "", f"![samples]({grid.relative_to(Path(cfg.output_dir))})"]
+    lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```"]
+    return atomic_write(Path(cfg.output_dir) / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+
+def flat_hparams(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``d`` flattened to dotted keys with scalar values (TensorBoard hparams take scalars only)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
