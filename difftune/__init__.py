@@ -12,8 +12,6 @@ The flat public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .errors import DifftuneError
 from .loading import (
     delete_adapter,
@@ -37,6 +35,7 @@ from .methods.full import FullConfig
 from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
 from .methods.sara import SaRAAdamW, SaRAConfig
+from .version import __version__
 
 
 def list_methods() -> list[str]:

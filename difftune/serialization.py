@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__
 from .errors import DifftuneError
 from .fileio import atomic_write
 from .methods.base import check_adapter_name, check_weight, get_method
@@ -39,6 +38,7 @@ from .methods.model import (
     target_fingerprint,
 )
 from .targeting import canonical_name
+from .version import __version__
 
 FORMAT = "difftune-adapter"
 FORMAT_VERSION = 1
