@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
 from .families import Family
 from .plugin import TrainerPlugin
+from .sources import IndexDataset, PromptDataset, read_prompts
 
 
 def build_accelerator(cfg: TrainConfig) -> Any:
@@ -88,6 +89,13 @@ def _reinitialized(pipe: Any, name: str, module: nn.Module, seed: int) -> nn.Mod
 def build_dataset(cfg: TrainConfig, family: Family) -> Any:
     """The data set ``cfg.data`` describes; its items are batched by `collate`."""
     d = cfg.data
+    if d.kind == "none":
+        return IndexDataset(d.num_samples)
+    if d.kind == "prompts":
+        if family.conditioning == "class":
+            raise bad_value("data.kind", "prompts", f"'none' or 'classes' for {type(family.pipe).__name__}",
+                            "the pipeline is class-conditional: it has no text encoder for prompts")
+        return PromptDataset(read_prompts(d.prompts, d.prompts_file), d.repeats)
     common = {"resolution": d.resolution, "center_crop": d.center_crop, "random_flip": d.random_flip,
               "repeats": d.repeats, "seed": cfg.seed}
     if cfg.train.objective == "denoise" and (d.kind == "classes") != (family.conditioning == "class"):

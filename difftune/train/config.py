@@ -32,17 +32,27 @@ class ModelConfig:
                             "e.g. model.path=outputs/demo/model (a folder written by save_pretrained)")
 
 
+IMAGE_KINDS = ("captions", "dreambooth", "classes")
+DATA_FREE_KINDS = ("prompts", "none")  #: for methods whose trainer plugin has its own objective (no images)
+
+
 @dataclass
 class DataConfig:
-    kind: Literal["captions", "dreambooth", "classes"] = "captions"
+    #: captions / dreambooth / classes: image folders at ``path``. prompts: captions only (``prompts`` and/or
+    #: ``prompts_file``); none: indices only (``num_samples`` per epoch). The data-free kinds serve methods whose
+    #: trainer plugin defines its own objective (e.g. data-free concept erasing).
+    kind: Literal["captions", "dreambooth", "classes", "prompts", "none"] = "captions"
     path: str = ""  #: image folder (captions: .txt beside each image or metadata.jsonl; classes: one folder per class)
+    prompts: list[str] = field(default_factory=list)  #: kind prompts: the captions, in order
+    prompts_file: str | None = None  #: kind prompts: a UTF-8 text file, one caption per line (blank lines skipped)
+    num_samples: int | None = None  #: kind none: items per epoch (each item is its index)
     instance_prompt: str | None = None  #: DreamBooth: the prompt for every instance image ("a photo of sks dog")
     class_path: str | None = None  #: DreamBooth prior preservation: folder of class images
     class_prompt: str | None = None  #: DreamBooth prior preservation: their prompt ("a photo of a dog")
     prior_loss_weight: float = 1.0  #: weight of the prior-preservation loss
     default_caption: str | None = None  #: caption for images that have none
     caption_ext: str = ".txt"
-    resolution: int = 512  #: images are resized (shorter side) and cropped to this square size
+    resolution: int = 512  #: images are resized (shorter side) and cropped to this size (data-free: sampled at it)
     center_crop: bool = True  #: center crop (else random crop)
     random_flip: bool = False  #: random horizontal flip
     repeats: int = 1  #: repeat the dataset this many times per epoch
@@ -52,11 +62,10 @@ class DataConfig:
     num_workers: int = 0  #: dataloader workers
 
     def __post_init__(self) -> None:
-        if not self.path:
-            raise bad_value("data.path", self.path, "an image folder")
-        if self.kind == "dreambooth" and not self.instance_prompt:
-            raise bad_value("data.instance_prompt", self.instance_prompt, "a prompt for DreamBooth instance images",
-                            "e.g. 'a photo of sks dog'")
+        if self.kind in DATA_FREE_KINDS:
+            self._check_data_free()
+        else:
+            self._check_images()
         if self.class_path and self.kind != "dreambooth":
             raise bad_value("data.class_path", self.class_path, "unset unless data.kind is 'dreambooth'")
         if not 0 <= self.label_dropout < 1:
@@ -72,6 +81,46 @@ class DataConfig:
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
                             "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
+
+    def _check_images(self) -> None:
+        if not self.path:
+            raise bad_value("data.path", self.path, "an image folder",
+                            "data-free training (data.kind: prompts or none) is for methods with their own objective")
+        for key in ("prompts", "prompts_file", "num_samples"):
+            if getattr(self, key):
+                raise bad_value(f"data.{key}", getattr(self, key), "unset unless data.kind is 'prompts' or 'none'",
+                                f"data.kind is {self.kind!r}, which reads images from data.path")
+        if self.kind == "dreambooth" and not self.instance_prompt:
+            raise bad_value("data.instance_prompt", self.instance_prompt, "a prompt for DreamBooth instance images",
+                            "e.g. 'a photo of sks dog'")
+
+    def _check_data_free(self) -> None:
+        # Image options would be silently ignored: refuse them, naming the key.
+        image_only = {"path": "", "instance_prompt": None, "class_prompt": None, "default_caption": None,
+                      "random_flip": False, "cache_latents": False, "label_dropout": 0.0}
+        for key, unset in image_only.items():
+            if getattr(self, key) != unset:
+                raise bad_value(f"data.{key}", getattr(self, key), f"unset with data.kind {self.kind!r} (no images)",
+                                "the method's objective makes its own inputs; image options do not apply")
+        if self.kind == "prompts":
+            if self.num_samples is not None:
+                raise bad_value("data.num_samples", self.num_samples, "unset with data.kind 'prompts'",
+                                "an epoch is every prompt once (times data.repeats)")
+            if not isinstance(self.prompts, list) or not all(isinstance(p, str) for p in self.prompts):
+                raise bad_value("data.prompts", self.prompts, "a list of strings")
+            if not self.prompts and not self.prompts_file:
+                raise bad_value("data.prompts", self.prompts, "at least one prompt with data.kind 'prompts'",
+                                "set data.prompts: [...] and/or data.prompts_file (one prompt per line)")
+        else:
+            for key in ("prompts", "prompts_file"):
+                if getattr(self, key):
+                    raise bad_value(f"data.{key}", getattr(self, key), "unset with data.kind 'none'",
+                                    "use data.kind: prompts to iterate over prompts")
+            if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+                raise bad_value("data.num_samples", self.num_samples, "an integer >= 1 with data.kind 'none'",
+                                "the number of items (indices) per epoch, e.g. 64")
+        if self.cache_text_embeddings and self.kind == "none":
+            raise bad_value("data.cache_text_embeddings", True, "false with data.kind 'none' (no captions)")
 
 
 @dataclass
@@ -193,6 +242,9 @@ class TrainConfig:
         if self.model.from_scratch and method.is_adapter:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",
                             "training from scratch needs every weight trainable: method.name: full")
+        if self.train.objective == "autoencode" and self.data.kind in DATA_FREE_KINDS:
+            raise bad_value("train.objective", "autoencode", f"'denoise' with data.kind {self.data.kind!r}",
+                            "the VAE trains on images: data.kind captions or classes with data.path")
         if self.train.objective == "autoencode" and method.is_adapter:
             raise bad_value("train.objective", "autoencode", "'denoise' with an adapter method",
                             "the VAE is trained with method.name: full and model.component: vae")

@@ -1,4 +1,6 @@
-"""The losses: the denoising loss (latents, conditioning, noise, Min-SNR) and the autoencoder loss.
+"""The losses: the denoising loss (latents, conditioning, noise, Min-SNR) and the autoencoder loss, and
+`StepInputs`, what a trainer plugin's ``objective`` receives: the batch, the modules and the pieces of the default
+loss as helpers (``draw``, ``noised``, ``prompt_kwargs``, ``predict``, ``loss``, ``default_loss``).
 
 Every random draw comes from the global torch RNG, in a fixed order per batch, which accelerate's checkpoints save
 and restore: a resumed run draws the same latents, noise and timesteps as the uninterrupted one.
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DifftuneError
 from .config import TrainConfig
 from .families import Family
 
@@ -47,13 +50,8 @@ def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None)
     return (latents - shift) * vae.config.scaling_factor
 
 
-def _condition(frozen: Frozen, batch: dict[str, Any], prefix: str, drop: Tensor, device: torch.device,
-               cache: bool) -> dict[str, Tensor]:
+def _captions(frozen: Frozen, captions: list[str], device: torch.device, cache: bool) -> dict[str, Tensor]:
     fam = frozen.family
-    if fam.conditioning == "class":
-        labels = batch["class_label"].to(device)
-        return {"class_labels": torch.where(drop.to(device), fam.null_labels(labels), labels)}
-    captions = ["" if d else c for c, d in zip(batch[f"{prefix}caption"], drop.tolist())]
     if not cache:
         return fam.encode(captions, device)
     missing = sorted({c for c in captions if c not in frozen.text_cache})
@@ -65,45 +63,173 @@ def _condition(frozen: Frozen, batch: dict[str, Any], prefix: str, drop: Tensor,
     return {k: torch.stack([frozen.text_cache[c][k] for c in captions]).to(device) for k in keys}
 
 
-def diffusion_loss(cfg: TrainConfig, frozen: Frozen, denoiser: nn.Module, batch: dict[str, Any],
-                   device: torch.device) -> Tensor:
-    """The denoising loss on one batch (instance + prior-preservation parts for DreamBooth)."""
-    parts = [("", 1.0)] + ([("class_", cfg.data.prior_loss_weight)] if "class_pixel_values" in batch else [])
-    total = torch.zeros((), device=device)
-    for prefix, weight in parts:
-        pixels = batch[f"{prefix}pixel_values"].to(device)
-        keys = [(prefix, int(i)) for i in batch["index"]] if cfg.data.cache_latents else None
-        latents = _latents(frozen, pixels, keys)
-        drop = torch.rand(latents.shape[0]) < cfg.data.label_dropout
-        cond = _condition(frozen, batch, prefix, drop, device, cfg.data.cache_text_embeddings)
-        total = total + weight * _denoising_loss(cfg, frozen, denoiser, latents, cond)
-    return total
+def _condition(frozen: Frozen, batch: dict[str, Any], prefix: str, drop: Tensor, device: torch.device,
+               cache: bool) -> dict[str, Tensor]:
+    fam = frozen.family
+    if fam.conditioning == "class":
+        labels = batch["class_label"].to(device)
+        return {"class_labels": torch.where(drop.to(device), fam.null_labels(labels), labels)}
+    captions = ["" if d else c for c, d in zip(batch[f"{prefix}caption"], drop.tolist())]
+    return _captions(frozen, captions, device, cache)
 
 
-def _denoising_loss(cfg: TrainConfig, frozen: Frozen, denoiser: nn.Module, latents: Tensor,
-                    cond: dict[str, Tensor]) -> Tensor:
-    from diffusers.training_utils import compute_snr
+@dataclass
+class Noised:
+    """One draw of the standard training inputs, exactly as the default loss makes them."""
 
-    sched = frozen.noise_scheduler
-    noise = torch.randn_like(latents)
-    if cfg.train.noise_offset:
-        noise = noise + cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                             device=latents.device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
-    noisy = sched.add_noise(latents, noise, t)
-    prediction_type = cfg.model.prediction_type or sched.config.prediction_type
-    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    kwargs = frozen.family.denoiser_kwargs(cond, latents)
-    key = "timestep" if "timestep" in _forward_params(denoiser) else None
-    pred = (denoiser(noisy, timestep=t, **kwargs) if key else denoiser(noisy, t, **kwargs)).sample
-    if pred.shape[1] == 2 * latents.shape[1]:  # learned-variance models (DiT, PixArt): train the mean half
-        pred = pred[:, : latents.shape[1]]
-    if cfg.train.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
-    snr = compute_snr(sched, t)
-    weights = torch.clamp(snr, max=cfg.train.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    latents: Tensor  #: x0, (B, C, h, w): scaled VAE latents
+    noise: Tensor  #: ε, (B, C, h, w) (with ``train.noise_offset`` added, if set)
+    timesteps: Tensor  #: t, (B,) long
+    noisy: Tensor  #: x_t = add_noise(x0, ε, t)
+    target: Tensor  #: what the default loss regresses: ε, or the velocity for v-prediction
+    kwargs: dict[str, Any]  #: the denoiser's conditioning keyword arguments (text states, class labels, ...)
+
+
+@dataclass
+class StepInputs:
+    """What a trainer plugin's ``objective`` gets for one micro-batch (see `TrainerPlugin.objective`).
+
+    Randomness: draw only from the global torch RNG (``torch.randn``, ``torch.randint``, ... on ``device``), as the
+    helpers do. accelerate checkpoints that RNG on every process, so a resumed run draws what the uninterrupted one
+    drew; a fresh ``torch.Generator`` or an unseeded library RNG would break exact resume.
+
+    Attributes:
+        batch: the collated batch: ``pixel_values``/``caption``/``class_label``/``index`` for image data,
+            ``caption`` and ``index`` for ``data.kind: prompts``, ``index`` only for ``data.kind: none``.
+        model: the trained module as accelerate prepared it (DDP-wrapped when distributed, autocast under mixed
+            precision). Call it for the pass that needs gradients, once per micro-batch.
+        denoiser: the same module unwrapped: for passes without gradients (under ``torch.no_grad()``), for
+            `difftune.methods.model.disable`/``enable``, for hooks.
+        teacher: the original denoiser when the plugin's ``prepare`` returned another module (frozen, eval mode,
+            on the device, in the weight dtype), else None.
+        frozen: the parts that do not train (pipeline, family, noise scheduler, weight dtype, caches).
+        config: the run's `TrainConfig`.
+        device: the process's device.
+        global_step: optimizer steps finished before this micro-batch (0 at the start, the checkpoint's step after a
+            resume).
+    """
+
+    batch: dict[str, Any]
+    model: nn.Module
+    denoiser: nn.Module
+    teacher: nn.Module | None
+    frozen: Frozen
+    config: TrainConfig
+    device: torch.device
+    global_step: int
+
+    @property
+    def pipe(self) -> Any:
+        """The pipeline; its denoiser component is the trained module."""
+        return self.frozen.pipe
+
+    @property
+    def family(self) -> Family:
+        """How the pipeline conditions its denoiser (``conditioning``: "text" or "class")."""
+        return self.frozen.family
+
+    @property
+    def noise_scheduler(self) -> Any:
+        """The DDPM training scheduler (``add_noise``, ``config.num_train_timesteps``, ...)."""
+        return self.frozen.noise_scheduler
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the frozen weights (the mixed-precision dtype, else float32)."""
+        return self.frozen.weight_dtype
+
+    def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of latents at ``data.resolution``, for objectives that sample their own x_T."""
+        pipe = self.pipe
+        size = self.config.data.resolution // pipe.vae_scale_factor
+        return (batch_size, int(pipe.vae.config.latent_channels), size, size)
+
+    def draw(self, prefix: str = "") -> Noised:
+        """The standard inputs for the batch's images (``prefix="class_"``: the DreamBooth class images): a
+        posterior sample x0, label dropout, the conditioning, then ε, t and x_t, drawn in the default loss's order.
+
+        Raises:
+            DifftuneError: the batch has no images (a data-free ``data.kind``).
+        """
+        key = f"{prefix}pixel_values"
+        if key not in self.batch:
+            raise DifftuneError(f"this batch has no images (`{key}`; data.kind is {self.config.data.kind!r}): a "
+                                "data-free objective must make its own inputs (see StepInputs.noised)")
+        pixels = self.batch[key].to(self.device)
+        keys = [(prefix, int(i)) for i in self.batch["index"]] if self.config.data.cache_latents else None
+        latents = _latents(self.frozen, pixels, keys)
+        drop = torch.rand(latents.shape[0]) < self.config.data.label_dropout
+        cond = _condition(self.frozen, self.batch, prefix, drop, self.device, self.config.data.cache_text_embeddings)
+        return self.noised(latents, self.family.denoiser_kwargs(cond, latents))
+
+    def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
+        """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t."""
+        sched, cfg = self.noise_scheduler, self.config
+        noise = torch.randn_like(latents)
+        if cfg.train.noise_offset:
+            noise = noise + cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                                 device=latents.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        return Noised(latents, noise, t, noisy, target, kwargs)
+
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction": what the denoiser predicts in training."""
+        return self.config.model.prediction_type or self.noise_scheduler.config.prediction_type
+
+    def prompt_kwargs(self, captions: list[str], latents: Tensor) -> dict[str, Any]:
+        """The denoiser's conditioning for ``captions`` (text families) at the shape of ``latents``; cached when
+        ``data.cache_text_embeddings`` is on."""
+        if self.family.conditioning != "text":
+            raise DifftuneError(f"{type(self.pipe).__name__} is class-conditional: it has no prompts")
+        cond = _captions(self.frozen, list(captions), self.device, self.config.data.cache_text_embeddings)
+        return self.family.denoiser_kwargs(cond, latents)
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """``model``'s output for x_t (float32), with the learned-variance half of DiT/PixArt outputs dropped.
+
+        Works for `model`, `denoiser`, `teacher` or any denoiser with the same call signature; under mixed
+        precision the call runs in autocast (the prepared ``model`` does so by itself).
+        """
+        on = self.weight_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=on):
+            if "timestep" in _forward_params(model):
+                out = model(noisy, timestep=timesteps, **kwargs)
+            else:
+                out = model(noisy, timesteps, **kwargs)
+        pred = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        if pred.shape[1] == 2 * noisy.shape[1]:  # learned-variance models (DiT, PixArt): the mean half trains
+            pred = pred[:, : noisy.shape[1]]
+        return pred.float()
+
+    def loss(self, pred: Tensor, noised: Noised) -> Tensor:
+        """The default loss of prediction ``pred`` on ``noised``: MSE to the target, Min-SNR weighted when
+        ``train.snr_gamma`` is set."""
+        from diffusers.training_utils import compute_snr
+
+        gamma = self.config.train.snr_gamma
+        if gamma is None:
+            return F.mse_loss(pred.float(), noised.target.float())
+        snr = compute_snr(self.noise_scheduler, noised.timesteps)
+        weights = torch.clamp(snr, max=gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
+        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weights).mean()
+
+    def default_loss(self) -> Tensor:
+        """The trainer's standard loss on this batch: the autoencoder loss (``train.objective: autoencode``), else
+        the denoising loss (plus the weighted prior-preservation part for DreamBooth)."""
+        if self.config.train.objective == "autoencode":
+            return self.model(self.batch["pixel_values"].to(self.device))
+        parts = [("", 1.0)]
+        if "class_pixel_values" in self.batch:
+            parts.append(("class_", self.config.data.prior_loss_weight))
+        total = torch.zeros((), device=self.device)
+        for prefix, weight in parts:
+            d = self.draw(prefix)
+            total = total + weight * self.loss(self.predict(self.model, d.noisy, d.timesteps, d.kwargs), d)
+        return total
 
 
 class AutoencoderLoss(nn.Module):

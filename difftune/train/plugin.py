@@ -2,14 +2,30 @@
 
 The trainer knows no method by name. It asks `plugin_for(config, name)` for the method's plugin and calls only the
 hooks below; a method that needs nothing special (LoRA, KronA) registers no plugin and gets `TrainerPlugin`, which
-injects the adapter, trains its parameters and saves it in difftune's format. A method with its own behaviour
-subclasses it in its method file and registers it with one line, ``@register_plugin("sara")``.
+injects the adapter, trains its parameters with the standard diffusion loss and saves it in difftune's format. A
+method with its own behaviour subclasses it in its method file and registers it with one line,
+``@register_plugin("sara")``.
+
+Order of the calls: ``prepare`` (once; the trainer then sets ``teacher``), ``trainable_parameters``,
+``make_optimizer``; per micro-batch ``objective`` (None: the standard loss) plus ``extra_loss``; per optimizer step
+``on_step``; ``checkpoint_tensors`` at every checkpoint and at the end; ``save_trained`` once, on the main process.
+
+Two shapes of method beyond the plain adapter:
+
+* **Own objective** (data-free erasing, block-wise calibration, distillation): override ``objective``. It receives
+  a `difftune.train.loss.StepInputs` with the batch, the pipeline, the conditioning family, the trained and teacher
+  modules and helpers that draw the standard (x0, ε, t, x_t, conditioning) from images, noise given latents, encode
+  prompts, run a denoiser and compute the default loss. Only such a method can train on ``data.kind: prompts`` or
+  ``none`` (no images).
+* **Student** (distillation): ``prepare`` returns a module other than the denoiser it received. The trainer trains
+  that module, registers it in the pipeline under the denoiser's component name (validation and ``save_trained``
+  see it), and keeps the original as ``plugin.teacher``: frozen, in eval mode, on the device, in the weight dtype.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +33,9 @@ from torch import Tensor, nn
 from ..errors import DifftuneError
 from ..methods.base import MethodConfig
 from ..methods.model import adapter_parameters, adapter_tensors, inject
+
+if TYPE_CHECKING:  # loss.py pulls in the training stack; method files import this module at registration
+    from .loss import StepInputs
 
 PLUGINS: dict[str, type[TrainerPlugin]] = {}
 
@@ -45,11 +64,19 @@ class TrainerPlugin:
     Attributes:
         config: the method's config.
         name: the adapter's name in the model.
+        teacher: the original denoiser when ``prepare`` returned another module (set by the trainer right after
+            ``prepare``: frozen, eval mode, on the device, in the weight dtype), else None.
     """
 
     def __init__(self, config: MethodConfig, name: str) -> None:
         self.config = config
         self.name = name
+        self.teacher: nn.Module | None = None
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether training needs image data: true unless the plugin defines its own ``objective``."""
+        return type(self).objective is TrainerPlugin.objective
 
     def default_lr(self) -> float:
         """The learning rate used when the training config gives none."""
@@ -73,6 +100,17 @@ class TrainerPlugin:
     def make_optimizer(self, params: list[nn.Parameter], optimizer_config: Any,
                        lr: float) -> torch.optim.Optimizer | None:
         """A method-specific optimizer at learning rate ``lr``, or None for the trainer's default."""
+        return None
+
+    def objective(self, step: StepInputs) -> Tensor | None:
+        """The loss of one micro-batch, or None for the trainer's standard loss (``step.default_loss()``).
+
+        Use ``step``'s helpers so that the pieces match the standard loss (a distillation loss sees the same x_t for
+        teacher and student): ``step.draw()`` → `Noised` (x0, ε, t, x_t, target, conditioning kwargs) from the
+        batch's images; ``step.noised(latents, kwargs)`` for latents of your own; ``step.prompt_kwargs(captions,
+        latents)``; ``step.predict(module, x_t, t, kwargs)``; ``step.loss(pred, noised)``. Draw randomness from
+        the global torch RNG only (see `StepInputs`), so a resumed run is bit-exact.
+        """
         return None
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:

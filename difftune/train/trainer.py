@@ -1,10 +1,13 @@
 """One accelerate trainer for every method: ``main(cfg)`` builds, loops, checkpoints, validates and saves.
 
 The trainer knows no method by name: it calls the hooks of the method's trainer plugin (`plugin.TrainerPlugin`:
-``prepare``, ``trainable_parameters``, ``make_optimizer``, ``extra_loss``, ``on_step``, ``checkpoint_tensors``,
-``save_trained``). What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from
-`checkpoints.py`, the validation grid and model card from `reporting.py`; conditioning from the pipeline family
-(`families.py`), data from `data.py`.
+``prepare``, ``trainable_parameters``, ``make_optimizer``, ``objective``, ``extra_loss``, ``on_step``,
+``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another module (a distillation
+student) trains that module, in the pipeline, with the original as its frozen ``teacher`` (`adopt_student`).
+
+What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the validation
+grid and model card from `reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py`
+(images) and `sources.py` (data-free).
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
 and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import dump_yaml, to_dict
-from ..errors import DifftuneError
+from ..errors import DifftuneError, bad_value
 from ..methods.model import refresh
 from .build import (
     build_accelerator,
@@ -35,9 +38,9 @@ from .build import (
     set_attention,
 )
 from .checkpoints import checkpoint_hooks, resolve_resume, save_checkpoint, weights_digest
-from .config import TrainConfig
+from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .families import Family, family_for
-from .loss import AutoencoderLoss, Frozen, diffusion_loss, set_latent_scale
+from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .plugin import TrainerPlugin, plugin_for
 from .reporting import flat_hparams, validate, write_model_card
 
@@ -116,15 +119,22 @@ def setup(cfg: TrainConfig) -> Run:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
 
+    method = cfg.method_config()
+    plugin = plugin_for(method, cfg.adapter_name)
+    if cfg.data.kind in DATA_FREE_KINDS and plugin.needs_images:
+        raise bad_value("data.kind", cfg.data.kind, f"an image data set ({', '.join(IMAGE_KINDS)}) for method "
+                        f"{method.method!r}", f"{method.method!r} trains with the standard diffusion loss, which "
+                        "needs images (data.path); data-free kinds serve methods whose plugin has its own objective")
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)
-    method = cfg.method_config()
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
     family.prepare_training()
     set_attention(cfg, denoiser)
-    plugin = plugin_for(method, cfg.adapter_name)
-    denoiser = plugin.prepare(pipe, denoiser)
+    trained = plugin.prepare(pipe, denoiser)
+    if trained is not denoiser:
+        family = adopt_student(cfg, accelerator, plugin, pipe, component, denoiser, trained, weight_dtype)
+    denoiser = trained
     params = plugin.trainable_parameters(denoiser)
     if not params:
         raise DifftuneError(f"method {method.method!r} selected no trainable parameters; check its target_modules")
@@ -156,6 +166,27 @@ def setup(cfg: TrainConfig) -> Run:
     frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
     return Run(cfg, accelerator, pipe, component, family, plugin, denoiser, params, model, optimizer, lr_scheduler,
                ema, dataset, loader, sampler, frozen)
+
+
+def adopt_student(cfg: TrainConfig, accelerator: Any, plugin: TrainerPlugin, pipe: Any, component: str,
+                  teacher: nn.Module, student: nn.Module, weight_dtype: torch.dtype) -> Family:
+    """``prepare`` returned ``student``: it becomes the pipeline's ``component`` (validation and ``save_trained``
+    use it) and ``teacher`` the plugin's frozen teacher. Returns the conditioning family of the student."""
+    if not isinstance(student, nn.Module):
+        raise DifftuneError(f"the {plugin.config.method!r} trainer plugin's prepare returned "
+                            f"{type(student).__name__}, not a torch module")
+    teacher.requires_grad_(False).eval()
+    # prepare may have moved or cast it; the teacher runs as the frozen parts do
+    if weight_dtype == torch.float32:
+        teacher.to(accelerator.device)
+    else:
+        teacher.to(accelerator.device, weight_dtype)
+    plugin.teacher = teacher
+    pipe.register_modules(**{component: student.to(accelerator.device)})
+    family = family_for(pipe, student)
+    family.prepare_training()
+    set_attention(cfg, student)
+    return family
 
 
 def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
@@ -203,11 +234,12 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
 
 
 def step_loss(run: Run, batch: dict[str, Any]) -> Tensor:
-    """The loss of one batch: the standard objective plus the plugin's extra term."""
-    if run.cfg.train.objective == "autoencode":
-        loss = run.model(batch["pixel_values"].to(run.accelerator.device))
-    else:
-        loss = diffusion_loss(run.cfg, run.frozen, run.model, batch, run.accelerator.device)
+    """The loss of one micro-batch: the plugin's objective (or the standard loss) plus its extra term."""
+    inputs = StepInputs(batch, run.model, run.denoiser, run.plugin.teacher, run.frozen, run.cfg,
+                        run.accelerator.device, run.progress["step"])
+    loss = run.plugin.objective(inputs)
+    if loss is None:
+        loss = inputs.default_loss()
     extra = run.plugin.extra_loss(run.denoiser)
     return loss if extra is None else loss + extra
 
