@@ -1,0 +1,49 @@
+"""SaRA: progressive sparse low-rank adaptation (Hu et al., ICLR 2025, arXiv 2409.06633).
+
+The smallest weights of a pretrained model are "temporarily ineffective": SaRA trains exactly those and leaves the
+rest untouched. For every targeted parameter tensor W0 (weights, biases, norm scales, embeddings: by default every
+parameter of the denoiser, as the paper):
+
+    M = |W0| < θ                    the selection, fixed at injection
+    W = W0 + w · scatter_M(Δ)       Δ ∈ R^{|M|} is the flat trainable vector, Δ = 0 at the start
+
+Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
+
+* **Unstructural backpropagation**: Δ is the only autograd leaf. The selected entries are written into the base
+  tensor in place (`_RouteGrad` hands the layer an alias of it), and the backward pass returns grad_W[M] to Δ.
+  No dense ``.grad`` and no optimizer state ever exist for frozen entries; the dense dL/dW of one layer is formed
+  transiently by autograd, as in the paper.
+* **Nuclear-norm constraint** (paper eq. 4-5) with weight λ: each step one 2-D weight whose smaller side exceeds
+  ``rank_min_dim`` is drawn at random and λ·∂‖ΔW‖_* = λ·U Vᵀ (singular vectors of the non-zero singular values)
+  is added to its Δ's gradient.
+* **Progressive parameter adjustment** (PPA) at T_p: only the entries still below θ, M' = M ∧ (|W0 + Δ| < θ), keep
+  training; the others keep their trained value; Adam's moments are reset.
+* **Learning rate**: when none is given, lr = 1e-3 · exp(−350 θ) (paper eq. 12).
+
+After training the weights are edited in place (`dt.fuse`): zero inference overhead. Saved: Δ, the mask M as packed
+bits, and a fingerprint of the base values (so an adapter cannot be applied to another base by accident).
+
+Layout: `adapter.py` (the config, the selection masks and the adapter), `training.py` (`SaRAAdamW`, the trainer
+plugin, the learning rate and `threshold_for_fraction`).
+
+Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each tested:
+
+1. The nuclear-norm term reaches the trained values. (Officially it back-propagates into the original Parameters,
+   which the optimizer no longer updates, so it is a no-op.) It acts on the update ΔW, the quantity the
+   constraint is meant to keep low-rank, rather than on the selected absolute values W0⊙M + ΔW.
+2. λ defaults to 5e-3, the value the paper's ablation (App. K) selects; the official README/script pass 5e-4, but
+   there the term never took effect, so that value was never actually in use.
+3. Gradient clipping acts on Δ (officially it sees no gradients in this mode and clips nothing).
+4. The mask is stored, not recomputed from the base at load time (a dtype change or another checkpoint would
+   silently shift it), and loading checks the base fingerprint.
+5. No |·| on the selected values at initialization or at PPA (officially the first step runs on |W0|).
+6. Decoupled weight decay pulls Δ toward 0, i.e. toward the base weights, as for any adapter; officially it pulls
+   the selected absolute values toward 0. The PPA step updates as usual (officially it is skipped).
+"""
+
+# _RouteGrad stays reachable as difftune.methods.sara._RouteGrad (the contract's mutation test patches it)
+from .adapter import SaRAAdapter, SaRAConfig, _RouteGrad, pack_bits, sara_summary, unpack_bits  # noqa: F401
+from .training import SaRAAdamW, SaRAPlugin, auto_lr, prepare_sara, progressive_step, threshold_for_fraction
+
+__all__ = ["SaRAAdamW", "SaRAAdapter", "SaRAConfig", "SaRAPlugin", "auto_lr", "pack_bits", "prepare_sara",
+           "progressive_step", "sara_summary", "threshold_for_fraction", "unpack_bits"]
