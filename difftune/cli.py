@@ -61,12 +61,13 @@ def _print_rows(rows: Sequence[tuple[str, object]]) -> None:
 
 
 def _inspect_method(args: argparse.Namespace) -> int:
+    from .architectures import build_architecture
     from .config import apply_overrides
-    from .counting import build_architecture, count_trainable, load_denoiser, method_config
+    from .counting import ARCHITECTURES, count_trainable, load_denoiser, method_config
 
     if (args.architecture is None) == (args.model is None):
         raise bad_value("--architecture/--model", None, "exactly one of them with --method",
-                        "--architecture sd15|sdxl|dit-xl2 builds shapes only; --model loads a local pipeline")
+                        f"--architecture {'|'.join(ARCHITECTURES)} builds shapes only; --model loads a local pipeline")
     fields = apply_overrides({}, args.set or [])
     config = method_config(args.method, fields)
     model = build_architecture(args.architecture) if args.architecture else load_denoiser(args.model, args.component)
@@ -200,6 +201,8 @@ def cmd_import_krona(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .counting import ARCHITECTURES
+
     p = argparse.ArgumentParser(prog="difftune", description="Customize and compress diffusion models.")
     p.add_argument("--version", action="version", version=f"difftune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--method", help="count this method's trainable parameters instead (e.g. lora, krona, sara)")
     s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a method config field, e.g. rank=8")
-    s.add_argument("--architecture", help="with --method: sd15, sdxl or dit-xl2, built on the meta device")
+    s.add_argument("--architecture", help="with --method: a published denoiser, built on the meta device: "
+                   + ", ".join(ARCHITECTURES))
     s.add_argument("--model", help="with --method: a local diffusers pipeline folder (real weights)")
     s.add_argument("--component", help="with --model: the component to adapt (default unet/transformer)")
     s.set_defaults(func=cmd_inspect)

@@ -1,8 +1,8 @@
 """How many parameters a method would train on a model, without training (``difftune inspect --method``).
 
-Real architectures are built on the meta device (no memory, no download), so a config can be sized for SD1.5,
-SDXL or DiT-XL/2 on any machine. Methods that select weights by value (SaRA) need the real weights: pass a local
-pipeline folder instead.
+Published architectures (`difftune.architectures`: SD 1.5/2.1, SDXL, DiT-B/2, L/2, XL/2, PixArt-α) are built on the
+meta device (no memory, no download), so a config can be sized for them on any machine. Methods that select weights
+by value (SaRA) need the real weights: pass a local pipeline folder instead.
 """
 
 from __future__ import annotations
@@ -12,27 +12,15 @@ from typing import Any
 
 from torch import nn
 
+from .architectures import ARCHITECTURES as _REGISTRY
+from .architectures import build_architecture  # noqa: F401 (kept importable from here, where it used to live)
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods.base import MethodConfig, get_method
 from .methods.model import adapter_parameters, hosts, inject
 
-ARCHITECTURES = ("sd15", "sdxl", "dit-xl2")
-
-
-def build_architecture(name: str) -> nn.Module:
-    """The denoiser of a known architecture on the meta device (shapes only)."""
-    from diffusers import DiTTransformer2DModel, UNet2DConditionModel
-
-    from .testing import build_on_meta, dit_xl2_config, sd15_unet_config, sdxl_unet_config
-
-    builders = {"sd15": (UNet2DConditionModel, sd15_unet_config), "sdxl": (UNet2DConditionModel, sdxl_unet_config),
-                "dit-xl2": (DiTTransformer2DModel, dit_xl2_config)}
-    if name not in builders:
-        raise bad_value("--architecture", name, f"one of {list(ARCHITECTURES)}",
-                        "or pass --model with a local pipeline folder")
-    cls, config = builders[name]
-    return build_on_meta(cls, config())
+#: Names ``--architecture`` accepts (see `difftune.architectures`).
+ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def load_denoiser(path: str | Path, component: str | None = None) -> nn.Module:

@@ -1,9 +1,9 @@
-"""Tiny offline diffusion models and pipelines for tests, and the configs of real architectures.
+"""Tiny offline diffusion models and pipelines for tests (the configs of real ones: `difftune.architectures`).
 
 Nothing here touches the Hugging Face Hub. Tokenizers are written to local folders, and every model is built from a
 config with seeded random weights, so the same seed always gives identical weights. Each pipeline generates a 32x32
-image in well under a second on a CPU. The real configs (Stable Diffusion 1.5, SDXL base, DiT-XL/2) can be built with
-:func:`build_on_meta` to check parameter counts or adapter layouts without allocating memory.
+image in well under a second on a CPU. ``build_on_meta``, ``sd15_unet_config``, ``sdxl_unet_config`` and
+``dit_xl2_config`` are re-exported from `difftune.architectures` so that older imports keep working.
 
 Example:
     >>> pipe = tiny_sd_pipeline()
@@ -29,7 +29,6 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     EulerDiscreteScheduler,
-    ModelMixin,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     StableDiffusionPipeline,
@@ -47,11 +46,14 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .architectures import build_on_meta, dit_xl2_config, sd15_unet_config, sdxl_unet_config
+
 __all__ = [
     "DEFAULT_WORDS",
     "PIPELINE_KINDS",
     "build_on_meta",
     "dit_xl2_config",
+    "randomize_adapter",
     "save_tiny_pipeline",
     "sd15_unet_config",
     "sdxl_unet_config",
@@ -516,114 +518,6 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
         pipeline = _BUILDERS[kind](tokenizer_dir, seed)
         pipeline.save_pretrained(str(folder))
     return folder
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Real architectures (configs only; build them on the meta device)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def sd15_unet_config() -> dict[str, Any]:
-    """Return the Stable Diffusion 1.5 ``UNet2DConditionModel`` config (859,520,964 parameters).
-
-    Returns:
-        A fresh dict for ``UNet2DConditionModel.from_config``.
-    """
-    return {
-        "sample_size": 64,
-        "in_channels": 4,
-        "out_channels": 4,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [320, 640, 1280, 1280],
-        "layers_per_block": 2,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-    }
-
-
-def sdxl_unet_config() -> dict[str, Any]:
-    """Return the SDXL base 1.0 ``UNet2DConditionModel`` config (2,567,463,684 parameters).
-
-    Returns:
-        A fresh dict for ``UNet2DConditionModel.from_config``.
-    """
-    return {
-        "sample_size": 128,
-        "in_channels": 4,
-        "out_channels": 4,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "block_out_channels": [320, 640, 1280],
-        "layers_per_block": 2,
-        "transformer_layers_per_block": [1, 2, 10],
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "cross_attention_dim": 2048,
-        "attention_head_dim": [5, 10, 20],
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_embed_type_num_heads": 64,
-        "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816,
-    }
-
-
-def dit_xl2_config() -> dict[str, Any]:
-    """Return the DiT-XL/2 (256 px) ``DiTTransformer2DModel`` config.
-
-    In diffusers' layout every block carries its own timestep and class embedding (``AdaLayerNormZero``), so the
-    model has more parameters than the 675M of the original implementation.
-
-    Returns:
-        A fresh dict for ``DiTTransformer2DModel.from_config``.
-    """
-    return {
-        "num_attention_heads": 16,
-        "attention_head_dim": 72,
-        "in_channels": 4,
-        "out_channels": 8,
-        "num_layers": 28,
-        "dropout": 0.0,
-        "attention_bias": True,
-        "sample_size": 32,
-        "patch_size": 2,
-        "activation_fn": "gelu-approximate",
-        "num_embeds_ada_norm": 1000,
-        "upcast_attention": False,
-        "norm_type": "ada_norm_zero",
-        "norm_elementwise_affine": False,
-        "norm_eps": 1e-5,
-    }
-
-
-def build_on_meta(model_cls: type[ModelMixin], config: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate ``model_cls.from_config(config)`` on the meta device: shapes only, no memory, no init cost.
-
-    Args:
-        model_cls: A diffusers model class (anything with ``from_config``), e.g. ``UNet2DConditionModel``.
-        config: Its config, e.g. from :func:`sd15_unet_config`.
-
-    Returns:
-        The model, with every parameter on the ``meta`` device.
-    """
-    with torch.device("meta"):
-        return model_cls.from_config(config)
 
 
 def randomize_adapter(model: torch.nn.Module, name: str, seed: int = 0, std: float = 0.1) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -44,6 +45,22 @@ def test_inspect_counts_a_method_on_an_architecture(capsys):
     assert "adapted modules:   128" in out and "trainable params:  797,184" in out
     assert main(["inspect", "--method", "lora", "--set", "rank=8", "--architecture", "sd15", "--json"]) == 0
     assert '"parameters": 1594368' in capsys.readouterr().out
+
+
+def test_inspect_takes_every_published_architecture(capsys):
+    from difftune.counting import ARCHITECTURES
+
+    # LoRA r=4 on q/k/v/out of DiT-L/2's 24 blocks: 96 square 1024 linears, 4 · (1024 + 1024) each
+    assert main(["inspect", "--method", "lora", "--architecture", "dit-l2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["modules"], info["parameters"], info["base_parameters"]) == (96, 786_432, 511_609_888)
+    assert main(["inspect", "--method", "lora", "--architecture", "sd3"]) == 2
+    err = capsys.readouterr().err
+    assert "`architecture` must be one of" in err and all(f"'{name}'" in err for name in ARCHITECTURES)
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also after hyphens
+    assert all(name in help_text for name in ARCHITECTURES)
 
 
 def test_inspect_method_errors(sd_dir, capsys):
