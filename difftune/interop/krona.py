@@ -1,7 +1,7 @@
 """DiffuseKronA (``krona``) adapters ⇄ the files other tools read: kohya/LyCORIS LoKr, full-ΔW "diff", official.
 
 Export, `export_krona`, turns a saved difftune ``krona`` adapter into one safetensors file with kohya key names
-(``<prefix>_<module path with "." → "_">``, prefix ``lora_unet`` for the UNet):
+(``<prefix>_<module path with "." → "_">``, prefix ``lora_unet`` for the UNet; see `difftune.interop.kohya`):
 
 * ``format="lokr"``: ``<name>.lokr_w1`` = s·A (a1, a2), ``<name>.lokr_w2`` = B (b1, b2), or (b1, b2, k, k) for
   convolutions such as SD1.5's 1×1 ``proj_in``/``proj_out``, and ``<name>.alpha`` = 1. Every client rebuilds
@@ -32,24 +32,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import __version__
-from ..components import denoiser_name
+from ..architectures import denoiser_on_meta
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from ..loading import component_of, inject
 from ..methods import model as core
-from ..methods.host import AdapterHost
 from ..methods.krona import KronAConfig, kron_delta, layer_dims, lycoris_factorization
 from ..serialization import read_header, read_tensors, save_adapter_file
 from ..targeting import canonical_name, find_targets
+from .kohya import (
+    KOHYA_PREFIXES,  # noqa: F401 (kept importable from here, where it used to live)
+    base_layer,
+    group_by_module,
+    kohya_name,
+    kohya_prefix,
+    match_modules,
+    read_safetensors,
+    safetensors_keys,
+)
 
 FORMATS = ("lokr", "diff")
-#: kohya key prefix per pipeline component ("" is a bare denoiser saved without a pipeline).
-KOHYA_PREFIXES = {"": "lora_unet", "unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha")
 OFFICIAL_KEY = re.compile(
@@ -123,13 +129,7 @@ def export_krona(
         raise bad_value("dtype", dtype, f"one of {sorted(DTYPES)} or unset (the adapter's own dtype)")
     config = KronAConfig.from_dict(header.get("config", {}))
     component = header.get("component") or ""
-    if prefix is None:
-        if component not in KOHYA_PREFIXES:
-            raise bad_value("prefix", None, f"a kohya key prefix for the adapter's component {component!r}",
-                            "e.g. prefix='lora_unet'")
-        prefix = KOHYA_PREFIXES[component]
-    if not prefix or "." in prefix:
-        raise bad_value("prefix", prefix, "a non-empty key prefix without '.'", "e.g. 'lora_unet'")
+    prefix = kohya_prefix(component, prefix)
     if format == "lokr" and config.layout == "official":
         raise bad_value("format", format, "'diff' for an adapter in the official DiffuseKronA layout",
                         "that code's row-permuted P(A⊗B) is no Kronecker product of any factor pair, so only the "
@@ -139,7 +139,7 @@ def export_krona(
     tensors: dict[str, Tensor] = {}
     refused: list[str] = []
     for module, (a, b) in factors.items():
-        key = f"{prefix}_{module.replace('.', '_')}"
+        key = kohya_name(module, prefix)
         if format == "diff":
             tensors[f"{key}.diff"] = kron_delta(a, b, config.scale, config.layout == "official").to(out_dtype)
             continue
@@ -200,24 +200,10 @@ def load_lokr(
         DifftuneError: keys for modules the model lacks, Tucker/DoRA/diff modules, factor shapes that do not
             multiply to the layer's weight, or splits that no single `KronAConfig` describes.
     """
-    tensors = _read(path, "a LoKr .safetensors file")
+    groups = group_by_module(read_safetensors(path, "a LoKr .safetensors file"))
     comp, module = component_of(obj, component)
-    if prefix is None:
-        prefix = KOHYA_PREFIXES.get(comp, f"lora_{comp}")
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        lora_name, _, part = key.partition(".")
-        groups.setdefault(lora_name, {})[part] = value
-    kohya_names = {f"{prefix}_{canonical_name(n).replace('.', '_')}": canonical_name(n)
-                   for n, _ in module.named_modules() if n}
-    unknown = [k for k in groups if k not in kohya_names]
-    if unknown:
-        raise DifftuneError(
-            f"{len(unknown)} module(s) in {str(path)!r} are not in this model under prefix {prefix!r}, e.g. "
-            f"{unknown[:3]}. Hint: is it for another component (lora_te_* keys are the text encoder) or another base?"
-        )
-    factors = {kohya_names[k]: _lokr_factors(k, parts, _base_layer(module, kohya_names[k]))
-               for k, parts in groups.items()}
+    names = match_modules(module, groups, kohya_prefix(comp, prefix, guess=True), source=path)
+    factors = {names[k]: _lokr_factors(k, parts, _base_layer(module, names[k])) for k, parts in groups.items()}
     return _inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
 
 
@@ -238,7 +224,7 @@ def load_official_krona(
         DifftuneError: keys of another kind (text encoder, LoRA), modules the model lacks, shapes that do not form a
             Kronecker split of the layer.
     """
-    tensors = _read(path, "an official DiffuseKronA .safetensors checkpoint")
+    tensors = read_safetensors(path, "an official DiffuseKronA .safetensors checkpoint")
     comp, module = component_of(obj, component)
     pairs: dict[str, dict[str, Tensor]] = {}
     foreign = []
@@ -275,34 +261,13 @@ def load_official_krona(
 
 def detect_format(path: str | Path) -> str:
     """"lokr" or "official" from a checkpoint's key names."""
-    keys = _keys(path)
+    keys = safetensors_keys(path, "a .safetensors checkpoint")
     if any(".lokr_w1" in k for k in keys):
         return "lokr"
     if keys and all(OFFICIAL_KEY.match(k) for k in keys):
         return "official"
     raise DifftuneError(f"{str(path)!r} is neither a LoKr file (*.lokr_w1 keys) nor an official DiffuseKronA "
                         f"checkpoint (*.processor.to_q_lora.down.weight keys); first keys: {keys[:3]}")
-
-
-def denoiser_on_meta(model: str | Path, component: str | None = None) -> tuple[str, nn.Module]:
-    """(component, module) of a local pipeline folder, built from its config on the meta device (no weights read)."""
-    import diffusers
-
-    folder = Path(model)
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise bad_value("model", str(model), "a local diffusers pipeline folder (holding model_index.json)")
-    entries = json.loads(index.read_text())
-    if component is None:
-        component = denoiser_name(entries)
-    if component not in entries or not isinstance(entries[component], list):
-        raise bad_value("component", component, f"a model component of {folder} ({sorted(entries)})")
-    cls = getattr(diffusers, entries[component][1], None)
-    if cls is None or not hasattr(cls, "load_config"):
-        raise bad_value("component", component, "a diffusers model component (unet or transformer)")
-    config = cls.load_config(str(folder / component))
-    with torch.device("meta"):
-        return component, cls.from_config(config)
 
 
 def import_krona(
@@ -319,7 +284,7 @@ def import_krona(
     format = detect_format(checkpoint) if format == "auto" else format
     comp, module = denoiser_on_meta(model, component)
     if format == "lokr":
-        load_lokr(module, checkpoint, name=name, prefix=KOHYA_PREFIXES.get(comp, f"lora_{comp}"))
+        load_lokr(module, checkpoint, name=name, prefix=kohya_prefix(comp, guess=True))
     else:
         load_official_krona(module, checkpoint, name=name)
     return save_adapter_file(module, out, name=name, base_model=str(model), component=comp)
@@ -329,36 +294,8 @@ def import_krona(
 # Helpers
 
 
-def _read(path: str | Path, what: str) -> dict[str, Tensor]:
-    with _open(path, what) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-
-def _keys(path: str | Path) -> list[str]:
-    with _open(path, "a .safetensors checkpoint") as f:
-        return list(f.keys())
-
-
-def _open(path: str | Path, what: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise bad_value("path", str(path), what, "the file does not exist")
-    try:
-        return safe_open(str(p), framework="pt")
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise DifftuneError(f"{p} could not be read as safetensors ({e}); only safetensors files are loaded") from e
-
-
 def _base_layer(module: nn.Module, name: str) -> nn.Module:
-    try:
-        layer = module.get_submodule(name)
-    except AttributeError:
-        raise DifftuneError(f"module {name!r} does not exist in this {type(module).__name__}; was the file made for "
-                            "another base model?") from None
-    layer = layer.base_layer if isinstance(layer, AdapterHost) else layer
-    if not isinstance(layer, nn.Linear | nn.Conv2d):
-        raise DifftuneError(f"module {name!r} is a {type(layer).__name__}; Kronecker adapters need Linear or Conv2d")
-    return layer
+    return base_layer(module, name, needed_by="Kronecker adapters")
 
 
 def _lokr_factors(key: str, parts: dict[str, Tensor], layer: nn.Module) -> tuple[Tensor, Tensor]:
