@@ -12,6 +12,7 @@ The flat public API::
 
 from __future__ import annotations
 
+from .compress import load_compressed, load_compressed_pipeline, quantize_rtn_, save_compressed
 from .errors import DifftuneError
 from .loading import (
     delete_adapter,
@@ -62,9 +63,13 @@ __all__ = [
     "list_adapters",
     "list_methods",
     "load_adapter",
+    "load_compressed",
+    "load_compressed_pipeline",
     "merge",
+    "quantize_rtn_",
     "remove",
     "save_adapter",
+    "save_compressed",
     "set_adapter_weights",
     "trainable_parameter_count",
     "unfuse",

@@ -60,7 +60,10 @@ class LoRAConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
-        if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
+        # `_difftune_linear_like`: a compressed layer (difftune.compress.ReplacedLinear) computing F.linear with a
+        # decoded weight; ΔW·x below needs only the input and the layer's shapes, so the adapter runs on top of it.
+        linear = isinstance(base_layer, nn.Linear) or getattr(base_layer, "_difftune_linear_like", False)
+        if linear or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
             return LoRAAdapter(base_layer, self)
         return None
 
