@@ -154,6 +154,10 @@ class ImageDataset(Dataset):
         """Set the epoch that, with the seed and the item index, determines the augmentation."""
         self.epoch = _check_int("epoch", epoch, 0, "a non-negative integer")
 
+    def captions(self) -> list[str]:
+        """The distinct captions of the items, sorted (empty for class folders)."""
+        return sorted({r["caption"] for r in self.records if "caption" in r})
+
     def rng(self, index: int) -> np.random.Generator:
         """The generator for item ``index`` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
@@ -320,6 +324,10 @@ class DreamBoothDataset(Dataset):
         self.instances.set_epoch(epoch)
         if self.classes is not None:
             self.classes.set_epoch(epoch)
+
+    def captions(self) -> list[str]:
+        """The distinct captions (instance prompt, class prompt), sorted."""
+        return sorted(set(self.instances.captions()) | set(self.classes.captions() if self.classes else []))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):

@@ -33,19 +33,28 @@ class Frozen:
     latent_cache: dict[tuple[str, int], tuple[Tensor, Tensor]]
 
 
+@torch.no_grad()
+def encode_posterior(vae: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The VAE posterior's mean and std for ``pixels`` (B, 3, H, W): float32, contiguous, on the VAE's device."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    # contiguous: the encoder's output may be channels-last (it is on CPU), and randn_like follows the layout
+    return dist.mean.float().contiguous(), dist.std.float().contiguous()
+
+
 def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None) -> Tensor:
     vae = frozen.pipe.vae
-    if keys is not None and all(k in frozen.latent_cache for k in keys):
+    if keys is None:
+        mean, std = encode_posterior(vae, pixels)
+    else:
+        missing = [k for k in keys if k not in frozen.latent_cache]
+        if missing:
+            raise DifftuneError(f"no cached latents for {missing[:3]}: the cache is filled before training "
+                                "(difftune.train.cache.fill_caches) for every item of the data set")
         mean = torch.stack([frozen.latent_cache[k][0] for k in keys]).to(pixels.device)
         std = torch.stack([frozen.latent_cache[k][1] for k in keys]).to(pixels.device)
-    else:
-        with torch.no_grad():
-            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
-        if keys is not None:
-            for k, m, s in zip(keys, mean.cpu(), std.cpu()):
-                frozen.latent_cache[k] = (m, s)
-    latents = mean + std * torch.randn_like(mean)  # a fresh sample of the posterior every step, as diffusers does
+    # A fresh sample of the posterior every step, as diffusers does. Drawn with an explicit shape, never
+    # randn_like: the same step must draw the same numbers from a cached and from a freshly encoded posterior.
+    latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
@@ -54,11 +63,10 @@ def _captions(frozen: Frozen, captions: list[str], device: torch.device, cache: 
     fam = frozen.family
     if not cache:
         return fam.encode(captions, device)
-    missing = sorted({c for c in captions if c not in frozen.text_cache})
-    if missing:
-        enc = fam.encode(missing, device)
-        for i, c in enumerate(missing):
-            frozen.text_cache[c] = {k: v[i].cpu() for k, v in enc.items()}
+    # Captions not cached before training (a plugin's own prompts) are encoded one at a time, so a cached value is
+    # a function of its caption only, never of which captions happened to be missing together.
+    for c in sorted({c for c in captions if c not in frozen.text_cache}):
+        frozen.text_cache[c] = {k: v[0].cpu() for k, v in fam.encode([c], device).items()}
     keys = frozen.text_cache[captions[0]]
     return {k: torch.stack([frozen.text_cache[c][k] for c in captions]).to(device) for k in keys}
 
@@ -91,7 +99,9 @@ class StepInputs:
 
     Randomness: draw only from the global torch RNG (``torch.randn``, ``torch.randint``, ... on ``device``), as the
     helpers do. accelerate checkpoints that RNG on every process, so a resumed run draws what the uninterrupted one
-    drew; a fresh ``torch.Generator`` or an unseeded library RNG would break exact resume.
+    drew; a fresh ``torch.Generator`` or an unseeded library RNG would break exact resume. Draw with explicit
+    shapes (``torch.randn(x.shape, ...)``): ``randn_like`` follows the memory layout of its argument, which can
+    differ between runs (a cached tensor is contiguous, a VAE output on CPU is channels-last).
 
     Attributes:
         batch: the collated batch: ``pixel_values``/``caption``/``class_label``/``index`` for image data,
@@ -165,7 +175,7 @@ class StepInputs:
     def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
         """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t."""
         sched, cfg = self.noise_scheduler, self.config
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-free, as in _latents
         if cfg.train.noise_offset:
             noise = noise + cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
                                                                  device=latents.device)

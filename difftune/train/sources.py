@@ -49,6 +49,10 @@ class PromptDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Nothing depends on the epoch (the sampler shuffles); kept for the trainer's dataset interface."""
 
+    def captions(self) -> list[str]:
+        """The distinct prompts, sorted."""
+        return sorted(set(self.prompts))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} prompt(s)")
@@ -69,6 +73,10 @@ class IndexDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing depends on the epoch (the sampler shuffles); kept for the trainer's dataset interface."""
+
+    def captions(self) -> list[str]:
+        """No captions."""
+        return []
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):

@@ -37,6 +37,7 @@ from .build import (
     load_training_pipeline,
     set_attention,
 )
+from .cache import fill_caches
 from .checkpoints import checkpoint_hooks, resolve_resume, save_checkpoint, weights_digest
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .families import Family, family_for
@@ -164,6 +165,8 @@ def setup(cfg: TrainConfig) -> Run:
     # Models were built from the same seed on every rank; from here on each rank draws its own noise and timesteps.
     set_seed(cfg.seed + accelerator.process_index)
     frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
+    if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
+        fill_caches(cfg, frozen, dataset, accelerator.device)
     return Run(cfg, accelerator, pipe, component, family, plugin, denoiser, params, model, optimizer, lr_scheduler,
                ema, dataset, loader, sampler, frozen)
 

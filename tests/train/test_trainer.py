@@ -97,6 +97,28 @@ def test_resume_is_bit_exact(tiny, tmp_path):
     assert not all(torch.equal(a[k], v) for k, v in load_file(other / "adapter_model.safetensors").items())
 
 
+def _resume_from(src: Path, root: Path) -> None:
+    """A fresh output folder holding only checkpoint ``src`` (the run "stopped" there)."""
+    (root / "out" / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(src), str(root / "out" / "checkpoints")], check=True)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_is_bit_exact_with_cached_latents_and_text(tiny, tmp_path, capsys, cache):
+    # issue 19: 6 captioned images, batch 3 (2 batches per epoch), checkpoint at step 3 (mid second epoch)
+    sets = ["train.max_steps=6", "train.batch_size=3", "checkpointing.checkpointing_steps=3",
+            "validation.prompts=[]", f"data.cache_latents={str(cache).lower()}",
+            f"data.cache_text_embeddings={str(cache).lower()}"]
+    full_run = main(_cfg(tiny, tmp_path / "a", "sd", *sets))
+    _resume_from(tmp_path / "a" / "out" / "checkpoints" / "checkpoint-3", tmp_path / "b")
+    torch.manual_seed(1234)
+    resumed = main(_cfg(tiny, tmp_path / "b", "sd", *sets, "checkpointing.resume_from_checkpoint=latest"))
+    digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+    a, b = load_file(full_run / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_a_different_config_is_refused(tiny, tmp_path):
     main(_cfg(tiny, tmp_path, "sd", "train.max_steps=2", "checkpointing.checkpointing_steps=2",
               "validation.prompts=[]"))
