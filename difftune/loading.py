@@ -147,14 +147,14 @@ def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
 def fuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     """Merge the adapters' weighted ΔW into the base weights, computed in fp32.
 
-    By default every enabled weight-space adapter is fused (activation-space ones keep running as modules); named
-    adapters must be mergeable and enabled, and a refused fuse changes nothing.
+    By default every enabled weight-space adapter is fused wherever it can be (activation-space adapters, and adapters
+    on compressed layers that hold no weight to write, keep running as modules: the output is the same); named
+    adapters must be mergeable everywhere and enabled, and a refused fuse changes nothing.
     """
     if names is not None:
         wanted = [names] if isinstance(names, str) else list(names)
         for module in modules_of(obj).values():
-            for _, host in model.hosts(module):
-                host.check_mergeable([n for n in wanted if n in host.adapters])
+            model.check_mergeable(module, [n for n in wanted if n in model.adapter_names(module)])
     _per_module(obj, names, model.merge)
 
 

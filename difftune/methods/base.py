@@ -289,7 +289,7 @@ class Adapter(nn.Module):
 
 def apply_weight(base_layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     """``base_layer``'s operator with another weight and no bias (used to compute ΔW·x)."""
-    if isinstance(base_layer, nn.Linear):
+    if isinstance(base_layer, nn.Linear) or getattr(base_layer, "_difftune_linear_like", False):
         return F.linear(x, weight)
     if isinstance(base_layer, nn.Conv2d):
         return base_layer._conv_forward(x, weight, None)  # honours padding_mode, stride, dilation, groups

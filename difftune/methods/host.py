@@ -77,13 +77,25 @@ class AdapterHost(nn.Module):
         return out
 
     # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
+    def merge_refusal(self, n: str) -> str | None:
+        """Why adapter ``n`` cannot be merged into this layer, or None when it can."""
+        adapter = self.adapters[n]
+        if not adapter.mergeable:
+            return (f"adapter {n!r} ({adapter.config.method}) acts on activations and cannot be merged into weights; "
+                    "keep it unmerged (it runs as a module at inference)")
+        params = {p for p, _ in self.base_layer.named_parameters(recurse=False)}
+        missing = [p for p in adapter.merge_params() if p not in params]
+        if missing:  # e.g. a compressed layer (difftune.compress) that stores codes, not a `weight` Parameter
+            return (f"adapter {n!r} ({adapter.config.method}) cannot be merged into {type(self.base_layer).__name__}: "
+                    f"it has no parameter {missing} to write into; keep the adapter unmerged (it runs on top of the "
+                    "layer)")
+        return None
+
     def check_mergeable(self, names: Iterable[str]) -> None:
         for n in names:
-            if not self.adapters[n].mergeable:
-                raise DifftuneError(
-                    f"adapter {n!r} ({self.adapters[n].config.method}) acts on activations and cannot be merged into "
-                    "weights; keep it unmerged (it runs as a module at inference)"
-                )
+            why = self.merge_refusal(n)
+            if why:
+                raise DifftuneError(why)
             if n in self.disabled:
                 raise DifftuneError(f"adapter {n!r} is disabled; enable it before merging")
 

@@ -240,17 +240,24 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     _merge(model, names)
 
 
+def check_mergeable(model: nn.Module, names: Sequence[str]) -> None:
+    """Refuse (naming the module) when a named adapter cannot be merged everywhere it sits, or is disabled."""
+    for host_name, host in hosts(model):
+        try:
+            host.check_mergeable([n for n in names if n in host.adapters])
+        except DifftuneError as e:
+            raise DifftuneError(f"cannot merge into {canonical_name(host_name)!r}: {e}") from e
+
+
 def _merge(model: nn.Module, names: str | Sequence[str] | None) -> None:  # `remove(merge=...)` shadows `merge`
     explicit = names is not None
     names = _names(model, names)
-    plan = []
+    if explicit:
+        check_mergeable(model, names)
     for _, host in hosts(model):
         here = [n for n in names if n in host.adapters]
-        if not explicit:
-            here = [n for n in here if host.adapters[n].mergeable and n not in host.disabled]
-        host.check_mergeable(here)
-        plan.append((host, here))
-    for host, here in plan:
+        if not explicit:  # what cannot be merged here keeps running as a module, with the same output
+            here = [n for n in here if host.merge_refusal(n) is None and n not in host.disabled]
         host.merge(here)
 
 
@@ -365,8 +372,16 @@ def target_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
     lines = []
     for host_name, host in hosts(model):
         if name in host.adapters:
-            shapes = [f"{canonical_name(k)}:{tuple(v.shape)}" for k, v in host.base_layer.named_parameters()
-                      if ".adapters." not in k and not k.startswith("adapters.")]
-            lines.append(f"{canonical_name(host_name)}|{type(host.base_layer).__name__}|{','.join(shapes)}")
+            layer = host.base_layer
+            if getattr(layer, "_difftune_linear_like", False):
+                # a compressed Linear (difftune.compress) stands for the Linear it replaced: an adapter trained on
+                # the full-precision model loads onto its quantized copy, and the other way round
+                kind, shapes = "Linear", [f"weight:{(layer.out_features, layer.in_features)}"] + (
+                    [f"bias:{(layer.out_features,)}"] if getattr(layer, "bias", None) is not None else [])
+            else:
+                kind = type(layer).__name__
+                shapes = [f"{canonical_name(k)}:{tuple(v.shape)}" for k, v in layer.named_parameters()
+                          if ".adapters." not in k and not k.startswith("adapters.")]
+            lines.append(f"{canonical_name(host_name)}|{kind}|{','.join(shapes)}")
     lines.sort()
     return {"modules": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
