@@ -9,7 +9,13 @@ from pathlib import Path
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    try:  # Linux reports it without changing it (os.umask would set it, for all threads, for an instant)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass  # no /proc (macOS, Windows): fall back to os.umask below
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
