@@ -36,6 +36,7 @@ from .methods.full import FullConfig
 from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
 from .methods.sara import SaRAAdamW, SaRAConfig
+from .methods.scedit import CSCConfig, SCEditConfig
 from .version import __version__
 
 
@@ -52,6 +53,8 @@ __all__ = [
     "METHODS",
     "SaRAAdamW",
     "SaRAConfig",
+    "SCEditConfig",
+    "CSCConfig",
     "MethodConfig",
     "__version__",
     "adapter_inputs",

@@ -151,7 +151,8 @@ class MethodConfig(abc.ABC):
 
         It lives at ``model.difftune_parts[<adapter name>]``, is made before the per-layer adapters (which find it as
         ``site.part``), and is saved, loaded, counted, trained and deleted with the adapter. Its parameters and
-        persistent buffers must start with the method's prefix, like the per-layer adapters' tensors.
+        persistent buffers must start with the method's prefix, like the per-layer adapters' tensors. `inject` sets
+        its ``adapter_name`` attribute (the key above), so it can pick its own entry of a per-adapter input.
         """
         return None
 

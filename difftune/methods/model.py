@@ -179,6 +179,7 @@ def inject(
         if PARTS not in model._modules:
             model.add_module(PARTS, nn.ModuleDict())
         model._modules[PARTS][name] = part
+        part.adapter_name = name  # a part serving per-adapter inputs (e.g. a control image each) finds its own
     for target, module, adapter in planned:
         if part is not None:
             adapter._part_ref = weakref.ref(part)

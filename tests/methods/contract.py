@@ -115,6 +115,10 @@ CASES: dict[str, Case] = {
     "krona": Case({"a1": 2, "a2": 2}),  # 2 divides every width of the tiny models
     "lora": Case({"rank": 2, "alpha": 4.0}),
     "sara": Case({"threshold": 0.05}),  # selects 10-40% of the tiny models' entries
+    # skip tuners on the UNet's up-block resnets; the CSC tuner's control image reaches its hint encoder per call
+    "scedit": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]}),
+    "csc": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]},
+                inputs={"unet": {"control": torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))}}),
 }
 
 
