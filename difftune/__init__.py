@@ -32,6 +32,7 @@ from .loading import (
 )
 from .methods import METHODS, MethodConfig
 from .methods.context import adapter_inputs
+from .methods.bk import BKConfig
 from .methods.full import FullConfig
 from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
@@ -47,6 +48,7 @@ def list_methods() -> list[str]:
 
 __all__ = [
     "DifftuneError",
+    "BKConfig",
     "FullConfig",
     "KronAConfig",
     "LoRAConfig",

@@ -1,0 +1,380 @@
+"""Block removal (BK-SDM): smaller denoisers that stay stock diffusers models, initialised from the teacher.
+
+Kim, Song, Castells, Choi, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion" (ECCV 2024,
+arXiv 2305.15798). The student is the teacher's architecture with whole blocks removed, built by diffusers itself
+from an edited ``config.json`` (no custom class), and initialised by copying the kept blocks' weights.
+
+UNet plans (SD1.x naming: down = [CA320, CA640, CA1280, D1280], ``layers_per_block`` L = 2 (res, attn) pairs per down
+stage, L + 1 per up stage, mid = res-attn-res):
+
+* **base**: one pair fewer in every stage: down stages keep their first L - 1 pairs, up stages their first L - 1 and
+  their last (the paper keeps up pairs 0 and 2 of 3: the last pair takes the same skip as in the teacher, so the
+  shapes line up). Beyond SD (L = 1, e.g. sd-mini): a stage keeps one pair unless diffusers can build it with none
+  (it downsamples and keeps its width); then it keeps none.
+* **small**: base without the mid block (``mid_block_type: null``).
+* **tiny**: small without the innermost down stage and the matching up stage; the new innermost down stage has no
+  downsampler. Student ``up_blocks.j`` takes teacher ``up_blocks.j + 1``.
+
+A `RemovalPlan` says the same per stage, so a user plan (a YAML file) may keep any pairs, any number of outer stages,
+and fewer transformer layers per attention (KOALA/SSD-1B-style depth reduction; kept: the first n of each stack).
+For transformers (DiT, PixArt), a plan keeps a list of ``transformer_blocks`` (or drops every k-th one).
+
+Weight remap (`student_sources`): every student key comes from one teacher key of the same shape; a plan whose
+student has a key with no source or another shape is an error naming the key. MACs are counted as thop does
+(`count_macs`): conv and linear layers only (output elements × input channels per group × kernel size); the attention
+matmuls, norms and activations are functional or uncounted, as in BK-SDM's ``count_macs_params.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from ..errors import DifftuneError, bad_value
+
+__all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "count_macs", "count_parameters", "feature_pairs",
+           "load_plan", "student_config", "student_sources", "unet_macs"]
+
+NAMED_PLANS = ("base", "small", "tiny")
+
+
+@dataclass
+class RemovalPlan:
+    """What a student keeps of its teacher. UNet fields are ignored for transformers and vice versa.
+
+    Attributes:
+        name: a label (``base``, ``small``, ``tiny`` or the user's).
+        stages: outer down/up stages kept (None: all); the innermost ones are removed.
+        down_keep: per kept down stage, the teacher (res, attn) pair indices kept, in order (None: by `pairs`).
+        up_keep: per kept up stage, the teacher pair indices kept; there must be one more than in the matching down
+            stage (diffusers builds L + 1 up pairs for L down pairs). None: the first ``len(down) `` and the last.
+        pairs: pairs removed from every down stage when the keep lists are not given (base: 1).
+        mid_block: keep the mid block.
+        transformer_layers: per kept down stage, transformer layers kept in each attention (None: all; the first n).
+        blocks: transformer (DiT/PixArt) ``transformer_blocks`` indices kept (None: see `drop_every`).
+        drop_every: drop every k-th transformer block (k-1, 2k-1, ...); used when `blocks` is None.
+    """
+
+    name: str = "custom"
+    stages: int | None = None
+    down_keep: list[list[int]] | None = None
+    up_keep: list[list[int]] | None = None
+    pairs: int = 0
+    mid_block: bool = True
+    transformer_layers: list[int] | None = None
+    blocks: list[int] | None = None
+    drop_every: int | None = None
+
+    @classmethod
+    def named(cls, name: str) -> RemovalPlan:
+        """One of the paper's plans: ``base``, ``small`` or ``tiny``."""
+        if name == "base":
+            return cls(name="base", pairs=1)
+        if name == "small":
+            return cls(name="small", pairs=1, mid_block=False)
+        if name == "tiny":
+            return cls(name="tiny", pairs=1, mid_block=False, stages=-1)
+        raise bad_value("plan", name, f"one of {list(NAMED_PLANS)} or a path to a YAML plan",
+                        "e.g. plan: small (BK-SDM-Small: one pair fewer per stage and no mid block)")
+
+
+def load_plan(plan: str | dict[str, Any] | RemovalPlan) -> RemovalPlan:
+    """A plan from a name (``base``/``small``/``tiny``), a YAML file, a mapping, or a `RemovalPlan`."""
+    if isinstance(plan, RemovalPlan):
+        return plan
+    if isinstance(plan, str) and plan in NAMED_PLANS:
+        return RemovalPlan.named(plan)
+    if isinstance(plan, str):
+        path = Path(plan)
+        if not path.is_file():
+            raise bad_value("plan", plan, f"one of {list(NAMED_PLANS)} or an existing YAML file",
+                            "a plan file holds RemovalPlan fields, e.g. `stages: 3` and `mid_block: false`")
+        plan = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(plan, dict):
+        raise bad_value("plan", plan, "a mapping of RemovalPlan fields")
+    known = set(RemovalPlan.__dataclass_fields__)
+    unknown = sorted(set(plan) - known)
+    if unknown:
+        raise DifftuneError(f"unknown removal-plan key(s) {unknown}; known: {sorted(known)}")
+    return RemovalPlan(**plan)
+
+
+# ------------------------------------------------------------------------------------------------------- UNet
+
+
+def _is_unet(config: dict[str, Any]) -> bool:
+    return "down_block_types" in config
+
+
+def _per_stage(value: Any, n: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+@dataclass
+class _UNetLayout:
+    """The resolved plan for one teacher UNet: which teacher pieces each student piece comes from."""
+
+    stages: int
+    down_keep: list[list[int]]
+    up_keep: list[list[int]]
+    tlayers: list[int] | None
+    mid: bool
+    up_offset: int = field(default=0)
+
+
+def _may_be_empty(cfg: dict[str, Any], i: int, stages: int) -> bool:
+    """diffusers builds a down stage with no (res, attn) pair when it downsamples and keeps its width."""
+    widths = list(cfg["block_out_channels"])
+    return i < stages - 1 and widths[max(i - 1, 0)] == widths[i]
+
+
+def _unet_layout(teacher: dict[str, Any], plan: RemovalPlan) -> _UNetLayout:
+    n = len(teacher["down_block_types"])
+    stages = n if plan.stages is None else (n + plan.stages if plan.stages < 0 else plan.stages)
+    if not 1 <= stages <= n:
+        raise bad_value("plan.stages", plan.stages, f"1..{n} kept stages (or -k to remove the k innermost)")
+    lpb = _per_stage(teacher["layers_per_block"], n)
+    if plan.down_keep is not None:
+        down = [list(k) for k in plan.down_keep]
+    else:
+        down = [list(range(max(lpb[i] - plan.pairs, 0 if _may_be_empty(teacher, i, stages) else 1)))
+                for i in range(stages)]
+    if len(down) != stages:
+        raise bad_value("plan.down_keep", down, f"{stages} lists of pair indices (one per kept stage)")
+    for i, keep in enumerate(down):
+        if keep and (max(keep) >= lpb[i] or min(keep) < 0):
+            raise bad_value(f"plan.down_keep[{i}]", keep, f"pair indices in 0..{lpb[i] - 1}")
+        if not keep and not _may_be_empty(teacher, i, stages):
+            raise bad_value(f"plan.down_keep[{i}]", keep, "at least one pair",
+                            "a stage can lose all its pairs only when it downsamples and keeps its width")
+    # up stage j of the student is teacher up stage j + offset; it mirrors down stage stages - 1 - j
+    offset = n - stages
+    if plan.up_keep is not None:
+        up = [list(k) for k in plan.up_keep]
+    else:
+        # the first n and the last; an up stage mirroring an emptied down stage keeps its first pair, the one that
+        # reads the previous stage's width (with equal widths its skip has the same shape as the last pair's)
+        up = [list(range(len(down[stages - 1 - j]))) + [lpb[n - 1 - j - offset]] if down[stages - 1 - j] else [0]
+              for j in range(stages)]
+    for j, keep in enumerate(up):
+        want = len(down[stages - 1 - j]) + 1
+        if len(keep) != want or max(keep) > lpb[n - 1 - j - offset] or min(keep) < 0:
+            raise bad_value(f"plan.up_keep[{j}]", keep, f"{want} pair indices in 0..{lpb[n - 1 - j - offset]}",
+                            "diffusers builds one more up pair than down pairs per stage")
+    tl = None
+    if plan.transformer_layers is not None:
+        tl = list(plan.transformer_layers)
+        full = _per_stage(teacher.get("transformer_layers_per_block", 1), n)
+        if len(tl) != stages or any(not 1 <= t <= full[i] for i, t in enumerate(tl)):
+            raise bad_value("plan.transformer_layers", tl, f"{stages} counts, each 1..the teacher's {full[:stages]}")
+    attn = [i for i in range(stages) if down[i] and "CrossAttn" in teacher["down_block_types"][i]]
+    if not attn and not (plan.mid_block and teacher.get("mid_block_type", "x") is not None):
+        raise bad_value("plan", plan.name, "a student that keeps at least one cross-attention stage",
+                        f"this one keeps down stages {teacher['down_block_types'][:stages]} with pairs "
+                        f"{[len(k) for k in down]} and no mid block: it could not read the prompt. (On SD1.x the "
+                        "stage tiny removes has no attention; on a two-stage UNet such as sd-mini it holds them all.)")
+    return _UNetLayout(stages, down, up, tl, plan.mid_block and teacher.get("mid_block_type", "x") is not None,
+                       offset)
+
+
+def student_config(teacher: dict[str, Any], plan: str | dict[str, Any] | RemovalPlan) -> dict[str, Any]:
+    """The student's diffusers config: the teacher's ``config`` with the plan's removals applied."""
+    plan = load_plan(plan)
+    cfg = {k: v for k, v in dict(teacher).items() if not k.startswith("_")}
+    if not _is_unet(cfg):
+        keep = _kept_blocks(cfg, plan)
+        cfg["num_layers"] = len(keep)
+        return cfg
+    lay = _unet_layout(cfg, plan)
+    s, n = lay.stages, len(cfg["down_block_types"])
+    for key in ("down_block_types", "block_out_channels"):
+        cfg[key] = list(cfg[key])[:s]
+    cfg["up_block_types"] = list(cfg["up_block_types"])[n - s:]
+    for key in ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention"):
+        if isinstance(cfg.get(key), (list, tuple)):
+            cfg[key] = list(cfg[key])[:s]
+    cfg["layers_per_block"] = [len(k) for k in lay.down_keep]
+    if len(set(cfg["layers_per_block"])) == 1:
+        cfg["layers_per_block"] = cfg["layers_per_block"][0]
+    if lay.tlayers is not None:
+        cfg["transformer_layers_per_block"] = lay.tlayers
+    elif isinstance(cfg.get("transformer_layers_per_block"), (list, tuple)):
+        cfg["transformer_layers_per_block"] = list(cfg["transformer_layers_per_block"])[:s]
+    if cfg.get("reverse_transformer_layers_per_block") is not None:
+        raise bad_value("teacher reverse_transformer_layers_per_block", cfg["reverse_transformer_layers_per_block"],
+                        "None (an asymmetric teacher is not supported by the named plans)")
+    if not lay.mid:
+        cfg["mid_block_type"] = None
+    return cfg
+
+
+def _stage_sources(lay: _UNetLayout, tcfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """(student prefix, teacher prefix) for every block piece that moves; everything else keeps its name."""
+    pairs = []
+    for i, keep in enumerate(lay.down_keep):
+        for k, t in enumerate(keep):
+            pairs += [(f"down_blocks.{i}.resnets.{k}.", f"down_blocks.{i}.resnets.{t}."),
+                      (f"down_blocks.{i}.attentions.{k}.", f"down_blocks.{i}.attentions.{t}.")]
+        pairs.append((f"down_blocks.{i}.downsamplers.", f"down_blocks.{i}.downsamplers."))
+    for j, keep in enumerate(lay.up_keep):
+        tj = j + lay.up_offset
+        for k, t in enumerate(keep):
+            pairs += [(f"up_blocks.{j}.resnets.{k}.", f"up_blocks.{tj}.resnets.{t}."),
+                      (f"up_blocks.{j}.attentions.{k}.", f"up_blocks.{tj}.attentions.{t}.")]
+        pairs.append((f"up_blocks.{j}.upsamplers.", f"up_blocks.{tj}.upsamplers."))
+    return pairs
+
+
+def _kept_blocks(cfg: dict[str, Any], plan: RemovalPlan) -> list[int]:
+    n = int(cfg["num_layers"])
+    if plan.blocks is not None:
+        keep = list(plan.blocks)
+    elif plan.drop_every is not None:
+        if plan.drop_every < 2:
+            raise bad_value("plan.drop_every", plan.drop_every, "an integer ≥ 2 (drop blocks k-1, 2k-1, ...)")
+        keep = [i for i in range(n) if (i + 1) % plan.drop_every]
+    else:
+        raise bad_value("plan", plan.name, "`blocks: [...]` or `drop_every: k` for a transformer denoiser",
+                        "base/small/tiny are UNet plans; e.g. {drop_every: 2} keeps half of the blocks")
+    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
+        raise bad_value("plan.blocks", keep, f"increasing block indices in 0..{n - 1}")
+    return keep
+
+
+def student_sources(teacher_cfg: dict[str, Any], student_keys: list[str],
+                    plan: str | dict[str, Any] | RemovalPlan) -> dict[str, str]:
+    """Student state-dict key → teacher key (the paper's remap; the rest keep their names)."""
+    plan = load_plan(plan)
+    if _is_unet(teacher_cfg):
+        moves = _stage_sources(_unet_layout(dict(teacher_cfg), plan), dict(teacher_cfg))
+    else:
+        moves = [(f"transformer_blocks.{j}.", f"transformer_blocks.{t}.")
+                 for j, t in enumerate(_kept_blocks(dict(teacher_cfg), plan))]
+    out = {}
+    for key in student_keys:
+        src = key
+        for s, t in moves:
+            if key.startswith(s):
+                src = t + key[len(s):]
+                break
+        out[key] = src
+    return out
+
+
+def build_student(teacher: nn.Module, plan: str | dict[str, Any] | RemovalPlan) -> nn.Module:
+    """The student as the teacher's own diffusers class, from `student_config`, with the teacher's kept weights.
+
+    Works on the meta device too (then nothing is copied). The student is float32 unless the teacher is on meta.
+
+    Raises:
+        DifftuneError: a student tensor has no teacher source of the same shape (a user plan that does not fit).
+    """
+    cfg = student_config(teacher.config, plan)
+    on_meta = any(p.is_meta for p in teacher.parameters())
+    with torch.device("meta") if on_meta else torch.random.fork_rng(devices=[]):
+        student = type(teacher).from_config(cfg)
+    if on_meta:
+        return student
+    tstate = teacher.state_dict()
+    sstate = student.state_dict()
+    sources = student_sources(teacher.config, list(sstate), plan)
+    bad = [f"{k} ← {sources[k]}" for k in sstate if sources[k] not in tstate
+           or tstate[sources[k]].shape != sstate[k].shape]
+    if bad:
+        raise DifftuneError(f"the plan's student has {len(bad)} tensor(s) without a teacher source of the same shape, "
+                            f"first: {bad[:3]}; check down_keep/up_keep against the teacher's blocks")
+    student.load_state_dict({k: tstate[sources[k]].detach().float().clone() for k in sstate})
+    return student.to(next(teacher.parameters()).device)
+
+
+# ----------------------------------------------------------------------------------------------- feature KD
+
+
+def feature_pairs(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] | RemovalPlan) -> list[tuple[str, str]]:
+    """(teacher module, student module) whose outputs the feature loss matches (the paper's block outputs).
+
+    UNet: the output of every kept down and up stage; where the student's stage lost its downsampler (tiny), the
+    paper's choice: the last attention's ``proj_out`` (else the last resnet) of the teacher's stage ↔ the student's.
+    The mid block is never distilled. Transformers: student block j ↔ the teacher block just before the next kept
+    one (the end of the span that j replaces).
+    """
+    plan = load_plan(plan)
+    cfg = dict(teacher_cfg)
+    if not _is_unet(cfg):
+        keep = _kept_blocks(cfg, plan) + [int(cfg["num_layers"])]
+        return [(f"transformer_blocks.{keep[j + 1] - 1}", f"transformer_blocks.{j}") for j in range(len(keep) - 1)]
+    lay = _unet_layout(cfg, plan)
+    n = len(cfg["down_block_types"])
+    lpb = _per_stage(cfg["layers_per_block"], n)
+    out = []
+    for i, keep in enumerate(lay.down_keep):
+        if i == lay.stages - 1 and i < n - 1:  # the teacher's stage ends in a downsampler the student lacks
+            part = "attentions" if "CrossAttn" in cfg["down_block_types"][i] else "resnets"
+            tail = ".proj_out" if part == "attentions" else ""
+            out.append((f"down_blocks.{i}.{part}.{lpb[i] - 1}{tail}", f"down_blocks.{i}.{part}.{len(keep) - 1}{tail}"))
+        else:
+            out.append((f"down_blocks.{i}", f"down_blocks.{i}"))
+    out += [(f"up_blocks.{j + lay.up_offset}", f"up_blocks.{j}") for j in range(lay.stages)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- counting
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> int:
+    """Multiply-accumulates of one forward, in thop's convention (BK-SDM's ``count_macs_params.py`` uses thop):
+    ``nn.Conv*`` (output elements × in/groups × kernel size; bias not counted), ``nn.Linear`` (output elements ×
+    in_features) and thop's normalizations (LayerNorm, BatchNorm, InstanceNorm: 2 per input element, 4 when affine).
+    GroupNorm, activations and the attention matmuls (functional) are not counted, as in thop. Runs on the meta
+    device (shapes only), so SD-sized models need no memory."""
+    total = [0]
+    norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        out = output if isinstance(output, Tensor) else output[0]
+        if isinstance(module, nn.Linear):
+            total[0] += out.numel() * module.in_features
+        elif isinstance(module, norms):
+            affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
+            total[0] += 2 * inputs[0].numel() * (2 if affine else 1)
+        else:  # (B, C_out, *spatial): each output element sums in/groups × kernel products
+            k = 1
+            for d in module.kernel_size:
+                k *= d
+            total[0] += out.numel() * (module.in_channels // module.groups) * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *norms))]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def unet_macs(unet: nn.Module, resolution: int = 512, vae_scale: int = 8) -> int:
+    """`count_macs` of one UNet forward at ``resolution`` px (batch 1, 77 text tokens), on the meta device.
+
+    SDXL-style ``text_time`` UNets get their pooled text embedding and six size numbers as extra inputs."""
+    cfg = unet.config
+    size = resolution // vae_scale
+    ctx = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
+    with torch.device("meta"):
+        x = torch.zeros(1, cfg.in_channels, size, size)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 77, ctx)}
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+        meta = unet if all(p.is_meta for p in unet.parameters()) else type(unet).from_config(unet.config)
+        return count_macs(meta, x, torch.zeros(1), **kwargs)
