@@ -23,6 +23,22 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
         raise bad_value("--adapter", spec, "PATH or PATH:WEIGHT with a numeric weight (e.g. out/style:0.8)") from None
 
 
+def parse_control_spec(spec: str) -> tuple[str, str | None, float | None]:
+    """``IMAGE[:ADAPTER[:SCALE]]`` → (image path, adapter or None, scale or None)."""
+    if Path(spec).exists():
+        return spec, None, None
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise bad_value("--control", spec, "IMAGE, IMAGE:ADAPTER or IMAGE:ADAPTER:SCALE (e.g. edges.png:canny:0.8)")
+    scale = None
+    if len(parts) == 3:
+        try:
+            scale = float(parts[2])
+        except ValueError:
+            raise bad_value("--control", spec, "a numeric SCALE after the second ':'") from None
+    return parts[0], (parts[1] or None) if len(parts) > 1 else None, scale
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -87,11 +103,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loading import load_adapter
 
     specs = [parse_adapter_spec(s) for s in args.adapter or []]
+    controls = [parse_control_spec(s) for s in args.control or []]
     pipe = load_pipeline(args.model, device=args.device)
+    aliases: dict[str, str] = {}  # --control may name an adapter by its --adapter path, folder/file name or adapterN
     for i, (path, weight) in enumerate(specs):
-        load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
+        name = load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
+        for alias in (path, Path(path).name, Path(path).stem, name):
+            aliases.setdefault(alias, name)
+    inputs = None
+    if controls:
+        from .conditions import control_inputs
+        from .loading import set_adapter_weights
+
+        if len(controls) == 1 and controls[0][1] is None:
+            control: object = controls[0][0]  # one image for the only CSC adapter
+        else:
+            if any(a is None for _, a, _ in controls):
+                raise bad_value("--control", args.control, "IMAGE:ADAPTER for each image when several are given")
+            control = {aliases.get(a, a): img for img, a, _ in controls}
+        inputs = {"control": control_inputs(pipe, control)}
+        only = next(iter(inputs["control"]))
+        scales = {aliases.get(a, a) if a else only: s for _, a, s in controls if s is not None}
+        set_adapter_weights(pipe, scales)
     images = generate(pipe, prompt=args.prompt, class_label=args.class_label, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, height=args.height, width=args.width)
+                      guidance=args.guidance, height=args.height, width=args.width, adapter_inputs=inputs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(out)
@@ -200,6 +235,26 @@ def cmd_import_krona(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_plan(args: argparse.Namespace) -> int:
+    from .architectures import build_architecture, denoiser_on_meta
+    from .compress.block_removal import NAMED_PLANS, plan_summary
+
+    if bool(args.architecture) == bool(args.model):
+        raise bad_value("--architecture/--model", args.architecture or args.model, "exactly one of them")
+    teacher = build_architecture(args.architecture) if args.architecture else denoiser_on_meta(args.model)[1]
+    rows = plan_summary(teacher, args.plan or list(NAMED_PLANS), args.resolution)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    at = f"MACs @{rows[0]['resolution']}px"
+    print(f"{'model':<10} {'parameters':>15} {'params':>7} {at:>14} {'MACs':>7}")
+    for r in rows:
+        macs = "—" if r["macs"] is None else f"{r['macs'] / 1e9:.1f} G"
+        ratio = "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"
+        print(f"{r['model']:<10} {r['parameters']:>15,} {r['parameters_ratio']:>7.3f} {macs:>14} {ratio:>7}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .counting import ARCHITECTURES
 
@@ -221,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate an image with a local diffusers pipeline and adapters")
     s.add_argument("--model", required=True, help="local diffusers pipeline folder")
     s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]", help="adapter to load; repeatable")
+    s.add_argument("--control", action="append", metavar="IMAGE[:ADAPTER[:SCALE]]",
+                   help="control image for a CSC (SCEdit) adapter, named as in --adapter, with its scale; repeatable")
     s.add_argument("--prompt", help="text prompt (text-to-image pipelines)")
     s.add_argument("--class-label", type=int, help="class id (class-conditional DiT pipelines)")
     s.add_argument("--seed", type=int, default=0)
@@ -286,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="default", help="the adapter's name")
     s.add_argument("--component", default=None, help="the component it adapts (default unet/transformer)")
     s.set_defaults(func=cmd_import_krona)
+    s = sub.add_parser("distill", help="block-removal distillation (BK-SDM): plan sizes without weights")
+    dsub = s.add_subparsers(dest="distill_command", required=True, metavar="DISTILL_COMMAND")
+    d = dsub.add_parser("plan", help="parameters and MACs (thop's convention) of the teacher and its students")
+    d.add_argument("--architecture", help="a published denoiser, built on the meta device: "
+                   + ", ".join(ARCHITECTURES))
+    d.add_argument("--model", help="or a local diffusers pipeline folder (its config only is read)")
+    d.add_argument("--plan", action="append",
+                   help="base, small, tiny or a YAML plan file (repeatable; default all three)")
+    d.add_argument("--resolution", type=int, default=None, help="image size in px (default: the model's native size)")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=cmd_distill_plan)
     return p
 
 

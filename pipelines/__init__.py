@@ -14,6 +14,8 @@ FILES = {
     "stable_diffusion_xl": "difftune_stable_diffusion_xl.py",
     "dit": "difftune_dit.py",
     "pixart": "difftune_pixart.py",
+    "scedit": "difftune_scedit.py",
+    "scedit_xl": "difftune_scedit_xl.py",
 }
 
 
