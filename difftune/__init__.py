@@ -38,6 +38,7 @@ from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig
 from .methods.sara import SaRAAdamW, SaRAConfig
 from .methods.scedit import CSCConfig, SCEditConfig
+from .methods.spm import SPMConfig
 from .version import __version__
 
 
@@ -55,6 +56,7 @@ __all__ = [
     "METHODS",
     "SaRAAdamW",
     "SaRAConfig",
+    "SPMConfig",
     "SCEditConfig",
     "CSCConfig",
     "MethodConfig",

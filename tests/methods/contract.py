@@ -119,6 +119,7 @@ CASES: dict[str, Case] = {
     "scedit": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]}),
     "csc": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]},
                 inputs={"unet": {"control": torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))}}),
+    "spm": Case({"matching": "fixed"}),  # γ = 1: the contract sees the plain membrane (transport: test_spm.py)
 }
 
 
