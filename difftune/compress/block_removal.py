@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..errors import DifftuneError, bad_value
 
 __all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "count_macs", "count_parameters", "feature_pairs",
-           "load_plan", "student_config", "student_sources", "unet_macs"]
+           "load_plan", "plan_summary", "student_config", "student_sources", "unet_macs"]
 
 NAMED_PLANS = ("base", "small", "tiny")
 
@@ -378,3 +378,44 @@ def unet_macs(unet: nn.Module, resolution: int = 512, vae_scale: int = 8) -> int
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
         meta = unet if all(p.is_meta for p in unet.parameters()) else type(unet).from_config(unet.config)
         return count_macs(meta, x, torch.zeros(1), **kwargs)
+
+
+def denoiser_macs(model: nn.Module, resolution: int, vae_scale: int = 8) -> int | None:
+    """`count_macs` of one forward at ``resolution`` px (batch 1) for a UNet or a class-conditional DiT; None for
+    other denoisers (their extra inputs are not modelled here)."""
+    cfg = model.config
+    if _is_unet(dict(cfg)):
+        return unet_macs(model, resolution, vae_scale)
+    if getattr(cfg, "num_embeds_ada_norm", None) and getattr(cfg, "norm_type", "") == "ada_norm_zero":
+        size = resolution // vae_scale
+        with torch.device("meta"):
+            meta = model if all(p.is_meta for p in model.parameters()) else type(model).from_config(cfg)
+            return count_macs(meta, torch.zeros(1, cfg.in_channels, size, size), timestep=torch.zeros(1).long(),
+                              class_labels=torch.zeros(1).long())
+    return None
+
+
+def plan_summary(teacher: nn.Module, plans: list[str | dict[str, Any] | RemovalPlan],
+                 resolution: int | None = None) -> list[dict[str, Any]]:
+    """Parameters and MACs of the teacher and of each plan's student, built on the meta device (no weights).
+
+    Returns one row per model: ``model``, ``parameters``, ``macs`` (None where not counted), and both as fractions
+    of the teacher's. ``resolution`` defaults to the teacher's ``sample_size`` × 8 (the VAE's factor)."""
+    res = resolution or int(teacher.config.sample_size) * 8
+    meta = _on_meta(teacher)
+    rows = []
+    for label, plan in [("teacher", None), *[(load_plan(p).name, p) for p in plans]]:
+        model = meta if plan is None else build_student(_on_meta(meta), plan)
+        rows.append({"model": label, "parameters": count_parameters(model), "macs": denoiser_macs(model, res),
+                     "resolution": res})
+    for row in rows:
+        row["parameters_ratio"] = row["parameters"] / rows[0]["parameters"]
+        row["macs_ratio"] = None if row["macs"] is None else row["macs"] / rows[0]["macs"]
+    return rows
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    if all(p.is_meta for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        return type(model).from_config(model.config)

@@ -157,3 +157,22 @@ def test_macs_follow_thops_convention():
                           nn.LayerNorm(5), nn.GELU())
     macs = count_macs(model, torch.zeros(2, 3, 4, 4))
     assert macs == 2 * 8 * 16 * 3 * 9 + 2 * 5 * 128 + 4 * 2 * 5
+
+
+def test_cli_distill_plan_prints_the_papers_figures(capsys, tmp_path):
+    from difftune.cli import main
+
+    assert main(["distill", "plan", "--architecture", "sd15"]) == 0
+    out = capsys.readouterr().out
+    for figure in ("859,520,964", "338.7 G", "579,384,964", "223.8 G", "482,346,884", "217.7 G", "323,384,964",
+                   "205.0 G"):
+        assert figure in out
+    (tmp_path / "half.yaml").write_text("{name: half, drop_every: 2}\n")
+    assert main(["distill", "plan", "--architecture", "dit-xl2", "--plan", str(tmp_path / "half.yaml"),
+                 "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[1]["model"] == "half" and rows[1]["macs_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert main(["distill", "plan", "--architecture", "sd15", "--plan", "smal"]) == 2
+    assert "`plan` must be one of" in capsys.readouterr().err
