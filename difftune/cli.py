@@ -216,13 +216,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
     from .interop.krona import KronAExportWarning, export_krona
+    from .serialization import read_header
 
+    if read_header(args.path)["method"] == "spm":
+        from .interop.spm import export_spm
+
+        if args.format not in (None, "kohya"):
+            raise bad_value("--format", args.format, "kohya (or unset) for an SPM adapter",
+                            "an SPM is a rank-1 LoRA: it exports as kohya lora_down/lora_up/alpha keys")
+        print(f"wrote {export_spm(args.path, args.out, prefix=args.prefix, dtype=args.dtype)}")
+        return 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KronAExportWarning)
-        out = export_krona(args.path, args.out, format=args.format, prefix=args.prefix, dtype=args.dtype)
+        out = export_krona(args.path, args.out, format=args.format or "lokr", prefix=args.prefix, dtype=args.dtype)
     for w in caught:  # a plain line for people at a terminal, not a Python source location
         print(f"difftune: warning: {w.message}", file=sys.stderr)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_import_spm(args: argparse.Namespace) -> int:
+    from .interop.spm import import_spm
+
+    print(f"wrote {import_spm(args.checkpoint, args.model, args.out, name=args.name, component=args.component)}")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from . import loading
+    from .erase import evaluate_erasure, write_report
+    from .generation import load_pipeline
+    from .methods.spm import set_transport
+
+    pipe = load_pipeline(args.model)
+    for spec in args.adapter or []:
+        path, weight = parse_adapter_spec(spec)
+        name = loading.load_adapter(pipe, path, weight=weight)
+        if args.no_transport and loading.list_adapters(pipe)[name]["method"] == "spm":
+            set_transport(loading.component_of(pipe)[1], name, False)
+    templates = args.template or ["a handwritten digit {}"]
+    result = evaluate_erasure(pipe, args.erase, args.keep or [], judge=args.judge, templates=templates,
+                              n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    result["knobs"].update(model=str(args.model), adapters_given=args.adapter or [], transport=not args.no_transport)
+    out = write_report(result, args.out)
+    h = result["harmonic_mean"]
+    print(f"efficacy {result['efficacy']:.1%}  specificity "
+          f"{'—' if result['specificity'] is None else format(result['specificity'], '.1%')}  "
+          f"H {'—' if h is None else format(h, '.3f')}  ({out})")
     return 0
 
 
@@ -325,15 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs/demo")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("export", help="write a DiffuseKronA (krona) adapter as a kohya/LyCORIS LoKr or full-ΔW file")
-    s.add_argument("path", help="adapter folder or adapter_model.safetensors (method krona)")
+    s = sub.add_parser("export", help="write a krona adapter as LoKr/full-ΔW, or an spm adapter as a kohya LoRA")
+    s.add_argument("path", help="adapter folder or adapter_model.safetensors (method krona or spm)")
     s.add_argument("--out", required=True, help="the .safetensors file to write")
-    s.add_argument("--format", choices=["lokr", "diff"], default="lokr",
-                   help="lokr: factors (A1111/ComfyUI; lycoris-lora for its own splits); diff: the exact full ΔW")
+    s.add_argument("--format", choices=["lokr", "diff", "kohya"], default=None,
+                   help="krona: lokr (default; A1111/ComfyUI, lycoris-lora for its own splits) or diff (the exact "
+                        "full ΔW); spm: kohya (rank-1 lora_down/lora_up/alpha, concepts in the metadata)")
     s.add_argument("--prefix", default=None, help="kohya key prefix (default from the component: lora_unet)")
     s.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="tensor dtype (default: the adapter's)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import-spm", help="convert a kohya-format SPM file (official or exported) to an spm adapter")
+    s.add_argument("checkpoint", help="an SPM .safetensors (lora_unet_*.lora_down/lora_up/alpha)")
+    s.add_argument("--model", required=True, help="a local diffusers pipeline of the same UNet layout (its text "
+                                                  "encoder stores E(concept) for transport)")
+    s.add_argument("--out", required=True, help="adapter folder to write")
+    s.add_argument("--name", default="default", help="the adapter's name")
+    s.add_argument("--component", default=None, help="the component it adapts (default unet/transformer)")
+    s.set_defaults(func=cmd_import_spm)
+
+    s = sub.add_parser("erase", help="judge concept erasure: efficacy, specificity and their harmonic mean (JSON)")
+    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]", help="adapter to load (repeatable)")
+    s.add_argument("--erase", nargs="+", required=True, help="the erased concepts (e.g. seven)")
+    s.add_argument("--keep", nargs="*", help="concepts that must survive (e.g. zero one two)")
+    s.add_argument("--template", action="append", default=None, help="prompt template with {} (repeatable; default "
+                                                                      "'a handwritten digit {}')")
+    s.add_argument("--judge", default="mnist", help="registered judge (difftune.erase.JUDGES); default mnist")
+    s.add_argument("--n", type=int, default=20, help="images per concept and template")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=4.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-transport", action="store_true", help="SPMs at fixed strength (γ = 1) on every prompt")
+    s.add_argument("--out", required=True, help="the JSON report to write")
+    s.set_defaults(func=cmd_erase)
 
     s = sub.add_parser("import-krona", help="convert a LoKr file or an official DiffuseKronA checkpoint to an adapter")
     s.add_argument("checkpoint", help="a LoKr .safetensors or an official pytorch_lora_weights.safetensors")
