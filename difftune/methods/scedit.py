@@ -48,14 +48,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..train.plugin import TrainerPlugin, register_plugin
 from .base import Adapter, MethodConfig, Site, register_method
+from .context import adapter_inputs
+
+if TYPE_CHECKING:
+    from ..train.loss import StepInputs
 
 UP_RESNETS = r"up_blocks\.\d+\.resnets\.\d+"
 
@@ -300,3 +305,23 @@ class CSCAdapter(Adapter, _TunerMixin):
 def _device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+class CSCPlugin(TrainerPlugin):
+    """Training a CSC adapter: the default denoising loss, with the batch's condition images (``data.kind:
+    control``) as this adapter's control input."""
+
+    @property
+    def needs_images(self) -> bool:
+        return True
+
+    def objective(self, step: StepInputs) -> Tensor | None:
+        control = step.batch.get("control")
+        if control is None:
+            raise DifftuneError(f"CSC adapter {self.name!r} trains on images paired with condition images: set "
+                                "data.kind: control with data.condition (e.g. canny) or data.condition_path")
+        with adapter_inputs(control={self.name: control.to(step.device)}):
+            return step.default_loss()
+
+
+register_plugin("csc")(CSCPlugin)

@@ -19,7 +19,7 @@ from torch import nn
 from ..components import DENOISERS
 from ..errors import bad_value
 from .config import TrainConfig
-from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
+from .data import CaptionFolder, ClassFolder, ControlFolder, DreamBoothDataset, collate
 from .families import Family
 from .plugin import TrainerPlugin
 from .sources import IndexDataset, PromptDataset, read_prompts
@@ -106,6 +106,9 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
     if d.kind == "dreambooth":
         return DreamBoothDataset(d.path, d.instance_prompt, class_root=d.class_path, class_prompt=d.class_prompt,
                                  **common)
+    if d.kind == "control":
+        return ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path,
+                             caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
     return CaptionFolder(d.path, caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
 
 

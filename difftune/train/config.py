@@ -32,7 +32,7 @@ class ModelConfig:
                             "e.g. model.path=outputs/demo/model (a folder written by save_pretrained)")
 
 
-IMAGE_KINDS = ("captions", "dreambooth", "classes")
+IMAGE_KINDS = ("captions", "dreambooth", "classes", "control")
 DATA_FREE_KINDS = ("prompts", "none")  #: for methods whose trainer plugin has its own objective (no images)
 
 
@@ -41,7 +41,7 @@ class DataConfig:
     #: captions / dreambooth / classes: image folders at ``path``. prompts: captions only (``prompts`` and/or
     #: ``prompts_file``); none: indices only (``num_samples`` per epoch). The data-free kinds serve methods whose
     #: trainer plugin defines its own objective (e.g. data-free concept erasing).
-    kind: Literal["captions", "dreambooth", "classes", "prompts", "none"] = "captions"
+    kind: Literal["captions", "dreambooth", "classes", "prompts", "none", "control"] = "captions"
     path: str = ""  #: image folder (captions: .txt beside each image or metadata.jsonl; classes: one folder per class)
     prompts: list[str] = field(default_factory=list)  #: kind prompts: the captions, in order
     prompts_file: str | None = None  #: kind prompts: a UTF-8 text file, one caption per line (blank lines skipped)
@@ -60,12 +60,22 @@ class DataConfig:
     cache_latents: bool = False  #: encode every image with the VAE once (needs center crop and no flip)
     cache_text_embeddings: bool = False  #: encode every caption once
     num_workers: int = 0  #: dataloader workers
+    #: kind control (captioned images with a condition image each, for SCEdit's CSC-Tuner): an extractor applied to
+    #: each augmented image (difftune.conditions: canny, sobel, outline, skeleton), or ``condition_path``
+    condition: str | None = None
+    condition_path: str | None = None  #: kind control: folder of condition images named as the images in ``path``
 
     def __post_init__(self) -> None:
         if self.kind in DATA_FREE_KINDS:
             self._check_data_free()
         else:
             self._check_images()
+        if (self.condition or self.condition_path) and self.kind != "control":
+            raise bad_value("data.condition", self.condition or self.condition_path, "unset unless data.kind is "
+                            "'control'", "data.kind: control pairs each image with a condition image")
+        if self.kind == "control" and not (self.condition or self.condition_path):
+            raise bad_value("data.condition", None, "an extractor name or data.condition_path with data.kind "
+                            "'control'", "e.g. condition: canny")
         if self.class_path and self.kind != "dreambooth":
             raise bad_value("data.class_path", self.class_path, "unset unless data.kind is 'dreambooth'")
         if not 0 <= self.label_dropout < 1:

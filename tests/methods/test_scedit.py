@@ -3,6 +3,7 @@ weights, disable, removal and the training route; these tests cover what is part
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,3 +207,42 @@ def test_skips_select_decoder_positions_and_bad_fields_teach():
     half = build_architecture("sd15")
     dt.inject(half, dt.SCEditConfig(down_ratio=0.5), name="a")
     assert dt.trainable_parameter_count(half, "a") == sum(2 * c * (c // 2) + c // 2 + c for c in SD_SKIPS)
+
+
+def test_control_data_pairs_each_image_with_its_condition(tmp_path):
+    from PIL import Image
+
+    from difftune.conditions import outline
+    from difftune.train.config import DataConfig
+    from difftune.train.data import ControlFolder
+
+    images, conds = tmp_path / "images", tmp_path / "conds"
+    images.mkdir()
+    conds.mkdir()
+    for i in range(3):
+        a = np.zeros((32, 40), np.uint8)  # no resize, a random crop across the width
+        a[5 + i:25 + i, 8:30 - 3 * i] = 255  # asymmetric shapes: a flip or another crop changes the outline
+        Image.fromarray(a).convert("RGB").save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"shape {i}")
+        outline(a).save(conds / f"{i}.png")
+    paired = ControlFolder(images, 32, condition_path=conds, center_crop=False, random_flip=True, seed=3)
+    on_the_fly = ControlFolder(images, 32, condition="outline", center_crop=False, random_flip=True, seed=3)
+    for i in range(3):
+        a, b = paired[i], on_the_fly[i]
+        assert a["control"].shape == (3, 32, 32) and a["caption"] == f"shape {i}"
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        # the paired outline got the image's crop and flip: it lies on the augmented shape's boundary
+        shape = (a["pixel_values"][0] > 0).numpy()
+        ring = a["control"][0].numpy() > 0.5
+        assert ring.any() and (ring <= shape).all()
+    with pytest.raises(dt.DifftuneError, match="exactly one"):
+        ControlFolder(images, 32)
+    with pytest.raises(dt.DifftuneError, match="data.condition"):
+        ControlFolder(images, 32, condition="hed")
+    (conds / "2.png").unlink()
+    with pytest.raises(dt.DifftuneError, match="no condition image"):
+        ControlFolder(images, 32, condition_path=conds)
+    with pytest.raises(dt.DifftuneError, match="data.condition"):
+        DataConfig(kind="control", path=str(images))
+    with pytest.raises(dt.DifftuneError, match="unset unless"):
+        DataConfig(path=str(images), condition="canny")
