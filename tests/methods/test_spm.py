@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 import difftune as dt
 from difftune.methods.model import hosts, model_part
-from difftune.methods.spm import SPMConfig, permeability, random_anchors, set_transport, token_overlap
+from difftune.methods.spm import (
+    SPMConfig,
+    permeability,
+    random_anchors,
+    set_matching,
+    set_transport,
+    token_overlap,
+)
 from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +125,12 @@ def test_gamma_zero_gives_the_base_output_bit_for_bit():
     set_transport(unet, "cat", False)  # fixed strength: γ = 1 on every prompt
     with dt.adapter_inputs(prompt=["a car", "a tree"]):
         assert (unet(*args, **kw).sample[0] - base[0]).abs().max() > 1e-4
+    set_transport(unet, "cat", True)
+    set_matching(unet, "dog", "fixed")  # the same through the rule, kept in the adapter's config
+    with dt.adapter_inputs(prompt=["a car", "a tree"]):
+        assert (unet(*args, **kw).sample[0] - base[0]).abs().max() > 1e-4
+    with pytest.raises(dt.DifftuneError, match="matching"):
+        set_matching(unet, "dog", "clip")
 
 
 def _difftune_sd():

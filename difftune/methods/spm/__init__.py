@@ -6,6 +6,7 @@ from .adapter import (
     SPMPart,
     encode_concepts,
     permeability,
+    set_matching,
     set_transport,
     token_overlap,
     words,
@@ -13,4 +14,4 @@ from .adapter import (
 from .training import SPMPlugin, random_anchors
 
 __all__ = ["SPMAdapter", "SPMConfig", "SPMPart", "SPMPlugin", "encode_concepts", "permeability", "random_anchors",
-           "set_transport", "token_overlap", "words"]
+           "set_matching", "set_transport", "token_overlap", "words"]

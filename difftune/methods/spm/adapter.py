@@ -296,6 +296,18 @@ def _denoiser(pipe: Any) -> nn.Module:
     return getattr(pipe, name)
 
 
+def set_matching(model: nn.Module, name: str, matching: str) -> None:
+    """Switch SPM ``name``'s transport rule at inference ("clipcos_tokenuni", "clipcos", "tokenuni", "fixed")."""
+    from ..model import get_config
+
+    config = get_config(model, name)
+    if not isinstance(config, SPMConfig):
+        raise bad_value("name", name, "the name of an SPM adapter")
+    if matching not in MATCHING:
+        raise bad_value("matching", matching, f"one of {MATCHING}")
+    config.matching = matching  # the part and every layer share this config object
+
+
 @torch.no_grad()
 def encode_concepts(pipe: Any, name: str) -> Tensor:
     """Store E(c) of SPM ``name``'s concepts, encoded with ``pipe``'s own text encoder(s); returns them (n, L, D).
