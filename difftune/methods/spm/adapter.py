@@ -26,6 +26,9 @@ Deliberate deviations from the official code (methods.md §4(d)), each tested:
   so ΔW scales with γ²; ``gamma_mode="squared"`` reproduces that.
 * **No cross terms.** The official merge sums the down vectors and the up vectors of several SPMs into one rank-1
   pair, ΔW = (Σ γ_i u_i)(Σ γ_j d_j)ᵀ; we keep one adapter per SPM.
+* **γ per batch item.** The official inference computes one γ per prompt and applies it to the whole pipeline call,
+  the unconditional half of classifier-free guidance included; here each item of the denoiser's batch has its own
+  γ, so the unconditional half gets the γ of its own (negative) prompt.
 * **γ is clamped to [0, 1]**: a negative cosine would otherwise *amplify* the concept.
 * **Token overlap uses words** (lower-cased ``\\w+``), not the CLIP tokenizer: the denoiser never sees a tokenizer.
   For whole-word concepts the two agree.
