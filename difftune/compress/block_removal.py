@@ -27,6 +27,7 @@ matmuls, norms and activations are functional or uncounted, as in BK-SDM's ``cou
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from ..errors import DifftuneError, bad_value
 
 __all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "count_macs", "count_parameters", "feature_pairs",
-           "load_plan", "plan_summary", "student_config", "student_sources", "unet_macs"]
+           "load_plan", "plan_summary", "student_config", "student_sources", "teacher_to_student",
+           "unet_macs"]
 
 NAMED_PLANS = ("base", "small", "tiny")
 
@@ -264,6 +266,30 @@ def student_sources(teacher_cfg: dict[str, Any], student_keys: list[str],
                 break
         out[key] = src
     return out
+
+
+def teacher_to_student(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] | RemovalPlan):
+    """A function mapping a teacher key (``module.path.tensor``) to the student's name for it, or None when the
+    plan removed that module (a removed pair, the mid block, an inner stage, a dropped transformer block)."""
+    plan = load_plan(plan)
+    cfg = dict(teacher_cfg)
+    if _is_unet(cfg):
+        lay = _unet_layout(cfg, plan)
+        moves = [(t, s) for s, t in _stage_sources(lay, cfg)]
+        # every kept piece of a stage is in `moves`; anything else in a stage was removed
+        removed = re.compile(r"^(down_blocks|up_blocks)\.\d+\." + ("" if lay.mid else r"|^mid_block\."))
+    else:
+        keep = _kept_blocks(cfg, plan)
+        moves = [(f"transformer_blocks.{t}.", f"transformer_blocks.{j}.") for j, t in enumerate(keep)]
+        removed = re.compile(r"^transformer_blocks\.\d+\.")
+
+    def rename(key: str) -> str | None:
+        for t, s in moves:
+            if key.startswith(t):
+                return s + key[len(t):]
+        return None if removed.match(key) else key
+
+    return rename
 
 
 def build_student(teacher: nn.Module, plan: str | dict[str, Any] | RemovalPlan) -> nn.Module:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compress.block_removal import build_student, feature_pairs, load_plan
-from ..errors import bad_value
+from ..compress.block_removal import build_student, feature_pairs, load_plan, teacher_to_student
+from ..errors import DifftuneError, bad_value
 from ..train.plugin import TrainerPlugin, register_plugin
 from .base import Adapter, MethodConfig, Site, register_method
+from .model import adapter_tensors, inject, remove
 
 
 @register_method("bk")
@@ -145,3 +146,53 @@ class BKPlugin(TrainerPlugin):
         """The pipeline with the student as its denoiser, in diffusers format (stock classes and configs)."""
         pipe.save_pretrained(str(path))
         return Path(path)
+
+
+def transfer_adapter(path: str | Path, student: nn.Module, teacher_config: Any, plan: str | dict[str, Any],
+                     name: str | None = None, weight: float = 1.0) -> dict[str, Any]:
+    """Load an adapter trained on the teacher onto its block-removed student, where the layers still exist.
+
+    Keys are renamed by the plan's remap (e.g. BK-Base: teacher ``up_blocks.1.attentions.2`` is the student's
+    ``up_blocks.1.attentions.1``), the parts on removed blocks are dropped, and the rest loads unchanged. The
+    teacher's fingerprint is not checked (the student's layers are the teacher's, retrained). Model-level parts
+    (SCEdit hint encoders and the like) are refused: their positions are tied to the teacher's blocks.
+
+    Args:
+        path: the adapter (folder or ``.safetensors``) saved on the teacher.
+        student: the student denoiser (e.g. ``pipe.unet`` of a BK-distilled pipeline).
+        teacher_config: the teacher denoiser's ``config``; plan: the plan the student was built with.
+
+    Returns:
+        ``{"name", "modules_kept", "modules_dropped"}``: the adapter's name and the teacher module names kept/dropped.
+    """
+    from ..serialization import MODEL_KEY, config_from_header, read_header, read_tensors
+
+    header = read_header(path)
+    config = config_from_header(header, path)
+    tensors = read_tensors(path)
+    if any(k.startswith(MODEL_KEY + ".") for k in tensors):
+        raise DifftuneError(f"adapter {str(path)!r} has model-level parts ({config.method}); they are tied to the "
+                            "teacher's block layout and cannot be transferred to a block-removed student")
+    name = name or header.get("name") or "default"
+    inject(student, config, name=name, weight=weight, freeze_base=False)
+    live = adapter_tensors(student, name)
+    rename = teacher_to_student(teacher_config, plan)
+    mapped, kept, dropped = {}, set(), set()
+    for key, value in tensors.items():
+        module = key[: key.rindex(".")]
+        new = rename(key)
+        if new is not None and new in live:
+            mapped[new] = value
+            kept.add(module)
+        else:
+            dropped.add(module)
+    missing = sorted(set(live) - set(mapped))
+    if missing:
+        remove(student, name)
+        raise DifftuneError(f"adapter {str(path)!r} has nothing for {len(missing)} of the student's adapted "
+                            f"tensors (first: {missing[:3]}); was it trained on this student's teacher, with this "
+                            "plan?")
+    with torch.no_grad():
+        for key, value in mapped.items():
+            live[key].copy_(value.to(dtype=live[key].dtype, device=live[key].device))
+    return {"name": name, "modules_kept": sorted(kept), "modules_dropped": sorted(dropped)}

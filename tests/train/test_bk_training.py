@@ -169,3 +169,45 @@ def test_config_errors():
         dt.BKConfig(lambda_out=-1.0)
     with pytest.raises(dt.DifftuneError, match="lambda_feat"):
         dt.BKConfig(lambda_feat="1")
+
+
+
+def test_adapter_trained_on_the_teacher_transfers_where_the_layers_exist(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from difftune.compress.block_removal import build_student
+    from difftune.methods.bk import transfer_adapter
+    from difftune.testing import randomize_adapter
+
+    torch.manual_seed(0)  # SD1.x's layout (2 pairs per stage, 4 stages) at toy width
+    teacher = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4).eval()
+    student = build_student(teacher, "base")
+    dt.inject(teacher, dt.LoRAConfig(rank=2, target_modules=["to_q", "to_v", "conv1"]), name="style")
+    randomize_adapter(teacher, "style")
+    dt.save_adapter(teacher, tmp_path / "style")
+    with pytest.raises(dt.DifftuneError):  # by name alone it cannot load: the student's blocks were renumbered
+        dt.load_adapter(student, tmp_path / "style")
+    report = transfer_adapter(tmp_path / "style", student, teacher.config, "base")
+    t, s = dict(teacher.named_parameters()), dict(student.named_parameters())
+    q = "transformer_blocks.0.attn1.to_q.adapters.style.lora_B"
+    assert torch.equal(s[f"up_blocks.1.attentions.1.{q}"], t[f"up_blocks.1.attentions.2.{q}"])
+    assert torch.equal(s[f"down_blocks.2.attentions.0.{q}"], t[f"down_blocks.2.attentions.0.{q}"])
+    assert torch.equal(s["up_blocks.0.resnets.1.conv1.adapters.style.lora_A"],
+                       t["up_blocks.0.resnets.2.conv1.adapters.style.lora_A"])
+    assert "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in report["modules_dropped"]
+    assert "down_blocks.0.resnets.1.conv1" in report["modules_dropped"]
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" in report["modules_kept"]
+    hosts = [n for n, _ in dt.methods.model.hosts(student)]
+    assert len(report["modules_kept"]) == len(hosts)
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        out = student(x, 5, encoder_hidden_states=ctx).sample
+        dt.set_adapter_weights(student, {"style": 0.0})
+        plain = student(x, 5, encoder_hidden_states=ctx).sample
+        dt.delete_adapter(student, "style")
+        assert torch.equal(plain, student(x, 5, encoder_hidden_states=ctx).sample)  # weight 0 = no adapter
+    assert (out - plain).abs().max() > 1e-4  # the transferred adapter acts
