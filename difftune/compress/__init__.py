@@ -5,6 +5,8 @@ format that never needs the FP weights.
 * `replaced`: the registry of replacement classes (`register_replacement`) and the Linear-like base class.
 * `rtn`: `RTNLinear`, round-to-nearest per-channel quantization, and `quantize_rtn_` for a whole model.
 * `format`: `save_compressed` / `load_compressed` / `load_compressed_pipeline`.
+* `vq4dit` (+ `kmeans`, `vq4dit_calib`): `VQLinear`, VQ4DiT vector quantization with zero-data calibration, the
+  k-means-only baseline, paper-style size accounting.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ from .replaced import (
     replaced_modules,
 )
 from .rtn import RTN_BITS, RTNLinear, quantize_rtn_, rtn_quantize
+from .vq4dit import VQ_PRESETS, VQ4DiTConfig, VQLinear, quantize_kmeans_, set_decode_mode, size_report
+from .vq4dit_calib import quantize_vq4dit
 
 __all__ = [
     "REPLACEMENTS",
     "RTN_BITS",
     "RTNLinear",
+    "VQ4DiTConfig",
+    "VQLinear",
+    "VQ_PRESETS",
     "ReplacedLinear",
     "ReplacedModule",
     "get_replacement",
@@ -38,12 +45,16 @@ __all__ = [
     "load_compressed_pipeline",
     "pack",
     "packed_size",
+    "quantize_kmeans_",
     "quantize_rtn_",
+    "quantize_vq4dit",
     "read_compressed_header",
     "register_replacement",
     "replaced_modules",
     "rtn_quantize",
     "save_compressed",
+    "set_decode_mode",
+    "size_report",
     "tensor_bytes",
     "unpack",
 ]
