@@ -75,8 +75,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             common = {"iterations": args.iterations, "steps": args.calib_steps, "batch": args.batch,
                       "class_labels": list(range(10)), "guidance": args.guidance, "seed": 0,
-                      "kmeans_iters": args.kmeans_iters}
-            cfg = VQ4DiTConfig.paper(**opts, **common) if kind == "paper" else VQ4DiTConfig(**opts, **common)
+                      "kmeans_iters": args.kmeans_iters, "codebook": args.codebook,
+                      "lr_codebook": args.lr_codebook, "lr_bias": args.lr_codebook}
+            if kind == "paper":  # the paper's own codebook schedule (joint), whatever --codebook says
+                cfg = VQ4DiTConfig.paper(**opts, **{k: v for k, v in common.items() if k != "codebook"})
+            else:
+                cfg = VQ4DiTConfig(**opts, **common)
             if kind == "kmeans":
                 model = pipe.transformer
                 quantize_kmeans_(model, cfg)
@@ -125,6 +129,31 @@ def memory(chunk: int) -> None:
           f"(N, k, d) would be {x.shape[0] * 256 * 4 * 4 / 2**30:.1f} GiB)")
 
 
+def speed(out: Path, repeats: int = 3) -> None:
+    """Sampling time of FP vs the saved VQ4DiT 2-bit model decoded once vs decoded on every call (min of repeats)."""
+    from diffusers import DiTPipeline
+
+    from difftune.compress import set_decode_mode
+
+    base = zoo_path("dit-mini")
+    pipes = {"FP32": DiTPipeline.from_pretrained(str(base))}
+    for mode in ("decode once", "on the fly"):
+        pipes[mode] = load_compressed_pipeline(base, out / "VQ4DiT_2-bit")
+        set_decode_mode(pipes[mode].transformer, mode == "decode once")
+    best = dict.fromkeys(pipes, float("inf"))
+    for _ in range(repeats):
+        for name, pipe in pipes.items():
+            pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe(class_labels=list(range(10)), num_inference_steps=25, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(0), output_type="np")
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name, pipe in pipes.items():
+        held = sum(m._cache[1].numel() * 4 for m in pipe.transformer.modules() if getattr(m, "_cache", None))
+        print(f"{name}: {best[name]:.2f} s for 10 images x 25 steps (CFG); decoded weights held {held / MiB:.2f} MiB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=10, help="samples per digit")
@@ -134,14 +163,22 @@ def main() -> None:
     p.add_argument("--calib-steps", type=int, default=25, help="timesteps per calibration trajectory")
     p.add_argument("--batch", type=int, default=4, help="classes per calibration trajectory")
     p.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations (paper 100; fewer on 2 CPUs)")
+    p.add_argument("--codebook", choices=["after_freeze", "joint"], default="after_freeze",
+                   help="when codebooks train (VQ4DiTConfig.codebook); the paper variant is always joint")
+    p.add_argument("--lr-codebook", type=float, default=1e-4, help="codebook and bias learning rate (code: 1e-4)")
     p.add_argument("--paper", action="store_true", help="also VQ4DiT 2-bit with the paper's choices")
     p.add_argument("--only", nargs="*", help="run only settings whose label contains one of these")
     p.add_argument("--memory", action="store_true", help="only the k-means peak-memory measurement")
+    p.add_argument("--speed", action="store_true", help="only sampling speed: FP vs decode-once vs on-the-fly "
+                                                        "(needs the VQ4DiT 2-bit model a full run wrote)")
     p.add_argument("--chunk", type=int, default=16384)
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "vq_lab"))
     args = p.parse_args()
     if args.memory:
         memory(args.chunk)
+        return
+    if args.speed:
+        speed(Path(args.out))
         return
     rows = run(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
