@@ -54,7 +54,8 @@ class RemovalPlan:
         stages: outer down/up stages kept (None: all); the innermost ones are removed.
         down_keep: per kept down stage, the teacher (res, attn) pair indices kept, in order (None: by `pairs`).
         up_keep: per kept up stage, the teacher pair indices kept; there must be one more than in the matching down
-            stage (diffusers builds L + 1 up pairs for L down pairs). None: the first ``len(down) `` and the last.
+            stage (diffusers builds L + 1 up pairs for L down pairs). None: the first ``len(down)`` and the last
+            (for an emptied down stage: the first, which reads the previous stage's width).
         pairs: pairs removed from every down stage when the keep lists are not given (base: 1).
         mid_block: keep the mid block.
         transformer_layers: per kept down stage, transformer layers kept in each attention (None: all; the first n).
