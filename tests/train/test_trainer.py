@@ -29,12 +29,14 @@ SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "f
                                                # one plan for both: UNet fields for SD, drop_every for the DiT
                                                "bk": ({"plan": {"pairs": 1, "mid_block": False, "drop_every": 2}},
                                                       None),
-                                               "scedit": ({}, "scedit_up.weight"), "csc": ({}, "csc_up.weight")}
+                                               "scedit": ({}, "scedit_up.weight"), "csc": ({}, "csc_up.weight"),
+                                               "spm": ({"concepts": ["cat"], "sampling_steps": 3}, "spm_up")}
 # Methods that need something particular: the models they adapt (SCEdit: UNets only) and extra settings (a CSC adapter
 # trains on images paired with conditions and needs a control image to generate, so no validation images).
-SMOKE_KINDS: dict[str, tuple[str, ...]] = {"scedit": ("sd",), "csc": ("sd",)}
+SMOKE_KINDS: dict[str, tuple[str, ...]] = {"scedit": ("sd",), "csc": ("sd",), "spm": ("sd",)}
 SMOKE_SETS: dict[str, tuple[str, ...]] = {
-    "csc": ("data.kind=control", "data.condition=canny", "validation.prompts=[]")}
+    "csc": ("data.kind=control", "data.condition=canny", "validation.prompts=[]"),
+    "spm": ("data.kind=none", "data.num_samples=4", "data.path=''", "data.label_dropout=0.0")}
 
 
 def _cfg(tiny, tmp_path, kind="sd", *sets: str) -> TrainConfig:
