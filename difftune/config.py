@@ -2,12 +2,17 @@
 
 Every field of a config dataclass is annotated; `from_dict` walks nested dataclasses and refuses unknown keys and
 values of the wrong type, naming the dotted key (``train.max_steps``), the value, the expected type and the known
-keys. Only ``yaml.safe_load`` is used.
+keys. Only PyYAML's safe loader is used, hardened (`_StrictLoader`): a config is at most ``MAX_CONFIG_BYTES`` of UTF-8,
+nested at most ``MAX_DEPTH`` deep, with string keys, no duplicate keys (YAML says last wins; a typo'd copy of a key
+would silently override the first) and no anchors/aliases (an ~800-byte alias bomb expands to gigabytes).
+Non-finite numbers (``.nan``, ``.inf``) are refused for every float field: no training hyperparameter means them
+(``null`` turns options off). Every problem is a `DifftuneError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,6 +26,64 @@ from .fileio import atomic_write
 
 T = TypeVar("T")
 
+MAX_CONFIG_BYTES = 1 << 20  #: 1 MiB; real configs are a few hundred bytes
+MAX_DEPTH = 32  #: nesting of mappings/lists; the deepest real config is 3
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases, non-string and duplicate keys, and deep nesting, as it composes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise DifftuneError(f"YAML aliases (*{event.anchor}) are not allowed in a config{_where(event)}; "
+                                "write the value out")
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise DifftuneError(f"YAML anchors (&{event.anchor}) are not allowed in a config{_where(event)}; "
+                                "write each value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise DifftuneError(f"the config nests deeper than {MAX_DEPTH} levels{_where(event)}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise DifftuneError(f"YAML merge keys (<<) are not allowed in a config{_where(key_node)}")
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise DifftuneError(f"config keys must be strings, got {key!r} ({type(key).__name__})"
+                                    f"{_where(key_node)}; quote it")
+            if key in seen:
+                raise DifftuneError(f"duplicate key {key!r}{_where(key_node)} (first{_where(seen[key])}); YAML would "
+                                    "silently keep only the last one: remove one of them")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(mark_holder: Any) -> str:
+    mark = getattr(mark_holder, "start_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def parse_yaml(text: str, source: str = "config") -> Any:
+    """``text`` parsed with the strict loader; a `DifftuneError` naming ``source`` for anything malformed."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise DifftuneError(f"{source} is {len(text):,} characters, over the {MAX_CONFIG_BYTES:,} a config may have")
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DifftuneError as e:
+        raise DifftuneError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise DifftuneError(f"{source} is not valid YAML: {e}") from e
+    except (RecursionError, MemoryError) as e:  # guards beyond MAX_DEPTH (flow collections nest in the parser)
+        raise DifftuneError(f"{source} is nested too deeply or too large to parse ({type(e).__name__})") from None
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -33,6 +96,11 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _non_finite(key: str, value: float) -> DifftuneError:
+    return DifftuneError(f"`{key}` must be a finite number, got {value!r}; no setting means NaN or infinity "
+                         "(null turns an optional setting off)")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """``value`` checked against annotation ``tp``; nested dataclasses are built; ints are accepted as floats."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -42,6 +110,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _non_finite(key, value)
         for arg in args:
             if arg is type(None):
                 continue
@@ -67,7 +137,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise wrong
         vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+        if not all(isinstance(k, str) for k in value):
+            raise DifftuneError(f"`{key}`: keys must be strings, got {[k for k in value if not isinstance(k, str)]!r}")
+        return {k: _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise wrong
@@ -79,7 +151,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            raise wrong from None
+        if not math.isfinite(value):
+            raise _non_finite(key, value)
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise wrong
@@ -100,6 +178,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise DifftuneError(f"`{where}` must be a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise DifftuneError(f"`{where}`: keys must be strings, got {odd[:5]!r}; quote them")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         keys = ", ".join(f"`{prefix + '.' if prefix else ''}{k}`" for k in unknown)
@@ -132,10 +213,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise DifftuneError(f"`--set` takes KEY=VALUE (e.g. train.max_steps=500), got {item!r}")
+        if not isinstance(item, str):
+            raise DifftuneError(f"`--set` takes KEY=VALUE strings, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise DifftuneError(f"`--set {key}`: the value {raw!r} is not valid YAML ({e}); quote it") from e
+            value = parse_yaml(raw, f"`--set {key}`") if raw.strip() else ""
+        except DifftuneError as e:
+            raise DifftuneError(f"{e}; quote the value") from e
         if isinstance(value, str) and _looks_like_float(value):  # YAML 1.1 reads "1e-4" as a string
             value = float(value)
         node = data
@@ -160,13 +243,18 @@ def _looks_like_float(s: str) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict (see the module docstring for what is refused)."""
     p = Path(path)
     if not p.is_file():
         raise DifftuneError(f"config file {str(path)!r} does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise DifftuneError(f"config file {str(path)!r} is {p.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} "
+                            "a config may have; is it the right file?")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise DifftuneError(f"{path} is not valid YAML: {e}") from e
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DifftuneError(f"config file {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

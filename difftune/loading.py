@@ -17,7 +17,7 @@ from . import serialization
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods import model
-from .methods.base import MethodConfig
+from .methods.base import MethodConfig, check_adapter_name
 
 
 def _is_pipeline(obj: object) -> bool:
@@ -39,7 +39,7 @@ def component_of(obj: Any, component: str | None = None) -> tuple[str, nn.Module
         return "", obj
     mods = modules_of(obj)
     if component:
-        if component not in mods:
+        if not isinstance(component, str) or component not in mods:
             raise bad_value("component", component, f"one of this pipeline's torch components {sorted(mods)}")
         return component, mods[component]
     name = denoiser_name(mods)
@@ -74,7 +74,7 @@ def inject(
 
 def _check_name_free(obj: Any, name: str | None) -> None:
     """Adapter names are unique across a pipeline's components: the verbs address adapters by name alone."""
-    if name is not None and name in list_adapters(obj):
+    if name is not None and check_adapter_name(name) in list_adapters(obj):
         raise DifftuneError(f"an adapter named {name!r} is already loaded (component "
                             f"{list_adapters(obj)[name]['component']!r}); pick another name or delete it first")
 

@@ -9,11 +9,21 @@ A folder::
 The JSON is repeated in the safetensors metadata (key ``difftune``) so the single file stands alone: either the
 folder or the ``.safetensors`` file can be loaded. Writes are atomic (temp file + rename); only safetensors and JSON
 are ever read, never pickle.
+
+Hostile files (issue 17): everything read is bounded and checked before the model is touched. The JSON header is at
+most ``MAX_HEADER_BYTES`` of UTF-8, nested at most ``MAX_JSON_DEPTH``, without NaN/Infinity/overflowing numbers; every
+header field has its type checked (`read_header`); patterns in the config must pass `targeting.check_pattern`; the
+method's `MethodConfig.check_saved` compares the header's sizes (LoRA's rank) with the saved tensors' shapes before
+`inject` allocates anything; saved values must be finite. A method without `check_saved` is still covered: `inject`
+runs under `_AllocationGuard`, which refuses any single tensor allocation larger than the file's tensors plus the
+largest base tensor, before it happens (a header claiming rank 10⁶ fails in microseconds, not after 3 GB). Any failure
+is a `DifftuneError` and leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import DifftuneError
 from .fileio import atomic_write
@@ -45,6 +56,141 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "difftune"
+MAX_HEADER_BYTES = 1 << 20  #: real headers are ~1 KB
+MAX_JSON_DEPTH = 32
+
+
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
+              torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full}
+
+
+class _AllocationGuard(TorchFunctionMode):
+    """Refuse any factory allocation (``torch.empty/zeros/...``, ``Tensor.new_*``) of more than ``limit`` values.
+
+    Loading an adapter allocates its state in `inject` from sizes read from the file's header. The header's sizes must
+    agree with the tensors (`MethodConfig.check_saved`), but a method that does not implement that check must not
+    allocate whatever a hostile header asks for either: no adapter tensor is larger than all the file's tensors
+    together plus the largest tensor of the base model (what a method may derive from the base, e.g. a mask).
+    """
+
+    def __init__(self, limit: int, path: Any) -> None:
+        super().__init__()
+        self.limit, self.path = limit, path
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FACTORIES:
+            shape_args = args[1:] if func.__name__.startswith("new_") else args
+            if func in (torch.full, torch.Tensor.new_full):
+                shape_args = shape_args[:1]
+            if func is torch.randint:
+                shape_args = shape_args[-1:] if shape_args else ()
+            size = kwargs.get("size", shape_args[0] if len(shape_args) == 1 else shape_args)
+            dims = list(size) if isinstance(size, (tuple, list, torch.Size)) else [size]
+            if all(isinstance(d, int) for d in dims):
+                numel = math.prod(dims)
+                if numel > self.limit:
+                    raise DifftuneError(f"adapter {str(self.path)!r}: its header asks for a tensor of shape "
+                                        f"{tuple(dims)} ({numel:,} values), more than the file and the base model "
+                                        f"could need ({self.limit:,}); the header is damaged (e.g. its rank)")
+        return func(*args, **kwargs)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise DifftuneError(f"the header holds the number {text[:40]}, beyond float range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:  # JSON keeps the last silently; a header with two `method`s is damaged or forged
+            raise DifftuneError(f"the header repeats the key {k!r}")
+        seen[k] = v
+    return seen
+
+
+def _refuse_constant(name: str) -> None:
+    raise DifftuneError(f"the header holds {name}; difftune writes only finite numbers")
+
+
+def _depth(node: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (a recursive walk would itself overflow on hostile input)."""
+    stack, deepest = [(node, 1)], 0
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def parse_header_json(raw: str | bytes, where: str) -> Any:
+    """The header JSON, bounded: size, UTF-8, depth, finite numbers; a DifftuneError naming ``where`` otherwise."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise DifftuneError(f"{where}: the adapter header is {len(raw):,} bytes, over {MAX_HEADER_BYTES:,} allowed")
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DifftuneError(f"{where}: the adapter header is not UTF-8 ({e}); re-save the adapter") from None
+    # A nesting bomb ([[[[...) overflows the C parser's recursion; count brackets first, cheaply.
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _bracket_depth(raw) > MAX_JSON_DEPTH:
+        raise DifftuneError(f"{where}: the adapter header nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        header = json.loads(raw, parse_float=_finite_float, parse_constant=_refuse_constant,
+                            object_pairs_hook=_unique_keys)
+    except DifftuneError as e:
+        raise DifftuneError(f"{where}: {e}; re-save the adapter") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise DifftuneError(f"{where} is not valid JSON ({type(e).__name__}: {e}); re-save the adapter") from None
+    if _depth(header, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise DifftuneError(f"{where}: the adapter header nests deeper than {MAX_JSON_DEPTH} levels")
+    return header
+
+
+def _bracket_depth(text: str) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _check_header_fields(header: dict[str, Any], path: Any) -> None:
+    """Every field difftune reads has the type it writes; a hostile or hand-edited header fails here, by name."""
+    def wrong(key: str, expected: str) -> DifftuneError:
+        return DifftuneError(f"{path}: header field `{key}` must be {expected}, got {header.get(key)!r:.80}; "
+                             "the file is damaged or was not written by difftune")
+
+    if not isinstance(header.get("method"), str) or not header["method"]:
+        raise wrong("method", "a method name (string)")
+    for key in ("name", "base_model", "component", "difftune_version"):
+        if header.get(key) is not None and not isinstance(header[key], str):
+            raise wrong(key, "a string")
+    if not isinstance(header.get("config", {}), dict):
+        raise wrong("config", "a mapping of the method's fields")
+    fp = header.get("target_fingerprint")
+    if fp is not None and not (isinstance(fp, dict) and isinstance(fp.get("sha256", ""), str) and
+                               isinstance(fp.get("modules", 0), int) and not isinstance(fp.get("modules"), bool)):
+        raise wrong("target_fingerprint", "a mapping {modules: int, sha256: str}")
 
 
 def save_adapter_file(
@@ -98,10 +244,10 @@ def read_header(path: str | Path) -> dict[str, Any]:
     weights = _weights_path(path)
     cfg_file = weights.parent / CONFIG_NAME
     if Path(path).is_dir() and cfg_file.is_file():
-        try:
-            header = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise DifftuneError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter") from e
+        if cfg_file.stat().st_size > MAX_HEADER_BYTES:
+            raise DifftuneError(f"{cfg_file} is {cfg_file.stat().st_size:,} bytes, over the {MAX_HEADER_BYTES:,} an "
+                                "adapter header may have")
+        header = parse_header_json(cfg_file.read_bytes(), str(cfg_file))
     else:
         try:
             with safe_open(str(weights), framework="pt") as f:
@@ -113,22 +259,32 @@ def read_header(path: str | Path) -> dict[str, Any]:
                 f"{weights} has no difftune metadata (key {METADATA_KEY!r}); it was not written by difftune. "
                 "Hint: LoRA files from diffusers/kohya load with pipe.load_lora_weights()."
             )
-        try:
-            header = json.loads(meta[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise DifftuneError(f"{weights}: its difftune metadata is not JSON ({e}); re-save the adapter") from e
+        header = parse_header_json(meta[METADATA_KEY], f"{weights} (difftune metadata)")
     if not isinstance(header, dict) or header.get("format") != FORMAT or "method" not in header:
         got = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise DifftuneError(f"{path} is not a difftune adapter (header format {got!r}, expected {FORMAT!r})")
     version = header.get("format_version", 0)
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise DifftuneError(f"{path}: `format_version` must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise DifftuneError(
             f"{path} uses adapter format version {header['format_version']}, newer than this difftune "
             f"({__version__}, format {FORMAT_VERSION}); upgrade difftune"
         )
+    _check_header_fields(header, path)
     return header
+
+
+def config_from_header(header: dict[str, Any], path: Any) -> Any:
+    """The method config a header describes; a malformed value is a DifftuneError naming the file."""
+    cls = get_method(header["method"])
+    try:
+        return cls.from_dict(header.get("config", {}))
+    except DifftuneError as e:
+        raise DifftuneError(f"{path}: the saved {header['method']} config is invalid: {e}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:  # a value of a type the method never wrote
+        raise DifftuneError(f"{path}: the saved {header['method']} config is invalid ({type(e).__name__}: {e}); the "
+                            "file is damaged or was not written by difftune") from None
 
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -157,14 +313,29 @@ def load_adapter_file(
     """
     weight = check_weight(weight)
     header = read_header(path)
-    config = get_method(header["method"]).from_dict(header.get("config", {}))
+    config = config_from_header(header, path)
     name = check_adapter_name(name if name is not None else header.get("name") or "default")
     if name in adapter_names(model):
         raise DifftuneError(f"an adapter named {name!r} is already loaded; pass another `name` or delete it first")
     tensors = read_tensors(path)
     base = header.get("base_model") or "unknown base"
+    # Before anything is allocated: the header's sizes must agree with the saved tensors (a header claiming
+    # rank 10⁶ over rank-4 tensors would otherwise allocate gigabytes in inject), and the values must be finite.
     try:
-        inject(model, config, name=name, weight=weight, freeze_base=False)
+        config.check_saved(tensors)
+    except DifftuneError as e:
+        raise DifftuneError(f"adapter {str(path)!r}: its header does not match its tensors: {e}") from None
+    except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:  # tensors of shapes it never writes
+        raise DifftuneError(f"adapter {str(path)!r}: its tensors are malformed ({type(e).__name__}: {e}); the file "
+                            "is damaged") from None
+    nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise DifftuneError(f"adapter {str(path)!r} holds NaN/inf values in {len(nonfinite)} tensor(s) (first: "
+                            f"{nonfinite[:3]}); it is damaged or its training diverged")
+    limit = sum(t.numel() for t in tensors.values()) + max((p.numel() for p in model.parameters()), default=0) + 4096
+    try:
+        with _AllocationGuard(limit, path):
+            inject(model, config, name=name, weight=weight, freeze_base=False)
     except DifftuneError as e:
         raise DifftuneError(f"adapter {str(path)!r} (made for {base}) does not fit this model: {e}") from e
     try:
@@ -186,6 +357,9 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], path: Any,
                 adapter.adopt(local, host.base_layer)
             except DifftuneError as e:
                 raise DifftuneError(f"adapter {str(path)!r} (made for {base}) does not fit {module!r}: {e}") from e
+            except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:  # tensors it never writes
+                raise DifftuneError(f"adapter {str(path)!r}: its tensors for {module!r} are malformed "
+                                    f"({type(e).__name__}: {e}); the file is damaged") from None
     part = model_part(model, name)
     if part is not None and hasattr(part, "adopt"):
         part.adopt({k[len(MODEL_KEY) + 1:]: v for k, v in tensors.items() if k.startswith(MODEL_KEY + ".")})
@@ -222,13 +396,14 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """Summary of a saved adapter: method, base, component, parameter count, size, dtypes, config."""
     header = read_header(path)
     tensors = read_tensors(path)
+    fingerprint = header.get("target_fingerprint") or {}
     return {
         "method": header["method"],
         "name": header.get("name"),
         "base_model": header.get("base_model") or None,
         "component": header.get("component") or None,
         "difftune_version": header.get("difftune_version"),
-        "modules": header.get("target_fingerprint", {}).get("modules"),
+        "modules": fingerprint.get("modules"),
         **_describe(header["method"], tensors),
         "tensors": len(tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
@@ -242,4 +417,8 @@ def _describe(method: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
         cls = get_method(method)
     except DifftuneError:  # an unknown method can still be inspected; count every floating value
         return {"parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point())}
-    return cls.describe(tensors)
+    try:
+        return cls.describe(tensors)
+    except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:  # shapes the method never saves
+        raise DifftuneError(f"the saved {method} tensors are malformed ({type(e).__name__}: {e}); the file is "
+                            "damaged or was not written by difftune") from None

@@ -3,6 +3,20 @@
 A pattern matches a module name when it is equal to it, is a dotted suffix of it (``"to_q"`` matches
 ``"...attn1.to_q"``, ``"to_out.0"`` matches ``"...attn1.to_out.0"``), or, failing both, the whole name matches it as a
 regular expression (``r".*attn2\\.to_[kv]"``). This is peft's ``target_modules`` rule plus full regexes.
+
+Bounded work (issue 17): patterns come from configs and from adapter files anyone can write, and Python's backtracking
+``re`` has no timeout (``(.*.*)*Z`` never returns on a 60-character name). `check_pattern` therefore admits only
+regexes whose matching is provably cheap on module names, and refuses the rest before anything is compiled:
+
+* at most ``MAX_PATTERN_LENGTH`` characters;
+* no repetition inside a repeated part (``(a+)*``, ``(.*.*)*``: exponential), no alternation inside one (``(a|ab)*``),
+  no back-references or lookarounds;
+* at most ``MAX_UNBOUNDED`` variable repeats (``*``, ``+``, ``{m,}``, ``{m,n>1}``), and two of them never adjacent:
+  a literal character or a character class must stand between (``.*.*`` splits a name in n² ways; ``.*\\..*`` only
+  at its dots).
+
+With these, a match tries at most (occurrences of each separator)^``MAX_UNBOUNDED`` splits, a few thousand on real
+module names. Every pattern peft or difftune documents passes; a refusal names the rule and the pattern.
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -21,13 +36,116 @@ PARTS = "difftune_parts"
 
 def name_matches(name: str, pattern: str) -> bool:
     """True when module ``name`` is selected by ``pattern`` (equal, dotted suffix, or full regex match)."""
+    if not isinstance(pattern, str):
+        raise DifftuneError(f"a module pattern must be a string, got {pattern!r} ({type(pattern).__name__})")
     if name == pattern or name.endswith("." + pattern):
         return True
     return _regex(pattern).fullmatch(name) is not None
 
 
+MAX_PATTERN_LENGTH = 256
+MAX_UNBOUNDED = 4
+
+try:  # Python >= 3.11
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+_REFUSED = {_sre.GROUPREF: "a back-reference", _sre.GROUPREF_EXISTS: "a conditional group",
+            _sre.ASSERT: "a lookaround", _sre.ASSERT_NOT: "a lookaround"}
+
+
+class _Unsafe(Exception):
+    """Internal: why a pattern is refused (turned into a DifftuneError naming the pattern)."""
+
+
+def check_pattern(pattern: Any, field: str = "target_modules") -> str:
+    """``pattern`` if it is a name or a regex whose matching is bounded (module docstring); else a DifftuneError."""
+    if not isinstance(pattern, str) or not pattern:
+        raise DifftuneError(f"`{field}`: a module pattern must be a non-empty string, got {pattern!r}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise DifftuneError(f"`{field}`: module pattern {pattern[:40]!r}... is {len(pattern)} characters, over the "
+                            f"{MAX_PATTERN_LENGTH} allowed; list several shorter patterns instead")
+    _regex(pattern)
+    return pattern
+
+
+def _walk(items: Any, in_repeat: bool, count: list[int]) -> bool:
+    """Check a parsed (sub)pattern; returns whether it ends in a variable repeat not yet followed by a separator."""
+    open_repeat = False
+    for op, av in items:
+        if op in _REFUSED:
+            raise _Unsafe(f"it uses {_REFUSED[op]}")
+        if op in _REPEATS:
+            lo, hi, body = av
+            if in_repeat:
+                raise _Unsafe("it repeats a part that itself repeats (nested quantifiers take exponential time)")
+            if hi != lo:  # a variable repeat
+                if open_repeat:
+                    raise _Unsafe("two variable repeats are adjacent (e.g. '.*.*'); put a literal between them")
+                count[0] += 1
+                if count[0] > MAX_UNBOUNDED:
+                    raise _Unsafe(f"it has more than {MAX_UNBOUNDED} variable repeats")
+                open_repeat = True
+            _walk(body, True, count)
+        elif op == _sre.SUBPATTERN:
+            inner = av[-1]
+            if _walk(inner, in_repeat, count):
+                if open_repeat and _starts_variable(inner):
+                    raise _Unsafe("two variable repeats are adjacent; put a literal between them")
+                open_repeat = True
+            elif _has_separator(inner):
+                open_repeat = False
+        elif op == _sre.BRANCH:
+            if in_repeat:
+                raise _Unsafe("it repeats an alternation (e.g. '(a|ab)*' takes exponential time)")
+            ends = [_walk(alt, in_repeat, count) for alt in av[1]]
+            starts = any(_starts_variable(alt) for alt in av[1])
+            if open_repeat and starts:
+                raise _Unsafe("two variable repeats are adjacent; put a literal between them")
+            open_repeat = any(ends) or (open_repeat and any(not _has_separator(alt) for alt in av[1]))
+        elif op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL):
+            open_repeat = False
+    return open_repeat
+
+
+def _starts_variable(items: Any) -> bool:
+    for op, av in items:
+        if op in _REPEATS:
+            return av[0] != av[1]
+        if op == _sre.SUBPATTERN:
+            return _starts_variable(av[-1])
+        if op == _sre.BRANCH:
+            return any(_starts_variable(alt) for alt in av[1])
+        if op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL):
+            return False
+    return False
+
+
+def _has_separator(items: Any) -> bool:
+    return any(op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL) for op, _ in items)
+
+
 @functools.cache
 def _regex(pattern: str) -> re.Pattern[str]:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise DifftuneError(f"module pattern {pattern[:40]!r}... is {len(pattern)} characters, over the "
+                            f"{MAX_PATTERN_LENGTH} allowed; list several shorter patterns instead")
+    try:
+        _walk(_sre_parse.parse(pattern), False, [0])
+    except _Unsafe as e:
+        raise DifftuneError(
+            f"module pattern {pattern!r} is refused: {e}. Patterns are matched against every module name, so only "
+            "regexes that match in bounded time are accepted; e.g. r'.*attn2\\.to_[kv]' or a list of names"
+        ) from None
+    except (re.error, RecursionError, OverflowError) as e:
+        raise DifftuneError(
+            f"module pattern {pattern!r} is neither a module name nor a valid regular expression ({e}); "
+            "escape regex characters, e.g. r'attn1\\.to_q'"
+        ) from None
     try:
         return re.compile(pattern)
     except re.error as e:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 import numbers
 import typing
 import weakref
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..targeting import check_pattern
 from .context import current_inputs
 
 METHODS: dict[str, type[MethodConfig]] = {}
@@ -63,7 +63,7 @@ def get_method(name: str) -> type[MethodConfig]:
 
 def check_weight(weight: object, field_name: str = "weight") -> float:
     """``weight`` as a float; strings, bools and non-finite numbers are refused rather than coerced."""
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not -1e300 < weight < 1e300:
         raise bad_value(field_name, weight, "a finite number (e.g. 0.8)",
                         "Adapter weights scale the adapter's contribution; pass a float, not a string.")
     return float(weight)
@@ -130,6 +130,8 @@ class MethodConfig(abc.ABC):
                 setattr(self, name, value)
             if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
                 raise bad_value(name, value, "a list of non-empty module-name patterns", "e.g. ['to_q', 'to_v'].")
+            for p in value:  # refuse regexes whose matching could hang (targeting.check_pattern) before any use
+                check_pattern(p, name)
         if not self.target_modules:
             raise bad_value("target_modules", self.target_modules, "at least one pattern",
                             "e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'] for the attention projections.")
@@ -161,6 +163,13 @@ class MethodConfig(abc.ABC):
         """Facts about a saved adapter for ``difftune inspect``; ``parameters`` counts the trained values."""
         return {"parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point())}
 
+    def check_saved(self, tensors: Mapping[str, Tensor]) -> None:
+        """Called by the loader before `inject` allocates anything: raise `DifftuneError` when a size in this config
+        disagrees with the saved ``tensors`` (keys ``<module>.<prefixed name>``), so a header claiming a huge size
+        over small tensors is refused instead of allocated. Default: nothing to check (a method whose adapter sizes
+        follow from the base layer alone, which `make_adapter` checks)."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -170,6 +179,9 @@ class MethodConfig(abc.ABC):
         if not isinstance(data, Mapping):
             raise bad_value(f"{cls.method} config", data, "a mapping of field names to values")
         known = {f.name for f in dataclasses.fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise bad_value(f"{cls.method} config", odd[:5], "string field names")
         unknown = sorted(set(data) - known)
         if unknown:
             raise DifftuneError(f"unknown key(s) {unknown} for method {cls.method!r}; known fields: {sorted(known)}")
@@ -182,6 +194,8 @@ class MethodConfig(abc.ABC):
             value, hint = getattr(self, f.name), hints.get(f.name)
             if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise bad_value(f.name, value, f"a number ({hint.__name__})")
+            if hint is float and not (-1e300 < value < 1e300):  # also NaN, which slips through every `x <= 0`
+                raise bad_value(f.name, value, "a finite number")
             if hint is int and not isinstance(value, int):
                 raise bad_value(f.name, value, "an integer")
             if hint is bool and not isinstance(value, bool):

@@ -11,6 +11,7 @@ interchangeable with peft's (``lora_A`` ↔ ``lora_A.weight``). Initialization f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,8 @@ from ..errors import bad_value
 from .base import Adapter, MethodConfig, Site, register_method
 
 INITS = ("default", "gaussian")
+MAX_RANK = 1 << 16  #: wider than any layer of the supported models; a bigger rank is a typo, not a setting
+MAX_ALPHA = 1e6  #: α/r scales ΔW; beyond this no trained adapter is meant and fp16/fp32 outputs overflow
 
 
 @register_method("lora")
@@ -46,14 +49,27 @@ class LoRAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_types()
-        if self.rank < 1:
-            raise bad_value("rank", self.rank, "an integer >= 1", "Typical values are 4-64.")
-        if self.alpha <= 0:
-            raise bad_value("alpha", self.alpha, "a positive number", "alpha = rank gives a scale of 1.")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise bad_value("rank", self.rank, f"an integer in [1, {MAX_RANK}]", "Typical values are 4-64.")
+        if not 0 < self.alpha <= MAX_ALPHA:  # NaN/inf are refused by check_types; 1e308 would overflow every output
+            raise bad_value("alpha", self.alpha, f"a positive number up to {MAX_ALPHA:g}",
+                            "alpha = rank gives a scale of 1.")
         if not 0 <= self.dropout < 1:
             raise bad_value("dropout", self.dropout, "in [0, 1)")
         if self.init not in INITS:
             raise bad_value("init", self.init, f"one of {INITS}")
+
+    def check_saved(self, tensors: Mapping[str, Tensor]) -> None:
+        """Every saved A is (r, ...) and every B (..., r, ...) with r = ``rank``; checked before injection, so a
+        header's rank is never allocated when the tensors say otherwise."""
+        a = {k: v for k, v in tensors.items() if k.endswith(".lora_A")}
+        b = {k: v for k, v in tensors.items() if k.endswith(".lora_B")}
+        if not a or len(a) != len(b):
+            raise bad_value("rank", self.rank, "backed by saved lora_A/lora_B pairs",
+                            f"the file holds {len(a)} lora_A and {len(b)} lora_B tensor(s)")
+        for k, v in {**a, **b}.items():
+            if v.dim() < 2 or (v.shape[0] if k.endswith("A") else v.shape[1]) != self.rank:
+                raise bad_value("rank", self.rank, f"the rank of the saved tensors ({k!r} has shape {tuple(v.shape)})")
 
     @property
     def scale(self) -> float:
@@ -64,6 +80,13 @@ class LoRAConfig(MethodConfig):
         # decoded weight; ΔW·x below needs only the input and the layer's shapes, so the adapter runs on top of it.
         linear = isinstance(base_layer, nn.Linear) or getattr(base_layer, "_difftune_linear_like", False)
         if linear or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
+            if isinstance(base_layer, nn.Conv2d):
+                d_out, d_in = base_layer.out_channels, base_layer.in_channels * math.prod(base_layer.kernel_size)
+            else:  # reads the shapes, not `weight` (a compressed layer would decode it)
+                d_out, d_in = base_layer.out_features, base_layer.in_features
+            if self.rank > max(d_out, d_in):  # B A would hold more values than a dense ΔW: refused before allocating
+                raise bad_value("rank", self.rank, f"at most max(d_out, d_in) = {max(d_out, d_in)} for this layer",
+                                "A rank above the layer's width adds parameters but no expressiveness.")
             return LoRAAdapter(base_layer, self)
         return None
 

@@ -1,8 +1,13 @@
 """Resumable checkpoints: accelerate's ``save_state`` (optimizer, LR schedule, RNG states of every process) plus a
 ``trainable.safetensors`` with only what trains (the plugin's `checkpoint_tensors` and the EMA), never the frozen base.
 
-A checkpoint folder counts only once its ``trainer_state.json`` is written, after everything else: an interrupted save
-is never resumed from.
+Crash safety (issue 17): a checkpoint is written whole into ``checkpoints/.tmp-checkpoint-<step>`` (its
+``trainer_state.json`` last, every file fsynced) and renamed to ``checkpoint-<step>`` only then; old checkpoints are
+deleted only after that, each first renamed out of the ``checkpoint-*`` namespace (``.trash-*``). A SIGKILL at any
+moment therefore leaves every ``checkpoint-*`` folder complete and the newest one in place; the leftovers are removed
+at the next start (`clean_leftovers`). `restore` falls back to the previous checkpoint, with a warning, when the newest
+cannot be read, and refuses a checkpoint whose RNG state does not restore (accelerate only logs that) unless
+``checkpointing.allow_inexact_resume``. A checkpoint whose trainable tensors are not finite is never written.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,8 @@ logger = logging.getLogger("difftune.train")
 
 CHECKPOINT_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"  #: a checkpoint being written
+TRASH_PREFIX = ".trash-"  #: a checkpoint being deleted
 
 
 def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, ema: Any,
@@ -41,6 +50,7 @@ def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, 
         if not accelerator.is_main_process:
             return
         tensors = {k: v.detach().cpu().contiguous() for k, v in plugin.checkpoint_tensors(model).items()}
+        check_finite_tensors(tensors, f"checkpoint {output_dir}")
         if ema is not None:
             tensors.update({f"ema.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)})
         atomic_write(Path(output_dir) / CHECKPOINT_FILE, lambda tmp: save_file(tensors, tmp))
@@ -82,11 +92,165 @@ def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, 
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """The complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    """The complete checkpoints under ``output_dir/checkpoints``, oldest first.
+
+    A folder counts when its name is ``checkpoint-<step>`` and its ``trainer_state.json`` exists. The trainer only
+    ever renames a fully written folder into that name (`save_checkpoint`), so the state-file test is for folders
+    copied by hand.
+    """
     root = output_dir / "checkpoints"
     found = [p for p in root.glob("checkpoint-*")
              if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def clean_leftovers(output_dir: Path) -> list[Path]:
+    """Remove what a killed run left behind: temp checkpoint folders, checkpoints renamed out of the namespace for
+    deletion, and ``atomic_write`` temp files (``.<name>.<random>.tmp``) in the output folder, the saved result and
+    the checkpoints. Called under the output-folder lock, so no other run is writing them. Returns what went."""
+    removed = []
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for p in list(root.glob(TMP_PREFIX + "*")) + list(root.glob(TRASH_PREFIX + "*")):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+    for pattern in (".*.tmp", "*/.*.tmp", "checkpoints/*/.*.tmp"):
+        for p in output_dir.glob(pattern):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+                removed.append(p)
+    if removed:
+        logger.warning("removed %d leftover(s) of an interrupted run in %s: %s", len(removed), output_dir,
+                       [str(p.relative_to(output_dir)) for p in removed[:5]])
+    return removed
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder by first renaming it out of the ``checkpoint-*`` namespace: a kill during the
+    deletion leaves a ``.trash-*`` folder that is never resumed from (and is cleaned at the next start)."""
+    trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, trash)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(trash)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename itself has still happened
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: Callable[[Path], None]) -> None:
+    """Write ``checkpoint-<step>`` (every process takes part), then drop those beyond the retention limit.
+
+    The newest complete checkpoint is never in danger: the new one is written whole into ``.tmp-checkpoint-<step>``
+    and renamed into place only after its ``trainer_state.json``; only then are old ones removed, each renamed out
+    of the ``checkpoint-*`` namespace before its files are deleted. A kill at any moment leaves every
+    ``checkpoint-*`` folder complete.
+    """
+    root = Path(cfg.output_dir) / "checkpoints"
+    tmp = root / f"{TMP_PREFIX}checkpoint-{step}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    # Every process calls save_state: each writes its own RNG state, the main one the rest.
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_state(tmp)
+        for f in tmp.iterdir():  # durable before the rename makes the folder count
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        folder = root / f"checkpoint-{step}"
+        if folder.exists():  # a resumed run saving a step again (its earlier copy was unreadable or is older)
+            _discard(folder)
+        os.replace(tmp, folder)
+        _fsync_dir(root)
+        limit = cfg.checkpointing.checkpoints_total_limit
+        if limit:
+            existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
+            for old in existing[: max(0, len(existing) + 1 - limit)]:
+                _discard(old)
+    accelerator.wait_for_everyone()
+
+
+class _RNGSentinel:
+    """Detects a checkpoint whose RNG state was not restored: accelerate's ``load_state`` skips an unreadable
+    ``random_states_<i>.pkl`` with an info log. The generators are set to a fresh random state before loading; if
+    they still hold it afterwards, nothing was restored and the resume would not be exact."""
+
+    def __init__(self) -> None:
+        import random
+
+        import numpy as np
+
+        seed = int.from_bytes(os.urandom(8), "little")
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.torch, self.python = torch.get_rng_state(), random.getstate()
+
+    def restored(self) -> bool:
+        import random
+
+        return not (torch.equal(torch.get_rng_state(), self.torch) or random.getstate() == self.python)
+
+
+def restore(accelerator: Any, cfg: TrainConfig) -> Path | None:
+    """Load the checkpoint ``checkpointing.resume_from_checkpoint`` names; returns it, or None when there is none.
+
+    ``latest`` tries the complete checkpoints newest first: one that cannot be read (a corrupt optimizer, trainable
+    or state file, an RNG state that does not restore) is passed over with a warning naming it and the reason, and
+    the previous one is used. A named folder that cannot be read is an error. An RNG state that cannot be restored
+    is an error unless ``checkpointing.allow_inexact_resume`` (then a warning: the run continues, not bit-exactly).
+    """
+    value = cfg.checkpointing.resume_from_checkpoint
+    if not value:
+        return None
+    candidates = list(reversed(checkpoint_dirs(Path(cfg.output_dir)))) if value == "latest" else [resolve_resume(cfg)]
+    if not candidates:
+        logger.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from step 0", cfg.output_dir)
+        return None
+    failures = []
+    for folder in candidates:
+        sentinel = _RNGSentinel()
+        try:
+            accelerator.load_state(str(folder))
+        except DifftuneError as e:
+            if "does not fit this run's config" in str(e):
+                raise  # a config mismatch is the user's to fix, not a damaged file to skip
+            failures.append((folder, e))
+        except Exception as e:  # accelerate/torch/safetensors/json errors: the files are damaged
+            failures.append((folder, e))
+        else:
+            if sentinel.restored():
+                return folder
+            if cfg.checkpointing.allow_inexact_resume:
+                logger.warning("%s: its RNG state (random_states_%d.pkl) could not be restored; continuing because "
+                               "checkpointing.allow_inexact_resume is set: this run will NOT reproduce an "
+                               "uninterrupted one bit-exactly", folder, accelerator.process_index)
+                return folder
+            failures.append((folder, DifftuneError(
+                f"its RNG state (random_states_{accelerator.process_index}.pkl) is missing or unreadable")))
+        if len(candidates) > 1 and folder is not candidates[-1]:
+            logger.warning("cannot resume from %s (%s: %s); falling back to the previous checkpoint", folder,
+                           type(failures[-1][1]).__name__, failures[-1][1])
+    listed = "; ".join(f"{f.name}: {type(e).__name__}: {e}" for f, e in failures)
+    raise DifftuneError(
+        f"cannot resume from `checkpointing.resume_from_checkpoint`={value!r}: no readable checkpoint ({listed}). "
+        "Hint: delete the damaged checkpoint folder(s) to start over, or set checkpointing.allow_inexact_resume: "
+        "true when only the RNG state is lost")
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -107,20 +271,13 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: Callable[[Path], None]) -> None:
-    """Write ``checkpoint-<step>`` (every process takes part) after dropping those beyond the retention limit."""
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process and cfg.checkpointing.checkpoints_total_limit:
-        existing = checkpoint_dirs(out)
-        for old in existing[: max(0, len(existing) - cfg.checkpointing.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    # Every process calls save_state: each writes its own RNG state, the main one the rest.
-    folder = out / "checkpoints" / f"checkpoint-{step}"
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_state(folder)
+def check_finite_tensors(tensors: dict[str, Tensor], what: str) -> None:
+    """Refuse to write NaN/inf trained values: a run that diverged saves nothing as its result or checkpoint."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DifftuneError(f"training diverged: {len(bad)} trained tensor(s) hold NaN/inf (first: {bad[:3]}); "
+                            f"{what} was not written. Hint: lower optimizer.lr, keep train.max_grad_norm set, or "
+                            "use bf16 instead of fp16")
 
 
 def weights_digest(tensors: dict[str, Tensor]) -> str:

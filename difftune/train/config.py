@@ -6,11 +6,30 @@ Names follow the diffusers training scripts where one exists (``max_grad_norm``,
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import DifftuneError, bad_value
 from ..methods.base import MethodConfig, get_method
+
+
+def check_finite(obj: Any, section: str) -> None:
+    """Refuse NaN/inf in every float field of config dataclass ``obj`` (a comparison such as ``lr <= 0`` lets NaN
+    through; a NaN ``max_grad_norm`` or ``noise_offset`` trains a NaN adapter). Also covers ``list[float]`` fields."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if "float" not in str(hints.get(f.name)):
+            continue
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise bad_value(f"{section}.{f.name}", value, "a finite number",
+                                "no setting means NaN or infinity; null turns an optional setting off")
+
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -66,6 +85,7 @@ class DataConfig:
     condition_path: str | None = None  #: kind control: folder of condition images named as the images in ``path``
 
     def __post_init__(self) -> None:
+        check_finite(self, "data")
         if self.kind in DATA_FREE_KINDS:
             self._check_data_free()
         else:
@@ -143,10 +163,15 @@ class OptimizerConfig:
     scale_lr: bool = False  #: multiply lr by batch_size × gradient_accumulation_steps × processes
 
     def __post_init__(self) -> None:
+        check_finite(self, "optimizer")
         if self.lr is not None and self.lr <= 0:
             raise bad_value("optimizer.lr", self.lr, "a positive number")
-        if len(self.betas) != 2:
-            raise bad_value("optimizer.betas", self.betas, "two numbers [beta1, beta2]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise bad_value("optimizer.betas", self.betas, "two numbers [beta1, beta2] in [0, 1)")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise bad_value("optimizer.eps" if self.eps <= 0 else "optimizer.weight_decay",
+                            self.eps if self.eps <= 0 else self.weight_decay,
+                            "a positive number" if self.eps <= 0 else "a number >= 0")
 
 
 @dataclass
@@ -157,6 +182,7 @@ class ScheduleConfig:
     power: float = 1.0  #: polynomial
 
     def __post_init__(self) -> None:
+        check_finite(self, "schedule")
         if self.name not in SCHEDULES:
             raise bad_value("schedule.name", self.name, f"one of {SCHEDULES}")
         if self.warmup_steps < 0 or self.num_cycles < 1:
@@ -183,6 +209,7 @@ class TrainLoopConfig:
     find_unused_parameters: bool = False  #: DDP option for multi-GPU runs with partially used adapters
 
     def __post_init__(self) -> None:
+        check_finite(self, "train")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise bad_value(f"train.{name}", getattr(self, name), "an integer >= 1")
@@ -192,6 +219,8 @@ class TrainLoopConfig:
             raise bad_value("train.snr_gamma", self.snr_gamma, "a positive number or null")
         if not 0 < self.ema_decay < 1:
             raise bad_value("train.ema_decay", self.ema_decay, "in (0, 1)")
+        if self.kl_weight < 0:
+            raise bad_value("train.kl_weight", self.kl_weight, "a number >= 0")
 
 
 @dataclass
@@ -210,6 +239,7 @@ class ValidationConfig:
     guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
+        check_finite(self, "validation")
         if self.every_steps < 0:
             raise bad_value("validation.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
         if self.num_inference_steps < 1 or not self.seeds:
@@ -223,6 +253,8 @@ class CheckpointConfig:
     checkpointing_steps: int = 500  #: save a resumable checkpoint every N optimizer steps (0: never)
     checkpoints_total_limit: int | None = None  #: keep only the newest N checkpoints
     resume_from_checkpoint: str | None = None  #: "latest" or a checkpoint folder
+    #: resume even when a checkpoint's RNG state cannot be restored (logged; the result is then not bit-exact)
+    allow_inexact_resume: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpointing_steps < 0:
@@ -248,6 +280,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise bad_value("output_dir", self.output_dir, "a folder path",
+                            "an empty path would write into the working directory; e.g. outputs/my-run")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32 - 64:
+            # numpy's seed is 32-bit; each process seeds seed + its index
+            raise bad_value("seed", self.seed, "an integer in [0, 2**32 - 64)")
         method = self.method_config()  # validate now, with keys named method.<field>
         if self.model.from_scratch and method.is_adapter:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",

@@ -38,9 +38,17 @@ from .build import (
     set_attention,
 )
 from .cache import fill_caches
-from .checkpoints import checkpoint_hooks, resolve_resume, save_checkpoint, weights_digest
+from .checkpoints import (
+    check_finite_tensors,
+    checkpoint_hooks,
+    clean_leftovers,
+    restore,
+    save_checkpoint,
+    weights_digest,
+)
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .families import Family, family_for
+from .lock import hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .plugin import TrainerPlugin, plugin_for
 from .reporting import flat_hparams, validate, write_model_card
@@ -75,15 +83,15 @@ def main(cfg: TrainConfig) -> Path:
     """Train ``cfg.method`` on ``cfg.model`` with ``cfg.data``; returns the saved result (adapter or pipeline)."""
     run = setup(cfg)
     write_state = checkpoint_hooks(run.accelerator, run.plugin, run.denoiser, run.ema, run.progress)
-    resume = resolve_resume(cfg)
     out = Path(cfg.output_dir)
     if run.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)  # under the output_dir lock taken in setup
         dump_yaml(cfg, out / "config.yaml")
         if cfg.logging.report_to != "none":
             run.accelerator.init_trackers("difftune", config=flat_hparams(to_dict(cfg)))
+    resume = restore(run.accelerator, cfg)  # `latest` falls back past unreadable checkpoints, with a warning
     if resume is not None:
-        run.accelerator.load_state(str(resume))
         run.progress["resumed"] = f"{resume.name} at step {run.progress['step']}"
         logger.info("resumed from %s", run.progress["resumed"])
     train_loop(run, write_state)
@@ -127,6 +135,8 @@ def setup(cfg: TrainConfig) -> Run:
                         f"{method.method!r}", f"{method.method!r} trains with the standard diffusion loss, which "
                         "needs images (data.path); data-free kinds serve methods whose plugin has its own objective")
     accelerator = build_accelerator(cfg)
+    if accelerator.is_main_process:
+        hold_output_dir(cfg.output_dir)  # one run per output folder (lock.py); a second run fails naming this one
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
@@ -244,7 +254,12 @@ def step_loss(run: Run, batch: dict[str, Any]) -> Tensor:
     if loss is None:
         loss = inputs.default_loss()
     extra = run.plugin.extra_loss(run.denoiser)
-    return loss if extra is None else loss + extra
+    loss = loss if extra is None else loss + extra
+    if not bool(torch.isfinite(loss.detach())):  # stop before a NaN/inf gradient reaches the weights
+        raise DifftuneError(f"training diverged: the loss is {loss.item()} at step {run.progress['step'] + 1}; "
+                            "stopped; nothing saved as the result (checkpoints written before this step are intact). "
+                            "Hint: lower optimizer.lr, keep train.max_grad_norm set, or use bf16 instead of fp16")
+    return loss
 
 
 def finish(run: Run) -> Path:
@@ -255,7 +270,9 @@ def finish(run: Run) -> Path:
         run.ema.copy_to(run.params)  # the EMA weights are the result
         refresh(run.denoiser)  # copy_to writes through .data, which adapters holding merged values cannot see
     method = plugin.config
-    digest = weights_digest(plugin.checkpoint_tensors(run.denoiser))
+    trained = plugin.checkpoint_tensors(run.denoiser)
+    check_finite_tensors(trained, "the result")
+    digest = weights_digest(trained)
     # Each rank reports its digest, so a distributed run can be checked for identical weights on every process.
     print(f"[difftune] rank {accelerator.process_index}: final trainable-weights digest {digest}", flush=True)
     result = Path(cfg.output_dir) / ("adapter" if method.is_adapter else "pipeline")
@@ -271,4 +288,5 @@ def finish(run: Run) -> Path:
         print(f"[difftune] saved {result}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    release_output_dir(cfg.output_dir)
     return result

@@ -1,0 +1,238 @@
+"""Fuzz training-config parsing (issue 17): mutated YAML configs and ``--set`` overrides must build a `TrainConfig` or
+raise `DifftuneError` within 5 s; a config that builds then has its method injected into the tiny SD UNet (what
+``difftune train`` does first with ``target_modules``), which must also finish within the limit.
+
+Mutations of a valid config (configs/debug/tiny_sd.yaml with paths filled in), one per case, drawn from ``MUTATIONS``:
+a value (any key, method fields included) replaced by a hostile YAML scalar or node (``.nan``, ``.inf``, 1e400,
+400-digit integers, lists, mappings, dates, ``!!python`` and ``!!binary`` tags, regex bombs for
+``target_modules``, ...);
+structural damage (duplicate keys, anchors/aliases and an alias bomb, merge keys, 10⁵-deep nesting, non-string and
+complex keys, non-UTF-8 bytes, truncation, flipped bytes, a 2 MB file, a top-level list); hostile ``--set`` overrides.
+Each case runs in a forked child (`fuzz_common.run_forked`) with a 5 s limit and a 4 GiB memory cap.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/fuzz_configs.py --cases 1600 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+from fuzz_common import run_forked, summarize  # noqa: E402
+
+import difftune as dt  # noqa: E402
+from difftune.config import load_config  # noqa: E402
+from difftune.testing import tiny_unet  # noqa: E402
+from difftune.train import TrainConfig  # noqa: E402
+
+BASE = """model:
+  path: {model}
+method:
+  name: lora
+  rank: 2
+  alpha: 4.0
+  target_modules: [to_q, to_v]
+data:
+  path: {data}
+  resolution: 32
+  label_dropout: 0.1
+optimizer:
+  lr: 1.0e-4
+  betas: [0.9, 0.999]
+train:
+  max_steps: 2
+  batch_size: 2
+  max_grad_norm: 1.0
+  noise_offset: 0.0
+  ema_decay: 0.9999
+logging:
+  report_to: none
+  progress_bar: false
+validation:
+  prompts: ["a photo of a cat"]
+  num_inference_steps: 2
+  guidance_scale: 7.5
+checkpointing:
+  checkpointing_steps: 0
+output_dir: {out}
+seed: 0
+"""
+KEYS = ["model.path", "model.architecture", "model.variant", "model.component", "model.prediction_type", "method.name",
+        "method.rank", "method.alpha", "method.dropout", "method.target_modules", "method.exclude_modules",
+        "method.init", "method.use_rslora", "data.kind", "data.path", "data.resolution", "data.label_dropout",
+        "data.repeats", "data.prior_loss_weight", "data.prompts", "data.num_samples", "optimizer.name",
+        "optimizer.lr", "optimizer.betas", "optimizer.weight_decay", "optimizer.eps", "schedule.name",
+        "schedule.warmup_steps", "schedule.power", "schedule.num_cycles", "train.max_steps", "train.batch_size",
+        "train.max_grad_norm", "train.snr_gamma", "train.noise_offset", "train.ema_decay", "train.kl_weight",
+        "train.gradient_accumulation_steps", "train.mixed_precision", "validation.guidance_scale",
+        "validation.seeds", "validation.every_steps", "checkpointing.checkpointing_steps",
+        "checkpointing.checkpoints_total_limit", "checkpointing.resume_from_checkpoint", "output_dir", "seed",
+        "adapter_name", "method.a1", "method.threshold"]
+SCALARS = [".nan", ".NaN", ".inf", "-.inf", "1e400", "-1e400", "1" * 400, "nan", "NaN", "inf", "-1", "0", "1e-400",
+           '""', "''", "[]", "{}", "[1, [2, [3]]]", "null", "~", "true", "yes", "no", "2001-01-01", "0x10", "0o17",
+           "1_000", "!!binary aGk=", '!!python/object/apply:os.system ["echo pwned"]', "!!set {a, b}",
+           '"(.*.*)*Z"', '["(.*.*)*Z"]', '["(a|aa)*b"]', '[".*.*.*.*.*.*.*.*Z"]', "[" + "x" * 300 + "]",
+           '"' + "x" * 100_000 + '"', "{a: 1}", "[to_q, 1]", "-0.0", "4294967296", "18446744073709551617",
+           "!!float 1e5", "!!int 12", "!!str 3", "full", "lora", "krona", "sara", '"  "', "/", ".", "|\n    multi\n"]
+OVERRIDE_KEYS = KEYS + ["a..b", "", "train.max_steps.x", "method", "train", "=", "method.name.x", " "]
+
+
+def set_value(text: str, key: str, value: str) -> str:
+    """``text`` with ``key`` (section.field) set to the raw YAML ``value`` (appended in its section if absent)."""
+    lines = text.splitlines()
+    if "." in key:
+        section, field = key.split(".", 1)
+        try:
+            start = lines.index(f"{section}:")
+        except ValueError:
+            return text + f"\n{section}:\n  {field}: {value}\n"
+        end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+        for i in range(start + 1, end):
+            if lines[i].startswith(f"  {field}:"):
+                lines[i] = f"  {field}: {value}"
+                return "\n".join(lines) + "\n"
+        lines.insert(start + 1, f"  {field}: {value}")
+        return "\n".join(lines) + "\n"
+    for i, line in enumerate(lines):
+        if line.startswith(f"{key}:"):
+            lines[i] = f"{key}: {value}"
+            return "\n".join(lines) + "\n"
+    return text + f"{key}: {value}\n"
+
+
+def m_value(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    key, value = rng.choice(KEYS), rng.choice(SCALARS)
+    return set_value(text, key, value), [], f"{key}={value[:20]}"
+
+
+def m_structure(rng: random.Random, text: str) -> tuple[str | bytes, list[str], str]:
+    kind = rng.choice(["dup", "dup_section", "anchor", "bomb", "merge", "deep", "deep_flow", "intkey", "boolkey",
+                       "nullkey", "complexkey", "nonutf8", "bom", "tabs", "truncate", "flip", "huge", "list", "empty",
+                       "scalar", "longline", "mixed_method_keys"])
+    if kind == "dup":
+        return text.replace("  rank: 2", "  rank: 2\n  rank: 64"), [], kind
+    if kind == "dup_section":
+        return text + "train:\n  max_steps: 100000\n", [], kind
+    if kind == "anchor":
+        return text.replace("  rank: 2", "  rank: &r 2\n  alpha: *r").replace("  alpha: 4.0\n", "", 1), [], kind
+    if kind == "bomb":
+        bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+            f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        return text + "validation:\n  prompts: *i\n" if rng.random() < 0.5 else bomb + text, [], kind
+    if kind == "merge":
+        return "base: &base {max_steps: 3}\n" + text.replace("train:\n", "train:\n  <<: *base\n"), [], kind
+    if kind == "deep":
+        return text + "method:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(400)), [], kind
+    if kind == "deep_flow":
+        return text.replace("  rank: 2", "  rank: " + "[" * 100_000 + "]" * 100_000), [], kind
+    if kind == "intkey":
+        return text.replace("train:\n", "train:\n  1: 2\n"), [], kind
+    if kind == "boolkey":
+        return text + "yes: 1\n", [], kind
+    if kind == "nullkey":
+        return text.replace("method:\n", "method:\n  ~: 3\n"), [], kind
+    if kind == "complexkey":
+        return text + "? [a, b]\n: c\n", [], kind
+    if kind == "nonutf8":
+        data = text.encode()
+        i = rng.randrange(len(data))
+        return data[:i] + bytes([0xFF, 0xC3, 0x28]) + data[i:], [], kind
+    if kind == "bom":
+        return "\ufeff".encode() + text.encode("utf-16"), [], kind
+    if kind == "tabs":
+        return text.replace("  ", "\t"), [], kind
+    if kind == "truncate":
+        return text[: rng.randrange(len(text))], [], kind
+    if kind == "flip":
+        data = bytearray(text.encode())
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data), [], kind
+    if kind == "huge":
+        return text + "# " + "z" * (2 << 20) + "\n", [], kind
+    if kind == "list":
+        return "- " + text.replace("\n", "\n  "), [], kind
+    if kind == "empty":
+        return "", [], kind
+    if kind == "scalar":
+        return "42\n", [], kind
+    if kind == "longline":
+        return text.replace("a photo of a cat", "cat " * 200_000), [], kind
+    return text.replace("  rank: 2", "  rank: 2\n  3: x"), [], kind
+
+
+def m_override(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    sets = []
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(OVERRIDE_KEYS)
+        value = rng.choice(SCALARS + ["", "=", "{name: lora, rank: 1000000000}", "[", "{", ": :"])
+        sets.append(f"{key}={value}" if rng.random() < 0.9 else key)
+    return text, sets, f"--set {' '.join(s[:20] for s in sets)}"
+
+
+MUTATIONS = [(m_value, 5), (m_structure, 4), (m_override, 2)]
+
+
+def make_case(path: Path, sets: list[str], model: torch.nn.Module):
+    def case() -> str:
+        cfg = load_config(TrainConfig, path, sets)
+        dt.inject(model, cfg.method_config(), name="fuzz")  # what `difftune train` does first with the patterns
+        return "built and injected"
+    return case
+
+
+def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False) -> tuple[dict, list[dict]]:
+    torch.manual_seed(0)
+    model = tiny_unet(0)
+    base = BASE.format(model=root / "model", data=root / "images", out=root / "out")
+    rng = random.Random(seed)
+    funcs, weights = zip(*MUTATIONS, strict=True)
+    rows = []
+    for i in range(cases):
+        mutate = rng.choices(funcs, weights)[0]
+        text, sets, label = mutate(rng, base)
+        path = root / f"case-{i}.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+        outcome, detail, seconds = run_forked(make_case(path, sets, model), timeout)
+        row = {"i": i, "kind": mutate.__name__, "mutation": label[:80], "outcome": outcome, "s": round(seconds, 3),
+               "detail": detail[:400]}
+        rows.append(row)
+        if verbose or outcome not in ("ok", "refused"):
+            print(json.dumps(row), flush=True)
+        path.unlink()
+    summary = summarize(rows)
+    summary["by_mutation"] = {f.__name__: sum(r["kind"] == f.__name__ for r in rows) for f in funcs}
+    return summary, rows
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=1600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        summary, _ = run(args.cases, args.seed, args.timeout, Path(tmp), args.verbose)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, indent=2))
+    bad = summary["error"] + summary["hang"] + summary["crash"] + summary["changed"]
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
