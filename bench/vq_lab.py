@@ -125,7 +125,7 @@ def memory(chunk: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"k-means k=256 d=4 on 6912x1152 ({x.shape[0]:,} sub-vectors), chunk {chunk}, 3 Lloyd iterations: "
           f"{time.perf_counter() - start:.1f} s; peak RSS {peak / MiB:.0f} MiB, {(peak - before) / MiB:.0f} MiB above "
-          f"the weight and its sub-vectors (distance chunk bound {chunk * 256 * 4 * 4 / MiB:.0f} MiB; unchunked "
+          f"the weight (distance temporaries 2 x {chunk * 256 * 4 / MiB:.0f} MiB; unchunked "
           f"(N, k, d) would be {x.shape[0] * 256 * 4 * 4 / 2**30:.1f} GiB)")
 
 
