@@ -1,9 +1,9 @@
 """BK-SDM latency: one UNet step of the teacher and of each block-removed student, side by side, with the ratios.
 
 Random weights on the published configs (latency does not depend on the values), batch 1 (as the paper generates),
-77 text tokens, no gradient. Each model is built, warmed up and timed in turn, then freed. Per-stage times (hooks on
-the top-level blocks) show where the time goes, which is what explains the gap between the MAC ratio and the
-latency ratio.
+77 text tokens, no gradient. All models are built first and timed in interleaved rounds, so that each sees the
+same machine load. Per-stage times (hooks on the top-level blocks) show where the time goes, which is what explains
+the gap between the MAC ratio and the latency ratio.
 
     python bench/bk_latency.py                          # SD1.5 at 512 px on the CPU
     python bench/bk_latency.py --device cuda --dtype float16 --repeats 20
@@ -93,17 +93,35 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     meta_teacher = build_architecture(args.architecture)
-    rows = []
+    models, rows = {}, []
     for plan in [None, *args.plans]:
         meta = meta_teacher if plan is None else build_student(meta_teacher, plan)
         torch.manual_seed(0)
-        model = type(meta).from_config(meta.config).to(device, dtype).eval()  # random weights, real shapes
-        timing = time_unet(model, args.resolution, device, dtype, args.warmup, args.repeats)
+        models[plan or "teacher"] = type(meta).from_config(meta.config).to(device, dtype).eval()  # random weights
         rows.append({"model": plan or "teacher", "parameters": count_parameters(meta),
-                     "macs": unet_macs(meta, args.resolution), **timing})
-        print(f"{rows[-1]['model']}: {timing['seconds']:.3f} s/step  {json.dumps(timing['all_seconds'])}", flush=True)
-        del model
-        gc.collect()
+                     "macs": unet_macs(meta, args.resolution), "all_seconds": []})
+    # interleaved rounds: on a shared machine every model sees the same load (timing them one after the other let
+    # a busy minute land on one model only)
+    size = args.resolution // 8
+    with torch.no_grad():
+        for r in range(args.warmup + args.repeats):
+            for row in rows:
+                unet = models[row["model"]]
+                x = torch.randn(1, unet.config.in_channels, size, size, device=device, dtype=dtype)
+                ctx = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+                _sync(device)
+                t0 = time.perf_counter()
+                unet(x, torch.tensor([500], device=device), encoder_hidden_states=ctx)
+                _sync(device)
+                if r >= args.warmup:
+                    row["all_seconds"].append(time.perf_counter() - t0)
+    for row in rows:
+        times = row["all_seconds"]
+        row.update(seconds=sorted(times)[len(times) // 2], min_seconds=min(times),
+                   stage_share=time_unet(models[row["model"]], args.resolution, device, dtype, 0, 1)["stage_share"])
+        print(f"{row['model']}: {row['seconds']:.3f} s/step  {json.dumps(times)}", flush=True)
+    del models
+    gc.collect()
     t0 = rows[0]
     print(f"\n{args.architecture} UNet, batch 1, {args.resolution} px, {args.device} {args.dtype}, "
           f"{torch.get_num_threads()} threads; median of {args.repeats} after {args.warmup} warm-up\n")
@@ -114,7 +132,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['parameters']:,} | {r['parameters'] / t0['parameters']:.3f} | "
               f"{r['macs'] / 1e9:.1f} | {r['macs'] / t0['macs']:.3f} | {r['seconds']:.2f} ({r['min_seconds']:.2f}) | "
               f"{r['seconds'] / t0['seconds']:.3f} ({r['min_seconds'] / t0['min_seconds']:.3f}) |")
-    print("\nshare of block time per stage (down0 = 64×64 latents at 512 px):")
+    print(f"\nshare of block time per stage (down0 at {args.resolution // 8}×{args.resolution // 8} latents):")
     for r in rows:
         print(f"  {r['model']}: " + ", ".join(f"{k} {v:.0%}" for k, v in r["stage_share"].items()))
     out = Path(args.out)
