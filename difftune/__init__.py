@@ -31,8 +31,8 @@ from .loading import (
     unmerge,
 )
 from .methods import METHODS, MethodConfig
-from .methods.context import adapter_inputs
 from .methods.bk import BKConfig
+from .methods.context import adapter_inputs
 from .methods.full import FullConfig
 from .methods.krona import KronAConfig
 from .methods.lora import LoRAConfig

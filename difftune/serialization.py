@@ -130,26 +130,27 @@ def _depth(node: Any, limit: int) -> int:
 
 
 def parse_header_json(raw: str | bytes, where: str) -> Any:
-    """The header JSON, bounded: size, UTF-8, depth, finite numbers; a DifftuneError naming ``where`` otherwise."""
+    """A difftune file's JSON header (adapters, compressed models), bounded: size, UTF-8, depth, finite numbers, unique
+    keys; a DifftuneError naming ``where`` otherwise."""
     if len(raw) > MAX_HEADER_BYTES:
-        raise DifftuneError(f"{where}: the adapter header is {len(raw):,} bytes, over {MAX_HEADER_BYTES:,} allowed")
+        raise DifftuneError(f"{where}: the header is {len(raw):,} bytes, over {MAX_HEADER_BYTES:,} allowed")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DifftuneError(f"{where}: the adapter header is not UTF-8 ({e}); re-save the adapter") from None
+            raise DifftuneError(f"{where}: the header is not UTF-8 ({e}); save the file again") from None
     # A nesting bomb ([[[[...) overflows the C parser's recursion; count brackets first, cheaply.
     if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _bracket_depth(raw) > MAX_JSON_DEPTH:
-        raise DifftuneError(f"{where}: the adapter header nests deeper than {MAX_JSON_DEPTH} levels")
+        raise DifftuneError(f"{where}: the header nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         header = json.loads(raw, parse_float=_finite_float, parse_constant=_refuse_constant,
                             object_pairs_hook=_unique_keys)
     except DifftuneError as e:
-        raise DifftuneError(f"{where}: {e}; re-save the adapter") from None
+        raise DifftuneError(f"{where}: {e}; save the file again") from None
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise DifftuneError(f"{where} is not valid JSON ({type(e).__name__}: {e}); re-save the adapter") from None
+        raise DifftuneError(f"{where} is not valid JSON ({type(e).__name__}: {e}); save the file again") from None
     if _depth(header, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise DifftuneError(f"{where}: the adapter header nests deeper than {MAX_JSON_DEPTH} levels")
+        raise DifftuneError(f"{where}: the header nests deeper than {MAX_JSON_DEPTH} levels")
     return header
 
 

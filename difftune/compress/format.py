@@ -179,10 +179,9 @@ def _weights_path(path: str | Path) -> Path:
 
 
 def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DifftuneError(f"{where} is not valid JSON ({e}); the file is corrupt, save the model again") from e
+    from ..serialization import parse_header_json  # the adapters' bounded parser (size, depth, NaN, repeated keys)
+
+    return parse_header_json(text, where)
 
 
 def read_compressed_header(path: str | Path) -> dict[str, Any]:
