@@ -129,6 +129,21 @@ def _depth(node: Any, limit: int) -> int:
     return deepest
 
 
+def metadata_header(weights: Path, missing_hint: str) -> Any:
+    """The JSON difftune stores in a safetensors file's metadata (key ``difftune``), parsed with `parse_header_json`.
+
+    A file that cannot be read, or has no such key (``missing_hint`` says what it probably is), is a `DifftuneError`.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise DifftuneError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from e
+    if METADATA_KEY not in meta:
+        raise DifftuneError(f"{weights} has no difftune metadata (key {METADATA_KEY!r}); {missing_hint}")
+    return parse_header_json(meta[METADATA_KEY], f"{weights} (difftune metadata)")
+
+
 def parse_header_json(raw: str | bytes, where: str) -> Any:
     """A difftune file's JSON header (adapters, compressed models), bounded: size, UTF-8, depth, finite numbers, unique
     keys; a DifftuneError naming ``where`` otherwise."""
@@ -250,17 +265,8 @@ def read_header(path: str | Path) -> dict[str, Any]:
                                 "adapter header may have")
         header = parse_header_json(cfg_file.read_bytes(), str(cfg_file))
     else:
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError) as e:
-            raise DifftuneError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from e
-        if METADATA_KEY not in meta:
-            raise DifftuneError(
-                f"{weights} has no difftune metadata (key {METADATA_KEY!r}); it was not written by difftune. "
-                "Hint: LoRA files from diffusers/kohya load with pipe.load_lora_weights()."
-            )
-        header = parse_header_json(meta[METADATA_KEY], f"{weights} (difftune metadata)")
+        header = metadata_header(weights, "it was not written by difftune. Hint: LoRA files from diffusers/kohya "
+                                          "load with pipe.load_lora_weights().")
     if not isinstance(header, dict) or header.get("format") != FORMAT or "method" not in header:
         got = header.get("format") if isinstance(header, dict) else type(header).__name__
         raise DifftuneError(f"{path} is not a difftune adapter (header format {got!r}, expected {FORMAT!r})")

@@ -192,15 +192,9 @@ def read_compressed_header(path: str | Path) -> dict[str, Any]:
             newer format version, or fields of the wrong type.
     """
     weights = _weights_path(path)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise DifftuneError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from e
-    if METADATA_KEY not in meta:
-        raise DifftuneError(f"{weights} has no difftune metadata (key {METADATA_KEY!r}); it was not written by "
-                            "save_compressed")
-    header = _parse_json(meta[METADATA_KEY], f"the metadata of {weights}")
+    from ..serialization import metadata_header
+
+    header = metadata_header(weights, "it was not written by save_compressed")
     cfg_file = weights.parent / CONFIG_NAME
     if cfg_file.is_file():
         on_disk = _parse_json(cfg_file.read_text(), str(cfg_file))
