@@ -15,7 +15,6 @@ is loaded alone. Every case runs in a forked child (`fuzz_common.run_forked`) wi
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -24,8 +23,6 @@ import random
 import shutil
 import struct
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -34,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+from fuzz_common import cli as fuzz_cli  # noqa: E402
 from fuzz_common import run_forked, summarize  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -291,20 +289,7 @@ def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False
 
 
 def cli(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", type=int, default=1600)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=5.0)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        summary, _ = run(args.cases, args.seed, args.timeout, Path(tmp), args.verbose)
-    summary["wall_s"] = round(time.time() - t0, 1)
-    print(json.dumps(summary, indent=2))
-    bad = summary["error"] + summary["hang"] + summary["crash"] + summary["changed"]
-    return 0 if bad == 0 else 1
+    return fuzz_cli(run, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ another signal (the memory cap hit in C code, a segfault) is a crash.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import resource
 import signal
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from difftune.errors import DifftuneError
 
@@ -87,3 +90,22 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         counts[r["outcome"]] += 1
     return {"cases": len(rows), **counts, "slowest_cpu_s": round(max((r["s"] for r in rows), default=0.0), 2)}
+
+
+def cli(run: Callable[..., tuple[dict, list[dict]]], description: str, argv: list[str] | None = None) -> int:
+    """The fuzzers' command line: ``run(cases, seed, timeout, root, verbose)``; prints the summary; exit 1 on any
+    error, hang, crash or changed model."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--cases", type=int, default=1600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        summary, _ = run(args.cases, args.seed, args.timeout, Path(tmp), args.verbose)
+    summary["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(summary, indent=2))
+    bad = summary["error"] + summary["hang"] + summary["crash"] + summary["changed"]
+    return 0 if bad == 0 else 1
