@@ -2,9 +2,10 @@
 
 Settings, each quantizing every Linear of the 6 transformer blocks (7 per block; embedders and the final layer FP):
 FP, RTN 2/3-bit (per-channel round-to-nearest), k-means only 2/3-bit (k-means codebook, nearest codeword),
-VQ4DiT 2/3-bit (candidates + zero-data calibration, the official code's choices) and, with ``--paper``, VQ4DiT
-2-bit with the paper's choices. Every quantized model is written with `save_compressed` and read back with
-`load_compressed_pipeline` before sampling, so the scores are those of the files.
+VQ4DiT 2/3-bit (candidates + zero-data calibration, ``VQ4DiTConfig()``: the official code's choices with codebooks
+and biases calibrated jointly at lr 1e-3), with ``--official`` VQ4DiT 2/3-bit with the official code's schedule
+exactly, and with ``--paper`` VQ4DiT 2-bit with the paper's choices. Every quantized model is written with
+`save_compressed` and read back with `load_compressed_pipeline` before sampling, so the scores are those of the files.
 
 Scores (``difftune.eval.evaluate``): accuracy (samples classified as the class asked for), FD in the classifier's
 feature space against the real training digits (fd_floor: as many held-out real digits). Sizes: the compressed
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for preset in ("2bit", "3bit"):
         settings.append((f"k-means only {preset[0]}-bit", "kmeans", {"preset": preset}))
         settings.append((f"VQ4DiT {preset[0]}-bit", "vq4dit", {"preset": preset}))
+    if args.official:
+        for preset in ("2bit", "3bit"):
+            settings.append((f"VQ4DiT {preset[0]}-bit (official code schedule)", "official", {"preset": preset}))
     if args.paper:
         settings.append(("VQ4DiT 2-bit (paper variant)", "paper", {"preset": "2bit"}))
     for label, kind, opts in settings:
@@ -75,12 +79,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             common = {"iterations": args.iterations, "steps": args.calib_steps, "batch": args.batch,
                       "class_labels": list(range(10)), "guidance": args.guidance, "seed": 0,
-                      "kmeans_iters": args.kmeans_iters, "codebook": args.codebook,
-                      "lr_codebook": args.lr_codebook, "lr_bias": args.lr_codebook}
-            if kind == "paper":  # the paper's own codebook schedule (joint), whatever --codebook says
-                cfg = VQ4DiTConfig.paper(**opts, **{k: v for k, v in common.items() if k != "codebook"})
-            else:
-                cfg = VQ4DiTConfig(**opts, **common)
+                      "kmeans_iters": args.kmeans_iters}
+            if args.lr_codebook is not None:
+                common |= {"lr_codebook": args.lr_codebook, "lr_bias": args.lr_codebook}
+            make = {"paper": VQ4DiTConfig.paper, "official": VQ4DiTConfig.official}.get(kind, VQ4DiTConfig)
+            cfg = make(**opts, **common)
             if kind == "kmeans":
                 model = pipe.transformer
                 quantize_kmeans_(model, cfg)
@@ -163,9 +166,9 @@ def main() -> None:
     p.add_argument("--calib-steps", type=int, default=25, help="timesteps per calibration trajectory")
     p.add_argument("--batch", type=int, default=4, help="classes per calibration trajectory")
     p.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations (paper 100; fewer on 2 CPUs)")
-    p.add_argument("--codebook", choices=["after_freeze", "joint"], default="after_freeze",
-                   help="when codebooks train (VQ4DiTConfig.codebook); the paper variant is always joint")
-    p.add_argument("--lr-codebook", type=float, default=1e-4, help="codebook and bias learning rate (code: 1e-4)")
+    p.add_argument("--lr-codebook", type=float, default=None,
+                   help="codebook and bias learning rate for every VQ4DiT row (default: each config's own)")
+    p.add_argument("--official", action="store_true", help="also VQ4DiT 2/3-bit with the official code's schedule")
     p.add_argument("--paper", action="store_true", help="also VQ4DiT 2-bit with the paper's choices")
     p.add_argument("--only", nargs="*", help="run only settings whose label contains one of these")
     p.add_argument("--memory", action="store_true", help="only the k-means peak-memory measurement")

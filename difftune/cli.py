@@ -311,7 +311,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise bad_value("--classes", args.classes, "a range '0-9' or a list '1,3,207'") from e
     if args.prompt:
         fields["prompts"] = args.prompt
-    config = VQ4DiTConfig.paper(**fields) if args.paper else VQ4DiTConfig(**fields)
+    if args.paper and args.official:
+        raise bad_value("--paper/--official", "both", "at most one of them", "The default is neither (see --help).")
+    config = (VQ4DiTConfig.paper(**fields) if args.paper else VQ4DiTConfig.official(**fields) if args.official
+              else VQ4DiTConfig(**fields))
     if args.dry_run:
         from .architectures import build_architecture, denoiser_on_meta
 
@@ -450,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=["2bit", "3bit"], default="2bit", help="2bit: k=256, d=4; 3bit: k=64, d=2")
     s.add_argument("--method", choices=["vq4dit", "kmeans", "rtn"], default="vq4dit")
     s.add_argument("--paper", action="store_true", help="the paper's choices where it differs from the official code")
+    s.add_argument("--official", action="store_true",
+                   help="the official code's schedule (codebooks after freezing, lr 1e-4; default: joint, 1e-3)")
     s.add_argument("--iterations", type=int, default=None, help="calibration trajectories (default 20)")
     s.add_argument("--steps", type=int, default=None, help="timesteps per calibration trajectory (default 50)")
     s.add_argument("--candidates", type=int, default=None, help="n candidate codewords per sub-vector")

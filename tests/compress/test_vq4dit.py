@@ -110,6 +110,12 @@ def test_dit_xl2_sizes_counted_like_the_paper():
 def test_config_presets_variants_and_errors():
     assert (VQ4DiTConfig().k, VQ4DiTConfig().d) == (256, 4)
     assert (VQ4DiTConfig(preset="3bit").k, VQ4DiTConfig(preset="3bit").d) == (64, 2)
+    default, official = VQ4DiTConfig(), VQ4DiTConfig.official()
+    # default: the code's choices, but codebooks and biases calibrated jointly at 1e-3 (the module docstring says why)
+    assert (default.candidates, default.ratio_init, default.regularizer) == (2, "distance", "gated")
+    assert (default.codebook, default.lr_codebook, default.lr_bias) == ("joint", 1e-3, 1e-3)
+    assert (official.codebook, official.lr_codebook, official.lr_bias) == ("after_freeze", 1e-4, 1e-4)
+    assert VQ4DiTConfig.official(lr_codebook=5e-4).lr_codebook == 5e-4
     paper = VQ4DiTConfig.paper()
     assert (paper.candidates, paper.ratio_init, paper.regularizer, paper.codebook) == (3, "uniform", "eq9", "joint")
     for bad in ({"preset": "1bit"}, {"k": 100}, {"ratio_init": "random"}, {"candidates": 0},
@@ -128,7 +134,7 @@ def _calib(config: VQ4DiTConfig) -> VQCalibLinear:
 
 
 def test_ratio_inits_regularizers_and_freezing():
-    code = _calib(VQ4DiTConfig(preset="3bit", k=8))
+    code = _calib(VQ4DiTConfig.official(preset="3bit", k=8))
     r = code.ratios()
     assert torch.allclose(r.sum(1), torch.ones(len(r)))
     assert (r[:, 0] >= r[:, 1]).all()  # inverse-distance init: the nearest codeword has the larger ratio
@@ -150,6 +156,7 @@ def test_ratio_inits_regularizers_and_freezing():
     assert torch.equal(code.ratios()[:40].argmax(1), torch.zeros(40, dtype=torch.long))
     joint = _calib(VQ4DiTConfig.paper(preset="3bit", k=8))
     assert joint.codebook.requires_grad  # paper: codebooks calibrated from the start
+    assert _calib(VQ4DiTConfig(preset="3bit", k=8)).codebook.requires_grad  # so does the default
 
 
 def test_uncalibrated_vq4dit_equals_kmeans_only_and_save_load_equal_outputs(tmp_path):
@@ -250,3 +257,17 @@ def test_cli_quantizes_a_pipeline_folder_that_loads_back(tmp_path, method, capsy
     assert (tmp_path / "q" / "quantize_report.json").is_file()
     assert main(["quantize", "--preset", "2bit"]) == 2  # neither a model nor a dry run: a clear error
     assert "--model/--out" in capsys.readouterr().err
+
+
+def test_cli_schedule_flags_pick_the_config(monkeypatch, capsys):
+    import difftune.compress.vq4dit_calib as calib
+    from difftune.cli import main
+
+    seen: list[VQ4DiTConfig] = []
+    monkeypatch.setattr(calib, "quantize_pipeline_folder", lambda model, out, method, config: seen.append(config))
+    for flags, codebook in (([], "joint"), (["--official"], "after_freeze"), (["--paper"], "joint")):
+        assert main(["quantize", "--model", "m", "--out", "o", *flags]) == 0
+        assert seen[-1].codebook == codebook
+    assert (seen[1].lr_codebook, seen[2].candidates) == (1e-4, 3)
+    assert main(["quantize", "--model", "m", "--out", "o", "--paper", "--official"]) == 2
+    assert "--paper/--official" in capsys.readouterr().err
