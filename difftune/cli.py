@@ -215,23 +215,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
-    from .interop.krona import KronAExportWarning, export_krona
+    from .interop.export import describe_report, export_adapter
+    from .interop.krona import KronAExportWarning
     from .serialization import read_header
 
-    if read_header(args.path)["method"] == "spm":
-        from .interop.spm import export_spm
-
-        if args.format not in (None, "kohya"):
-            raise bad_value("--format", args.format, "kohya (or unset) for an SPM adapter",
-                            "an SPM is a rank-1 LoRA: it exports as kohya lora_down/lora_up/alpha keys")
-        print(f"wrote {export_spm(args.path, args.out, prefix=args.prefix, dtype=args.dtype)}")
-        return 0
+    method = read_header(args.path[0])["method"]
+    if method == "spm" and args.format == "lokr":
+        raise bad_value("--format", args.format, "kohya (or unset), diffusers or diff for an SPM adapter",
+                        "an SPM is a rank-1 LoRA: it exports as kohya lora_down/lora_up/alpha keys")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KronAExportWarning)
-        out = export_krona(args.path, args.out, format=args.format or "lokr", prefix=args.prefix, dtype=args.dtype)
+        report = export_adapter(args.path, args.out, format=args.format or ("lokr" if method == "krona" else "kohya"),
+                                rank=args.rank, model=args.model, prefix=args.prefix, dtype=args.dtype)
     for w in caught:  # a plain line for people at a terminal, not a Python source location
         print(f"difftune: warning: {w.message}", file=sys.stderr)
-    print(f"wrote {out}")
+    print(describe_report(report))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .interop.importer import import_file
+
+    out = args.out or str(Path(args.file).with_suffix(""))
+    for folder in import_file(args.file, args.model, out, name=args.name, component=args.component):
+        print(f"wrote {folder}")
     return 0
 
 
@@ -403,16 +410,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs/demo")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("export", help="write a krona adapter as LoKr/full-ΔW, or an spm adapter as a kohya LoRA")
-    s.add_argument("path", help="adapter folder or adapter_model.safetensors (method krona or spm)")
+    s = sub.add_parser("export", help="write adapters as kohya/diffusers LoRA, LyCORIS LoKr or full-ΔW (diff) files")
+    s.add_argument("path", nargs="+", help="adapter folder(s) or adapter_model.safetensors (several: one per "
+                                           "component, e.g. a UNet and a text-encoder LoRA into one file)")
     s.add_argument("--out", required=True, help="the .safetensors file to write")
-    s.add_argument("--format", choices=["lokr", "diff", "kohya"], default=None,
-                   help="krona: lokr (default; A1111/ComfyUI, lycoris-lora for its own splits) or diff (the exact "
-                        "full ΔW); spm: kohya (rank-1 lora_down/lora_up/alpha, concepts in the metadata)")
+    s.add_argument("--format", choices=["kohya", "diffusers", "lokr", "diff"], default=None,
+                   help="kohya (default; lora, spm, or any weight-space method with --rank), diffusers "
+                        "(pipe.load_lora_weights), lokr (krona's default) or diff (exact full ΔW, every "
+                        "weight-space method)")
+    s.add_argument("--rank", type=int, default=None, help="SaRA (or any method without low-rank factors) to "
+                                                          "kohya/diffusers: rank of the truncated-SVD LoRA")
+    s.add_argument("--model", default=None, help="base pipeline folder, for methods whose ΔW needs it (SaRA; "
+                                                 "default the adapter's recorded base)")
     s.add_argument("--prefix", default=None, help="kohya key prefix (default from the component: lora_unet)")
     s.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="tensor dtype (default: the adapter's)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="convert a kohya/LyCORIS (LoRA, LoCon, LoHa, LoKr, full) or diffusers/peft "
+                                      "LoRA file into difftune adapter folder(s)")
+    s.add_argument("file", help="the .safetensors file")
+    s.add_argument("--model", required=True, help="the local diffusers pipeline it was made for (config only read)")
+    s.add_argument("--out", default=None, help="adapter folder (default: the file's name without .safetensors); "
+                                               "one subfolder per component for a multi-component file")
+    s.add_argument("--name", default="default", help="the adapter's name")
+    s.add_argument("--component", default=None, help="component for a file that names none (default the denoiser)")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("import-spm", help="convert a kohya-format SPM file (official or exported) to an spm adapter")
     s.add_argument("checkpoint", help="an SPM .safetensors (lora_unet_*.lora_down/lora_up/alpha)")

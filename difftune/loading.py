@@ -104,7 +104,9 @@ def load_adapter(
 
     Args:
         obj: a diffusers pipeline (SD, SDXL, DiT, PixArt, ...) or an nn.Module.
-        path: what `save_adapter` wrote, or its ``adapter_model.safetensors`` alone.
+        path: what `save_adapter` wrote, or its ``adapter_model.safetensors`` alone; or a kohya/LyCORIS (LoRA,
+            LoCon, LoHa, LoKr, full) or diffusers/peft LoRA ``.safetensors``, converted by
+            `difftune.interop.importer.load_foreign` (a file for several components adds one adapter each).
         name: the adapter's name here (default: the name it was saved under).
         weight: w in ``base + Σ w_i δ_i``; change it later with `set_adapter_weights`.
         component: override the pipeline component recorded in the file.
@@ -112,6 +114,13 @@ def load_adapter(
     Returns:
         The adapter's name.
     """
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":
+        from .interop.updates import is_difftune_file
+
+        if not is_difftune_file(path):  # kohya/LyCORIS/diffusers file: converted on the fly (interop.importer)
+            from .interop.importer import load_foreign
+
+            return load_foreign(obj, path, name=name, weight=weight, component=component)
     header = serialization.read_header(path)
     if component is None and _is_pipeline(obj):
         component = header.get("component") or None

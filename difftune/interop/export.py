@@ -1,0 +1,419 @@
+"""difftune adapters → the files other tools load: kohya LoRA, diffusers/peft LoRA, LyCORIS LoKr and full ΔW.
+
+`export_adapter` reads one or more saved adapters (one per pipeline component: a UNet LoRA and a text-encoder LoRA
+go into one file), writes the file, reads it back with the importer's own parser (`updates.read_file`) and reports
+the largest fp32 difference between the file's ΔW and ours. What goes where:
+
+==============  =====================================  ==========================================================
+format          methods                                keys
+==============  =====================================  ==========================================================
+``kohya``       lora, spm; any weight-space method      ``lora_unet_<path>.lora_down.weight`` (r, d_in[, k, k]),
+                with ``rank`` (truncated SVD of ΔW)    ``.lora_up.weight`` (d_out, r[, 1, 1]), ``.alpha``;
+                                                       ``lora_te_text_model_<path>`` for the CLIP text encoder;
+                                                       kohya ``ss_*`` training metadata
+``diffusers``   as kohya                               ``unet.<path>.lora_A.weight`` / ``lora_B.weight``,
+                                                       ``text_encoder.<path>...``; ``lora_adapter_metadata``
+                                                       (r, lora_alpha, use_rslora, target_modules) so
+                                                       ``pipe.load_lora_weights`` applies the right scale
+``lokr``        krona                                   LyCORIS LoKr (`difftune.interop.krona.export_krona`)
+``diff``        every weight-space method               ``<kohya name>.diff`` / ``.diff_b`` (Linear, Conv2d and
+                                                       others), ``.w_norm`` / ``.b_norm`` (GroupNorm, LayerNorm)
+==============  =====================================  ==========================================================
+
+LoRA-family formats cannot hold bias or norm changes: a SaRA adapter exported with ``rank`` lists what it leaves
+out (``ExportReport.dropped``) and the error counts it. lora/spm/krona adapters are read from their tensors alone;
+any other method (SaRA) is loaded into its base model (``model``, default: the adapter's recorded base) and its
+ΔW taken from the method itself (`Adapter.delta_params`), so new weight-space methods export without code here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import DifftuneError, bad_value
+from ..fileio import atomic_write
+from ..methods.base import get_method
+from ..serialization import config_from_header, read_header, read_tensors
+from .kohya import kohya_name, kohya_prefix
+from .updates import Dense, Kron, LowRank, Update, low_rank_approximation, max_error, read_file
+
+FORMATS = ("kohya", "diffusers", "lokr", "diff")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Module paths of a transformers ≥ 5 CLIPTextModel (no ``text_model`` level); kohya keys keep the old level.
+_CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+@dataclass
+class ExportReport:
+    """What `export_adapter` wrote and how exactly it matches the adapters.
+
+    Attributes:
+        path: the file.
+        format: its format.
+        modules: number of modules in the file.
+        max_error: max |ΔW_file − ΔW_ours| over all modules and parameters, in fp32 (approximation included).
+        approximation: for an SVD export, {"rank", "max_abs", "relative_fro"} of the rank-r approximation alone.
+        dropped: parameters the format cannot hold (``module.bias``, norm scales), left out.
+    """
+
+    path: Path
+    format: str
+    modules: int
+    max_error: float
+    approximation: dict[str, float] | None = None
+    dropped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Source:
+    path: Path
+    header: dict[str, Any]
+    component: str
+    updates: dict[str, Update]
+    norms: set[str] = field(default_factory=set)  #: modules that are GroupNorm/LayerNorm (diff keys w_norm/b_norm)
+
+
+def adapter_updates(path: str | Path, model: str | Path | None = None) -> _Source:
+    """The saved adapter's per-module updates (`LowRank`/`Kron`/`Dense`) in fp32 terms of its own tensors.
+
+    Raises:
+        DifftuneError: an activation-space method (no ΔW), or a method that needs its base model and none is found.
+    """
+    header = read_header(path)
+    config = config_from_header(header, path)
+    component = header.get("component") or ""
+    method = header["method"]
+    if method in ("lora", "spm", "krona"):
+        groups: dict[str, dict[str, Tensor]] = {}
+        for key, value in read_tensors(path).items():
+            module, _, param = key.rpartition(".")
+            groups.setdefault(module, {})[param] = value
+        groups.pop("__model__", None)  # SPM's E(c): no ΔW, no key in any LoRA format
+        updates: dict[str, Update] = {}
+        for module, t in groups.items():
+            if method == "lora":
+                updates[module] = LowRank(t["lora_A"], t["lora_B"], config.scale, alpha=config.alpha,
+                                          rslora=config.use_rslora)
+            elif method == "spm":
+                updates[module] = LowRank(t["spm_down"], t["spm_up"], config.scale, alpha=config.alpha)
+            elif config.layout == "official":  # a row-permuted P(A⊗B): only its dense ΔW describes it
+                from ..methods.krona import kron_delta
+
+                updates[module] = Dense({"weight": kron_delta(t["krona_A"], t["krona_B"], config.scale, True)})
+            else:
+                updates[module] = Kron(t["krona_A"].float() * config.scale, t["krona_B"].float())
+        return _Source(Path(path), header, component, updates)
+    return _loaded_updates(path, header, model)
+
+
+def _loaded_updates(path: Any, header: dict[str, Any], model: str | Path | None) -> _Source:
+    """ΔW of any weight-space adapter, from the method itself, after loading it into its base model."""
+    from ..generation import load_pipeline
+    from ..loading import component_of, load_adapter
+    from ..methods.model import hosts
+    from ..targeting import canonical_name
+
+    base = model or header.get("base_model") or ""
+    if not base or not (Path(base) / "model_index.json").is_file():
+        raise bad_value("model", str(model) if model else None,
+                        f"the local pipeline folder the {header['method']!r} adapter was trained on",
+                        f"its ΔW is computed by loading it (recorded base: {header.get('base_model')!r}); pass "
+                        "--model")
+    if not get_method(header["method"]).is_adapter:
+        raise DifftuneError(f"method {header['method']!r} saves whole models, not adapters")
+    pipe = load_pipeline(base, device="cpu")
+    name = load_adapter(pipe, path, name="export")
+    comp, module = component_of(pipe, header.get("component") or None)
+    updates: dict[str, Update] = {}
+    norms = set()
+    for host_name, host in hosts(module):
+        if "export" not in host.adapters:
+            continue
+        adapter = host.adapters[name]
+        if not adapter.mergeable:
+            raise DifftuneError(f"method {header['method']!r} acts on activations (no ΔW): it has no file form "
+                                "other tools can load; keep the difftune adapter")
+        with torch.no_grad():
+            params = {k: v.detach().float().cpu() for k, v in adapter.delta_params().items()}
+        updates[canonical_name(host_name)] = Dense(params)
+        if isinstance(host.base_layer, (nn.GroupNorm, nn.LayerNorm)):
+            norms.add(canonical_name(host_name))
+    return _Source(Path(path), header, comp, updates, norms)
+
+
+def kohya_key(component: str, module: str, prefix: str | None = None) -> str:
+    """The kohya name of ``module`` of ``component``; CLIP text-encoder paths get kohya's ``text_model_`` level."""
+    prefix = kohya_prefix(component, prefix)
+    if component.startswith("text_encoder") and module.startswith(_CLIP_TOP):
+        module = "text_model." + module
+    return kohya_name(module, prefix)
+
+
+def export_adapter(
+    adapters: str | Path | list[str | Path], out: str | Path, format: str = "kohya", *, rank: int | None = None,
+    model: str | Path | None = None, prefix: str | None = None, dtype: str | None = None,
+) -> ExportReport:
+    """Write saved difftune adapter(s) as one file another tool loads, and measure its ΔW against ours.
+
+    Args:
+        adapters: one adapter folder (or ``adapter_model.safetensors``), or several for different components.
+        out: the ``.safetensors`` file to write (atomically).
+        format: "kohya", "diffusers", "lokr" (krona only) or "diff".
+        rank: for kohya/diffusers of a method without low-rank factors (SaRA): the rank of the truncated-SVD LoRA.
+        model: the base pipeline folder, for methods whose ΔW needs it (SaRA; default the adapter's recorded base).
+        prefix: kohya key prefix (default from the component); one adapter only.
+        dtype: "float32", "float16" or "bfloat16" (default: fp32 for computed ΔW, else the adapter's dtype).
+
+    Returns:
+        An `ExportReport` (the measured ``max_error`` included).
+
+    Raises:
+        DifftuneError: unknown format/dtype, two adapters for one component, a method the format cannot hold
+            (KronA in a LoRA format, an activation-space method), SaRA to LoRA without ``rank``.
+    """
+    paths = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    if format not in FORMATS:
+        raise bad_value("format", format, f"one of {FORMATS}")
+    if dtype is not None and dtype not in DTYPES:
+        raise bad_value("dtype", dtype, f"one of {sorted(DTYPES)} or unset")
+    if not paths or (prefix is not None and len(paths) > 1):
+        raise bad_value("adapters", [str(p) for p in paths], "one adapter (with prefix), or several without")
+    if format == "lokr":
+        return _export_lokr(paths, out, prefix, dtype)
+    sources = [adapter_updates(p, model) for p in paths]
+    comps = [s.component for s in sources]
+    if len(set(comps)) != len(comps):
+        raise bad_value("adapters", [str(p) for p in paths], "adapters of different components (one per component)",
+                        f"their components are {comps}; merge same-component adapters in difftune first")
+    report = ExportReport(Path(out), format, 0, 0.0)
+    tensors: dict[str, Tensor] = {}
+    metadata: dict[str, str] = {"format": "pt"}
+    lora_config: dict[str, Any] = {}  # diffusers' lora_adapter_metadata: "<component>.<LoraConfig field>" → value
+    expected: dict[str, dict[str, Tensor]] = {}  # file module key → our ΔW
+    for source in sources:
+        updates = source.updates
+        if format in ("kohya", "diffusers"):
+            updates = _as_low_rank(source, rank, report)
+        for module, update in updates.items():
+            key = kohya_key(source.component, module, prefix) if format != "diffusers" else module
+            out_dtype = DTYPES[dtype] if dtype else _dtype(update)
+            if format == "diff":
+                _write_diff(tensors, key, update, module in source.norms, out_dtype)
+            elif format == "kohya":
+                _write_kohya(tensors, key, update, out_dtype)
+            else:
+                key = f"{source.component or 'unet'}.{module}"
+                tensors[f"{key}.lora_A.weight"] = update.down.to(out_dtype).contiguous()
+                tensors[f"{key}.lora_B.weight"] = update.up.to(out_dtype).contiguous()
+            expected[key] = source.updates[module].delta()
+        if format == "diffusers":
+            lora_config.update(_diffusers_config(source, updates))
+        else:
+            metadata.update(_metadata(format, source, updates))
+    if lora_config:
+        metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
+    metadata["difftune_export"] = json.dumps(
+        [{"method": s.header["method"], "format": format, "component": s.component, "config": s.header.get("config"),
+          "base_model": s.header.get("base_model", ""), "difftune_version": __version__} for s in sources],
+        sort_keys=True)
+    report.modules = len(expected)
+    atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    report.max_error = _measure(out, expected)
+    return report
+
+
+def _dtype(update: Update) -> torch.dtype:
+    if isinstance(update, LowRank):
+        return update.down.dtype
+    if isinstance(update, Kron):
+        return update.w2.dtype
+    return torch.float32
+
+
+def _as_low_rank(source: _Source, rank: int | None, report: ExportReport) -> dict[str, LowRank]:
+    """The source's updates as `LowRank`s: factors as they are, else (with ``rank``) a truncated SVD of ΔW."""
+    if all(isinstance(u, LowRank) for u in source.updates.values()):
+        return dict(source.updates)  # type: ignore[arg-type]
+    method = source.header["method"]
+    if any(isinstance(u, Kron) for u in source.updates.values()):
+        raise bad_value("format", report.format, "'lokr' or 'diff' for a krona adapter",
+                        "a Kronecker product has no low-rank factors; LoKr keeps it exact")
+    if rank is None:
+        raise bad_value("rank", None, f"a rank for the LoRA approximation of this {method!r} adapter",
+                        "its ΔW has no low-rank factors: pass --rank R (truncated SVD, error reported), or use "
+                        "--format diff for the exact ΔW")
+    out: dict[str, LowRank] = {}
+    worst, num, den = 0.0, 0.0, 0.0
+    for module, update in source.updates.items():
+        delta = update.delta()
+        for p in sorted(delta):
+            if p != "weight" or delta[p].dim() < 2 or module in source.norms:
+                report.dropped.append(f"{module}.{p}")
+                num += float(delta[p].square().sum())
+                den += float(delta[p].square().sum())
+                worst = max(worst, float(delta[p].abs().max()))
+        if "weight" in delta and delta["weight"].dim() >= 2 and module not in source.norms:
+            approx, err = low_rank_approximation(delta["weight"], rank)
+            out[module] = approx
+            worst = max(worst, err)
+            num += float((approx.delta()["weight"] - delta["weight"]).square().sum())
+            den += float(delta["weight"].square().sum())
+    if not out:
+        raise DifftuneError(f"the {method!r} adapter changes no 2-D/4-D weight, so no LoRA can carry it; use --format "
+                            "diff")
+    report.approximation = {"rank": rank, "max_abs": worst, "relative_fro": (num / den) ** 0.5 if den else 0.0}
+    return out
+
+
+def _write_kohya(tensors: dict[str, Tensor], key: str, update: LowRank, dtype: torch.dtype) -> None:
+    r = update.rank
+    # kohya clients scale by alpha / r; a file alpha reproducing our scale (α itself unless rsLoRA's α / √r)
+    alpha = update.alpha if update.alpha is not None and not update.rslora else update.scale * r
+    tensors[f"{key}.lora_down.weight"] = update.down.to(dtype).contiguous()
+    tensors[f"{key}.lora_up.weight"] = update.up.to(dtype).contiguous()
+    tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+
+
+def _write_diff(tensors: dict[str, Tensor], key: str, update: Update, norm: bool, dtype: torch.dtype) -> None:
+    names = {"weight": "w_norm", "bias": "b_norm"} if norm else {"weight": "diff", "bias": "diff_b"}
+    for param, value in update.delta().items():
+        if param not in names:
+            raise DifftuneError(f"{key}: parameter {param!r} has no key in the diff format (weight and bias only)")
+        tensors[f"{key}.{names[param]}"] = value.to(dtype).contiguous()
+
+
+def _diffusers_config(source: _Source, updates: dict[str, LowRank]) -> dict[str, Any]:
+    """This component's part of diffusers' ``lora_adapter_metadata``: the LoraConfig that gives our scale."""
+    comp = source.component or "unet"
+    stated = {(u.alpha if u.alpha is not None else u.scale * u.rank, u.rslora, u.rank) for u in updates.values()}
+    if len(stated) != 1:
+        raise DifftuneError(f"the {source.header['method']!r} adapter's modules differ in rank/scale "
+                            f"({sorted(map(str, stated))[:3]}); diffusers' metadata holds one rank and alpha per "
+                            "component; use --format kohya (alpha per module)")
+    alpha, rslora, r = next(iter(stated))
+    return {f"{comp}.r": r, f"{comp}.lora_alpha": alpha, f"{comp}.use_rslora": rslora,
+            f"{comp}.target_modules": sorted(updates)}
+
+
+def _metadata(format: str, source: _Source, updates: dict[str, Any]) -> dict[str, str]:
+    """kohya's ``ss_*`` training metadata (rank, alpha, base model, and what the run's model card records)."""
+    header, comp = source.header, source.component or "unet"
+    meta: dict[str, str] = {}
+    low = [u for u in updates.values() if isinstance(u, LowRank)]
+    ranks = sorted({u.rank for u in low})
+    alphas = sorted({(u.alpha if u.alpha is not None and not u.rslora else u.scale * u.rank) for u in low})
+    meta["ss_network_module"] = "networks.lora" if format == "kohya" else "lycoris.kohya"
+    if format == "diff":
+        meta["ss_network_args"] = json.dumps({"algo": "full"})
+    if ranks:
+        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
+        meta["ss_network_alpha"] = _num(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
+    meta["ss_base_model_version"] = "sd_v1" if comp in ("unet", "text_encoder") else comp
+    meta["ss_sd_model_name"] = header.get("base_model", "") or ""
+    meta["ss_training_comment"] = f"difftune {__version__} {header['method']} adapter, exported as {format}"
+    if header["method"] == "spm":  # what the official SPM code writes, so `load_spm` recovers the concepts
+        config = header.get("config", {})
+        meta.update(prompts=",".join(config.get("concepts", [])), rank=str(config.get("rank", "")),
+                    alpha=str(config.get("alpha", "")))
+    meta.update(training_metadata(source.path))
+    return meta
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def training_metadata(adapter: str | Path) -> dict[str, str]:
+    """kohya ``ss_*`` training facts from the run's model card next to the adapter (steps, resolution, seed, lr,
+    tag frequency of the captions), where a difftune trainer wrote one; {} otherwise."""
+    import yaml
+
+    folder = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
+    card = folder.parent / "README.md"
+    if not card.is_file() or "library_name: difftune" not in card.read_text(encoding="utf-8", errors="replace"):
+        return {}
+    text = card.read_text(encoding="utf-8", errors="replace")
+    out: dict[str, str] = {}
+    steps = re.search(r"optimizer steps: (\d+)", text)
+    if steps:
+        out["ss_steps"] = out["ss_max_train_steps"] = steps.group(1)
+    block = re.search(r"## Training config\n\n```yaml\n(.*?)```", text, re.S)
+    if not block:
+        return out
+    try:
+        cfg = yaml.safe_load(block.group(1))
+    except yaml.YAMLError:
+        return out  # a hand-edited card: the facts stay unknown rather than wrong
+    if not isinstance(cfg, dict):
+        return out
+    data, opt = cfg.get("data") or {}, cfg.get("optimizer") or {}
+    if isinstance(data, dict) and isinstance(data.get("resolution"), int):
+        out["ss_resolution"] = f"({data['resolution']}, {data['resolution']})"
+    if isinstance(cfg.get("seed"), int):
+        out["ss_seed"] = str(cfg["seed"])
+    if isinstance(opt, dict) and isinstance(opt.get("lr"), (int, float)):
+        out["ss_learning_rate"] = repr(float(opt["lr"]))
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and Path(data["path"]).is_dir():
+        out["ss_tag_frequency"] = json.dumps({Path(data["path"]).name: _tag_frequency(Path(data["path"]))})
+    return out
+
+
+def _tag_frequency(folder: Path) -> dict[str, int]:
+    """kohya's tag counts: captions split at commas, over the ``.txt`` captions of ``folder`` (first 10,000)."""
+    counts: dict[str, int] = {}
+    for caption in sorted(folder.rglob("*.txt"))[:10_000]:
+        for tag in caption.read_text(encoding="utf-8", errors="replace").split(","):
+            tag = tag.strip()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
+    """Read the written file back and return max |ΔW_file − ΔW_ours| (a missing module is an error)."""
+    fmt, groups = read_file(out)
+    found = {(f"{c or 'unet'}.{k}" if fmt == "diffusers" else k): u for c, updates in groups.items()
+             for k, u in updates.items()}
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise DifftuneError(f"the written {out} lacks modules {missing[:3]} (a bug in the exporter)")
+    return max((max_error(found[k].delta(), expected[k]) for k in expected), default=0.0)
+
+
+def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | None) -> ExportReport:
+    import warnings
+
+    from .krona import export_krona
+
+    if len(paths) != 1:
+        raise bad_value("adapters", [str(p) for p in paths], "one krona adapter for format 'lokr'")
+    source = adapter_updates(paths[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_krona(paths[0], out, format="lokr", prefix=prefix, dtype=dtype)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    expected = {kohya_key(source.component, m, prefix): u.delta() for m, u in source.updates.items()}
+    return ExportReport(Path(out), "lokr", len(expected), _measure(out, expected))
+
+
+def describe_report(report: ExportReport) -> str:
+    """What ``difftune export`` prints: the file, its size in modules, and the measured ΔW error."""
+    lines = [f"wrote {report.path} ({report.format}, {report.modules} modules); max |ΔW_file − ΔW_ours| = "
+             f"{report.max_error:.3e} (fp32)"]
+    if report.approximation:
+        a = report.approximation
+        lines.append(f"rank-{int(a['rank'])} SVD approximation: max abs error {a['max_abs']:.3e}, relative "
+                     f"Frobenius error {a['relative_fro']:.3e}")
+    if report.dropped:
+        lines.append(f"left out (no LoRA form): {len(report.dropped)} tensors, e.g. {report.dropped[:3]}")
+    return "\n".join(lines)

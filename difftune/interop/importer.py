@@ -1,0 +1,272 @@
+"""Other tools' adapter files → difftune adapters: kohya LoRA/LoCon, LyCORIS LoHa/LoKr/full, diffusers/peft LoRA.
+
+`load_foreign` injects a file into a pipeline or model (`difftune.load_adapter` calls it for any ``.safetensors``
+that is not a difftune adapter), `import_file` converts it into difftune adapter folders without loading base
+weights. What each module becomes (the same ΔW, so it combines with SaRA/KronA/SPM/SCEdit adapters as any other):
+
+=====================================  =============================================================================
+file module                            difftune adapter
+=====================================  =============================================================================
+kohya / LoCon ``lora_down/up/alpha``   ``lora`` (same rank and α when the file has one of each: bit-identical ΔW;
+diffusers/peft ``lora_A/lora_B``       otherwise ranks are zero-padded to the largest and each α/r folded into B)
+LyCORIS LoHa ``hada_w{1,2}_{a,b}``     ``lora`` of rank r²: (W1a W1b) ⊙ (W2a W2b) is exactly a rank-r² product
+                                       (`loha_as_low_rank`); no LoHa method is needed
+LyCORIS LoKr ``lokr_w1/lokr_w2``       ``krona`` (A = w1, B = w2; low-rank factors multiplied out)
+LyCORIS full ``diff``                  ``krona`` with a 1×1 A = [1]: ΔW = 1 ⊗ diff, the dense ΔW exactly
+=====================================  =============================================================================
+
+Bias/norm differences (``diff_b``, ``w_norm``), Tucker, DoRA and OFT modules have no difftune adapter form and are
+refused by name; so are keys for modules the model does not have, and keys of no known kind. Nothing is dropped.
+
+A file holding several components (kohya ``lora_unet_*`` + ``lora_te_*``) becomes one adapter per component: the
+denoiser's is called ``name``, the others ``name_<component>`` (e.g. ``style_text_encoder``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..components import denoiser_name
+from ..errors import DifftuneError, bad_value
+from ..loading import _check_name_free, component_of, inject, modules_of
+from ..methods import model as core
+from ..methods.krona import layer_dims
+from ..methods.lora import LoRAConfig
+from ..serialization import save_adapter_file
+from ..targeting import canonical_name
+from .kohya import KOHYA_COMPONENTS, base_layer, match_modules
+from .krona import _inject_factors
+from .updates import Dense, Kron, LowRank, Update, read_file
+
+
+def load_foreign(obj: Any, path: str | Path, name: str | None = None, weight: float = 1.0, *,
+                 component: str | None = None) -> str:
+    """Inject the kohya/LyCORIS/diffusers file at ``path`` as difftune adapter(s) with the same ΔW.
+
+    Args:
+        obj: a diffusers pipeline or an nn.Module.
+        path: the ``.safetensors`` file.
+        name: the adapter's name (default "default"); other components get ``<name>_<component>``.
+        weight: the adapters' weight w.
+        component: the pipeline component for a file that names none (a bare peft file) or for a module ``obj``.
+
+    Returns:
+        The name of the denoiser's adapter (the only one for a one-component file).
+
+    Raises:
+        DifftuneError: unknown keys, keys for modules the model lacks (listed), parts without a difftune form,
+            a module ``obj`` given a file for several components.
+    """
+    name = name or "default"
+    fmt, groups = read_file(path)
+    if isinstance(obj, nn.Module):
+        if len(groups) > 1:
+            raise DifftuneError(f"{str(path)!r} holds adapters for components {sorted(groups)}; load it into the "
+                                "whole pipeline (each component gets its own adapter)")
+        targets = {next(iter(groups)): ("", obj)}
+        denoiser = ""
+    else:
+        if component is not None and len(groups) > 1:
+            raise bad_value("component", component, "unset for a file naming its components",
+                            f"{str(path)!r} holds keys for {sorted(groups)}")
+        targets = {c: component_of(obj, component or c or None) for c in groups}
+        denoiser = denoiser_name(modules_of(obj)) or ""
+    comps = [comp for comp, _ in targets.values()]
+    if len(set(comps)) != len(comps):
+        raise DifftuneError(f"{str(path)!r} addresses the component {comps} twice (under two key prefixes)")
+    names = {c: name if len(groups) == 1 or comp == denoiser else f"{name}_{comp}"
+             for c, (comp, _) in targets.items()}
+    for n in names.values():
+        _check_name_free(obj, n)
+    loaded: list[tuple[nn.Module, str]] = []
+    try:
+        for c, updates in groups.items():
+            comp, module = targets[c]
+            load_updates(obj if comp else module, module, comp, fmt, updates, names[c], weight, path)
+            loaded.append((module, names[c]))
+    except BaseException:
+        for module, n in loaded:
+            core.remove(module, n)
+        raise
+    main = next((c for c, (comp, _) in targets.items() if comp == denoiser), next(iter(groups)))
+    return names[main]
+
+
+def resolve_modules(module: nn.Module, comp: str, fmt: str, keys: list[str], path: Any) -> dict[str, str]:
+    """{file key: module name in ``module``}; keys naming no module are an error listing them."""
+    if fmt == "kohya":
+        prefixes = {next((p for p in KOHYA_COMPONENTS if k.startswith(p + "_")), k.split("_", 1)[0]) for k in keys}
+        prefix = sorted(prefixes)[0] if len(prefixes) == 1 else ("lora_unet" if comp in ("", "unet") else "lora_te")
+        if prefix not in KOHYA_COMPONENTS:  # e.g. LyCORIS's own "lycoris_" prefix: the denoiser
+            prefix = next(iter(prefixes))
+        return match_modules(module, keys, prefix, source=path)
+    known = {canonical_name(n): canonical_name(n) for n, _ in module.named_modules() if n}
+    # transformers 5 dropped CLIPTextModel's `text_model` level; files written before still carry it
+    legacy = type(module).__name__ == "CLIPTextModel" and "text_model" not in module._modules
+    out, unknown = {}, []
+    for k in keys:
+        path_k = k.removeprefix("text_model.") if legacy else k
+        if path_k in known:
+            out[k] = known[path_k]
+        else:
+            unknown.append(k)
+    if unknown:
+        raise DifftuneError(f"{len(unknown)} module(s) in {str(path)!r} are not in this {type(module).__name__}"
+                            f"{f' ({comp})' if comp else ''}, e.g. {unknown[:3]}; was it made for another base "
+                            "model or component?")
+    return out
+
+
+def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict[str, Update], name: str,
+                 weight: float, path: Any) -> str:
+    """Inject ``updates`` (file key → update) into ``module`` as one adapter ``name``."""
+    modules = resolve_modules(module, comp, fmt, list(updates), path)
+    by_module = {modules[k]: u for k, u in updates.items()}
+    kinds = {type(u).__name__ for u in by_module.values()}
+    if kinds == {"LowRank"}:
+        return _load_lora(obj, module, comp, by_module, name, weight, path)
+    if kinds <= {"Kron", "Dense"}:
+        factors = {m: _kron_factors(m, u, base_layer(module, m, needed_by="LoKr/full modules"), path)
+                   for m, u in by_module.items()}
+        return _inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
+    raise DifftuneError(f"{str(path)!r} mixes low-rank (LoRA/LoHa) and Kronecker/full modules in one component; "
+                        "difftune gives one component one method; split the file by module kind")
+
+
+def _kron_factors(module: str, update: Kron | Dense, layer: nn.Module, path: Any) -> tuple[Tensor, Tensor]:
+    """(A, B) with A ⊗ B = the update's ΔW for ``layer`` (a full diff is A = [[1]], B = diff)."""
+    d_out, d_in, kernel = layer_dims(layer)
+    if isinstance(update, Dense):
+        extra = sorted(set(update.params) - {"weight"})
+        if update.norm or extra:
+            raise DifftuneError(f"{str(path)!r}: {module}: bias/norm differences (diff_b, w_norm, b_norm) have no "
+                                "difftune adapter form; only weight diffs import")
+        w1, w2 = torch.ones(1, 1), update.params["weight"].float()
+    else:
+        w1, w2 = update.w1.float(), update.w2.float()
+    a1, a2 = w1.shape
+    numel = (d_out // max(a1, 1)) * (d_in // max(a2, 1)) * int(torch.Size(kernel).numel())
+    if d_out % a1 or d_in % a2 or w2.shape[0] != d_out // a1 or w2.numel() != numel:
+        raise DifftuneError(f"{str(path)!r}: {module}: w1 {tuple(w1.shape)} ⊗ w2 {tuple(w2.shape)} does not make its "
+                            f"{type(layer).__name__} weight {(d_out, d_in, *kernel)}")
+    return w1, w2.reshape(d_out // a1, d_in // a2, *kernel)
+
+
+def _load_lora(obj: Any, module: nn.Module, comp: str, updates: dict[str, LowRank], name: str, weight: float,
+               path: Any) -> str:
+    """One ``lora`` adapter over ``updates``' modules: the file's own rank/α when shared, else padded and folded."""
+    ranks = {u.rank for u in updates.values()}
+    stated = {(u.alpha, u.rslora) for u in updates.values()}
+    shared = len(ranks) == 1 and len(stated) == 1 and None not in {a for a, _ in stated}
+    if shared:
+        alpha, rslora = next(iter(stated))
+        config = LoRAConfig(target_modules=_targets(module, updates), rank=ranks.pop(), alpha=alpha,
+                            use_rslora=rslora)
+        shared = all(config.scale == u.scale for u in updates.values())
+    if not shared:  # zero rows/columns add nothing to U D; each module's own α/r goes into its U
+        r = max(u.rank for u in updates.values())
+        config = LoRAConfig(target_modules=_targets(module, updates), rank=r, alpha=float(r))
+    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
+    try:
+        with torch.no_grad():
+            for host_name, host in core.hosts(module):
+                if name not in host.adapters:
+                    continue
+                adapter = host.adapters[name]
+                if adapter.lora_A.is_meta:  # a model built on the meta device: give only the adapter memory
+                    adapter.to_empty(device="cpu")
+                u = updates[canonical_name(host_name)]
+                down, up = u.down.float(), u.up.float()
+                if not shared:
+                    up = up * u.scale
+                _copy_factor(adapter.lora_A, down, 0, host_name, "down", path)
+                _copy_factor(adapter.lora_B, up, 1, host_name, "up", path)
+    except BaseException:
+        core.remove(module, name)
+        raise
+    return name
+
+
+def _copy_factor(dst: Tensor, src: Tensor, rank_dim: int, module: str, what: str, path: Any) -> None:
+    """Copy a file factor into an adapter's, zero-padding the rank dimension (``src`` may be flattened)."""
+    r = src.shape[rank_dim]
+    view = dst.narrow(rank_dim, 0, r)
+    if src.numel() != view.numel():
+        raise DifftuneError(f"{str(path)!r}: {canonical_name(module)}: {what} has shape {tuple(src.shape)}, the "
+                            f"layer needs {tuple(view.shape)}")
+    dst.zero_()
+    view.copy_(src.reshape(view.shape).to(dst.dtype))
+
+
+def _targets(module: nn.Module, updates: dict[str, Any]) -> list[str]:
+    """The adapted modules' full names in model order (exact patterns: nothing else is selected)."""
+    names = (canonical_name(n) for n, _ in module.named_modules())
+    return list(dict.fromkeys(n for n in names if n in updates))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without base weights
+
+
+def component_on_meta(model: str | Path, component: str) -> nn.Module:
+    """Component ``component`` of the local pipeline folder ``model``, built from its config on the meta device."""
+    import json
+
+    from ..architectures import denoiser_on_meta
+
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise bad_value("model", str(model), "a local diffusers pipeline folder (holding model_index.json)")
+    entries = json.loads(index.read_text())
+    entry = entries.get(component)
+    if not isinstance(entry, list) or len(entry) != 2:
+        raise bad_value("component", component, f"a model component of {model} ({sorted(entries)})")
+    if entry[0] == "transformers":
+        import transformers
+
+        cls = getattr(transformers, entry[1], None)
+        if cls is None:
+            raise bad_value("component", component, "a transformers model class this transformers knows")
+        config = cls.config_class.from_pretrained(str(Path(model) / component))
+        with torch.device("meta"):
+            return cls(config)
+    return denoiser_on_meta(model, component)[1]
+
+
+def import_file(path: str | Path, model: str | Path, out: str | Path, name: str = "default",
+                component: str | None = None) -> list[Path]:
+    """Convert a kohya/LyCORIS/diffusers file into difftune adapter folder(s); base weights are never read.
+
+    A one-component file becomes the folder ``out``; a file for several components becomes ``out/<component>``
+    per component (each loads with `difftune.load_adapter`).
+
+    Returns:
+        The folders written.
+    """
+    fmt, groups = read_file(path)
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise bad_value("--model", str(model), "a local diffusers pipeline folder (holding model_index.json)",
+                        "the file's module names and shapes are resolved against it; no weights are read")
+    import json
+
+    entries = {k: v for k, v in json.loads(index.read_text()).items() if isinstance(v, list)}
+    denoiser = denoiser_name(entries)
+    if component is not None and len(groups) > 1:
+        raise bad_value("component", component, "unset for a file naming its components")
+    comps = {c: component or c or denoiser for c in groups}
+    names = {comp: name if len(groups) == 1 or comp == denoiser else f"{name}_{comp}" for comp in comps.values()}
+    written = []
+    for c, updates in groups.items():
+        comp = comps[c]
+        if comp is None or comp not in entries:
+            raise bad_value("component", comp, f"a component of {model} ({sorted(entries)})")
+        module = component_on_meta(model, comp)
+        load_updates(module, module, comp, fmt, updates, names[comp], 1.0, path)
+        folder = Path(out) if len(groups) == 1 else Path(out) / comp
+        written.append(save_adapter_file(module, folder, name=names[comp], base_model=str(model), component=comp))
+    return written
