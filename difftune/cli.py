@@ -212,6 +212,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    if importlib.util.find_spec("apps") is None and (root / "apps" / "studio").is_dir():
+        sys.path.insert(0, str(root))  # the studio lives in the repository's apps/, next to the package
+    if importlib.util.find_spec("apps") is None or importlib.util.find_spec("gradio") is None:
+        raise DifftuneError("`difftune app` needs gradio (pip install 'difftune[app]') and the repository's apps/ "
+                            "folder (run it from a checkout: pip install -e '.[app]')")
+    from apps.studio import main as studio_main
+
+    from .zoo import path as zoo_path
+
+    studio_main(args.model or str(zoo_path("sd-mini")), args.adapters, host=args.host, port=args.port,
+                compare=args.compare, out=args.out, device=args.device)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
@@ -409,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="tiny end-to-end example: inject LoRA, save, generate at two weights")
     s.add_argument("--out", default="outputs/demo")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("app", help="the studio: a Gradio app to generate with and combine adapters")
+    s.add_argument("--model", default=None, help="local pipeline folder (default: the shipped sd-mini)")
+    s.add_argument("--adapters", default="outputs", help="adapters folder, read recursively (default: outputs/, "
+                                                         "where quickstart and the labs write)")
+    s.add_argument("--compare", default=None, help="a second model for A/B: a BK student pipeline folder or a "
+                                                   "compressed model (difftune quantize --out) of --model")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    s.add_argument("--out", default="outputs/studio", help="where generated PNGs (with infotext) are written")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.set_defaults(func=cmd_app)
 
     s = sub.add_parser("export", help="write adapters as kohya/diffusers LoRA, LyCORIS LoKr or full-ΔW (diff) files")
     s.add_argument("path", nargs="+", help="adapter folder(s) or adapter_model.safetensors (several: one per "

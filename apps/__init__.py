@@ -1,0 +1,1 @@
+"""Applications built on the difftune library (the Gradio studio: ``difftune app``)."""
