@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..components import pipeline_kind
+from ..components import denoiser_name, pipeline_kind
 from ..errors import DifftuneError
 
 
@@ -33,12 +33,18 @@ class Family:
         return tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
                          max_length=max_length or tokenizer.model_max_length)
 
-    @torch.no_grad()
+    def _grad(self) -> Any:
+        """Grad mode of the text-encoder pass: on only while an encoder trains (``model.component: text_encoder``),
+        so the denoising loss reaches its adapter; frozen encoders run without a graph as before."""
+        trains = any(p.requires_grad for enc in self.encoders for p in enc.parameters())
+        return torch.set_grad_enabled(trains and torch.is_grad_enabled())
+
     def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
         """Condition tensors for ``captions`` (batch-first), as cached and fed to `denoiser_kwargs`."""
         enc = self.pipe.text_encoder
         ids = self._tokens(self.pipe.tokenizer, captions).input_ids.to(device)
-        return {"encoder_hidden_states": enc(ids)[0]}
+        with self._grad():
+            return {"encoder_hidden_states": enc(ids)[0]}
 
     def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}
@@ -51,13 +57,13 @@ class Family:
 
 
 class SDXLFamily(Family):
-    @torch.no_grad()
     def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
         # As the SDXL pipeline: penultimate hidden states of both encoders, concatenated; pooled text from the second.
         states, pooled = [], None
         pairs = ((self.pipe.tokenizer, self.pipe.text_encoder), (self.pipe.tokenizer_2, self.pipe.text_encoder_2))
         for tok, enc in pairs:
-            out = enc(self._tokens(tok, captions).input_ids.to(device), output_hidden_states=True)
+            with self._grad():
+                out = enc(self._tokens(tok, captions).input_ids.to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]
         return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
@@ -75,11 +81,11 @@ class SDXLFamily(Family):
 class PixArtFamily(Family):
     max_length = 120  # PixArt-α's T5 sequence length
 
-    @torch.no_grad()
     def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
         tokens = self._tokens(self.pipe.tokenizer, captions, self.max_length)
         mask = tokens.attention_mask.to(device)
-        states = self.pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        with self._grad():
+            states = self.pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
     def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
@@ -125,6 +131,9 @@ class DiTFamily(Family):
 def family_for(pipe: Any, denoiser: nn.Module) -> Family:
     families = {"dit": DiTFamily, "pixart": PixArtFamily, "sdxl": SDXLFamily, "sd": Family}
     kind = pipeline_kind(pipe)
+    if any(denoiser is getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")):
+        # model.component: text_encoder trains an encoder through the loss of the pipeline's (frozen) denoiser
+        denoiser = pipe.components[denoiser_name(pipe.components)]
     if kind not in families:
         raise DifftuneError(f"difftune does not know how to condition {type(pipe).__name__}; supported: SD 1.x/2.x, "
                             "SDXL, PixArt, DiT")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DifftuneError
+from ..errors import DifftuneError, bad_value
 from .config import TrainConfig
 from .families import Family
 
@@ -61,6 +61,9 @@ def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None)
 
 def _captions(frozen: Frozen, captions: list[str], device: torch.device, cache: bool) -> dict[str, Tensor]:
     fam = frozen.family
+    if cache and any(p.requires_grad for enc in fam.encoders for p in enc.parameters()):
+        raise bad_value("data.cache_text_embeddings", True, "false while a text encoder trains",
+                        "cached embeddings would freeze the text encoder's output (model.component: text_encoder)")
     if not cache:
         return fam.encode(captions, device)
     # Captions not cached before training (a plugin's own prompts) are encoded one at a time, so a cached value is
@@ -204,6 +207,8 @@ class StepInputs:
         precision the call runs in autocast (the prepared ``model`` does so by itself).
         """
         on = self.weight_dtype != torch.float32
+        if getattr(model, "module", model) is self.denoiser and self.denoiser is not self.family.denoiser:
+            model = self.family.denoiser  # a trained text encoder: the frozen denoiser predicts, gradients reach it
         with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=on):
             if "timestep" in _forward_params(model):
                 out = model(noisy, timestep=timesteps, **kwargs)
