@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.difftune-installed
+MAIN_STAMP := $(VENV)/.difftune-main-installed
 
 .PHONY: install test lint demo clean chromium
 
@@ -13,6 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
+
+# `make demo` needs only the main dependencies (no test, lint or app extras)
+$(MAIN_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e .
+	touch $(MAIN_STAMP)
 
 install: $(STAMP)
 
@@ -29,7 +37,7 @@ chromium:
 test: lint chromium
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(MAIN_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/difftune quickstart --out outputs/quickstart
 
 clean:

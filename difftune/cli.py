@@ -89,12 +89,22 @@ def _inspect_method(args: argparse.Namespace) -> int:
     model = build_architecture(args.architecture) if args.architecture else load_denoiser(args.model, args.component)
     info = count_trainable(config, model)
     info["model"] = args.architecture or str(args.model)
+    if args.method == "kind":  # trainable = learngenes (if trained) + fresh tailors; cost of one component index
+        from .methods.kind import calculator
+
+        info.update(calculator(config, model, "count"))  # type: ignore[arg-type]
+        info["fraction"] = info["parameters"] / info["base_parameters"] if info["base_parameters"] else 0.0
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     _print_rows([("method", info["method"]), ("model", info["model"]), ("adapted modules", info["modules"]),
                  ("trainable params", f"{info['parameters']:,}"),
                  ("base params", f"{info['base_parameters']:,} ({info['fraction']:.4%} trainable)")])
+    if "per_component" in info:
+        near = info["paper_nearest"]
+        _print_rows([("per component", f"{info['per_component']:,}"),
+                     ("paper 45.4M", f"{near['components']} components = {near['parameters']:,} "
+                                     f"({near['off_by']:+,}, {near['off_percent']:+.3f}%)")])
     return 0
 
 
@@ -135,11 +145,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from diffusers.utils import logging as diffusers_logging
+
     from .config import load_config
     from .train import TrainConfig
     from .train import main as train_main
+    from .train.interrupt import TrainingInterrupted
 
-    train_main(load_config(TrainConfig, args.config, args.set or []))
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the trainer has its own bar
+    overrides = [*(args.set or []), *(["overwrite=true"] if args.overwrite else [])]
+    try:
+        train_main(load_config(TrainConfig, args.config, overrides))
+    except TrainingInterrupted as e:  # the trainer printed the checkpoint and the resume command
+        return e.exit_code
     return 0
 
 
@@ -191,7 +209,8 @@ def cmd_zoo_data(args: argparse.Namespace) -> int:
     except OSError as e:
         raise bad_value("--out", args.out, "a folder that can be created", str(e)) from e
     writers = {"pretrain-captions": mnist.write_pretrain_captions, "pretrain-classes": mnist.write_pretrain_classes,
-               "subject-nine": mnist.write_subject_set, "style-bold": mnist.write_style_set,
+               "subject-nine": mnist.write_personalization_set, "style-bold": mnist.write_style_set,
+               "style-bold-reg": mnist.write_styled_regularized_set,
                "heldout": mnist.write_heldout}
     for name, write in writers.items():
         print(f"wrote {write(out / name)}")
@@ -396,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="training YAML (see configs/)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. train.max_steps=500; repeatable")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in output_dir (same as --set overwrite=true)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="generate digits with a reference model (+ adapters) and judge them")
@@ -533,13 +554,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DropTorchvisionNotice:
+    """transformers announces, once per image-processor class it imports, that torchvision is absent and it falls
+    back to PIL; difftune never uses those processors, so the notice is noise on every command."""
+
+    def filter(self, record: object) -> bool:
+        return "requires torchvision" not in str(getattr(record, "msg", ""))
+
+
+def quiet_dependencies() -> None:
+    """Silence the dependencies' notices that say nothing about the user's command (CLI entry points only)."""
+    import logging
+    import os
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
+    # the per-file "Loading weights" bars of local folders (transformers reads this when imported)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DifftuneError as e:
         print(f"difftune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (which saves a checkpoint first): stop without a traceback
+        print("\ndifftune: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -124,9 +124,27 @@ def load_adapter(
     header = serialization.read_header(path)
     if component is None and _is_pipeline(obj):
         component = header.get("component") or None
+        _check_family(obj, component, header.get("base_model"))
     _, module = component_of(obj, component)
     _check_name_free(obj, name if name is not None else header.get("name") or "default")
     return serialization.load_adapter_file(module, path, name=name, weight=weight)
+
+
+_DENOISER_WORDS = {"unet": "a UNet", "transformer": "a DiT transformer"}
+
+
+def _check_family(pipe: Any, recorded: str | None, base_model: object) -> None:
+    """An adapter made for one denoiser family (its file records ``unet`` or ``transformer``) loaded into a pipeline
+    whose denoiser is the other: say so in words, instead of a list of component names."""
+    here = denoiser_name(modules_of(pipe))
+    if recorded not in _DENOISER_WORDS or here is None or recorded == here or recorded in modules_of(pipe):
+        return
+    base = f" ({Path(str(base_model)).name})" if base_model else ""
+    raise DifftuneError(
+        f"this adapter was made for {_DENOISER_WORDS[recorded]}{base}; this pipeline "
+        f"({type(pipe).__name__})'s denoiser is {_DENOISER_WORDS.get(here, here)}: the adapter's layers do not "
+        f"exist in it. Hint: load it into a pipeline of the model it was trained on"
+        f"{' (' + str(base_model) + ')' if base_model else ''}")
 
 
 def set_adapter_weights(obj: Any, weights: Mapping[str, float]) -> None:

@@ -51,12 +51,12 @@ def _judge(pipe: Any, n: int, steps: int, guidance: float) -> tuple[dict[str, An
 def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_steps: int = 20,
                    guidance: float = 4.0) -> dict[str, Any]:
     from .config import load_config
-    from .eval import grid
     from .generation import load_pipeline
     from .loading import load_adapter
     from .train import TrainConfig, main
+    from .train.reporting import labelled_grid
     from .zoo import path as zoo_path
-    from .zoo.mnist import write_regularization_set, write_subject_set
+    from .zoo.mnist import write_personalization_set
 
     if n < 2:
         raise bad_value("--n", n, "an integer >= 2 (trigger samples; n/2 per digit 0-8)")
@@ -64,9 +64,9 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
         raise bad_value("--sample-steps", sample_steps, "an integer >= 1")
     out.mkdir(parents=True, exist_ok=True)
     model = zoo_path("sd-mini")
-    data = write_subject_set(out / "data" / "subject-nine")
-    write_regularization_set(data, per_digit=5)
-    overrides = [f"model.path={model}", f"data.path={data}", f"output_dir={out / 'train'}"]
+    data = write_personalization_set(out / "data" / "subject-nine")  # 20 nines + 5 regularization digits 0-8 each
+    # the quickstart is meant to be run again: its own previous run is replaced
+    overrides = [f"model.path={model}", f"data.path={data}", f"output_dir={out / 'train'}", "overwrite=true"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     cfg = load_config(TrainConfig, _config_path(), overrides)
@@ -80,7 +80,8 @@ def run_quickstart(out: Path, steps: int | None = None, n: int = 20, sample_step
     load_adapter(pipe, adapter)
     after, row_after = _judge(pipe, n, sample_steps, guidance)
 
-    grid(row_before + row_after, rows=2, scale=3).save(out / "before_after.png")
+    labelled_grid([row_before, row_after], ["before", "after (LoRA)"],
+                  f"9 x '{before['trigger_prompt']}', then digits 0-8", scale=3).save(out / "before_after.png")
     result = {"before": before, "after": after, "adapter": str(adapter), "train_steps": cfg.train.max_steps,
               "guidance": guidance, "sample_steps": sample_steps}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from PIL import Image
 import difftune as dt
 from difftune.cli import main, parse_adapter_spec
 from difftune.testing import randomize_adapter
+from difftune.zoo import path as zoo_path
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,16 @@ def adapter(tmp_path_factory, sd_dir):
 def test_help_runs_as_console_script():
     out = subprocess.run([sys.executable, "-m", "difftune", "--help"], capture_output=True, text=True, check=True)
     assert "inspect" in out.stdout and "generate" in out.stdout
+    assert out.stderr == ""  # issue 20: no dependency warnings
+
+
+def test_a_command_that_loads_a_pipeline_prints_no_dependency_notice():
+    # loading sd-mini imports transformers' CLIP image processor, whose torchvision notice the CLI drops
+    out = subprocess.run([sys.executable, "-m", "difftune", "inspect", "--method", "lora", "--model",
+                          str(zoo_path("sd-mini"))], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "trainable params" in out.stdout
+    assert "torchvision" not in out.stderr and "Loading weights" not in out.stderr, out.stderr
 
 
 def test_inspect(adapter, capsys):

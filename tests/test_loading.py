@@ -160,3 +160,17 @@ def test_component_errors(tok_dir):
         dt.inject(pipe, dt.LoRAConfig(), component="vae2")
     with pytest.raises(dt.DifftuneError, match="`pipe`"):
         dt.list_adapters("not a pipeline")
+
+
+def test_an_adapter_for_another_denoiser_family_says_so_in_words(tmp_path):
+    """Issue 20: an sd-mini (UNet) adapter loaded into dit-mini names both families, not a component list."""
+    from difftune import zoo
+
+    sd = zoo.load("sd-mini")
+    dt.inject(sd, dt.LoRAConfig(rank=2, target_modules=["to_q"]))
+    path = dt.save_adapter(sd, tmp_path / "unet-lora", base_model="sd-mini")
+    dit = zoo.load("dit-mini")
+    with pytest.raises(dt.DifftuneError, match=r"made for a UNet \(sd-mini\); this pipeline \(DiTPipeline\)'s "
+                                               r"denoiser is a DiT transformer"):
+        dt.load_adapter(dit, path)
+    assert dt.list_adapters(dit) == {}

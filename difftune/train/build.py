@@ -62,10 +62,7 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
 
         pipe = build(cfg.model.architecture, seed=cfg.seed, vae_from=cfg.model.vae_from)
     else:
-        folder = Path(cfg.model.path)
-        if not (folder / "model_index.json").is_file():
-            raise bad_value("model.path", cfg.model.path, "a local diffusers pipeline folder with model_index.json",
-                            "save one with pipe.save_pretrained(folder)")
+        folder = resolve_model_path(cfg.model.path)
         pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     default = ["vae"] if cfg.train.objective == "autoencode" else list(DENOISERS)
@@ -77,6 +74,22 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
                 module = _reinitialized(pipe, name, module, cfg.seed)
             return pipe, name, module
     raise bad_value("model.component", cfg.model.component, "a torch component of the pipeline (unet/transformer)")
+
+
+def resolve_model_path(path: str) -> Path:
+    """``model.path`` as a pipeline folder: an existing folder as given, else a shipped reference model's name
+    (``sd-mini``, ``dit-mini``: difftune/assets), so shipped configs work from any working directory."""
+    from ..zoo import ASSETS, MODELS
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        return folder
+    if path in MODELS:
+        return ASSETS / path
+    raise bad_value("model.path", path, "a local diffusers pipeline folder with model_index.json, or a shipped "
+                    f"reference model: {', '.join(MODELS)}",
+                    f"e.g. model.path: sd-mini; {ASSETS} holds the shipped models; save your own with "
+                    "pipe.save_pretrained(folder)")
 
 
 def _reinitialized(pipe: Any, name: str, module: nn.Module, seed: int) -> nn.Module:

@@ -182,6 +182,7 @@ def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: 
             existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
             for old in existing[: max(0, len(existing) + 1 - limit)]:
                 _discard(old)
+        print(f"[difftune] checkpoint step {step}: {folder}", flush=True)
     accelerator.wait_for_everyone()
 
 

@@ -36,7 +36,9 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 
 @dataclass
 class ModelConfig:
-    path: str = ""  #: local diffusers pipeline folder (``model_index.json`` inside)
+    #: a local diffusers pipeline folder (``model_index.json`` inside), or a shipped reference model's name
+    #: (``sd-mini``, ``dit-mini``: difftune/assets, found from any working directory)
+    path: str = ""
     architecture: str | None = None  #: build an untrained reference pipeline instead (difftune.zoo: sd-mini, dit-mini)
     vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
@@ -48,7 +50,8 @@ class ModelConfig:
         if bool(self.path) == bool(self.architecture):
             raise bad_value("model.path", self.path, "a local diffusers pipeline folder (or, instead, "
                             "model.architecture for an untrained reference architecture)",
-                            "e.g. model.path=outputs/demo/model (a folder written by save_pretrained)")
+                            "e.g. model.path=sd-mini (a shipped reference model) or a folder written by "
+                            "save_pretrained")
 
 
 IMAGE_KINDS = ("captions", "dreambooth", "classes", "control")
@@ -236,7 +239,8 @@ class ValidationConfig:
     class_labels: list[int] = field(default_factory=list)  #: class-conditional models
     seeds: list[int] = field(default_factory=lambda: [0])  #: one image per (prompt, seed)
     num_inference_steps: int = 25
-    guidance_scale: float | None = None
+    guidance_scale: float | None = 4.0  #: the evaluation's default (difftune.eval); null: the pipeline's own
+    at_start: bool = True  #: also write a step-0 grid before training (the baseline; not on resume)
 
     def __post_init__(self) -> None:
         check_finite(self, "validation")
@@ -278,6 +282,9 @@ class TrainConfig:
     adapter_name: str = "default"
     output_dir: str = "outputs/run"
     seed: int = 0
+    #: train into an output_dir that holds a finished run (its checkpoints and grids are removed first);
+    #: ``difftune train --overwrite``. Without it such a folder is refused (resuming is always allowed).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():

@@ -91,11 +91,19 @@ def _check_resolution(resolution: object) -> int:
     return res
 
 
+#: the folders `difftune zoo data` writes (difftune/zoo/mnist.py), named in the error for a missing one
+ZOO_DATA = ("pretrain-captions", "pretrain-classes", "subject-nine", "style-bold", "style-bold-reg", "heldout")
+
+
 def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "does not exist"
-        raise bad_value(field, str(path), "an existing folder of images", f"{path} {what}")
+        hint = f"{path} {what}"
+        if not path.exists() and path.parent.name == "data" and path.name in ZOO_DATA:
+            # a folder the shipped sd-mini/dit-mini recipes use: say which command writes it
+            hint += f"; the shipped recipes' data is written by `difftune zoo data --out {path.parent}`"
+        raise bad_value(field, str(path), "an existing folder of images", hint)
     return path
 
 

@@ -132,6 +132,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: what a run writes only at its end: a folder holding one of them holds a finished run
+FINISHED = ("adapter", "pipeline", "README.md")
+
+
+def check_unfinished(output_dir: str | Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to train into a folder holding a finished run unless ``overwrite`` or ``resuming``; with
+    ``overwrite``, remove the old run's checkpoints and validation grids (so `latest` cannot pick one of them).
+    Called under the output-folder lock.
+
+    Raises:
+        DifftuneError: ``output_dir`` holds a finished run and neither flag is set.
+    """
+    import shutil
+
+    folder = Path(output_dir)
+    found = [name for name in FINISHED if (folder / name).exists()]
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise DifftuneError(
+            f"`output_dir` {str(folder)!r} already holds a finished run ({', '.join(found)}); training again would "
+            "overwrite it. Hint: choose another output_dir, pass --overwrite (config: overwrite: true) to replace "
+            "it, or set checkpointing.resume_from_checkpoint to continue from one of its checkpoints")
+    for name in ("checkpoints", "validation"):
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+    logger.warning("overwrite: replacing the finished run in %s", folder)
+
+
 def release_output_dir(output_dir: str | Path) -> None:
     """Release this process's lock on ``output_dir`` (a no-op when it holds none)."""
     folder = Path(output_dir)

@@ -17,9 +17,8 @@ from .families import Family
 @torch.no_grad()
 def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, denoiser: nn.Module, step: int,
              weight_dtype: torch.dtype) -> Path | None:
-    """Images for the validation prompts (or class labels) with fixed seeds, as one grid PNG; main process only."""
-    from PIL import Image
-
+    """Images for the validation prompts (or class labels) with fixed seeds, as one grid PNG labelled with each row's
+    prompt (or class) and the step; main process only. Prints one line with its path."""
     from ..generation import generate
 
     v = cfg.validation
@@ -36,20 +35,53 @@ def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, deno
             rows.append([generate(pipe, seed=s, steps=v.num_inference_steps, guidance=v.guidance_scale, **kw)[0]
                          for s in v.seeds])
     denoiser.train(was_training)
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * len(v.seeds), h * len(rows)))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img.convert("RGB"), (c * w, r * h))
+    labels = [f"class {c}" if family.conditioning == "class" else str(c) for c in conds]
+    # tiles of tiny models (32 px) are enlarged to at least 64 px so the grid can be read next to its labels
+    grid = labelled_grid(rows, labels, f"step {step}", scale=max(1, 64 // rows[0][0].size[0]))
     path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    print(f"[difftune] validation grid (step {step}): {path}", flush=True)
     if cfg.logging.report_to == "tensorboard":
         import numpy as np
 
         accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(grid)[None]}, step,
                                                           dataformats="NHWC")
     return path
+
+
+def labelled_grid(rows: list[list[Any]], labels: list[str], title: str | None = None, scale: int = 1) -> Any:
+    """``rows`` of equal-size images side by side, each row preceded by its label (PIL's default font), under an
+    optional title line; tiles are enlarged ``scale`` times (nearest) so that 32-pixel samples stay visible."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    pad = 4
+    label_w = max(size(t)[0] for t in labels) + 2 * pad
+    row_h = max(h, max(size(t)[1] for t in labels) + 2 * pad)
+    title_h = size(title)[1] + 2 * pad if title else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + w * cols, title_h + row_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for r, (row, text) in enumerate(zip(rows, labels)):
+        y = title_h + r * row_h
+        draw.text((pad, y + (row_h - size(text)[1]) // 2), text, fill="black", font=font)
+        for c, img in enumerate(row):
+            tile = img.convert("RGB")
+            if scale != 1:
+                tile = tile.resize((w, h), Image.NEAREST)
+            grid.paste(tile, (label_w + c * w, y))
+    return grid
 
 
 def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress: dict[str, Any], digest: str) -> Path:

@@ -48,7 +48,8 @@ from .checkpoints import (
 )
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .families import Family, family_for
-from .lock import hold_output_dir, release_output_dir
+from .interrupt import InterruptFlag, TrainingInterrupted
+from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .plugin import TrainerPlugin, plugin_for
 from .reporting import flat_hparams, validate, write_model_card
@@ -80,7 +81,12 @@ class Run:
 
 
 def main(cfg: TrainConfig) -> Path:
-    """Train ``cfg.method`` on ``cfg.model`` with ``cfg.data``; returns the saved result (adapter or pipeline)."""
+    """Train ``cfg.method`` on ``cfg.model`` with ``cfg.data``; returns the saved result (adapter or pipeline).
+
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved and the exception names the command
+            that resumes (`interrupt.py`).
+    """
     run = setup(cfg)
     write_state = checkpoint_hooks(run.accelerator, run.plugin, run.denoiser, run.ema, run.progress)
     out = Path(cfg.output_dir)
@@ -93,8 +99,16 @@ def main(cfg: TrainConfig) -> Path:
     resume = restore(run.accelerator, cfg)  # `latest` falls back past unreadable checkpoints, with a warning
     if resume is not None:
         run.progress["resumed"] = f"{resume.name} at step {run.progress['step']}"
-        logger.info("resumed from %s", run.progress["resumed"])
-    train_loop(run, write_state)
+        if run.accelerator.is_main_process:
+            print(f"[difftune] resumed from {resume} at step {run.progress['step']}", flush=True)
+    elif cfg.validation.at_start and run.accelerator.is_main_process:  # the baseline the later grids compare with
+        validate(cfg, run.accelerator, run.pipe, run.family, run.denoiser, 0, run.frozen.weight_dtype)
+    try:
+        train_loop(run, write_state)
+    except TrainingInterrupted:
+        run.accelerator.end_training()
+        release_output_dir(cfg.output_dir)
+        raise
     if cfg.train.objective == "autoencode" and run.accelerator.is_main_process:
         logger.info("latent scaling_factor set to %.4f", set_latent_scale(run.denoiser, run.dataset))
     return finish(run)
@@ -137,6 +151,9 @@ def setup(cfg: TrainConfig) -> Run:
     accelerator = build_accelerator(cfg)
     if accelerator.is_main_process:
         hold_output_dir(cfg.output_dir)  # one run per output folder (lock.py); a second run fails naming this one
+        # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints
+        check_unfinished(cfg.output_dir, overwrite=cfg.overwrite,
+                         resuming=bool(cfg.checkpointing.resume_from_checkpoint))
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
@@ -207,11 +224,18 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
     from tqdm.auto import tqdm
 
     cfg, accelerator = run.cfg, run.accelerator
-    step = run.progress["step"]
-    epoch, start = divmod(step * cfg.train.gradient_accumulation_steps, run.sampler.per_epoch)
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training",
+    bar = tqdm(total=cfg.train.max_steps, initial=run.progress["step"], desc="training",
                disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
     run.model.train()
+    with InterruptFlag() as interrupt:  # Ctrl-C/SIGTERM: checkpoint after the current step (interrupt.py)
+        _loop(run, write_state, interrupt, bar)
+    bar.close()
+
+
+def _loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFlag, bar: Any) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
+    step = run.progress["step"]
+    epoch, start = divmod(step * cfg.train.gradient_accumulation_steps, run.sampler.per_epoch)
     while step < cfg.train.max_steps:
         run.sampler.set_epoch(epoch, start)
         run.dataset.set_epoch(epoch)
@@ -234,8 +258,15 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=step)
-            if cfg.checkpointing.checkpointing_steps and step % cfg.checkpointing.checkpointing_steps == 0:
+            saved = cfg.checkpointing.checkpointing_steps and step % cfg.checkpointing.checkpointing_steps == 0
+            if saved:
                 save_checkpoint(accelerator, cfg, step, write_state)
+            signum = interrupt.agreed(accelerator)
+            if signum is not None:
+                if not saved:
+                    save_checkpoint(accelerator, cfg, step, write_state)
+                bar.close()
+                raise _interrupted(cfg, signum, step, accelerator.is_main_process)
             if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.train.max_steps:
                 if accelerator.is_main_process:
                     validate(cfg, accelerator, run.pipe, run.family, run.denoiser, step, run.frozen.weight_dtype)
@@ -243,7 +274,23 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
             if step >= cfg.train.max_steps:
                 break
         epoch, start = epoch + 1, 0
-    bar.close()
+
+
+def _interrupted(cfg: TrainConfig, signum: int, step: int, main_process: bool) -> TrainingInterrupted:
+    """The exception for a signal after ``step``'s checkpoint was saved; prints the one line saying how to resume.
+
+    The command trains from the config the run wrote into its output folder (so every ``--set`` of the interrupted
+    run is kept) and names the checkpoint just written."""
+    import shlex
+
+    out = Path(cfg.output_dir)
+    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
+    command = (f"difftune train {shlex.quote(str(out / 'config.yaml'))} "
+               f"--set checkpointing.resume_from_checkpoint={shlex.quote(str(checkpoint))}")
+    if main_process:
+        print(f"[difftune] interrupted at step {step}/{cfg.train.max_steps}; checkpoint saved to {checkpoint}; "
+              f"resume with: {command}", flush=True)
+    return TrainingInterrupted(signum, checkpoint, command)
 
 
 def step_loss(run: Run, batch: dict[str, Any]) -> Tensor:

@@ -125,6 +125,16 @@ def write_regularization_set(out: str | Path, per_digit: int = 5, digits: tuple[
                   prefix="reg-")
 
 
+def write_personalization_set(out: str | Path, n: int = 20, per_digit: int = 5) -> Path:
+    """The quickstart/KronA recipe's folder: the subject set plus its regularization images, in one folder."""
+    return write_regularization_set(write_subject_set(out, n), per_digit=per_digit)
+
+
+def write_styled_regularized_set(out: str | Path) -> Path:
+    """The SCEdit sd-mini recipe's folder: the "bold" style set plus regularization images of digits 0-8."""
+    return write_regularization_set(write_style_set(out))
+
+
 def write_style_set(out: str | Path, per_digit: int = 40) -> Path:
     """The "bold" style: dilated training digits 0–4 only, so generalization to 5–8 can be measured."""
     x, y = split("train", (0, 1, 2, 3, 4))

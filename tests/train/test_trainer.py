@@ -61,7 +61,7 @@ def test_two_step_smoke_run(tiny, tmp_path, kind, method):
     out = tmp_path / "out"
     assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
     if cfg.validation.prompts:
-        assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png"]
+        assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000000.png", "step-000002.png"]
     assert load_config(TrainConfig, out / "config.yaml").method["name"] == method
     if METHODS[method].is_adapter:
         assert result == out / "adapter"
@@ -208,10 +208,10 @@ def test_accelerate_launch_two_processes(tiny, tmp_path):
     digests = dict(re.findall(r"rank (\d+): final trainable-weights digest (\w+)", text))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]  # both ranks ended with identical weights
     assert text.count("[difftune] saved") == 1
-    # only rank 0 wrote outputs: one adapter, one validation grid, one event log, one card
+    # only rank 0 wrote outputs: one adapter, the step-0 and final validation grids, one event log, one card
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter", "checkpoints", "config.yaml", "logs",
                                                      "validation"]
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000000.png", "step-000003.png"]
     ckpt = sorted(p.name for p in (out / "checkpoints" / "checkpoint-3").iterdir())
     assert "random_states_1.pkl" in ckpt and "trainable.safetensors" in ckpt  # rank 1 keeps its RNG for resume
     adapter = dt.serialization.read_tensors(out / "adapter")

@@ -73,7 +73,12 @@ def test_zoo_data_folders(tmp_path):
     from difftune.cli import main
 
     assert main(["zoo", "data", "--out", str(tmp_path)]) == 0
-    assert len(list((tmp_path / "subject-nine").glob("*.png"))) == 20
+    # the recipe's folder: 20 nines with the trigger, plus 5 regularization digits for each of 0-8 (issue 20)
+    subject = sorted((tmp_path / "subject-nine").glob("*.txt"))
+    assert len(subject) == 65 and len(list((tmp_path / "subject-nine").glob("*.png"))) == 65
+    assert sum(t.read_text() == "a handwritten digit zxq" for t in subject) == 20
+    assert sum(t.name.startswith("reg-") for t in subject) == 45
+    assert len(list((tmp_path / "style-bold-reg").glob("reg-*.png"))) == 45
     assert {p.name for p in (tmp_path / "heldout").iterdir()} == {str(d) for d in range(10)}
     style = sorted((tmp_path / "style-bold").glob("*.txt"))
     assert style and all(t.read_text().startswith("bold ") for t in style)
