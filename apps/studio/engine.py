@@ -179,7 +179,10 @@ class Slot:
         return int(cfg.sample_size) * vae, vae * 2 ** (down - 1), False
 
     def class_choices(self) -> list[tuple[str, int]]:
-        """(label, id) pairs for a class-conditional DiT; [] for text pipelines."""
+        """(label, id) pairs: a class-conditional DiT's classes; for PixArt the classes of the KIND adapters in the
+        folder are offered by the UI (KIND's class gate reads ``class_labels``); [] for other text pipelines."""
+        if self.kind == "pixart":
+            return [(str(i), i) for i in range(1000)]
         if self.kind != "dit":
             return []
         labels = getattr(self.pipe, "labels", None)
@@ -298,7 +301,7 @@ class Studio:
             raise bad_value("sampler", req.sampler, f"one of {list(slot.samplers)}")
         if req.extractor not in EXTRACTORS:
             raise bad_value("extractor", req.extractor, f"one of {list(EXTRACTORS)}")
-        if slot.kind == "dit":
+        if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
             ids = {i for _, i in slot.class_choices()}
             label = 0 if req.class_label is None else req.class_label
             label = int(label) if isinstance(label, float) and label.is_integer() else label
@@ -365,6 +368,10 @@ class Studio:
             set_transport(slot.denoiser, name, req.transport)
         inputs: dict[str, Any] = {}
         condition = None
+        if slot.kind != "dit" and req.class_label is not None and slot.names("kind"):
+            # KIND on a text pipeline (PixArt): the class gate reads `class_labels`, one per prompt (the pipeline
+            # expands it to the images and both guidance halves)
+            inputs["class_labels"] = [int(req.class_label)]
         csc = slot.names("csc")
         if csc:
             from difftune.conditions import control_inputs, extract
@@ -447,7 +454,7 @@ class Studio:
         params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
                                   "Size": f"{req.width}x{req.height}", "Model hash": slot.model_hash,
                                   "Model": slot.label}
-        if slot.kind == "dit":
+        if slot.kind == "dit" or (req.class_label is not None and slot.names("kind")):
             params["Class"] = req.class_label
         if req.batch > 1:
             params.update({"Batch size": req.batch, "Batch pos": index})

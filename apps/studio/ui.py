@@ -53,8 +53,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", value="" if slot.kind == "dit" else "a handwritten digit seven",
                                     visible=slot.kind != "dit", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
-                class_label = gr.Dropdown(choices=classes, value=classes[0][1] if classes else None,
-                                          label="Class (DiT)", visible=bool(classes))
+                class_label = gr.Dropdown(choices=classes, value=classes[0][1] if slot.kind == "dit" else None,
+                                          label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes))
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
                     guidance = gr.Slider(0, lim.max_guidance, value=4.0, step=0.5, label="Guidance (CFG)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,19 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 
-def _row(page, key: str) -> int:
-    """The index of the adapter row whose checkbox is labelled ``key``."""
-    for i in range(24):
-        box = page.locator(f"#adapter-enable-{i}")
-        if box.count() and box.is_visible() and key in box.inner_text():
-            return i
-    raise AssertionError(f"no adapter row for {key!r}")
+def _row(page, key: str, timeout: float = 30.0) -> int:
+    """The index of the adapter row whose checkbox is labelled ``key`` (polled: a loaded machine renders slowly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for i in range(24):
+            box = page.locator(f"#adapter-enable-{i}")
+            if box.count() and box.is_visible() and key in box.inner_text():
+                return i
+        if time.monotonic() > deadline:
+            labels = [page.locator(f"#adapter-enable-{i}").inner_text() for i in range(24)
+                      if page.locator(f"#adapter-enable-{i}").count()]
+            raise AssertionError(f"no adapter row for {key!r}; rows: {labels}")
+        time.sleep(0.5)
 
 
 def test_enable_two_adapters_and_generate(served, studio_files, tmp_path_factory):

@@ -109,3 +109,29 @@ def test_dit_class_picker(tmp_path):
     assert "Class: 1" in r.infotexts[0] and st.main.size_rule()[2]  # DiT samples at its one size
     with pytest.raises(DifftuneError, match="class"):
         st.generate(Request(steps=2, class_label=10**6))
+
+
+def test_pixart_class_picker_feeds_kind(tmp_path):
+    """A PixArt pipeline with a KIND adapter: the chosen class reaches the class gate (different class, different
+    image; the same class, the same image)."""
+    from difftune.methods import METHODS
+
+    if "kind" not in METHODS:
+        pytest.skip("KIND is not registered in this checkout")
+    import difftune as dt
+    from difftune.generation import load_pipeline
+    from difftune.methods.kind import KINDConfig
+    from difftune.testing import randomize_adapter, save_tiny_pipeline
+
+    model = save_tiny_pipeline("pixart", tmp_path / "pixart")
+    pipe = load_pipeline(model)
+    dt.inject(pipe, KINDConfig(learngenes=2, tailors_per_class=2, classes=[0, 1], init="random"), name="kind")
+    randomize_adapter(pipe.transformer, "kind", std=0.5)
+    dt.save_adapter(pipe, tmp_path / "adapters" / "kind", name="kind")
+    st = Studio(model, tmp_path / "adapters", out=tmp_path / "out")
+    mix = [MixItem("kind", 1.0)]
+    runs = [st.generate(Request(prompt="a cat", steps=2, guidance=1.0, mix=mix, class_label=c)) for c in (0, 1, 0)]
+    from PIL import Image
+
+    pixels = [list(Image.open(r.images[0]).getdata()) for r in runs]
+    assert pixels[0] != pixels[1] and pixels[0] == pixels[2] and "Class: 1" in runs[1].infotexts[0]
