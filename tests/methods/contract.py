@@ -112,6 +112,9 @@ class Case:
 
 
 CASES: dict[str, Case] = {
+    # KIND (linears only): class labels pick tailor groups (the DiT's own [1, 3]; given per call to the linear model)
+    "kind": Case({"learngenes": 4, "tailors_per_class": 2, "classes": [1, 3]}, models=["linear", "dit"],
+                 inputs={"linear": {"class_labels": torch.tensor([1, 3, 3])}}),
     "krona": Case({"a1": 2, "a2": 2}),  # 2 divides every width of the tiny models
     "lora": Case({"rank": 2, "alpha": 4.0}),
     "sara": Case({"threshold": 0.05}),  # selects 10-40% of the tiny models' entries

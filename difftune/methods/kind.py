@@ -1,0 +1,335 @@
+"""KIND: Knowledge Integration and Diversion (Xie, Feng, Wang, Geng, Rui; arXiv 2408.07337, ICML 2025), reconstructed.
+
+No official code exists and the paper's full text could not be read (shared/reference/kind-vq4dit.md §1); this file
+builds what the abstracts, the review and the same group's DivControl confirm, and chooses the rest deliberately.
+
+Each targeted linear W ∈ R^{m×n} of the DiT/PixArt blocks, S = {q, k, v, o, MLP in, MLP out} (adaLN optional, off
+by default), is replaced by r rank-1 "basic components" Θ_i = (u_i, σ_i, v_i), trained in factored form::
+
+    W_y = Σ_{i<N_G} u_i σ_i v_iᵀ  +  Σ_{i ∈ T(y)} u_i σ_i v_iᵀ
+
+The first N_G components are **learngenes** (active for every sample); the rest are **tailors**, grouped per class:
+the binary class gate g_y switches on only the group T(y) of the item's class label y (taken per batch item from
+the DiT forward's ``class_labels``), so learngenes receive gradients from every class and a tailor only from its
+own class. The host computes ``base(x) + w·δ(x)`` with δ(x) = W_y x − W0 x, so at weight 1 the layer is exactly
+the KIND layer (plus the base bias).
+
+Choices the paper may make otherwise (all [U] in the reference notes):
+
+* **Disjoint per-class groups** of ``tailors_per_class`` components for each id in ``classes`` (not superclass or
+  overlapping groups).
+* **Null class → learngenes only**: a label with no tailor group (the CFG null class 1000, or any other) runs on
+  the learngenes alone; no dedicated null group.
+* **SVD init** (default): U Σ Vᵀ of the dense weight (pretrained or random); learngenes take the top N_G triplets and
+  every class's group a copy of the next ``tailors_per_class``, so every class starts at the rank-(N_G + t)
+  truncation of W: exactly W when N_G + t = min(m, n). ``init="random"``: independent random unit u, v and a
+  constant σ of Kaiming-like scale.
+* **Unconstrained factors**: no orthogonality regulariser or retraction; no gate renormalisation.
+* **Transfer** (``source`` set): learngenes (and the tailors of ``reuse_classes``) are copied from a saved KIND
+  adapter and frozen; the other groups are fresh: random unit u, v with σ = 0 (the layer starts at the transferred
+  model for those classes), and only they train. Embedders, adaLN and the final layer stay frozen unless
+  ``train_base`` (used for pretraining with KIND structure, where the whole model trains).
+* **Recombination** (`recombine`): learngenes + the chosen groups form a smaller model; its factored cost is
+  (N_G + t)(m + n) MACs per token and layer instead of m·n (`factored_macs`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DifftuneError, bad_value
+from ..train.plugin import TrainerPlugin, register_plugin
+from .base import Adapter, MethodConfig, Site, register_method
+from .model import hosts
+
+S_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+ADALN_TARGET = "norm1.linear"
+INITS = ("svd", "random")
+PAPER_TRAINABLE = 45.4e6  # DiT-L/2 headline, v1 abstract
+
+
+@register_method("kind")
+@dataclass
+class KINDConfig(MethodConfig):
+    """KIND hyperparameters (reconstructed; see the module docstring).
+
+    Attributes:
+        learngenes: N_G, components active for every sample.
+        tailors_per_class: t, components in each class's tailor group.
+        classes: class ids that own a tailor group; other labels (CFG null class) use learngenes only.
+        init: "svd" (from the dense weight: starts equal to it when N_G + t = min(m, n)) or "random".
+        adaln: also factor the blocks' adaLN modulation linear (not in the paper's S).
+        source: path of a saved KIND adapter whose learngenes (and ``reuse_classes`` tailors) are transferred, frozen.
+        reuse_classes: classes whose tailors come from ``source`` (frozen); the rest of ``classes`` are fresh.
+        train_learngenes: train the learngenes (pretraining); false freezes them (transfer).
+        train_base: also train the base model's parameters outside S (embedders, adaLN, final layer): pretraining.
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(S_TARGETS))
+    learngenes: int = 64
+    tailors_per_class: int = 8
+    classes: list[int] = field(default_factory=list)
+    init: str = "svd"
+    adaln: bool = False
+    source: str = ""
+    reuse_classes: list[int] = field(default_factory=list)
+    train_learngenes: bool = True
+    train_base: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_types()
+        if self.learngenes < 1:
+            raise bad_value("learngenes", self.learngenes, "an integer >= 1", "N_G, the shared components, e.g. 64.")
+        if self.tailors_per_class < 0:
+            raise bad_value("tailors_per_class", self.tailors_per_class, "an integer >= 0",
+                            "t, components per class group; 0 gives a learngene-only model.")
+        for name in ("classes", "reuse_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                      for c in value):
+                raise bad_value(name, value, "a list of class ids (integers >= 0)", "e.g. [0, 1, 2, 3, 4].")
+            if len(set(value)) != len(value):
+                raise bad_value(name, value, "distinct class ids", "Each class owns one tailor group.")
+        missing = sorted(set(self.reuse_classes) - set(self.classes))
+        if missing:
+            raise bad_value("reuse_classes", self.reuse_classes, f"a subset of classes {self.classes}",
+                            f"Add {missing} to `classes` too: a reused group is still a group of the model.")
+        if self.reuse_classes and not self.source:
+            raise bad_value("reuse_classes", self.reuse_classes, "empty unless `source` is set",
+                            "Reused tailors are read from the saved KIND adapter named by `source`.")
+        if self.init not in INITS:
+            raise bad_value("init", self.init, f"one of {INITS}", "'svd' starts equal to the dense weight.")
+        if self.adaln and ADALN_TARGET not in self.target_modules:
+            self.target_modules = [*self.target_modules, ADALN_TARGET]
+
+    def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
+        return KINDAdapter(base_layer, self) if isinstance(base_layer, nn.Linear) else None
+
+
+def _unit(shape: tuple[int, ...], dim: int, like: Tensor) -> Tensor:
+    t = torch.randn(shape, device=like.device, dtype=torch.float32)
+    return (t / t.norm(dim=dim, keepdim=True).clamp_min(1e-12)).to(like.dtype)
+
+
+class KINDAdapter(Adapter):
+    """One KIND layer: learngenes ``kind_gU`` (m, N_G), ``kind_gS`` (N_G), ``kind_gV`` (N_G, n) and, per class c,
+    tailors ``kind_tU.<c>`` (m, t), ``kind_tS.<c>`` (t), ``kind_tV.<c>`` (t, n)."""
+
+    prefix = "kind_"
+
+    def __init__(self, base_layer: nn.Linear, config: KINDConfig) -> None:
+        super().__init__(config)
+        m, n = base_layer.out_features, base_layer.in_features
+        g, t = config.learngenes, config.tailors_per_class
+        if g + t > min(m, n):
+            raise bad_value("learngenes + tailors_per_class", g + t, f"<= min(m, n) = {min(m, n)} for a layer of "
+                            f"shape {(m, n)}", "W has at most min(m, n) components; lower N_G or t, or exclude it.")
+        w = base_layer.weight
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.m, self.n = m, n
+        self.kind_gU = nn.Parameter(torch.empty(m, g, device=w.device, dtype=dtype))
+        self.kind_gS = nn.Parameter(torch.empty(g, device=w.device, dtype=dtype))
+        self.kind_gV = nn.Parameter(torch.empty(g, n, device=w.device, dtype=dtype))
+        self.kind_tU, self.kind_tS, self.kind_tV = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        for c in config.classes:
+            self.add_group(c, fresh=False)
+        if w.is_meta:  # shape-only models (the parameter calculator): nothing to initialise
+            return
+        with torch.no_grad():
+            if config.init == "svd":
+                u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+                self.kind_gU.copy_(u[:, :g])
+                self.kind_gS.copy_(s[:g])
+                self.kind_gV.copy_(vh[:g])
+                for c in config.classes:  # every class starts at the same rank-(N_G + t) truncation of W
+                    self.kind_tU[str(c)].copy_(u[:, g:g + t])
+                    self.kind_tS[str(c)].copy_(s[g:g + t])
+                    self.kind_tV[str(c)].copy_(vh[g:g + t])
+            else:
+                # unit u, v; Σ_i σ² u vᵀ has entry variance rσ²/(mn) = 1/(3n) (a Kaiming-uniform layer's) at σ² = m/3r
+                sigma = math.sqrt(m / (3 * (g + t)))
+                self.kind_gU.copy_(_unit((m, g), 0, w))
+                self.kind_gV.copy_(_unit((g, n), 1, w))
+                self.kind_gS.fill_(sigma)
+                for c in config.classes:
+                    self.kind_tU[str(c)].copy_(_unit((m, t), 0, w))
+                    self.kind_tV[str(c)].copy_(_unit((t, n), 1, w))
+                    self.kind_tS[str(c)].fill_(sigma)
+
+    def add_group(self, c: int, fresh: bool = True) -> None:
+        """Add class ``c``'s tailor group; ``fresh``: random unit u, v with σ = 0 (contributes nothing at first)."""
+        key, t, like = str(c), self.config.tailors_per_class, self.kind_gU
+        self.kind_tU[key] = nn.Parameter(torch.zeros(self.m, t, device=like.device, dtype=like.dtype))
+        self.kind_tS[key] = nn.Parameter(torch.zeros(t, device=like.device, dtype=like.dtype))
+        self.kind_tV[key] = nn.Parameter(torch.zeros(t, self.n, device=like.device, dtype=like.dtype))
+        if fresh and not like.is_meta:
+            with torch.no_grad():
+                self.kind_tU[key].copy_(_unit((self.m, t), 0, like))
+                self.kind_tV[key].copy_(_unit((t, self.n), 1, like))
+
+    def drop_group(self, c: int) -> None:
+        for d in (self.kind_tU, self.kind_tS, self.kind_tV):
+            del d[str(c)]
+
+    def groups(self) -> list[int]:
+        return [int(k) for k in self.kind_tU]
+
+    def learngene_parameters(self) -> list[nn.Parameter]:
+        return [self.kind_gU, self.kind_gS, self.kind_gV]
+
+    def tailor_parameters(self, c: int) -> list[nn.Parameter]:
+        return [d[str(c)] for d in (self.kind_tU, self.kind_tS, self.kind_tV)]
+
+    def dense_weight(self, c: int | None = None) -> Tensor:
+        """W_y (fp32) for class ``c`` (None: learngenes only)."""
+        w = (self.kind_gU.float() * self.kind_gS.float()) @ self.kind_gV.float()
+        if c is not None and str(c) in self.kind_tU:
+            u, s, v = (p.float() for p in self.tailor_parameters(c))
+            w = w + (u * s) @ v
+        return w
+
+    def kind_forward(self, x: Tensor) -> Tensor:
+        """W_y x (no bias) per batch item: learngenes for all, each item's own tailor group by the class gate."""
+        x = x.to(self.kind_gU.dtype)
+        y = ((x @ self.kind_gV.T) * self.kind_gS) @ self.kind_gU.T
+        labels = self.inputs().get("class_labels")
+        if labels is None or not len(self.kind_tU):
+            return y
+        labels = torch.as_tensor(labels, device=x.device).reshape(-1)
+        if labels.numel() == 1 and x.shape[0] != 1:
+            labels = labels.expand(x.shape[0])
+        if labels.shape[0] != x.shape[0]:
+            raise DifftuneError(f"KIND's class gate got {labels.shape[0]} class labels for a batch of {x.shape[0]} "
+                                "items; pass one class label per item (`class_labels`)")
+        for key in self.kind_tU:
+            idx = (labels == int(key)).nonzero().squeeze(1)
+            if idx.numel():  # binary gate: only this class's items see (and train) this group
+                xs = x.index_select(0, idx)
+                ys = ((xs @ self.kind_tV[key].T) * self.kind_tS[key]) @ self.kind_tU[key].T
+                y = y.index_add(0, idx, ys)
+        return y
+
+    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+        # the KIND layer replaces W0: δ = W_y x − W0 x, so the host's base(x) + δ(x) is W_y x + b at weight 1
+        return self.kind_forward(x) - F.linear(x.to(base_layer.weight.dtype), base_layer.weight).to(self.kind_gU.dtype)
+
+
+def kind_adapters(model: nn.Module, name: str) -> list[tuple[str, KINDAdapter]]:
+    found = [(n, h.adapters[name]) for n, h in hosts(model) if name in h.adapters]
+    if not found or not all(isinstance(a, KINDAdapter) for _, a in found):
+        raise bad_value("name", name, "the name of a KIND adapter in the model", "Inject a `kind` config first.")
+    return found  # type: ignore[return-value]
+
+
+def load_parts(model: nn.Module, name: str, tensors: Mapping[str, Tensor], learngenes: bool = True,
+               classes: list[int] | tuple[int, ...] = ()) -> None:
+    """Copy learngenes and/or the tailor groups of ``classes`` from saved KIND ``tensors`` (the common format's
+    ``<module>.kind_*`` keys, `difftune.serialization.read_tensors`) into adapter ``name``; each part loads alone."""
+    for module, adapter in kind_adapters(model, name):
+        wanted = ["kind_gU", "kind_gS", "kind_gV"] if learngenes else []
+        wanted += [f"{p}.{c}" for c in classes for p in ("kind_tU", "kind_tS", "kind_tV")]
+        live = dict(adapter.named_parameters())
+        for local in wanted:
+            key = f"{module}.{local}"
+            if key not in tensors:
+                raise DifftuneError(f"the saved KIND adapter has no tensor {key!r}: it lacks that learngene/tailor "
+                                    f"part (saved classes differ, or another model)")
+            if local not in live:
+                raise DifftuneError(f"class {local.rpartition('.')[2]} has no tailor group in adapter {name!r}; add "
+                                    "it to `classes`")
+            if tensors[key].shape != live[local].shape:
+                raise DifftuneError(f"{key}: saved shape {tuple(tensors[key].shape)} differs from "
+                                    f"{tuple(live[local].shape)}; learngenes/tailors_per_class must match the source")
+            with torch.no_grad():
+                live[local].copy_(tensors[key])
+
+
+def recombine(model: nn.Module, name: str, keep: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """Keep learngenes + the tailor groups of ``keep`` (drop the others, in place): a smaller deployable model.
+    Returns its KIND parameter count and `factored_macs`."""
+    for _, adapter in kind_adapters(model, name):
+        unknown = sorted(set(keep) - set(adapter.groups()))
+        if unknown:
+            raise bad_value("keep", list(keep), f"classes among the adapter's groups {adapter.groups()}",
+                            f"{unknown} have no tailors to keep")
+        for c in adapter.groups():
+            if c not in keep:
+                adapter.drop_group(c)
+    params = sum(p.numel() for _, a in kind_adapters(model, name) for p in a.parameters())
+    return {"kept_classes": sorted(keep), "kind_parameters": params, **factored_macs(model, name)}
+
+
+def factored_macs(model: nn.Module, name: str) -> dict[str, int]:
+    """MACs per token over the KIND layers for one item (learngenes + one class's group, run factored:
+    (N_G + t)(m + n) + r_active) against the dense m·n."""
+    factored = dense = 0
+    for _, a in kind_adapters(model, name):
+        r = a.config.learngenes + (a.config.tailors_per_class if len(a.kind_tU) else 0)
+        factored += r * (a.m + a.n) + r
+        dense += a.m * a.n
+    return {"factored_macs_per_token": factored, "dense_macs_per_token": dense}
+
+
+def calculator(config: KINDConfig, model: nn.Module, name: str) -> dict[str, Any]:
+    """`difftune inspect --method kind`: trainable count of ``config`` and the cost of one component index over the
+    adapted linears of all blocks (Σ m + n + 1), with the component count nearest the paper's 45.4M trainable."""
+    per_component = sum(a.m + a.n + 1 for _, a in kind_adapters(model, name))
+    fresh = [c for c in config.classes if c not in config.reuse_classes]
+    components = (config.learngenes if config.train_learngenes else 0) + len(fresh) * config.tailors_per_class
+    best = max(1, round(PAPER_TRAINABLE / per_component))
+    return {"per_component": per_component, "trainable_components": components,
+            "parameters": components * per_component,
+            "paper_nearest": {"target": int(PAPER_TRAINABLE), "components": best, "parameters": best * per_component,
+                              "off_by": best * per_component - int(PAPER_TRAINABLE),
+                              "off_percent": round(100 * (best * per_component / PAPER_TRAINABLE - 1), 3)}}
+
+
+@register_plugin("kind")
+class KINDPlugin(TrainerPlugin):
+    """Pretraining with KIND structure (``train_base``: the whole model trains) and transfer (``source``: frozen
+    learngenes and reused tailors, only fresh tailor groups train)."""
+
+    def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
+        from ..methods.model import inject
+        from ..serialization import read_tensors
+
+        config: KINDConfig = self.config  # type: ignore[assignment]
+        inject(model, config, name=self.name, freeze_base=True)
+        if config.source:
+            tensors = read_tensors(config.source)
+            load_parts(model, self.name, tensors, learngenes=True, classes=config.reuse_classes)
+            for _, a in kind_adapters(model, self.name):
+                for c in a.groups():
+                    if c not in config.reuse_classes:
+                        a.drop_group(c)
+                        a.add_group(c, fresh=True)
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        config: KINDConfig = self.config  # type: ignore[assignment]
+        out: list[nn.Parameter] = []
+        for _, a in kind_adapters(model, self.name):
+            if config.train_learngenes:
+                out += a.learngene_parameters()
+            for c in a.groups():
+                if c not in config.reuse_classes:
+                    out += a.tailor_parameters(c)
+        chosen = {id(p) for p in out}
+        for p in (q for q in model.parameters() if id(q) not in chosen):
+            p.requires_grad_(False)
+        if config.train_base:
+            adapter_ids = {id(p) for _, h in hosts(model) for p in h.adapters.parameters()}
+            s_weights = {id(p) for _, h in hosts(model) if self.name in h.adapters for p in h.base_layer.parameters()
+                         if p is h.base_layer.weight}
+            out += [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in s_weights]
+        for p in out:
+            p.requires_grad_(True)
+        return out
