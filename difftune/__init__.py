@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .compress import load_compressed, load_compressed_pipeline, quantize_rtn_, save_compressed
 from .errors import DifftuneError
+from .interop import importer as _importer  # noqa: F401  (lets load_adapter read kohya/LyCORIS/diffusers files)
 from .loading import (
     delete_adapter,
     disable_adapters,

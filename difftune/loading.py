@@ -7,10 +7,11 @@ file or ``component`` says otherwise; the management verbs (weights, fuse, delet
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import serialization
@@ -97,6 +98,23 @@ def save_adapter(obj: Any, path: str | Path, name: str | None = None, *, base_mo
     )
 
 
+#: Readers of other tools' adapter files (kohya, LyCORIS, diffusers), tried by `load_adapter` for a ``.safetensors``
+#: without difftune metadata. `difftune.interop.importer` registers its reader when imported (``import difftune``
+#: does); this module never imports it, since the importer builds on these verbs.
+FOREIGN_LOADERS: list[Callable[..., str]] = []
+
+
+def _is_foreign(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return serialization.METADATA_KEY not in (f.metadata() or {})
+    except (SafetensorError, OSError):  # unreadable: read_header reports it, naming the file
+        return False
+
+
 def load_adapter(
     obj: Any, path: str | Path, name: str | None = None, weight: float = 1.0, *, component: str | None = None
 ) -> str:
@@ -114,13 +132,8 @@ def load_adapter(
     Returns:
         The adapter's name.
     """
-    if Path(path).is_file() and Path(path).suffix == ".safetensors":
-        from .interop.updates import is_difftune_file
-
-        if not is_difftune_file(path):  # kohya/LyCORIS/diffusers file: converted on the fly (interop.importer)
-            from .interop.importer import load_foreign
-
-            return load_foreign(obj, path, name=name, weight=weight, component=component)
+    if FOREIGN_LOADERS and _is_foreign(path):  # kohya/LyCORIS/diffusers file: converted (interop.importer)
+        return FOREIGN_LOADERS[0](obj, path, name=name, weight=weight, component=component)
     header = serialization.read_header(path)
     if component is None and _is_pipeline(obj):
         component = header.get("component") or None

@@ -38,11 +38,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .. import __version__
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
+from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
 from .updates import Dense, Kron, LowRank, Update, low_rank_approximation, max_error, read_file
 

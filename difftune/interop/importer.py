@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
-from ..loading import _check_name_free, component_of, inject, modules_of
+from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, inject, modules_of
 from ..methods import model as core
 from ..methods.krona import layer_dims
 from ..methods.lora import LoRAConfig
@@ -61,7 +61,14 @@ def load_foreign(obj: Any, path: str | Path, name: str | None = None, weight: fl
         DifftuneError: unknown keys, keys for modules the model lacks (listed), parts without a difftune form,
             a module ``obj`` given a file for several components.
     """
-    name = name or "default"
+    try:
+        return _load_foreign(obj, path, name or "default", weight, component)
+    except DifftuneError as e:  # say first what kind of file this was taken for
+        raise DifftuneError(f"{str(path)!r} was not written by difftune; read as a kohya/LyCORIS/diffusers file: "
+                            f"{e}") from None
+
+
+def _load_foreign(obj: Any, path: str | Path, name: str, weight: float, component: str | None) -> str:
     fmt, groups = read_file(path)
     if isinstance(obj, nn.Module):
         if len(groups) > 1:
@@ -270,3 +277,6 @@ def import_file(path: str | Path, model: str | Path, out: str | Path, name: str 
         folder = Path(out) if len(groups) == 1 else Path(out) / comp
         written.append(save_adapter_file(module, folder, name=names[comp], base_model=str(model), component=comp))
     return written
+
+
+FOREIGN_LOADERS.append(load_foreign)  # difftune.load_adapter hands it every non-difftune .safetensors

@@ -35,7 +35,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .. import __version__
 from ..architectures import denoiser_on_meta
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
@@ -44,6 +43,7 @@ from ..methods import model as core
 from ..methods.krona import KronAConfig, kron_delta, layer_dims, lycoris_factorization
 from ..serialization import read_header, read_tensors, save_adapter_file
 from ..targeting import canonical_name, find_targets
+from ..version import __version__
 from .kohya import (
     KOHYA_PREFIXES,  # noqa: F401 (kept importable from here, where it used to live)
     base_layer,

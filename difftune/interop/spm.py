@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .. import __version__
 from ..architectures import denoiser_on_meta
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
@@ -30,6 +29,7 @@ from ..loading import component_of, inject
 from ..methods.model import hosts
 from ..methods.spm import SPMConfig
 from ..serialization import read_header, read_tensors, save_adapter_file
+from ..version import __version__
 from .kohya import group_by_module, kohya_name, kohya_prefix, match_modules, read_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

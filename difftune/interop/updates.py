@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import DifftuneError, bad_value
@@ -199,7 +199,7 @@ def is_difftune_file(path: str | Path) -> bool:
     try:
         with safe_open(str(p), framework="pt") as f:
             return METADATA_KEY in (f.metadata() or {})
-    except Exception:  # noqa: BLE001 (unreadable: not ours; the foreign reader reports why, naming the file)
+    except (SafetensorError, OSError):  # unreadable: the foreign reader then reports why, naming the file
         return False
 
 
