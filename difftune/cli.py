@@ -211,7 +211,10 @@ def cmd_zoo_data(args: argparse.Namespace) -> int:
     writers = {"pretrain-captions": mnist.write_pretrain_captions, "pretrain-classes": mnist.write_pretrain_classes,
                "subject-nine": mnist.write_personalization_set, "style-bold": mnist.write_style_set,
                "style-bold-reg": mnist.write_styled_regularized_set,
-               "heldout": mnist.write_heldout}
+               "heldout": mnist.write_heldout,
+               # KIND's recipe (configs/kind): pretrain on 0-4, learn 5-9
+               "classes-0-4": lambda o: mnist.write_pretrain_classes(o, (0, 1, 2, 3, 4)),
+               "classes-5-9": lambda o: mnist.write_pretrain_classes(o, (5, 6, 7, 8, 9))}
     for name, write in writers.items():
         print(f"wrote {write(out / name)}")
     return 0

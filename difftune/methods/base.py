@@ -122,6 +122,12 @@ class MethodConfig(abc.ABC):
     #: False for training-only methods (``full``) that add no adapter and save a whole model instead.
     is_adapter: ClassVar[bool] = True
 
+    @property
+    def trains_whole_model(self) -> bool:
+        """Whether training updates every weight outside the adapter too (so ``model.from_scratch`` makes sense);
+        KIND's pretraining with ``train_base`` does."""
+        return not self.is_adapter
+
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)

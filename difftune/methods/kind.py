@@ -35,9 +35,11 @@ Choices the paper may make otherwise (all [U] in the reference notes):
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,6 +111,10 @@ class KINDConfig(MethodConfig):
             raise bad_value("init", self.init, f"one of {INITS}", "'svd' starts equal to the dense weight.")
         if self.adaln and ADALN_TARGET not in self.target_modules:
             self.target_modules = [*self.target_modules, ADALN_TARGET]
+
+    @property
+    def trains_whole_model(self) -> bool:
+        return self.train_base
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         return KINDAdapter(base_layer, self) if isinstance(base_layer, nn.Linear) else None
@@ -313,6 +319,38 @@ class KINDPlugin(TrainerPlugin):
                         a.add_group(c, fresh=True)
         return model
 
+    def _base_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """``train_base``: the model's own parameters that train (all but the adapters and the S weights W0, which
+        the KIND layers replace), by name."""
+        adapter_ids = {id(p) for _, h in hosts(model) for p in h.adapters.parameters()}
+        s_weights = {id(h.base_layer.weight) for _, h in hosts(model) if self.name in h.adapters}
+        return {n: p for n, p in model.named_parameters() if id(p) not in adapter_ids and id(p) not in s_weights}
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        tensors = super().checkpoint_tensors(model)
+        if self.config.train_base:  # type: ignore[attr-defined]  # a resumed pretraining needs the trained base too
+            tensors.update({f"base.{n}": p for n, p in self._base_parameters(model).items()})
+        return tensors
+
+    def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
+        """The KIND adapter at ``path``; with ``train_base`` also the trained base (embedders, adaLN, final layer,
+        biases; without the adapter) as a diffusers pipeline at ``path``'s sibling ``pipeline``, the model the
+        adapter belongs on: ``load_adapter(DiffusionPipeline.from_pretrained(out / "pipeline"), out / "adapter")``."""
+        from ..loading import delete_adapter
+        from ..serialization import save_adapter_file
+
+        saved = save_adapter_file(model, path, name=self.name, base_model=base_model, component=component)
+        if self.config.train_base:  # type: ignore[attr-defined]
+            base = copy.deepcopy(model)
+            delete_adapter(base, self.name)
+            pipe.register_modules(**{component: base})
+            try:
+                pipe.save_pretrained(str(Path(path).parent / "pipeline"))
+            finally:
+                pipe.register_modules(**{component: model})
+            print(f"[difftune] saved the trained base model {Path(path).parent / 'pipeline'}", flush=True)
+        return saved
+
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         config: KINDConfig = self.config  # type: ignore[assignment]
         out: list[nn.Parameter] = []
@@ -326,10 +364,7 @@ class KINDPlugin(TrainerPlugin):
         for p in (q for q in model.parameters() if id(q) not in chosen):
             p.requires_grad_(False)
         if config.train_base:
-            adapter_ids = {id(p) for _, h in hosts(model) for p in h.adapters.parameters()}
-            s_weights = {id(p) for _, h in hosts(model) if self.name in h.adapters for p in h.base_layer.parameters()
-                         if p is h.base_layer.weight}
-            out += [p for p in model.parameters() if id(p) not in adapter_ids and id(p) not in s_weights]
+            out += list(self._base_parameters(model).values())
         for p in out:
             p.requires_grad_(True)
         return out

@@ -294,9 +294,10 @@ class TrainConfig:
             # numpy's seed is 32-bit; each process seeds seed + its index
             raise bad_value("seed", self.seed, "an integer in [0, 2**32 - 64)")
         method = self.method_config()  # validate now, with keys named method.<field>
-        if self.model.from_scratch and method.is_adapter:
+        if self.model.from_scratch and not method.trains_whole_model:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",
-                            "training from scratch needs every weight trainable: method.name: full")
+                            "training from scratch needs every weight trainable: method.name: full (or kind with "
+                            "train_base: true)")
         if self.train.objective == "autoencode" and self.data.kind in DATA_FREE_KINDS:
             raise bad_value("train.objective", "autoencode", f"'denoise' with data.kind {self.data.kind!r}",
                             "the VAE trains on images: data.kind captions or classes with data.path")

@@ -78,6 +78,7 @@ class Run:
     sampler: Any
     frozen: Frozen
     progress: dict[str, Any] = field(default_factory=lambda: {"step": 0})
+    warned_gradless: bool = False  #: a batch whose loss reached no trainable value was reported
 
 
 def main(cfg: TrainConfig) -> Path:
@@ -232,6 +233,18 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
     bar.close()
 
 
+def _gradless(run: Run, loss: Tensor, step: int) -> Tensor:
+    """A micro-batch whose loss reaches no trainable value (a KIND transfer batch holding only classes whose tailors
+    are frozen): it contributes zero gradients instead of failing in backward (every process still runs backward,
+    as DDP needs); said once per run, since data that never reaches the trained values trains nothing."""
+    if not run.warned_gradless:
+        run.warned_gradless = True
+        print(f"[difftune] warning: at step {step + 1} the loss depends on no trainable value, so that batch changes "
+              "nothing (KIND transfer: it holds no item of a class whose tailors train; check that the data holds "
+              "the new classes)", flush=True)
+    return loss + sum(p.reshape(-1)[:1].sum() * 0 for p in run.params)
+
+
 def _loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFlag, bar: Any) -> None:
     cfg, accelerator = run.cfg, run.accelerator
     step = run.progress["step"]
@@ -242,6 +255,8 @@ def _loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFla
         for batch in run.loader:
             with accelerator.accumulate(run.model):
                 loss = step_loss(run, batch)
+                if not loss.requires_grad:
+                    loss = _gradless(run, loss, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(run.params, cfg.train.max_grad_norm)

@@ -103,9 +103,9 @@ def write_pretrain_captions(out: str | Path, digits: tuple[int, ...] = tuple(ran
     return _write(Path(out), list(x), [caption(int(d), rng) for d in y])
 
 
-def write_pretrain_classes(out: str | Path) -> Path:
-    """dit-mini's pretraining set: training digits 0–9, one folder per class."""
-    x, y = split("train")
+def write_pretrain_classes(out: str | Path, digits: tuple[int, ...] = tuple(range(10))) -> Path:
+    """dit-mini's pretraining set: training digits 0–9 (or ``digits``), one folder per class."""
+    x, y = split("train", digits)
     return _write(Path(out), list(x), None, [int(d) for d in y])
 
 

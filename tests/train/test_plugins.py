@@ -193,7 +193,8 @@ def test_student_from_prepare_is_distilled_from_the_frozen_teacher_and_saved(tin
     # the teacher: the plugin's, in eval mode, frozen, in the weight dtype; the pipeline's unet is the student
     assert SEEN["teacher"] and all(seen == (True, False, False, {torch.bfloat16}, True) for seen in SEEN["teacher"])
     assert SEEN["saved_student"] == [True]
-    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["step-000000.png", "step-000004.png"]
+    grids = sorted(p.name for p in (tmp_path / "out" / "validation").iterdir())
+    assert grids == ["step-000000.png", "step-000004.png"]
     # what was saved is the trained student, not the teacher
     saved = UNet2DConditionModel.from_pretrained(result / "unet")
     assert list(saved.config.block_out_channels) == STUDENT_WIDTHS

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import difftune as dt
 from difftune import zoo
@@ -49,9 +50,16 @@ def test_quickstart_reduced(tmp_path):
     result = run_quickstart(tmp_path / "qs", steps=2, n=2, sample_steps=2)
     written = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert written["train_steps"] == 2 and set(written) >= {"before", "after", "adapter"}
-    assert (tmp_path / "qs" / "before_after.png").is_file()
     assert dt.serialization.inspect_adapter(result["adapter"])["method"] == "lora"
     assert 0 <= written["after"]["trigger_nines"] <= 2
+    # the before/after grid: 2 trigger samples + one of each digit 0-8 per row (96-px tiles), right of a label column
+    grid = np.asarray(Image.open(tmp_path / "qs" / "before_after.png").convert("L"))
+    label_w = grid.shape[1] - 11 * 96
+    assert label_w > 20 and grid.shape[0] >= 2 * 96
+    for top in (grid.shape[0] - 2 * 96, grid.shape[0] - 96):  # "before" and "after (LoRA)" are written
+        assert (grid[top:top + 96, :label_w] < 128).sum() > 20
+    # run again into the same folder: the quickstart replaces its own previous run (issue 20's overwrite guard)
+    assert run_quickstart(tmp_path / "qs", steps=1, n=2, sample_steps=1)["train_steps"] == 1
 
 
 def test_eval_cli_writes_json_and_grid(tmp_path, capsys):
@@ -80,6 +88,9 @@ def test_zoo_data_folders(tmp_path):
     assert sum(t.name.startswith("reg-") for t in subject) == 45
     assert len(list((tmp_path / "style-bold-reg").glob("reg-*.png"))) == 45
     assert {p.name for p in (tmp_path / "heldout").iterdir()} == {str(d) for d in range(10)}
+    for name, digits in (("classes-0-4", range(5)), ("classes-5-9", range(5, 10))):  # KIND's recipe
+        assert {p.name for p in (tmp_path / name).iterdir()} == {str(d) for d in digits}
+        assert len(list((tmp_path / name / str(digits[0])).glob("*.png"))) == 400
     style = sorted((tmp_path / "style-bold").glob("*.txt"))
     assert style and all(t.read_text().startswith("bold ") for t in style)
     assert not any("nine" in t.read_text() for t in (tmp_path / "pretrain-captions").glob("*.txt"))
