@@ -182,7 +182,9 @@ def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: 
             existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
             for old in existing[: max(0, len(existing) + 1 - limit)]:
                 _discard(old)
-        print(f"[difftune] checkpoint step {step}: {folder}", flush=True)
+        from .reporting import say
+
+        say(f"checkpoint step {step}: {folder}")
     accelerator.wait_for_everyone()
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import to_dict
 from ..fileio import atomic_write
 from .config import TrainConfig
 from .families import Family
+
+
+def say(message: str) -> None:
+    """One ``[difftune] ...`` line on stdout, on a line of its own even while the progress bar is drawn."""
+    tqdm.write(f"[difftune] {message}", file=sys.stdout)
+    sys.stdout.flush()
 
 
 @torch.no_grad()
@@ -41,7 +49,7 @@ def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, deno
     path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-    print(f"[difftune] validation grid (step {step}): {path}", flush=True)
+    say(f"validation grid (step {step}): {path}")
     if cfg.logging.report_to == "tensorboard":
         import numpy as np
 

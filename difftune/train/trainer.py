@@ -52,7 +52,7 @@ from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .plugin import TrainerPlugin, plugin_for
-from .reporting import flat_hparams, validate, write_model_card
+from .reporting import flat_hparams, say, validate, write_model_card
 
 logger = logging.getLogger("difftune.train")
 
@@ -239,9 +239,9 @@ def _gradless(run: Run, loss: Tensor, step: int) -> Tensor:
     as DDP needs); said once per run, since data that never reaches the trained values trains nothing."""
     if not run.warned_gradless:
         run.warned_gradless = True
-        print(f"[difftune] warning: at step {step + 1} the loss depends on no trainable value, so that batch changes "
-              "nothing (KIND transfer: it holds no item of a class whose tailors train; check that the data holds "
-              "the new classes)", flush=True)
+        say(f"warning: at step {step + 1} the loss depends on no trainable value, so that batch changes nothing "
+            "(KIND transfer: it holds no item of a class whose tailors train; check that the data holds the new "
+            "classes)")
     return loss + sum(p.reshape(-1)[:1].sum() * 0 for p in run.params)
 
 
@@ -303,8 +303,8 @@ def _interrupted(cfg: TrainConfig, signum: int, step: int, main_process: bool) -
     command = (f"difftune train {shlex.quote(str(out / 'config.yaml'))} "
                f"--set checkpointing.resume_from_checkpoint={shlex.quote(str(checkpoint))}")
     if main_process:
-        print(f"[difftune] interrupted at step {step}/{cfg.train.max_steps}; checkpoint saved to {checkpoint}; "
-              f"resume with: {command}", flush=True)
+        say(f"interrupted at step {step}/{cfg.train.max_steps}; checkpoint saved to {checkpoint}; "
+            f"resume with: {command}")
     return TrainingInterrupted(signum, checkpoint, command)
 
 
