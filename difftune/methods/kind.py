@@ -202,30 +202,58 @@ class KINDAdapter(Adapter):
             w = w + (u * s) @ v
         return w
 
-    def kind_forward(self, x: Tensor) -> Tensor:
-        """W_y x (no bias) per batch item: learngenes for all, each item's own tailor group by the class gate."""
-        x = x.to(self.kind_gU.dtype)
-        y = ((x @ self.kind_gV.T) * self.kind_gS) @ self.kind_gU.T
+    def _labels(self, x: Tensor) -> Tensor | None:
         labels = self.inputs().get("class_labels")
         if labels is None or not len(self.kind_tU):
-            return y
+            return None
         labels = torch.as_tensor(labels, device=x.device).reshape(-1)
         if labels.numel() == 1 and x.shape[0] != 1:
             labels = labels.expand(x.shape[0])
         if labels.shape[0] != x.shape[0]:
             raise DifftuneError(f"KIND's class gate got {labels.shape[0]} class labels for a batch of {x.shape[0]} "
                                 "items; pass one class label per item (`class_labels`)")
-        for key in self.kind_tU:
-            idx = (labels == int(key)).nonzero().squeeze(1)
-            if idx.numel():  # binary gate: only this class's items see (and train) this group
-                xs = x.index_select(0, idx)
-                ys = ((xs @ self.kind_tV[key].T) * self.kind_tS[key]) @ self.kind_tU[key].T
-                y = y.index_add(0, idx, ys)
-        return y
+        return labels
+
+    def _tailors(self, x: Tensor, labels: Tensor) -> Tensor | None:
+        """Σ_{i∈T(y)} u_i σ_i v_iᵀ x per item: the groups of the classes present, stacked into one pair of matmuls;
+        the binary gate is a 0/1 mask per (item, component), so a group gets exactly zero gradient from the items
+        of other classes, and groups of absent classes are not in the graph at all."""
+        present = [k for k in self.kind_tU if bool((labels == int(k)).any())]
+        if not present:
+            return None
+        u = torch.cat([self.kind_tU[k] for k in present], dim=1)  # (m, P·t)
+        s = torch.cat([self.kind_tS[k] for k in present])  # (P·t,)
+        v = torch.cat([self.kind_tV[k] for k in present])  # (P·t, n)
+        t = self.config.tailors_per_class  # type: ignore[attr-defined]
+        owner = torch.tensor([int(k) for k in present], device=x.device).repeat_interleave(t)
+        gate = (labels[:, None] == owner[None, :]).to(x.dtype) * s  # (B, P·t)
+        gate = gate.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
+        return ((x @ v.T) * gate) @ u.T  # (B, ..., n) -> (B, ..., P·t) -> (B, ..., m)
+
+    def _learngene_delta(self, x: Tensor, w0: Tensor | None) -> Tensor:
+        """U_G Σ_G V_Gᵀ x (− W0 x): in factored order, or through the composed (m, n) matrix when that is cheaper
+        (many tokens, N_G close to min(m, n): pretraining); the two orders are the same function."""
+        tokens = x.numel() // self.n
+        g = self.kind_gS.shape[0]
+        if tokens * g * (self.m + self.n) <= g * self.m * self.n + tokens * self.m * self.n:
+            y = ((x @ self.kind_gV.T) * self.kind_gS) @ self.kind_gU.T
+            return y if w0 is None else y - F.linear(x, w0)
+        w = (self.kind_gU * self.kind_gS) @ self.kind_gV
+        return F.linear(x, w if w0 is None else w - w0)
+
+    def kind_forward(self, x: Tensor) -> Tensor:
+        """W_y x (no bias) per batch item: learngenes for all, each item's own tailor group by the class gate."""
+        return self._forward(x.to(self.kind_gU.dtype), None)
+
+    def _forward(self, x: Tensor, w0: Tensor | None) -> Tensor:
+        y = self._learngene_delta(x, w0)
+        labels = self._labels(x)
+        t = None if labels is None else self._tailors(x, labels)
+        return y if t is None else y + t
 
     def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
         # the KIND layer replaces W0: δ = W_y x − W0 x, so the host's base(x) + δ(x) is W_y x + b at weight 1
-        return self.kind_forward(x) - F.linear(x.to(base_layer.weight.dtype), base_layer.weight).to(self.kind_gU.dtype)
+        return self._forward(x.to(self.kind_gU.dtype), base_layer.weight.to(self.kind_gU.dtype))
 
 
 def kind_adapters(model: nn.Module, name: str) -> list[tuple[str, KINDAdapter]]:

@@ -178,3 +178,23 @@ def test_calculator_dit_l2(capsys):
     assert info["paper_nearest"]["off_by"] == 178_736
     main(["inspect", "--method", "kind", "--architecture", "dit-l2", "--json"])
     assert json.loads(capsys.readouterr().out)["per_component"] == 442_512
+
+
+@pytest.mark.parametrize("tokens", [1, 512])  # factored order for few tokens, the composed matrix for many
+def test_both_evaluation_orders_equal_the_dense_weight_of_each_item(tokens):
+    from difftune.methods.kind import KINDAdapter
+
+    layer = torch.nn.Linear(24, 40)
+    a = KINDAdapter(layer, KINDConfig(learngenes=20, tailors_per_class=3, classes=[2, 5]))
+    with torch.no_grad():  # tailors away from their SVD copies, so every class differs
+        for p in a.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    labels = [5, 2, 9]  # 9 has no group: learngenes only
+    x = torch.randn(3, tokens, 24)
+    with dt.adapter_inputs(class_labels=torch.tensor(labels)):
+        got = a.kind_forward(x)
+        delta = a.delta(x, layer)
+    for i, c in enumerate(labels):
+        want = x[i] @ a.dense_weight(c).T
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(delta[i], want - x[i] @ layer.weight.T, atol=1e-5, rtol=1e-5)
