@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,16 +53,34 @@ def judge(pipe, n: int, steps: int) -> dict:
 
 
 @torch.no_grad()
-def unet_latency(unet, batch: int, repeats: int = 20) -> float:
+def interleaved_latency(unets: dict[str, torch.nn.Module], batch: int, rounds: int = 30) -> dict[str, dict]:
+    """UNet s/call of each model, timed in interleaved rounds (teacher, base, small, teacher, ...) so that a busy
+    moment of a shared machine lands on every model alike; median and min per model."""
     x, t = torch.randn(batch, 4, 8, 8), torch.full((batch,), 500)
-    ctx = torch.randn(batch, 77, unet.config.cross_attention_dim)
-    unet(x, t, encoder_hidden_states=ctx)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        unet(x, t, encoder_hidden_states=ctx)
-        times.append(time.perf_counter() - t0)
-    return min(times)  # the machine is shared: the fastest run is the least disturbed
+    ctx = {n: torch.randn(batch, 77, u.config.cross_attention_dim) for n, u in unets.items()}
+    times: dict[str, list[float]] = {n: [] for n in unets}
+    with torch.no_grad():
+        for n, u in unets.items():
+            u(x, t, encoder_hidden_states=ctx[n])  # warm-up
+        for _ in range(rounds):
+            for n, u in unets.items():
+                t0 = time.perf_counter()
+                u(x, t, encoder_hidden_states=ctx[n])
+                times[n].append(time.perf_counter() - t0)
+    return {n: {"median": statistics.median(v), "min": min(v)} for n, v in times.items()}
+
+
+def saved_students(out: Path, plans: list[str]) -> dict[str, torch.nn.Module]:
+    return {f"BK-{p.capitalize()} (distilled)": load_pipeline(out / p / "pipeline").unet.eval() for p in plans}
+
+
+def print_latency(lat: dict[str, dict], batch: int) -> None:
+    ref = lat["teacher"]
+    print(f"\nUNet latency, batch {batch}, 8x8 latents, interleaved rounds (median, min):\n")
+    print("| model | ms/call median (min) | speed-up, from the median |")
+    print("|---|---|---|")
+    for n, v in lat.items():
+        print(f"| {n} | {v['median'] * 1e3:.1f} ({v['min'] * 1e3:.1f}) | {ref['median'] / v['median']:.2f}× |")
 
 
 def main_lab() -> None:
@@ -73,16 +92,23 @@ def main_lab() -> None:
     ap.add_argument("--n", type=int, default=10, help="samples per digit")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--out", default="outputs/bench/bk_lab")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only time the teacher and the students an earlier run saved under --out, interleaved")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.latency_only:
+        unets = {"teacher": load_pipeline(zoo_path("sd-mini")).unet.eval(), **saved_students(out, args.plans)}
+        lat = interleaved_latency(unets, 2 * args.n)
+        print_latency(lat, 2 * args.n)
+        (out / "latency.json").write_text(json.dumps(lat, indent=2))
+        return
     data = out / "data" / "pretrain-captions"
     if not data.exists():
         write_pretrain_captions(data)
     teacher_pipe = load_pipeline(zoo_path("sd-mini"))
     teacher = teacher_pipe.unet
     rows = [{"model": "sd-mini (teacher)", "plan": None, "steps": 0, "parameters": count_parameters(teacher),
-             "latency": unet_latency(teacher, 2 * args.n),
              **({"accuracy": float("nan"), "fd": float("nan"), "fd_floor": float("nan")} if args.skip_teacher else
                 judge(teacher_pipe, args.n, args.sample_steps))}]
     print(rows[-1], flush=True)
@@ -100,7 +126,7 @@ def main_lab() -> None:
         pipe.register_modules(unet=student)
         label = f"BK-{plan.capitalize()}"
         rows.append({"model": f"{label} at init (copied blocks)", "plan": plan, "steps": 0,
-                     "parameters": count_parameters(student), "latency": unet_latency(student, 2 * args.n),
+                     "parameters": count_parameters(student),
                      **judge(pipe, args.n, args.sample_steps)})
         print(rows[-1], flush=True)
         cfg = load_config(TrainConfig, REPO / "configs" / "bk" / "sd-mini.yaml", [
@@ -112,7 +138,7 @@ def main_lab() -> None:
         seconds = time.perf_counter() - t0
         pipe = load_pipeline(result)
         rows.append({"model": f"{label} distilled", "plan": plan, "steps": args.steps, "train_seconds": seconds,
-                     "parameters": count_parameters(pipe.unet), "latency": unet_latency(pipe.unet, 2 * args.n),
+                     "parameters": count_parameters(pipe.unet),
                      **judge(pipe, args.n, args.sample_steps)})
         print(rows[-1], flush=True)
         if lora is None:
@@ -122,9 +148,14 @@ def main_lab() -> None:
         subject[f"{label} distilled"] = lab.judge_subject(pipe, n=20, steps=args.sample_steps)
         print(label, "+ LoRA", subject[f"{label} distilled"], len(transfers[label]["modules_kept"]), "kept",
               transfers[label]["modules_dropped"], flush=True)
+    lat = interleaved_latency({"teacher": teacher.eval(), **saved_students(out, args.plans)}, 2 * args.n)
+    for r in rows:  # a student's latency does not depend on its weights: the interleaved figure of its plan
+        key = "teacher" if r["plan"] is None else f"BK-{r['plan'].capitalize()} (distilled)"
+        r["latency"] = lat[key]["median"]
     t = rows[0]
     print(f"\nsd-mini distillation, {args.steps} steps x batch 64 per student; {args.n} samples per digit 0-8, "
-          f"guidance 4, {args.sample_steps} DDIM steps; UNet latency at batch {2 * args.n}, 8x8 latents\n")
+          f"guidance 4, {args.sample_steps} DDIM steps; UNet latency at batch {2 * args.n}, 8x8 latents, median of 30 "
+          "interleaved rounds\n")
     print("| model | UNet params | params ratio | accuracy 0-8 | FD (floor) | UNet s/call | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
