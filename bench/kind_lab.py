@@ -9,9 +9,12 @@ same random dense DiT: one with KIND layers on S = {q, k, v, o, MLP in, MLP out}
 per class, SVD-initialised from the random dense weights; embedders/adaLN/final layer train too), one dense.
 Then 5–9 are learned by:
 
-(a) KIND: fresh tailor groups (4 per class) on frozen learngenes, old tailors reused and frozen (`KINDPlugin`,
-    loading the saved pretrained adapter through ``source``); (b) LoRA (rank 20, about the same trainable count) on
-    the dense pretrained DiT; (c) full fine-tuning of the dense pretrained DiT; (d) a dense DiT from scratch.
+(a) KIND: fresh tailor groups (4 per class, with each class's own class-embedding row) on frozen learngenes, old
+    tailors reused and frozen (`KINDPlugin`, loading the saved pretrained adapter through ``source``); (b) LoRA (rank
+    20, about the same trainable count) on the dense pretrained DiT, plus the new classes' rows of its class-embedding
+    tables (without them a new class keeps its never-trained random row: ``--no-lora-rows`` shows that); (c) full
+    fine-tuning of the dense pretrained DiT; (d) a dense DiT from scratch. Then (a) is recombined: learngenes + the
+    5–9 tailors only, its parameters and factored MACs, and a check that its images for 5–9 equal (a)'s.
 
 Judge: the shipped digit classifier (`difftune.eval.evaluate`): accuracy and FD of ``--n`` samples per new digit,
 retention = accuracy on 0–4 after transfer. Everything is seeded; figures on a shared, loaded CPU.
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 import difftune as dt
 from difftune import zoo
 from difftune.eval import evaluate, generate_digits
-from difftune.methods.kind import KINDConfig, KINDPlugin, kind_adapters
+from difftune.methods.kind import KINDConfig, KINDPlugin, kind_adapters, recombine
 from difftune.methods.lora import LoRAConfig
 from difftune.methods.model import adapter_parameters
 from difftune.serialization import save_adapter_file
@@ -77,6 +80,17 @@ def train(model, params, data, steps: int, lr: float, batch: int, seed: int) -> 
     return time.perf_counter() - t0
 
 
+def class_rows(model, classes: tuple[int, ...]) -> list[torch.nn.Parameter]:
+    """The class-embedding tables of ``model``, trainable only in the rows of ``classes`` (a gradient mask)."""
+    tables = [m.weight for n, m in model.named_modules() if n.endswith("class_embedder.embedding_table")]
+    for w in tables:
+        keep = torch.zeros(w.shape[0], 1)
+        keep[list(classes)] = 1.0
+        w.requires_grad_(True)
+        w.register_hook(lambda g, keep=keep: g * keep)
+    return tables
+
+
 def judge(pipe, model, n: int) -> dict:
     pipe.transformer = model
     out = {}
@@ -102,6 +116,7 @@ def main() -> None:
     p.add_argument("--tailors", type=int, default=4)
     p.add_argument("--lora-rank", type=int, default=20)
     p.add_argument("--judge-pretrained", action="store_true", help="also judge both pretrained models on 0-9")
+    p.add_argument("--no-lora-rows", action="store_true", help="(b) without the new classes' embedding rows")
     p.add_argument("--out", type=Path, default=Path("outputs/bench/kind_lab"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,12 +155,28 @@ def main() -> None:
     params = plug.trainable_parameters(a)
     record("(a) KIND new tailors, frozen learngenes", a, sum(q.numel() for q in params), 1e-3,
            train(a, params, new, args.transfer_steps, 1e-3, args.batch, 2))
-    # (b) LoRA on the dense pretrained DiT
+    # recombination: learngenes + the 5-9 tailors (and rows) only; its images for 5-9 are (a)'s
+    small = copy.deepcopy(a)
+    full_params = sum(q.numel() for _, ad in kind_adapters(small, "kind", rows=True) for q in ad.parameters())
+    log["recombined"] = {"kind_parameters_before": full_params, **recombine(small, "kind", list(NEW))}
+    with torch.no_grad():
+        pipe.transformer = a
+        ref = pipe(class_labels=list(NEW), num_inference_steps=5, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        pipe.transformer = small
+        got = pipe(class_labels=list(NEW), num_inference_steps=5, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    log["recombined"]["max_image_difference"] = float(np.abs(ref - got).max())
+    print("recombined", json.dumps(log["recombined"]), flush=True)
+    # (b) LoRA on the dense pretrained DiT (+ the new classes' embedding rows)
     b = copy.deepcopy(dense)
     dt.inject(b, LoRAConfig(target_modules=S, rank=args.lora_rank, alpha=float(args.lora_rank)), name="lora")
     params = adapter_parameters(b, "lora")
-    record(f"(b) LoRA r={args.lora_rank} on dense", b, sum(q.numel() for q in params), 1e-3,
-           train(b, params, new, args.transfer_steps, 1e-3, args.batch, 2))
+    tables = [] if args.no_lora_rows else class_rows(b, NEW)
+    n_rows = sum(len(NEW) * w.shape[1] for w in tables)
+    label = f"(b) LoRA r={args.lora_rank} on dense" + ("" if args.no_lora_rows else " + new class rows")
+    record(label, b, sum(q.numel() for q in params) + n_rows, 1e-3,
+           train(b, params + tables, new, args.transfer_steps, 1e-3, args.batch, 2))
     # (c) full fine-tuning of the dense pretrained DiT
     c = copy.deepcopy(dense)
     params = list(c.parameters())
@@ -158,6 +189,7 @@ def main() -> None:
            train(d, params, new, args.transfer_steps, 1e-3, args.batch, 2))
     log["rows"] = rows
     log["kind_layers"] = len(kind_adapters(a, "kind"))
+    print("recombined", json.dumps(log["recombined"]))
     (args.out / "results.json").write_text(json.dumps(log, indent=2))
     print("| method | trainable | new acc | new FD | old acc (retention) | train s |")
     print("|---|---|---|---|---|---|")

@@ -29,6 +29,10 @@ Choices the paper may make otherwise (all [U] in the reference notes):
   adapter and frozen; the other groups are fresh: random unit u, v with σ = 0 (the layer starts at the transferred
   model for those classes), and only they train. Embedders, adaLN and the final layer stay frozen unless
   ``train_base`` (used for pretraining with KIND structure, where the whole model trains).
+* **Class embeddings** (``class_embeddings``, default on; not in the sources): each class's row of the DiT's
+  class-embedding tables belongs to its tailors (`KINDClassRows`), so a transfer's new classes learn their own
+  embedding with their tailors instead of keeping the pretrained model's never-trained random row; the null class
+  keeps the base row.
 * **Recombination** (`recombine`): learngenes + the chosen groups form a smaller model; its factored cost is
   (N_G + t)(m + n) MACs per token and layer instead of m·n (`factored_macs`).
 """
@@ -53,6 +57,7 @@ from .model import hosts
 
 S_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 ADALN_TARGET = "norm1.linear"
+EMBED_TARGET = "class_embedder.embedding_table"  # diffusers DiT: one LabelEmbedding per block's adaLN
 INITS = ("svd", "random")
 PAPER_TRAINABLE = 45.4e6  # DiT-L/2 headline, v1 abstract
 
@@ -72,6 +77,9 @@ class KINDConfig(MethodConfig):
         reuse_classes: classes whose tailors come from ``source`` (frozen); the rest of ``classes`` are fresh.
         train_learngenes: train the learngenes (pretraining); false freezes them (transfer).
         train_base: also train the base model's parameters outside S (embedders, adaLN, final layer): pretraining.
+        class_embeddings: give each class of ``classes`` its own row of the DiT's class-embedding tables, held by
+            the adapter as part of the class's tailors (fresh classes of a transfer learn their embedding with their
+            tailors; without it a new class would keep the pretrained model's untrained random row).
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(S_TARGETS))
@@ -84,6 +92,7 @@ class KINDConfig(MethodConfig):
     reuse_classes: list[int] = field(default_factory=list)
     train_learngenes: bool = True
     train_base: bool = False
+    class_embeddings: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,12 +120,16 @@ class KINDConfig(MethodConfig):
             raise bad_value("init", self.init, f"one of {INITS}", "'svd' starts equal to the dense weight.")
         if self.adaln and ADALN_TARGET not in self.target_modules:
             self.target_modules = [*self.target_modules, ADALN_TARGET]
+        if self.class_embeddings and self.classes and EMBED_TARGET not in self.target_modules:
+            self.target_modules = [*self.target_modules, EMBED_TARGET]
 
     @property
     def trains_whole_model(self) -> bool:
         return self.train_base
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
+        if isinstance(base_layer, nn.Embedding):
+            return KINDClassRows(base_layer, self) if self.class_embeddings else None
         return KINDAdapter(base_layer, self) if isinstance(base_layer, nn.Linear) else None
 
 
@@ -256,23 +269,70 @@ class KINDAdapter(Adapter):
         return self._forward(x.to(self.kind_gU.dtype), base_layer.weight.to(self.kind_gU.dtype))
 
 
-def kind_adapters(model: nn.Module, name: str) -> list[tuple[str, KINDAdapter]]:
+class KINDClassRows(Adapter):
+    """Each class's own row ``kind_row.<c>`` (D,) of a class-embedding table, part of that class's tailors: at weight
+    1 the table returns it for items of class c (other labels, the null class included, keep the base row).
+    Starts as the base row, so injecting changes nothing."""
+
+    prefix = "kind_"
+
+    def __init__(self, base_layer: nn.Embedding, config: KINDConfig) -> None:
+        super().__init__(config)
+        self.__dict__["_table"] = base_layer  # not a submodule: the base table is never part of the adapter's state
+        self.kind_row = nn.ParameterDict()
+        for c in config.classes:
+            self.add_group(c)
+
+    def add_group(self, c: int, fresh: bool = True) -> None:
+        w = self._table.weight
+        if not 0 <= c < w.shape[0]:
+            raise bad_value("classes", c, f"class ids below the class-embedding table's {w.shape[0]} rows",
+                            "or set class_embeddings: false")
+        row = torch.zeros(w.shape[1], device=w.device, dtype=w.dtype) if w.is_meta else w.detach()[c].clone()
+        self.kind_row[str(c)] = nn.Parameter(row)
+
+    def drop_group(self, c: int) -> None:
+        del self.kind_row[str(c)]
+
+    def groups(self) -> list[int]:
+        return [int(k) for k in self.kind_row]
+
+    def learngene_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def tailor_parameters(self, c: int) -> list[nn.Parameter]:
+        return [self.kind_row[str(c)]]
+
+    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+        present = [k for k in self.kind_row if bool((x == int(k)).any())]
+        if not present:
+            return None
+        owner = torch.tensor([int(k) for k in present], device=x.device)
+        rows = torch.stack([self.kind_row[k] for k in present]) - base_layer.weight[owner]  # (P, D)
+        return (x.unsqueeze(-1) == owner).to(rows.dtype) @ rows  # (B,) labels -> (B, P) -> (B, D)
+
+
+def kind_adapters(model: nn.Module, name: str, rows: bool = False) -> list[tuple[str, Any]]:
+    """The KIND layers of adapter ``name`` (with ``rows``: also its class-embedding rows)."""
     found = [(n, h.adapters[name]) for n, h in hosts(model) if name in h.adapters]
-    if not found or not all(isinstance(a, KINDAdapter) for _, a in found):
+    if not found or not all(isinstance(a, (KINDAdapter, KINDClassRows)) for _, a in found):
         raise bad_value("name", name, "the name of a KIND adapter in the model", "Inject a `kind` config first.")
-    return found  # type: ignore[return-value]
+    return found if rows else [(n, a) for n, a in found if isinstance(a, KINDAdapter)]
 
 
 def load_parts(model: nn.Module, name: str, tensors: Mapping[str, Tensor], learngenes: bool = True,
                classes: list[int] | tuple[int, ...] = ()) -> None:
     """Copy learngenes and/or the tailor groups of ``classes`` from saved KIND ``tensors`` (the common format's
     ``<module>.kind_*`` keys, `difftune.serialization.read_tensors`) into adapter ``name``; each part loads alone."""
-    for module, adapter in kind_adapters(model, name):
-        wanted = ["kind_gU", "kind_gS", "kind_gV"] if learngenes else []
-        wanted += [f"{p}.{c}" for c in classes for p in ("kind_tU", "kind_tS", "kind_tV")]
+    for module, adapter in kind_adapters(model, name, rows=True):
+        rows = isinstance(adapter, KINDClassRows)
+        wanted = ["kind_gU", "kind_gS", "kind_gV"] if learngenes and not rows else []
+        wanted += [f"{p}.{c}" for c in classes for p in (("kind_row",) if rows else ("kind_tU", "kind_tS", "kind_tV"))]
         live = dict(adapter.named_parameters())
         for local in wanted:
             key = f"{module}.{local}"
+            if rows and key not in tensors:
+                continue  # a source without class rows: the class keeps this model's own (pretrained) row
             if key not in tensors:
                 raise DifftuneError(f"the saved KIND adapter has no tensor {key!r}: it lacks that learngene/tailor "
                                     f"part (saved classes differ, or another model)")
@@ -289,7 +349,7 @@ def load_parts(model: nn.Module, name: str, tensors: Mapping[str, Tensor], learn
 def recombine(model: nn.Module, name: str, keep: list[int] | tuple[int, ...]) -> dict[str, Any]:
     """Keep learngenes + the tailor groups of ``keep`` (drop the others, in place): a smaller deployable model.
     Returns its KIND parameter count and `factored_macs`."""
-    for _, adapter in kind_adapters(model, name):
+    for _, adapter in kind_adapters(model, name, rows=True):
         unknown = sorted(set(keep) - set(adapter.groups()))
         if unknown:
             raise bad_value("keep", list(keep), f"classes among the adapter's groups {adapter.groups()}",
@@ -297,7 +357,7 @@ def recombine(model: nn.Module, name: str, keep: list[int] | tuple[int, ...]) ->
         for c in adapter.groups():
             if c not in keep:
                 adapter.drop_group(c)
-    params = sum(p.numel() for _, a in kind_adapters(model, name) for p in a.parameters())
+    params = sum(p.numel() for _, a in kind_adapters(model, name, rows=True) for p in a.parameters())
     return {"kept_classes": sorted(keep), "kind_parameters": params, **factored_macs(model, name)}
 
 
@@ -340,7 +400,7 @@ class KINDPlugin(TrainerPlugin):
         if config.source:
             tensors = read_tensors(config.source)
             load_parts(model, self.name, tensors, learngenes=True, classes=config.reuse_classes)
-            for _, a in kind_adapters(model, self.name):
+            for _, a in kind_adapters(model, self.name, rows=True):
                 for c in a.groups():
                     if c not in config.reuse_classes:
                         a.drop_group(c)
@@ -351,7 +411,8 @@ class KINDPlugin(TrainerPlugin):
         """``train_base``: the model's own parameters that train (all but the adapters and the S weights W0, which
         the KIND layers replace), by name."""
         adapter_ids = {id(p) for _, h in hosts(model) for p in h.adapters.parameters()}
-        s_weights = {id(h.base_layer.weight) for _, h in hosts(model) if self.name in h.adapters}
+        s_weights = {id(h.base_layer.weight) for _, h in hosts(model)
+                     if self.name in h.adapters and isinstance(h.adapters[self.name], KINDAdapter)}
         return {n: p for n, p in model.named_parameters() if id(p) not in adapter_ids and id(p) not in s_weights}
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
@@ -366,6 +427,7 @@ class KINDPlugin(TrainerPlugin):
         adapter belongs on: ``load_adapter(DiffusionPipeline.from_pretrained(out / "pipeline"), out / "adapter")``."""
         from ..loading import delete_adapter
         from ..serialization import save_adapter_file
+        from ..train.reporting import say
 
         saved = save_adapter_file(model, path, name=self.name, base_model=base_model, component=component)
         if self.config.train_base:  # type: ignore[attr-defined]
@@ -376,13 +438,13 @@ class KINDPlugin(TrainerPlugin):
                 pipe.save_pretrained(str(Path(path).parent / "pipeline"))
             finally:
                 pipe.register_modules(**{component: model})
-            print(f"[difftune] saved the trained base model {Path(path).parent / 'pipeline'}", flush=True)
+            say(f"saved the trained base model {Path(path).parent / 'pipeline'}")
         return saved
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         config: KINDConfig = self.config  # type: ignore[assignment]
         out: list[nn.Parameter] = []
-        for _, a in kind_adapters(model, self.name):
+        for _, a in kind_adapters(model, self.name, rows=True):
             if config.train_learngenes:
                 out += a.learngene_parameters()
             for c in a.groups():

@@ -120,7 +120,8 @@ def test_transfer_trains_only_fresh_tailors(tmp_path):
     plugin.prepare(None, new)
     params = plugin.trainable_parameters(new)
     (_, a), *_ = kind_adapters(new, "k")
-    assert {id(p) for p in params} == {id(p) for _, b in kind_adapters(new, "k") for p in b.tailor_parameters(5)}
+    fresh = {id(p) for _, b in kind_adapters(new, "k", rows=True) for p in b.tailor_parameters(5)}
+    assert {id(p) for p in params} == fresh and len(fresh) == 3 * 12 + 2  # 12 KIND layers, 2 blocks' class rows
     assert all(float(b.kind_tS["5"].detach().abs().sum()) == 0 for _, b in kind_adapters(new, "k"))  # fresh: σ = 0
     ref = tiny_dit(0)
     with torch.no_grad():  # reused class 1 is the pretrained layer exactly; fresh class 5 starts at learngenes only
@@ -198,3 +199,27 @@ def test_both_evaluation_orders_equal_the_dense_weight_of_each_item(tokens):
         want = x[i] @ a.dense_weight(c).T
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(delta[i], want - x[i] @ layer.weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_class_rows_belong_to_their_class_and_start_at_the_base_row():
+    from difftune.methods.kind import KINDClassRows
+
+    ref, model = tiny_dit(0), _kind()
+    rows = [a for _, a in kind_adapters(model, "k", rows=True) if isinstance(a, KINDClassRows)]
+    assert len(rows) == 2 and all(sorted(a.groups()) == [1, 3] for a in rows)  # one table per block (diffusers DiT)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, [1, 3]), _run(ref, [1, 3]), atol=1e-5, rtol=0)
+        before = _run(model, [1, 3, 1000])
+        for a in rows:
+            a.kind_row["3"].add_(1.0)
+        out = _run(model, [1, 3, 1000])
+    torch.testing.assert_close(out[[0, 2]], before[[0, 2]], atol=0, rtol=0)  # class 1 and the null class: unchanged
+    assert (out[1] - before[1]).abs().max() > 1e-3
+    a = _grads(model, [1, 1000])
+    rows = [r for _, r in kind_adapters(model, "k", rows=True) if isinstance(r, KINDClassRows)]
+    assert all(r.kind_row["1"].grad.abs().sum() > 0 for r in rows)
+    assert all(r.kind_row["3"].grad is None or r.kind_row["3"].grad.abs().sum() == 0 for r in rows)
+    plain = tiny_dit(0)
+    dt.inject(plain, KINDConfig(target_modules=S, learngenes=24, tailors_per_class=8, classes=[1, 3],
+                                class_embeddings=False), name="k")
+    assert len(kind_adapters(plain, "k", rows=True)) == 12
