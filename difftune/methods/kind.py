@@ -231,7 +231,8 @@ class KINDAdapter(Adapter):
         """Σ_{i∈T(y)} u_i σ_i v_iᵀ x per item: the groups of the classes present, stacked into one pair of matmuls;
         the binary gate is a 0/1 mask per (item, component), so a group gets exactly zero gradient from the items
         of other classes, and groups of absent classes are not in the graph at all."""
-        present = [k for k in self.kind_tU if bool((labels == int(k)).any())]
+        seen = set(labels.unique().tolist())  # one device sync per layer, not one per class group
+        present = [k for k in self.kind_tU if int(k) in seen]
         if not present:
             return None
         u = torch.cat([self.kind_tU[k] for k in present], dim=1)  # (m, P·t)
@@ -304,7 +305,8 @@ class KINDClassRows(Adapter):
         return [self.kind_row[str(c)]]
 
     def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
-        present = [k for k in self.kind_row if bool((x == int(k)).any())]
+        seen = set(x.unique().tolist())
+        present = [k for k in self.kind_row if int(k) in seen]
         if not present:
             return None
         owner = torch.tensor([int(k) for k in present], device=x.device)
