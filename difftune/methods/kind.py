@@ -381,8 +381,10 @@ def calculator(config: KINDConfig, model: nn.Module, name: str) -> dict[str, Any
     fresh = [c for c in config.classes if c not in config.reuse_classes]
     components = (config.learngenes if config.train_learngenes else 0) + len(fresh) * config.tailors_per_class
     best = max(1, round(PAPER_TRAINABLE / per_component))
-    return {"per_component": per_component, "trainable_components": components,
-            "parameters": components * per_component,
+    rows = sum(a.kind_row[str(c)].numel() for _, a in kind_adapters(model, name, rows=True)
+               if isinstance(a, KINDClassRows) for c in fresh)  # the trained classes' embedding rows
+    return {"per_component": per_component, "trainable_components": components, "class_row_parameters": rows,
+            "parameters": components * per_component + rows,
             "paper_nearest": {"target": int(PAPER_TRAINABLE), "components": best, "parameters": best * per_component,
                               "off_by": best * per_component - int(PAPER_TRAINABLE),
                               "off_percent": round(100 * (best * per_component / PAPER_TRAINABLE - 1), 3)}}

@@ -175,7 +175,13 @@ def test_calculator_dit_l2(capsys):
     dt.inject(model, cfg, name="count")
     info = calculator(cfg, model, "count")
     assert info["per_component"] == 442_512
-    assert info["parameters"] == 103 * 442_512 == info["paper_nearest"]["parameters"]
+    # class 0's row in each of the 24 blocks' class-embedding tables (1024 wide) trains with its tailors
+    assert info["class_row_parameters"] == 24 * 1024
+    assert info["parameters"] == 103 * 442_512 + 24 * 1024 and info["paper_nearest"]["parameters"] == 103 * 442_512
+    plain = build_architecture("dit-l2")
+    cfg = KINDConfig(classes=[0], tailors_per_class=103, train_learngenes=False, class_embeddings=False)
+    dt.inject(plain, cfg, name="count")
+    assert calculator(cfg, plain, "count")["parameters"] == 103 * 442_512
     assert info["paper_nearest"]["off_by"] == 178_736
     main(["inspect", "--method", "kind", "--architecture", "dit-l2", "--json"])
     assert json.loads(capsys.readouterr().out)["per_component"] == 442_512
