@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import difftune as dt
 from difftune import zoo
@@ -106,6 +107,47 @@ def fresh(seed: int):
     return dit_mini()
 
 
+def transfer_kind(kind_model, src: Path, args, record, lr: float):
+    """(a) KIND: new tailors (and class rows) for 5–9 on frozen learngenes, through the saved pretrained adapter."""
+    a = copy.deepcopy(kind_model)
+    dt.delete_adapter(a, "kind")
+    cfg = KINDConfig(target_modules=S, learngenes=args.learngenes, tailors_per_class=args.tailors,
+                     classes=list(OLD + NEW), source=str(src), reuse_classes=list(OLD), train_learngenes=False)
+    plug = KINDPlugin(cfg, "kind")
+    plug.prepare(None, a)
+    params = plug.trainable_parameters(a)
+    record("(a) KIND new tailors, frozen learngenes", a, sum(q.numel() for q in params), lr,
+           train(a, params, args.new, args.transfer_steps, lr, args.batch, 2))
+    return a
+
+
+def recombined(pipe, a) -> dict:
+    """Learngenes + the 5–9 tailors (and rows) only: parameters, factored MACs, and its 5–9 images against (a)'s."""
+    small = copy.deepcopy(a)
+    full_params = sum(q.numel() for _, ad in kind_adapters(small, "kind", rows=True) for q in ad.parameters())
+    out = {"kind_parameters_before": full_params, **recombine(small, "kind", list(NEW))}
+    images = []
+    with torch.no_grad():
+        for model in (a, small):
+            pipe.transformer = model
+            images.append(pipe(class_labels=list(NEW), num_inference_steps=5, output_type="np",
+                               generator=torch.Generator().manual_seed(0)).images)
+    out["max_image_difference"] = float(np.abs(images[0] - images[1]).max())
+    return out
+
+
+def transfer_lora(dense, args, record, lr: float) -> None:
+    """(b) LoRA on the dense pretrained DiT (+ the new classes' embedding rows)."""
+    b = copy.deepcopy(dense)
+    dt.inject(b, LoRAConfig(target_modules=S, rank=args.lora_rank, alpha=float(args.lora_rank)), name="lora")
+    params = adapter_parameters(b, "lora")
+    tables = [] if args.no_lora_rows else class_rows(b, NEW)
+    n_rows = sum(len(NEW) * w.shape[1] for w in tables)
+    label = f"(b) LoRA r={args.lora_rank} on dense" + ("" if args.no_lora_rows else " + new class rows")
+    record(label, b, sum(q.numel() for q in params) + n_rows, lr,
+           train(b, params + tables, args.new, args.transfer_steps, lr, args.batch, 2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrain-steps", type=int, default=600)
@@ -117,12 +159,17 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=20)
     p.add_argument("--judge-pretrained", action="store_true", help="also judge both pretrained models on 0-9")
     p.add_argument("--no-lora-rows", action="store_true", help="(b) without the new classes' embedding rows")
+    p.add_argument("--adapter-lr", type=float, nargs="+", default=[1e-3],
+                   help="learning rate(s) of (a) and (b); several give a row pair each")
+    p.add_argument("--reuse-pretrained", action="store_true",
+                   help="load the two pretrained models an earlier run saved in --out instead of pretraining")
     p.add_argument("--out", type=Path, default=Path("outputs/bench/kind_lab"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     pipe = zoo.load("dit-mini")
     old, new = latents(pipe.vae, OLD), latents(pipe.vae, NEW)
+    args.new = new
     rows, log = [], {"args": {k: str(v) for k, v in vars(args).items()}}
 
     # -- pretraining on 0–4: KIND-structured and dense, same init and data
@@ -131,11 +178,18 @@ def main() -> None:
     kind_model = fresh(0)
     plugin = KINDPlugin(kind_cfg, "kind")
     plugin.prepare(None, kind_model)
-    secs = train(kind_model, plugin.trainable_parameters(kind_model), old, args.pretrain_steps, 1e-3, args.batch, 1)
-    log["pretrain_kind_s"] = secs
-    src = save_adapter_file(kind_model, args.out / "kind-pretrained", name="kind")
     dense = fresh(0)
-    log["pretrain_dense_s"] = train(dense, list(dense.parameters()), old, args.pretrain_steps, 1e-3, args.batch, 1)
+    saved = {k: args.out / f"pretrained-{k}.safetensors" for k in ("kind", "dense")}
+    if args.reuse_pretrained:  # both pretrained models of an earlier run with the same settings, whole
+        for model, key in ((kind_model, "kind"), (dense, "dense")):
+            model.load_state_dict(load_file(saved[key]))
+    else:
+        params = plugin.trainable_parameters(kind_model)
+        log["pretrain_kind_s"] = train(kind_model, params, old, args.pretrain_steps, 1e-3, args.batch, 1)
+        log["pretrain_dense_s"] = train(dense, list(dense.parameters()), old, args.pretrain_steps, 1e-3, args.batch, 1)
+        for model, key in ((kind_model, "kind"), (dense, "dense")):
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, saved[key])
+    src = save_adapter_file(kind_model, args.out / "kind-pretrained", name="kind")
     if args.judge_pretrained:
         log["pretrained_kind"] = judge(pipe, kind_model, args.n)
         log["pretrained_dense"] = judge(pipe, dense, args.n)
@@ -145,38 +199,12 @@ def main() -> None:
         rows.append({"method": label, "trainable": trainable, "lr": lr, "train_s": round(secs, 1), **scores})
         print(json.dumps(rows[-1]), flush=True)
 
-    # (a) KIND: new tailors for 5–9 on frozen learngenes (the plugin's transfer route, through the saved file)
-    a = copy.deepcopy(kind_model)
-    dt.delete_adapter(a, "kind")
-    cfg = KINDConfig(target_modules=S, learngenes=args.learngenes, tailors_per_class=args.tailors,
-                     classes=list(OLD + NEW), source=str(src), reuse_classes=list(OLD), train_learngenes=False)
-    plug = KINDPlugin(cfg, "kind")
-    plug.prepare(None, a)
-    params = plug.trainable_parameters(a)
-    record("(a) KIND new tailors, frozen learngenes", a, sum(q.numel() for q in params), 1e-3,
-           train(a, params, new, args.transfer_steps, 1e-3, args.batch, 2))
-    # recombination: learngenes + the 5-9 tailors (and rows) only; its images for 5-9 are (a)'s
-    small = copy.deepcopy(a)
-    full_params = sum(q.numel() for _, ad in kind_adapters(small, "kind", rows=True) for q in ad.parameters())
-    log["recombined"] = {"kind_parameters_before": full_params, **recombine(small, "kind", list(NEW))}
-    with torch.no_grad():
-        pipe.transformer = a
-        ref = pipe(class_labels=list(NEW), num_inference_steps=5, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images
-        pipe.transformer = small
-        got = pipe(class_labels=list(NEW), num_inference_steps=5, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images
-    log["recombined"]["max_image_difference"] = float(np.abs(ref - got).max())
-    print("recombined", json.dumps(log["recombined"]), flush=True)
-    # (b) LoRA on the dense pretrained DiT (+ the new classes' embedding rows)
-    b = copy.deepcopy(dense)
-    dt.inject(b, LoRAConfig(target_modules=S, rank=args.lora_rank, alpha=float(args.lora_rank)), name="lora")
-    params = adapter_parameters(b, "lora")
-    tables = [] if args.no_lora_rows else class_rows(b, NEW)
-    n_rows = sum(len(NEW) * w.shape[1] for w in tables)
-    label = f"(b) LoRA r={args.lora_rank} on dense" + ("" if args.no_lora_rows else " + new class rows")
-    record(label, b, sum(q.numel() for q in params) + n_rows, 1e-3,
-           train(b, params + tables, new, args.transfer_steps, 1e-3, args.batch, 2))
+    for i, lr in enumerate(args.adapter_lr):  # (a) and (b) at each learning rate, same data and seeds
+        a = transfer_kind(kind_model, src, args, record, lr)
+        if i == 0:
+            log["recombined"] = recombined(pipe, a)
+            print("recombined", json.dumps(log["recombined"]), flush=True)
+        transfer_lora(dense, args, record, lr)
     # (c) full fine-tuning of the dense pretrained DiT
     c = copy.deepcopy(dense)
     params = list(c.parameters())
@@ -191,11 +219,11 @@ def main() -> None:
     log["kind_layers"] = len(kind_adapters(a, "kind"))
     print("recombined", json.dumps(log["recombined"]))
     (args.out / "results.json").write_text(json.dumps(log, indent=2))
-    print("| method | trainable | new acc | new FD | old acc (retention) | train s |")
-    print("|---|---|---|---|---|---|")
+    print("| method | trainable | lr | new acc | new FD | old acc (retention) | train s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['trainable']:,} | {r['new']['accuracy']:.1%} | {r['new']['fd']:.1f} | "
-              f"{r['old']['accuracy']:.1%} | {r['train_s']} |")
+        print(f"| {r['method']} | {r['trainable']:,} | {r['lr']:g} | {r['new']['accuracy']:.1%} | "
+              f"{r['new']['fd']:.1f} | {r['old']['accuracy']:.1%} | {r['train_s']} |")
     for k in ("pretrained_kind", "pretrained_dense"):
         if k in log:
             print(k, json.dumps(log[k]))
