@@ -1,59 +1,20 @@
-"""KIND: Knowledge Integration and Diversion (Xie, Feng, Wang, Geng, Rui; arXiv 2408.07337, ICML 2025), reconstructed.
-
-No official code exists and the paper's full text could not be read (shared/reference/kind-vq4dit.md §1); this file
-builds what the abstracts, the review and the same group's DivControl confirm, and chooses the rest deliberately.
-
-Each targeted linear W ∈ R^{m×n} of the DiT/PixArt blocks, S = {q, k, v, o, MLP in, MLP out} (adaLN optional, off
-by default), is replaced by r rank-1 "basic components" Θ_i = (u_i, σ_i, v_i), trained in factored form::
-
-    W_y = Σ_{i<N_G} u_i σ_i v_iᵀ  +  Σ_{i ∈ T(y)} u_i σ_i v_iᵀ
-
-The first N_G components are **learngenes** (active for every sample); the rest are **tailors**, grouped per class:
-the binary class gate g_y switches on only the group T(y) of the item's class label y (taken per batch item from
-the DiT forward's ``class_labels``), so learngenes receive gradients from every class and a tailor only from its
-own class. The host computes ``base(x) + w·δ(x)`` with δ(x) = W_y x − W0 x, so at weight 1 the layer is exactly
-the KIND layer (plus the base bias).
-
-Choices the paper may make otherwise (all [U] in the reference notes):
-
-* **Disjoint per-class groups** of ``tailors_per_class`` components for each id in ``classes`` (not superclass or
-  overlapping groups).
-* **Null class → learngenes only**: a label with no tailor group (the CFG null class 1000, or any other) runs on
-  the learngenes alone; no dedicated null group.
-* **SVD init** (default): U Σ Vᵀ of the dense weight (pretrained or random); learngenes take the top N_G triplets and
-  every class's group a copy of the next ``tailors_per_class``, so every class starts at the rank-(N_G + t)
-  truncation of W: exactly W when N_G + t = min(m, n). ``init="random"``: independent random unit u, v and a
-  constant σ of Kaiming-like scale.
-* **Unconstrained factors**: no orthogonality regulariser or retraction; no gate renormalisation.
-* **Transfer** (``source`` set): learngenes (and the tailors of ``reuse_classes``) are copied from a saved KIND
-  adapter and frozen; the other groups are fresh: random unit u, v with σ = 0 (the layer starts at the transferred
-  model for those classes), and only they train. Embedders, adaLN and the final layer stay frozen unless
-  ``train_base`` (used for pretraining with KIND structure, where the whole model trains).
-* **Class embeddings** (``class_embeddings``, default on; not in the sources): each class's row of the DiT's
-  class-embedding tables belongs to its tailors (`KINDClassRows`), so a transfer's new classes learn their own
-  embedding with their tailors instead of keeping the pretrained model's never-trained random row; the null class
-  keeps the base row.
-* **Recombination** (`recombine`): learngenes + the chosen groups form a smaller model; its factored cost is
-  (N_G + t)(m + n) MACs per token and layer instead of m·n (`factored_macs`).
-"""
+"""KIND's configuration, layers (learngenes + class-gated tailors, class-embedding rows) and their model-level
+verbs: part loading, recombination, MACs and the parameter calculator. See the package docstring."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DifftuneError, bad_value
-from ..train.plugin import TrainerPlugin, register_plugin
-from .base import Adapter, MethodConfig, Site, register_method
-from .model import hosts
+from ...errors import DifftuneError, bad_value
+from ..base import Adapter, MethodConfig, Site, register_method
+from ..model import hosts
 
 S_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 ADALN_TARGET = "norm1.linear"
@@ -388,77 +349,3 @@ def calculator(config: KINDConfig, model: nn.Module, name: str) -> dict[str, Any
             "paper_nearest": {"target": int(PAPER_TRAINABLE), "components": best, "parameters": best * per_component,
                               "off_by": best * per_component - int(PAPER_TRAINABLE),
                               "off_percent": round(100 * (best * per_component / PAPER_TRAINABLE - 1), 3)}}
-
-
-@register_plugin("kind")
-class KINDPlugin(TrainerPlugin):
-    """Pretraining with KIND structure (``train_base``: the whole model trains) and transfer (``source``: frozen
-    learngenes and reused tailors, only fresh tailor groups train)."""
-
-    def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
-        from ..methods.model import inject
-        from ..serialization import read_tensors
-
-        config: KINDConfig = self.config  # type: ignore[assignment]
-        inject(model, config, name=self.name, freeze_base=True)
-        if config.source:
-            tensors = read_tensors(config.source)
-            load_parts(model, self.name, tensors, learngenes=True, classes=config.reuse_classes)
-            for _, a in kind_adapters(model, self.name, rows=True):
-                for c in a.groups():
-                    if c not in config.reuse_classes:
-                        a.drop_group(c)
-                        a.add_group(c, fresh=True)
-        return model
-
-    def _base_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """``train_base``: the model's own parameters that train (all but the adapters and the S weights W0, which
-        the KIND layers replace), by name."""
-        adapter_ids = {id(p) for _, h in hosts(model) for p in h.adapters.parameters()}
-        s_weights = {id(h.base_layer.weight) for _, h in hosts(model)
-                     if self.name in h.adapters and isinstance(h.adapters[self.name], KINDAdapter)}
-        return {n: p for n, p in model.named_parameters() if id(p) not in adapter_ids and id(p) not in s_weights}
-
-    def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        tensors = super().checkpoint_tensors(model)
-        if self.config.train_base:  # type: ignore[attr-defined]  # a resumed pretraining needs the trained base too
-            tensors.update({f"base.{n}": p for n, p in self._base_parameters(model).items()})
-        return tensors
-
-    def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
-        """The KIND adapter at ``path``; with ``train_base`` also the trained base (embedders, adaLN, final layer,
-        biases; without the adapter) as a diffusers pipeline at ``path``'s sibling ``pipeline``, the model the
-        adapter belongs on: ``load_adapter(DiffusionPipeline.from_pretrained(out / "pipeline"), out / "adapter")``."""
-        from ..loading import delete_adapter
-        from ..serialization import save_adapter_file
-        from ..train.reporting import say
-
-        saved = save_adapter_file(model, path, name=self.name, base_model=base_model, component=component)
-        if self.config.train_base:  # type: ignore[attr-defined]
-            base = copy.deepcopy(model)
-            delete_adapter(base, self.name)
-            pipe.register_modules(**{component: base})
-            try:
-                pipe.save_pretrained(str(Path(path).parent / "pipeline"))
-            finally:
-                pipe.register_modules(**{component: model})
-            say(f"saved the trained base model {Path(path).parent / 'pipeline'}")
-        return saved
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        config: KINDConfig = self.config  # type: ignore[assignment]
-        out: list[nn.Parameter] = []
-        for _, a in kind_adapters(model, self.name, rows=True):
-            if config.train_learngenes:
-                out += a.learngene_parameters()
-            for c in a.groups():
-                if c not in config.reuse_classes:
-                    out += a.tailor_parameters(c)
-        chosen = {id(p) for p in out}
-        for p in (q for q in model.parameters() if id(q) not in chosen):
-            p.requires_grad_(False)
-        if config.train_base:
-            out += list(self._base_parameters(model).values())
-        for p in out:
-            p.requires_grad_(True)
-        return out
