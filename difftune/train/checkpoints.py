@@ -29,6 +29,7 @@ from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from .config import TrainConfig
 from .plugin import TrainerPlugin
+from .reporting import say
 
 logger = logging.getLogger("difftune.train")
 
@@ -182,8 +183,6 @@ def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: 
             existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
             for old in existing[: max(0, len(existing) + 1 - limit)]:
                 _discard(old)
-        from .reporting import say
-
         say(f"checkpoint step {step}: {folder}")
     accelerator.wait_for_everyone()
 

@@ -234,14 +234,14 @@ def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
 
 
 def _gradless(run: Run, loss: Tensor, step: int) -> Tensor:
-    """A micro-batch whose loss reaches no trainable value (a KIND transfer batch holding only classes whose tailors
-    are frozen): it contributes zero gradients instead of failing in backward (every process still runs backward,
+    """A micro-batch whose loss reaches no trainable value (e.g. class-gated trained parts, none of whose classes is
+    in the batch): it contributes zero gradients instead of failing in backward (every process still runs backward,
     as DDP needs); said once per run, since data that never reaches the trained values trains nothing."""
     if not run.warned_gradless:
         run.warned_gradless = True
         say(f"warning: at step {step + 1} the loss depends on no trainable value, so that batch changes nothing "
-            "(KIND transfer: it holds no item of a class whose tailors train; check that the data holds the new "
-            "classes)")
+            "(e.g. the trained parts are gated by class and the batch holds none of their classes; check that the "
+            "data holds the classes being trained)")
     return loss + sum(p.reshape(-1)[:1].sum() * 0 for p in run.params)
 
 
