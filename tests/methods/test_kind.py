@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import difftune as dt
 from difftune.errors import DifftuneError
@@ -108,6 +109,38 @@ def test_save_load_round_trip_and_parts(tmp_path):
         torch.testing.assert_close(_run(other, [1, 3, 1000])[1:], expected[1:], atol=0, rtol=0)  # 1: no group there
     with pytest.raises(DifftuneError, match="kind_tU.7"):
         load_parts(other, "k", tensors, learngenes=False, classes=[7])
+
+
+def test_an_items_output_does_not_depend_on_the_other_classes_in_its_batch():
+    # the guarantee behind "old classes bit-identical": for batches of one shape, item 1 (class 3) gets the same bits
+    # whichever classes (or none, or the null class) share the batch, in a model holding groups for 1, 3 and 5
+    model = _kind(classes=[1, 3, 5])
+    dt.testing.randomize_adapter(model, "k", seed=4)
+    x, _ = _inputs([0, 0, 0])
+    with torch.no_grad():
+        outs = [model(x, timestep=torch.tensor([10] * 3), class_labels=torch.tensor(labels)).sample[1]
+                for labels in ([1, 3, 5], [3, 3, 3], [1000, 3, 1000], [5, 3, 1], [2, 3, 7])]
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+    # what makes it hold on every CPU (bit-equality above can pass by luck on one BLAS): no matmul's reduction length
+    # depends on the classes present, since BLAS rounding follows the reduction length and blocking
+    (_, layer), *_ = kind_adapters(model, "k")
+    h = torch.randn(3, 5, 32)
+
+    def reduction_lengths(labels):
+        seen = set()
+
+        class Spy(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func in (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, F.linear):
+                    seen.add(args[0].shape[-1])
+                return func(*args, **(kwargs or {}))
+
+        with torch.no_grad(), dt.adapter_inputs(class_labels=torch.tensor(labels)), Spy():
+            layer.kind_forward(h)
+        return seen
+
+    assert reduction_lengths([1, 3, 5]) == reduction_lengths([3, 3, 3]) == reduction_lengths([1000, 3, 1])
 
 
 def test_transfer_trains_only_fresh_tailors(tmp_path):

@@ -189,21 +189,30 @@ class KINDAdapter(Adapter):
         return labels
 
     def _tailors(self, x: Tensor, labels: Tensor) -> Tensor | None:
-        """Σ_{i∈T(y)} u_i σ_i v_iᵀ x per item: the groups of the classes present, stacked into one pair of matmuls;
-        the binary gate is a 0/1 mask per (item, component), so a group gets exactly zero gradient from the items
-        of other classes, and groups of absent classes are not in the graph at all."""
+        """Σ_{i∈T(y)} u_i σ_i v_iᵀ x per item: each item's own group gathered by the class gate, then one batched
+        matmul pair over the items. An item of a class without a group (the null class) has gate 0; a group gets
+        exactly zero gradient from the items of other classes, and groups of absent classes are not in the graph.
+
+        Why per-item gathering rather than one matmul pair over the stacked groups: an item's value must not depend
+        on which other classes share its batch. A stacked pair reduces over P·t components, so its rounding changes
+        with the set of classes present (seen on AMD CPUs); here every reduction has a fixed length (n, then t) and
+        each item is its own GEMM of a fixed shape. For a batch of the same shape an item's output is therefore
+        bit-identical whatever else is in the batch (tested); across batch sizes BLAS may block differently and only
+        a tolerance holds. It is also P times cheaper than the stacked pair."""
         seen = set(labels.unique().tolist())  # one device sync per layer, not one per class group
         present = [k for k in self.kind_tU if int(k) in seen]
         if not present:
             return None
-        u = torch.cat([self.kind_tU[k] for k in present], dim=1)  # (m, P·t)
-        s = torch.cat([self.kind_tS[k] for k in present])  # (P·t,)
-        v = torch.cat([self.kind_tV[k] for k in present])  # (P·t, n)
-        t = self.config.tailors_per_class  # type: ignore[attr-defined]
-        owner = torch.tensor([int(k) for k in present], device=x.device).repeat_interleave(t)
-        gate = (labels[:, None] == owner[None, :]).to(x.dtype) * s  # (B, P·t)
-        gate = gate.reshape(x.shape[0], *([1] * (x.dim() - 2)), -1)
-        return ((x @ v.T) * gate) @ u.T  # (B, ..., n) -> (B, ..., P·t) -> (B, ..., m)
+        owner = torch.tensor([int(k) for k in present], device=x.device)
+        match = labels[:, None] == owner[None, :]  # (B, P)
+        group = match.to(torch.long).argmax(1)  # (B,): the item's group, 0 (gated off) where it has none
+        gate = match.any(1).to(x.dtype)[:, None]  # (B, 1)
+        u = torch.stack([self.kind_tU[k] for k in present])[group]  # (P, m, t) -> (B, m, t)
+        s = torch.stack([self.kind_tS[k] for k in present])[group] * gate  # (B, t)
+        v = torch.stack([self.kind_tV[k] for k in present])[group]  # (B, t, n)
+        h = x.reshape(x.shape[0], -1, self.n)  # (B, ..., n) -> (B, T, n)
+        z = torch.bmm(h, v.transpose(1, 2)) * s[:, None, :]  # (B, T, t)
+        return torch.bmm(z, u.transpose(1, 2)).reshape(*x.shape[:-1], self.m)  # (B, T, m) -> (B, ..., m)
 
     def _learngene_delta(self, x: Tensor, w0: Tensor | None) -> Tensor:
         """U_G Σ_G V_Gᵀ x (− W0 x): in factored order, or through the composed (m, n) matrix when that is cheaper
