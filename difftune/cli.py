@@ -255,7 +255,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import warnings
 
-    from .interop.export import describe_report, export_adapter
+    from .interop.export import ExportWarning, describe_report, export_adapter
     from .interop.krona import KronAExportWarning
     from .serialization import read_header
 
@@ -265,6 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                         "an SPM is a rank-1 LoRA: it exports as kohya lora_down/lora_up/alpha keys")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KronAExportWarning)
+        warnings.simplefilter("always", ExportWarning)
         report = export_adapter(args.path, args.out, format=args.format or ("lokr" if method == "krona" else "kohya"),
                                 rank=args.rank, model=args.model, prefix=args.prefix, dtype=args.dtype)
     for w in caught:  # a plain line for people at a terminal, not a Python source location

@@ -29,7 +29,7 @@ any other method (SaRA) is loaded into its base model (``model``, default: the a
 from __future__ import annotations
 
 import json
-import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,17 @@ from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
+from .kohya_meta import base_version, base_version_metadata, training_metadata
 from .updates import Dense, Kron, LowRank, Update, low_rank_approximation, max_error, read_file
 
 FORMATS = ("kohya", "diffusers", "lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Module paths of a transformers ≥ 5 CLIPTextModel (no ``text_model`` level); kohya keys keep the old level.
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+class ExportWarning(UserWarning):
+    """A file was written, but some tool will not read all of it (said with the format to use instead)."""
 
 
 @dataclass
@@ -195,6 +200,14 @@ def export_adapter(
         raise bad_value("adapters", [str(p) for p in paths], "adapters of different components (one per component)",
                         f"their components are {comps}; merge same-component adapters in difftune first")
     report = ExportReport(Path(out), format, 0, 0.0)
+    version = base_version_metadata(*base_version(
+        comps, next((str(s.header.get("base_model") or "") for s in sources if s.header.get("base_model")), ""),
+        [(s.component, s.updates) for s in sources]))
+    if format == "kohya" and any(c.startswith("text_encoder") for c in comps):
+        warnings.warn(ExportWarning(
+            "the text-encoder part of this kohya file loads in ComfyUI, A1111/Forge, kohya and lycoris-lora, but not "
+            "with diffusers' pipe.load_lora_weights (it cannot read kohya-named text-encoder attention keys); for "
+            "diffusers and peft write it with --format diffusers"), stacklevel=2)
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, str] = {"format": "pt"}
     lora_config: dict[str, Any] = {}  # diffusers' lora_adapter_metadata: "<component>.<LoraConfig field>" → value
@@ -218,7 +231,7 @@ def export_adapter(
         if format == "diffusers":
             lora_config.update(_diffusers_config(source, updates))
         else:
-            metadata.update(_metadata(format, source, updates))
+            metadata.update(_metadata(format, source, updates, version))
     if lora_config:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
     metadata["difftune_export"] = json.dumps(
@@ -304,9 +317,9 @@ def _diffusers_config(source: _Source, updates: dict[str, LowRank]) -> dict[str,
             f"{comp}.target_modules": sorted(updates)}
 
 
-def _metadata(format: str, source: _Source, updates: dict[str, Any]) -> dict[str, str]:
-    """kohya's ``ss_*`` training metadata (rank, alpha, base model, and what the run's model card records)."""
-    header, comp = source.header, source.component or "unet"
+def _metadata(format: str, source: _Source, updates: dict[str, Any], version: dict[str, str]) -> dict[str, str]:
+    """kohya's ``ss_*`` training metadata (rank, alpha, base model version, what the run's model card records)."""
+    header = source.header
     meta: dict[str, str] = {}
     low = [u for u in updates.values() if isinstance(u, LowRank)]
     ranks = sorted({u.rank for u in low})
@@ -317,7 +330,7 @@ def _metadata(format: str, source: _Source, updates: dict[str, Any]) -> dict[str
     if ranks:
         meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
         meta["ss_network_alpha"] = _num(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
-    meta["ss_base_model_version"] = "sd_v1" if comp in ("unet", "text_encoder") else comp
+    meta.update(version)
     meta["ss_sd_model_name"] = header.get("base_model", "") or ""
     meta["ss_training_comment"] = f"difftune {__version__} {header['method']} adapter, exported as {format}"
     if header["method"] == "spm":  # what the official SPM code writes, so `load_spm` recovers the concepts
@@ -332,52 +345,6 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def training_metadata(adapter: str | Path) -> dict[str, str]:
-    """kohya ``ss_*`` training facts from the run's model card next to the adapter (steps, resolution, seed, lr,
-    tag frequency of the captions), where a difftune trainer wrote one; {} otherwise."""
-    import yaml
-
-    folder = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
-    card = folder.parent / "README.md"
-    if not card.is_file() or "library_name: difftune" not in card.read_text(encoding="utf-8", errors="replace"):
-        return {}
-    text = card.read_text(encoding="utf-8", errors="replace")
-    out: dict[str, str] = {}
-    steps = re.search(r"optimizer steps: (\d+)", text)
-    if steps:
-        out["ss_steps"] = out["ss_max_train_steps"] = steps.group(1)
-    block = re.search(r"## Training config\n\n```yaml\n(.*?)```", text, re.S)
-    if not block:
-        return out
-    try:
-        cfg = yaml.safe_load(block.group(1))
-    except yaml.YAMLError:
-        return out  # a hand-edited card: the facts stay unknown rather than wrong
-    if not isinstance(cfg, dict):
-        return out
-    data, opt = cfg.get("data") or {}, cfg.get("optimizer") or {}
-    if isinstance(data, dict) and isinstance(data.get("resolution"), int):
-        out["ss_resolution"] = f"({data['resolution']}, {data['resolution']})"
-    if isinstance(cfg.get("seed"), int):
-        out["ss_seed"] = str(cfg["seed"])
-    if isinstance(opt, dict) and isinstance(opt.get("lr"), (int, float)):
-        out["ss_learning_rate"] = repr(float(opt["lr"]))
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and Path(data["path"]).is_dir():
-        out["ss_tag_frequency"] = json.dumps({Path(data["path"]).name: _tag_frequency(Path(data["path"]))})
-    return out
-
-
-def _tag_frequency(folder: Path) -> dict[str, int]:
-    """kohya's tag counts: captions split at commas, over the ``.txt`` captions of ``folder`` (first 10,000)."""
-    counts: dict[str, int] = {}
-    for caption in sorted(folder.rglob("*.txt"))[:10_000]:
-        for tag in caption.read_text(encoding="utf-8", errors="replace").split(","):
-            tag = tag.strip()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return counts
-
-
 def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
     """Read the written file back and return max |ΔW_file − ΔW_ours| (a missing module is an error)."""
     fmt, groups = read_file(out)
@@ -390,8 +357,6 @@ def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
 
 
 def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | None) -> ExportReport:
-    import warnings
-
     from .krona import export_krona
 
     if len(paths) != 1:
