@@ -205,7 +205,7 @@ def check_mix(items: Any) -> list[MixItem]:
     if not isinstance(items, list):
         raise bad_value("mix", type(items).__name__, "a list of {'key': adapter key, 'weight': number}")
     if len(items) > MAX_MIX_ITEMS:
-        raise bad_value("mix", f"{len(items):,} adapters", f"at most {MAX_MIX_ITEMS}")
+        raise bad_value("number of adapters in the mix", len(items), f"at most {MAX_MIX_ITEMS}")
     out: list[MixItem] = []
     seen: set[str] = set()
     for item in items:
@@ -231,7 +231,7 @@ def parse_mix(text: str | list | None) -> list[MixItem]:
     if text is None or (isinstance(text, str) and not text.strip()):
         return []
     if isinstance(text, (str, bytes)) and len(text) > MAX_MIX_BYTES:
-        raise bad_value("mix", f"{len(text):,} characters of JSON", f"at most {MAX_MIX_BYTES:,}",
+        raise bad_value("length of the mix (JSON text)", len(text), f"at most {MAX_MIX_BYTES:,} characters",
                         f"A mix holds at most {MAX_MIX_ITEMS} adapters.")
     data = parse_header_json(text, "mix") if isinstance(text, (str, bytes)) else text
     return check_mix(data)

@@ -142,7 +142,8 @@ def open_read(root: Path, path: Path, key: str) -> BinaryIO:
     try:
         parent, name = _walk(root_real, real)
         try:
-            fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=parent)
+            # O_NONBLOCK: a FIFO swapped in opens at once (and is refused below) instead of blocking the queue
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), dir_fd=parent)
         finally:
             os.close(parent)
     except OSError as e:

@@ -309,3 +309,18 @@ def test_errors_name_no_server_path(studio, studio_files, tmp_path, tmp_path_fac
         _no_server_path(str(e.value), tmp_path_factory)
     finally:
         studio.out = out
+
+
+def test_studio_fuzzer_sample(tmp_path):
+    """A seeded sample of bench/fuzz_studio.py (hostile mixes, planted links, long text): each case finishes or is
+    refused briefly, without a server path, and nothing outside the folder changes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import fuzz_studio
+
+    summary, rows = fuzz_studio.run(36, seed=17, timeout=10.0, root=tmp_path)
+    bad = [r for r in rows if r["outcome"] not in ("ok", "refused")]
+    assert not bad, bad[:3]
+    assert summary["refused"] > 0 and summary["ok"] > 0 and all(summary["by_kind"].values())
