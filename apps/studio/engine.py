@@ -223,7 +223,7 @@ class Slot:
         wanted: dict[str, float] = {}
         for item in items:
             if item.key.endswith(library.BUNDLE_SUFFIX):
-                raise bad_value("mix", item.key, "adapter keys (load a bundle with 'load mix' first)")
+                raise bad_value("mix", clip(item.key), "adapter keys (load a bundle with 'load mix' first)")
             path = library.adapter_folder(root, item.key)
             digest = library.file_hash(root, path / WEIGHTS_NAME, item.key)
             name, old = self.loaded.get(item.key, ("", ""))
@@ -499,11 +499,11 @@ class Studio:
     def save_mix(self, name: str, items: list[MixItem], fused: bool, how: str = "auto") -> tuple[str, str]:
         """Save the mix as one merged LoRA (weight-space adapters only) or as a bundle that reloads it.
 
-        Args:
-            how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
-
         Both are written only into a real ``studio-mixes`` folder inside the adapters folder (`paths.make_folder`
         refuses a symlink out of it) and without following symlinks (`paths.write_file`, `paths.copy_folder`).
+
+        Args:
+            how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
 
         Returns:
             (the new entry's key, a sentence saying what was written).

@@ -28,8 +28,7 @@ from safetensors import SafetensorError, safe_open
 from difftune.errors import DifftuneError, bad_value
 from difftune.serialization import CONFIG_NAME, WEIGHTS_NAME, parse_header_json, read_header
 
-from .paths import check_files, clip, make_folder, public_message, read_limited, resolve, write_file
-from .paths import open_read as _open_read
+from .paths import check_files, clip, make_folder, open_read, public_message, read_limited, resolve, write_file
 
 BUNDLE_SUFFIX = ".mix.json"
 BUNDLE_FORMAT = "difftune-mix"
@@ -108,7 +107,7 @@ def adapter_folder(root: str | Path, key: object) -> Path:
 def file_hash(root: Path, path: Path, key: str) -> str:
     """The first 12 hex digits of the SHA-256 of ``path`` inside ``root`` (opened by `paths.open_read`), cached by
     (path, size, mtime)."""
-    with _open_read(root, path, key) as f:
+    with open_read(root, path, key) as f:
         st = os.fstat(f.fileno())
         cache_key = (str(path), st.st_size, st.st_mtime_ns)
         if cache_key not in _HASHES:
