@@ -9,12 +9,17 @@ A mix is a list of (adapter key, weight). Adapters are loaded once per model und
 then only enabled, disabled and re-weighted; a file that changed on disk since it was loaded is loaded again.
 Fused mode bakes the enabled weight-space adapters into the weights (`difftune.fuse`, exact to undo); the others
 keep running as modules. Every bad input is a `DifftuneError` that names the field; the UI shows it as gr.Error.
+What a caller sees of an error names files relative to the adapters folder, never a server path (`_public`), and
+echoes at most a short prefix of a long value (`paths.clip`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +36,10 @@ from difftune.errors import DifftuneError, bad_value
 from difftune.serialization import WEIGHTS_NAME
 from difftune.version import __version__
 
-from . import library
+from . import library, paths
 from .infotext import format_infotext, save_png
 from .library import MixItem
+from .paths import clip
 
 #: A1111 sampler names → diffusers scheduler classes; a pipeline offers those its scheduler lists as compatible.
 SAMPLERS = {
@@ -92,6 +98,25 @@ class Result:
 
 class Cancelled(DifftuneError):
     """The user pressed Cancel; raised from inside the denoising loop."""
+
+
+def _public(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A `Studio` method whose errors name no server path: a `DifftuneError` keeps its type with the message passed
+    through `paths.public_message`; an `OSError` (a full disk, a file that vanished) becomes a `DifftuneError` saying
+    so. The original stays chained for the server's log."""
+    @functools.wraps(method)
+    def wrapped(self: Studio, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except DifftuneError as e:
+            text = paths.public_message(str(e), self.root)
+            if text == str(e):
+                raise
+            raise type(e)(text) from e
+        except OSError as e:
+            raise DifftuneError("the studio could not read or write a file: "
+                                f"{paths.public_message(str(e), self.root)}") from e
+    return wrapped
 
 
 def _slug(key: str, taken: set[str]) -> str:
@@ -198,9 +223,9 @@ class Slot:
         wanted: dict[str, float] = {}
         for item in items:
             if item.key.endswith(library.BUNDLE_SUFFIX):
-                raise bad_value("mix", item.key, "adapter keys (load a bundle with 'load mix' first)")
-            path = library.resolve(root, item.key)
-            digest = library.file_hash(path / WEIGHTS_NAME)
+                raise bad_value("mix", clip(item.key), "adapter keys (load a bundle with 'load mix' first)")
+            path = library.adapter_folder(root, item.key)
+            digest = library.file_hash(root, path / WEIGHTS_NAME, item.key)
             name, old = self.loaded.get(item.key, ("", ""))
             if name and old != digest:  # the file was rewritten (a lab ran again): load the new values
                 loading.delete_adapter(self.pipe, name)
@@ -268,22 +293,21 @@ class Studio:
         self.cancel_event = threading.Event()
 
     # -- listing
+    @_public
     def entries(self) -> list[library.Entry]:
         return library.scan(self.root)
 
     # -- validation
     def check(self, req: Request, slot: Slot) -> Request:
         lim = self.limits
-        if not isinstance(req.prompt, str) or len(req.prompt) > lim.max_prompt:
-            raise bad_value("prompt", req.prompt[:40] if isinstance(req.prompt, str) else req.prompt,
-                            f"text of at most {lim.max_prompt} characters")
-        if not isinstance(req.negative, str) or len(req.negative) > lim.max_prompt:
-            raise bad_value("negative prompt", req.negative, f"text of at most {lim.max_prompt} characters")
+        for name, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
+            if not isinstance(text, str) or len(text) > lim.max_prompt:  # echoed clipped: a 10 MB prompt stays here
+                raise bad_value(name, clip(text), f"text of at most {lim.max_prompt:,} characters", "Shorten it.")
         req.steps = _int_in("steps", req.steps, 1, lim.max_steps)
         req.batch = _int_in("batch", req.batch, 1, lim.max_batch)
         if isinstance(req.guidance, bool) or not isinstance(req.guidance, (int, float)) or not (
                 0 <= req.guidance <= lim.max_guidance):
-            raise bad_value("guidance", req.guidance, f"a number in [0, {lim.max_guidance:g}]")
+            raise bad_value("guidance", clip(req.guidance), f"a number in [0, {lim.max_guidance:g}]")
         if not req.randomize:
             req.seed = _int_in("seed", req.seed, -1, SEED_MAX)
         default, step, fixed = slot.size_rule()
@@ -298,15 +322,15 @@ class Studio:
                 raise bad_value(name, v, f"a multiple of {step} px for this model",
                                 f"e.g. {max(step, v // step * step)}")
         if req.sampler and req.sampler not in slot.samplers:
-            raise bad_value("sampler", req.sampler, f"one of {list(slot.samplers)}")
+            raise bad_value("sampler", clip(req.sampler), f"one of {list(slot.samplers)}")
         if req.extractor not in EXTRACTORS:
-            raise bad_value("extractor", req.extractor, f"one of {list(EXTRACTORS)}")
+            raise bad_value("extractor", clip(req.extractor), f"one of {list(EXTRACTORS)}")
         if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
             ids = {i for _, i in slot.class_choices()}
             label = 0 if req.class_label is None else req.class_label
             label = int(label) if isinstance(label, float) and label.is_integer() else label
             if isinstance(label, bool) or not isinstance(label, int) or label not in ids:
-                raise bad_value("class", req.class_label, f"a class id of this model ({min(ids)}..{max(ids)})")
+                raise bad_value("class", clip(req.class_label), f"a class id of this model ({min(ids)}..{max(ids)})")
             req.class_label = label
         return req
 
@@ -317,6 +341,7 @@ class Studio:
         return int(req.seed)
 
     # -- generation
+    @_public
     def generate(self, req: Request, progress: Callable[[int, int], None] | None = None,
                  slot: Slot | None = None, seed: int | None = None, tag: str = "") -> Result:
         """Generate ``req.batch`` images with the mix; PNGs with infotext are written under ``out``."""
@@ -337,6 +362,7 @@ class Studio:
             paths.append(save_png(img, self.out / f"{stamp}-{seed}{tag}-{i}-{random.randrange(16**6):06x}.png", text))
         return Result(paths, seed, texts, notes, condition)
 
+    @_public
     def compare(self, req: Request, mode: str, progress: Callable[[int, int], None] | None = None
                 ) -> tuple[Result, Result]:
         """A/B at one seed: ``"adapters"`` (A without the mix, B with it) or ``"model"`` (A ``--model``, B
@@ -355,7 +381,7 @@ class Studio:
             one = Request(**{**req.__dict__, "batch": 1})
             return (self.generate(one, progress, seed=seed, tag="-A"),
                     self.generate(Request(**one.__dict__), progress, slot=self.compare_slot, seed=seed, tag="-B"))
-        raise bad_value("compare mode", mode, "'adapters' or 'model'")
+        raise bad_value("compare mode", clip(mode), "'adapters' or 'model'")
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -383,7 +409,7 @@ class Studio:
             inputs["control"] = control_inputs(slot.pipe, {n: condition for n in csc}, req.batch)
             if req.control_scale is not None:
                 if not -library.MAX_WEIGHT <= req.control_scale <= library.MAX_WEIGHT:
-                    raise bad_value("control scale", req.control_scale, "a number in [-2, 2]")
+                    raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
                 loading.set_adapter_weights(slot.pipe, {n: float(req.control_scale) for n in csc})
         return inputs, condition
 
@@ -469,8 +495,12 @@ class Studio:
                                params, adapters)
 
     # -- saved mixes
+    @_public
     def save_mix(self, name: str, items: list[MixItem], fused: bool, how: str = "auto") -> tuple[str, str]:
         """Save the mix as one merged LoRA (weight-space adapters only) or as a bundle that reloads it.
+
+        Both are written only into a real ``studio-mixes`` folder inside the adapters folder (`paths.make_folder`
+        refuses a symlink out of it) and without following symlinks (`paths.write_file`, `paths.copy_folder`).
 
         Args:
             how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
@@ -482,11 +512,12 @@ class Studio:
 
         library.check_save_name(name)
         if how not in ("auto", "merged", "bundle"):
-            raise bad_value("save as", how, "'auto', 'merged' or 'bundle'")
+            raise bad_value("save as", clip(how), "'auto', 'merged' or 'bundle'")
+        items = library.check_mix(items)
         if not items:
             raise bad_value("mix", [], "at least one enabled adapter")
-        target = self.root / MIX_FOLDER / name
-        if target.exists() or (self.root / MIX_FOLDER / f"{name}{library.BUNDLE_SUFFIX}").exists():
+        folder = paths.make_folder(self.root, MIX_FOLDER)
+        if any(os.path.lexists(folder / n) for n in (name, f"{name}{library.BUNDLE_SUFFIX}")):  # a link counts too
             raise bad_value("mix name", name, "a name not used yet in the adapters folder", "Pick another name.")
         why = ""
         if how in ("auto", "merged"):
@@ -495,7 +526,11 @@ class Studio:
                 slot.apply_mix(self.root, items, fused=False)
                 names = [slot.loaded[i.key][0] for i in items]
                 try:
-                    _, rank = save_merged(slot.pipe, names, target, adapter_name=f"mix_{name.replace('-', '_')}")
+                    # written to a private temporary folder, then copied in without following any symlink
+                    with tempfile.TemporaryDirectory(prefix="difftune-studio-") as tmp:
+                        _, rank = save_merged(slot.pipe, names, Path(tmp) / name,
+                                              adapter_name=f"mix_{name.replace('-', '_')}")
+                        paths.copy_folder(self.root, Path(tmp) / name, folder / name, f"{MIX_FOLDER}/{name}")
                     return f"{MIX_FOLDER}/{name}", (f"merged {len(items)} adapter(s) into one LoRA of rank {rank}: "
                                                     f"{MIX_FOLDER}/{name}")
                 except NotMergeable as e:
@@ -505,11 +540,12 @@ class Studio:
         key = library.write_bundle(self.root, MIX_FOLDER, name, items, fused, self.main.label)
         return key, f"saved a bundle that reloads the mix{why}: {key}"
 
+    @_public
     def load_mix(self, key: str) -> dict[str, Any]:
         """A bundle's mix, or a single adapter as a one-item mix at weight 1."""
-        if key.endswith(library.BUNDLE_SUFFIX):
+        if isinstance(key, str) and key.endswith(library.BUNDLE_SUFFIX):
             return library.read_bundle(self.root, key)
-        library.resolve(self.root, key)
+        library.adapter_folder(self.root, key)
         return {"items": [MixItem(key, 1.0)], "fused": False, "notes": []}
 
 
@@ -517,5 +553,5 @@ def _int_in(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, float) and value.is_integer():  # the UI's number boxes send 20.0
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise bad_value(name, value, f"an integer in [{lo}, {hi}]")
+        raise bad_value(name, clip(value), f"an integer in [{lo}, {hi}]")
     return value

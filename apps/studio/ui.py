@@ -6,7 +6,9 @@ API endpoints (``gradio_client``): ``/generate``, ``/compare``, ``/list_adapters
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -16,17 +18,19 @@ from difftune.errors import DifftuneError
 from . import library
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
+from .paths import public_message
 
 MAX_ROWS = 24  #: adapter rows shown (the folder's first MAX_ROWS entries that are adapters)
 
 
-def _errors(fn: Any) -> Any:
-    """Turn the library's DifftuneError into gr.Error (a message in the UI and the API), never a crash."""
+def _errors(fn: Any, root: Path) -> Any:
+    """Turn the library's DifftuneError (and an OSError) into gr.Error (a message in the UI and the API), never a
+    crash; the message names files relative to the adapters folder ``root``, never a server path."""
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except DifftuneError as e:
-            raise gr.Error(str(e)) from None
+        except (DifftuneError, OSError) as e:
+            raise gr.Error(public_message(str(e), root)) from None
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__
     return wrapped
@@ -39,6 +43,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
     lim = studio.limits
     rows: list[tuple[Any, Any, Any]] = []
     row_keys: list[str] = []
+    errors = functools.partial(_errors, root=studio.root)
 
     def adapter_entries() -> list[library.Entry]:
         return [e for e in studio.entries() if e.kind == "adapter"][:MAX_ROWS]
@@ -46,7 +51,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="difftune studio") as demo:
         gr.Markdown(f"## difftune studio — {slot.label}" + (
             f" (A/B model: {studio.compare_slot.label})" if studio.compare_slot else "") +
-            f"\nAdapters folder: `{studio.root}`")
+            f"\nAdapters folder: `{studio.root.name}`")  # its name: the page must not show server paths
         mix_box = gr.Textbox(visible=False, label="mix (JSON)")
         with gr.Row():
             with gr.Column(scale=3):
@@ -140,7 +145,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         row_inputs = [keys_state] + [r[1] for r in rows] + [r[2] for r in rows]
 
-        @_errors
+        @errors
         def generate(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's idiom)
             """Generate images with the mix; returns (gallery, seed used, infotext + notes, condition image)."""
             try:
@@ -151,7 +156,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             text = "\n\n".join([r.infotexts[0], *r.notes]) if r.infotexts else "\n".join(r.notes)
             return [str(p) for p in r.images], r.seed, text, r.condition
 
-        @_errors
+        @errors
         def compare(*args: Any) -> tuple:
             """A/B at one seed; returns (image A, image B, description)."""
             *gen_args, mode = args
@@ -173,13 +178,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
             bundle_keys = [e["key"] for e in listing if e["kind"] == "bundle"]
             return [keys, *groups, *enables, gr.update(choices=bundle_keys)]
 
-        @_errors
+        @errors
         def save_mix(name: str, mix: str, fu: bool, how: str) -> tuple[str, list[dict[str, Any]]]:
             """Save the mix (merged LoRA or bundle); returns (message, the folder's new listing)."""
             _, msg = studio.save_mix(name, library.parse_mix(mix), bool(fu), how)
             return msg, list_adapters()
 
-        @_errors
+        @errors
         def load_mix(key: str) -> tuple[str, bool, str]:
             """A saved mix (bundle key) or one adapter; returns (mix JSON, fused, notes)."""
             got = studio.load_mix(key)
@@ -191,7 +196,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return ([gr.update(value=k in weights) for k in keys] +
                     [gr.update(value=weights[k]) if k in weights else gr.update() for k in keys])
 
-        @_errors
+        @errors
         def read_parameters(file: Any) -> tuple[str, dict[str, Any]]:
             """The infotext of an uploaded image and its parsed fields."""
             if file is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -23,11 +25,15 @@ def _path(item):
     return item[0] if isinstance(item, (list, tuple)) else item
 
 
-def _gen(client, mix, **kw):
-    args = dict(p="a cat", neg="", st=3, g=4.0, w=32, h=32, samp="DDIM", b=1, s=7, rnd=False, mix=json.dumps(mix),
+def _gen_args(**kw):
+    args = dict(p="a cat", neg="", st=3, g=4.0, w=32, h=32, samp="DDIM", b=1, s=7, rnd=False, mix="[]",
                 fu=False, tr=True, ctrl=None, ex="none", cs=1.0, cl=None)
     args.update(kw)
-    return client.predict(*args.values(), api_name="/generate")
+    return list(args.values())
+
+
+def _gen(client, mix, **kw):
+    return client.predict(*_gen_args(mix=json.dumps(mix), **kw), api_name="/generate")
 
 
 def test_endpoints_are_named(client):
@@ -103,3 +109,57 @@ def test_cancel_endpoint(client, served):
     client.predict(api_name="/cancel")
     assert served[0].cancel_event.is_set()
     served[0].cancel_event.clear()
+
+
+# -- issue 32: the same refusals through the HTTP API ---------------------------------------------------------------
+
+
+def _message(call) -> str:
+    with pytest.raises(Exception) as e:  # noqa: PT011 (gradio_client raises AppError; the message is what counts)
+        call()
+    return str(e.value)
+
+
+def test_api_refuses_symlinks_out_of_the_folder(client, studio_files, tmp_path, tmp_path_factory):
+    root, keys = studio_files[1], studio_files[2]
+    base = str(tmp_path_factory.getbasetemp())
+    # a real sub-folder whose weights file links out of the adapters folder
+    shutil.copytree(root / keys["style"], tmp_path / "elsewhere")
+    sneaky = root / "api-sneaky"
+    shutil.copytree(root / keys["style"], sneaky)
+    (sneaky / "adapter_model.safetensors").unlink()
+    os.symlink(tmp_path / "elsewhere" / "adapter_model.safetensors", sneaky / "adapter_model.safetensors")
+    # a planted studio-mixes link (the real one, if an earlier test made it, is set aside meanwhile)
+    mixes, aside, outside = root / "studio-mixes", root / ".studio-mixes-aside", tmp_path / "outside"
+    outside.mkdir()
+    had_mixes = mixes.exists()
+    if had_mixes:
+        mixes.rename(aside)
+    os.symlink(outside, mixes)
+    try:
+        msg = _message(lambda: _gen(client, [{"key": "api-sneaky", "weight": 1.0}]))
+        assert "symlink out of the folder" in msg and base not in msg
+        mix = json.dumps([{"key": keys["style"], "weight": 0.5}])
+        for how in ("merged", "bundle"):
+            msg = _message(lambda how=how: client.predict("api-escape", mix, False, how, api_name="/save_mix"))
+            assert "symlink out of the folder" in msg and base not in msg
+        assert list(outside.iterdir()) == []
+        (outside / "b.mix.json").write_text(json.dumps({"format": "difftune-mix", "format_version": 1, "fused": False,
+                                                        "adapters": [{"key": keys["style"], "weight": 1.0}]}))
+        msg = _message(lambda: client.predict("studio-mixes/b.mix.json", api_name="/load_mix"))
+        assert "symlink out of the folder" in msg and base not in msg
+    finally:
+        shutil.rmtree(sneaky)
+        mixes.unlink()
+        if had_mixes:
+            aside.rename(mixes)
+
+
+def test_api_bounds_hostile_inputs(client, tmp_path_factory):
+    msg = _message(lambda: _gen(client, [], neg="x" * 1_000_000))
+    assert "negative prompt" in msg and "1,000,000 characters" in msg and len(msg) < 400
+    hostile = json.dumps([{"key": f"k{i:07d}", "weight": 1.0} for i in range(30_000)])  # ~1 MiB
+    msg = _message(lambda: client.predict(*_gen_args(mix=hostile), api_name="/generate"))
+    assert "mix" in msg and len(msg) < 400
+    msg = _message(lambda: _gen(client, [{"key": "/etc/passwd", "weight": 1.0}]))
+    assert str(tmp_path_factory.getbasetemp()) not in msg
