@@ -68,6 +68,11 @@ class TrainerPlugin:
             ``prepare``: frozen, eval mode, on the device, in the weight dtype), else None.
     """
 
+    #: Whether a micro-batch may leave some trainable parameters out of its loss (KIND's class-gated tailors, when
+    #: none of their classes is in the batch). Under DDP the trainer then has DDP find the unused parameters each
+    #: step (``find_unused_parameters``): without that DDP waits for their gradients and fails at the next step.
+    partially_used: bool = False
+
     def __init__(self, config: MethodConfig, name: str) -> None:
         self.config = config
         self.name = name
