@@ -25,8 +25,10 @@ from .plugin import TrainerPlugin
 from .sources import IndexDataset, PromptDataset, read_prompts
 
 
-def build_accelerator(cfg: TrainConfig) -> Any:
-    """An ``accelerate.Accelerator`` for ``cfg`` (precision, accumulation, trackers, DDP options)."""
+def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
+    """An ``accelerate.Accelerator`` for ``cfg`` (precision, accumulation, trackers, DDP options); DDP finds unused
+    parameters when ``train.find_unused_parameters`` or ``partially_used`` (the plugin's `TrainerPlugin` flag) says so.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
 
@@ -49,7 +51,8 @@ def build_accelerator(cfg: TrainConfig) -> Any:
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False),
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)],
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=cfg.train.find_unused_parameters or partially_used)],
     )
 
 

@@ -68,6 +68,11 @@ class TrainerPlugin:
             ``prepare``: frozen, eval mode, on the device, in the weight dtype), else None.
     """
 
+    #: Whether a micro-batch may leave some trainable parameters out of its loss (KIND's class-gated tailors, when
+    #: none of their classes is in the batch). Under DDP the trainer then has DDP find the unused parameters each
+    #: step (``find_unused_parameters``): without that DDP waits for their gradients and fails at the next step.
+    partially_used: bool = False
+
     def __init__(self, config: MethodConfig, name: str) -> None:
         self.config = config
         self.name = name
@@ -99,7 +104,12 @@ class TrainerPlugin:
 
     def make_optimizer(self, params: list[nn.Parameter], optimizer_config: Any,
                        lr: float) -> torch.optim.Optimizer | None:
-        """A method-specific optimizer at learning rate ``lr``, or None for the trainer's default."""
+        """A method-specific optimizer at learning rate ``lr``, or None for the trainer's default.
+
+        Under DDP, what an optimizer adds to the gradients itself comes after the all-reduce, so it must be the same
+        on every process. Called before the trainer seeds each process differently: ``torch.initial_seed()`` is the
+        run's seed on every process, a seed for the optimizer's own generator (the global RNG differs per process
+        from the first step on, so a random choice drawn from it would differ between the replicas)."""
         return None
 
     def objective(self, step: StepInputs) -> Tensor | None:
@@ -114,7 +124,9 @@ class TrainerPlugin:
         return None
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
-        """A term added to the loss each step (e.g. a regularizer), or None."""
+        """A term added to the loss each step (e.g. a regularizer), or None.
+
+        It joins the loss before the one backward pass, so under DDP its gradient is all-reduced with the rest."""
         return None
 
     def on_step(self, model: nn.Module, step: int, max_steps: int, optimizer: Any) -> None:

@@ -149,7 +149,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise bad_value("data.kind", cfg.data.kind, f"an image data set ({', '.join(IMAGE_KINDS)}) for method "
                         f"{method.method!r}", f"{method.method!r} trains with the standard diffusion loss, which "
                         "needs images (data.path); data-free kinds serve methods whose plugin has its own objective")
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(cfg, plugin.partially_used)
     if accelerator.is_main_process:
         hold_output_dir(cfg.output_dir)  # one run per output folder (lock.py); a second run fails naming this one
         # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,6 +151,38 @@ def test_nuclear_norm_term_lowers_the_updates_rank():
         _train(model, opt, 12)
         norms[lam] = _nuclear(model, "sara", 16)
     assert norms[0.1] < 0.9 * norms[0.0], norms
+
+
+def _deltas(opt):
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
+def test_nuclear_norm_draw_is_the_same_on_every_process_and_resumes():
+    """Issue 31: the weight that gets each step's nuclear-norm term is drawn from the optimizer's own seeded generator.
+    DDP processes hold the same weights and all-reduced gradients but each its own global RNG (seed + rank), and the
+    term is added after the all-reduce: with a global-RNG draw the replicas diverged."""
+    def run(global_seed, seed=3, steps=4):
+        model = tiny_unet(0)
+        opt = SaRAAdamW(model, threshold=THETA, lr=2e-3, rank_weight=0.1, rank_min_dim=16, seed=seed)
+        torch.manual_seed(global_seed)  # what differs between the processes
+        _train(model, opt, steps)
+        return model, opt
+
+    first, other = _deltas(run(0)[1]), _deltas(run(1)[1])
+    assert all(torch.equal(a, b) for a, b in zip(first, other))
+    # the draw matters (so the equality is not vacuous): another optimizer seed picks other weights
+    assert not all(torch.equal(a, b) for a, b in zip(first, _deltas(run(0, seed=4)[1])))
+
+    # the generator and the step count travel with the optimizer's state: a reloaded optimizer draws on as before
+    model, opt = run(0, steps=2)
+    saved = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 2, seed=1)
+    model_b, opt_b = run(0, steps=2)
+    opt_b.generator.manual_seed(12345)  # a fresh process: another generator state, no steps taken
+    opt_b.steps_taken = 0
+    opt_b.load_state_dict(saved)
+    _train(model_b, opt_b, 2, seed=1)
+    assert opt_b.steps_taken == 4 and all(torch.equal(a, b) for a, b in zip(_deltas(opt), _deltas(opt_b)))
 
 
 def test_progressive_adjustment_keeps_exactly_the_entries_still_below_threshold():

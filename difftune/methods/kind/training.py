@@ -18,6 +18,8 @@ class KINDPlugin(TrainerPlugin):
     """Pretraining with KIND structure (``train_base``: the whole model trains) and transfer (``source``: frozen
     learngenes and reused tailors, only fresh tailor groups train)."""
 
+    partially_used = True  # a batch without some class leaves that class's tailors (and row) out of the loss
+
     def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
         from ...serialization import read_tensors
 

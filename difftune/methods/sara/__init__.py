@@ -15,7 +15,8 @@ Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
   transiently by autograd, as in the paper.
 * **Nuclear-norm constraint** (paper eq. 4-5) with weight λ: each step one 2-D weight whose smaller side exceeds
   ``rank_min_dim`` is drawn at random and λ·∂‖ΔW‖_* = λ·U Vᵀ (singular vectors of the non-zero singular values)
-  is added to its Δ's gradient.
+  is added to its Δ's gradient. The draw comes from the optimizer's own generator (seeded alike on every process,
+  saved with its state): the term is added after DDP's all-reduce, so every replica must pick the same weight.
 * **Progressive parameter adjustment** (PPA) at T_p: only the entries still below θ, M' = M ∧ (|W0 + Δ| < θ), keep
   training; the others keep their trained value; Adam's moments are reset.
 * **Learning rate**: when none is given, lr = 1e-3 · exp(−350 θ) (paper eq. 12).

@@ -60,9 +60,10 @@ class SaRAPlugin(TrainerPlugin):
                             "SaRA brings its own AdamW (sparse moments, nuclear-norm term, progressive adjustment)")
         c = self.config
         b1, b2 = optimizer_config.betas
+        # torch.initial_seed() is the run's seed here, the same on every process (see TrainerPlugin.make_optimizer)
         return SaRAAdamW(params, threshold=c.threshold, lr=lr, betas=(b1, b2), eps=optimizer_config.eps,
                          weight_decay=optimizer_config.weight_decay, rank_weight=c.rank_weight,
-                         rank_min_dim=c.rank_min_dim)
+                         rank_min_dim=c.rank_min_dim, seed=torch.initial_seed())
 
     def on_step(self, model: nn.Module, step: int, max_steps: int, optimizer: Any) -> None:
         pf = self.config.progressive_fraction
@@ -111,13 +112,17 @@ class SaRAAdamW(torch.optim.AdamW):
         max_grad_norm: clip the Δ gradients to this global norm before each step (``None``: no clipping).
         target_modules: with a model, which modules to select from (default all).
         name: with a model, the adapter's name.
+        seed: seeds the optimizer's own generator, which draws the weight of each step's nuclear-norm term. Give
+            every process of a distributed run the same seed: the term is added after DDP's gradient all-reduce,
+            so each process must draw the same weight (the per-process global RNG would not; issue 31). The
+            generator is saved with the optimizer's state, so a resumed run draws what the uninterrupted one did.
     """
 
     def __init__(self, params: nn.Module | Iterable[Tensor], threshold: float = 2e-3, lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  rank_weight: float = 5e-3, rank_min_dim: int = 64, progressive_step: int | None = None,
                  max_grad_norm: float | None = None, target_modules: Sequence[str] | None = None,
-                 name: str = "sara") -> None:
+                 name: str = "sara", seed: int = 0) -> None:
         config = SaRAConfig(threshold=threshold, rank_weight=float(rank_weight), rank_min_dim=rank_min_dim,
                             **({"target_modules": list(target_modules)} if target_modules else {}))
         if isinstance(params, nn.Module):
@@ -139,6 +144,7 @@ class SaRAAdamW(torch.optim.AdamW):
         self.max_grad_norm = max_grad_norm
         self.steps_taken = 0
         self.progressed = False
+        self.generator = torch.Generator().manual_seed(seed)
 
     def _owned(self) -> list[tuple[Tensor, SaRAAdapter, str]]:
         out = []
@@ -155,7 +161,7 @@ class SaRAAdamW(torch.optim.AdamW):
                     if len(a.shapes[n]) == 2 and min(a.shapes[n]) > self.rank_min_dim and p.numel() > 0]
         if not eligible:
             return
-        p, adapter, pname = eligible[int(torch.randint(len(eligible), (1,)))]
+        p, adapter, pname = eligible[int(torch.randint(len(eligible), (1,), generator=self.generator))]
         with torch.no_grad():
             dense = adapter.delta_params()[pname]
             u, s, vh = torch.linalg.svd(dense, full_matrices=False)
@@ -165,6 +171,21 @@ class SaRAAdamW(torch.optim.AdamW):
             sub = u[:, keep] @ vh[keep]  # ∂‖ΔW‖_* = U Vᵀ
             g = sub.reshape(-1).index_select(0, adapter.index(pname)).to(p.dtype) * self.rank_weight
             p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def state_dict(self) -> dict[str, Any]:
+        """AdamW's state plus SaRA's own (``"sara"``): the draw generator, the step count and whether PPA ran."""
+        state = super().state_dict()
+        state["sara"] = {"generator": self.generator.get_state(), "steps_taken": self.steps_taken,
+                         "progressed": self.progressed}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("sara", None)  # absent from a checkpoint written before it was saved: kept as is
+        super().load_state_dict(state_dict)
+        if own is not None:
+            self.generator.set_state(own["generator"].cpu())  # a loader may have mapped it to the GPU
+            self.steps_taken, self.progressed = int(own["steps_taken"]), bool(own["progressed"])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
