@@ -111,6 +111,8 @@ def saving(cfg: Any, what: str, target: str | Path, result: Path | None = None) 
         code = code if code is not None or found is None else int(found.group(1))
         if isinstance(e, OSError):
             detail = f"{e.strerror or e} ([Errno {code}] {errno.errorcode.get(code, '?')})" if code else str(e)
+        elif isinstance(e, RuntimeError):  # torch's zip writer names neither the file nor the OS error
+            detail = f"torch could not write a file of it (RuntimeError: {e})"
         else:
             detail = f"{type(e).__name__}: {e}"
         fix = ("free some space" if code in (errno.ENOSPC, errno.EDQUOT)

@@ -114,7 +114,10 @@ def test_a_failed_write_at_each_save_step_says_what_is_intact_and_the_resume_com
     assert fired["n"] == 1
     message = str(info.value)
     assert message.startswith(step) and " failed at " in message, message
-    assert "No space left on device" in message or "unexpected pos" in message, message
+    if case == "optimizer-torch":  # torch's writer names no OS error: the message cannot say "disk full"
+        assert f"torch could not write a file of it (RuntimeError: {TORCH_FULL})" in message, message
+    else:  # an OSError, or safetensors' text for one (errno 28 read from it)
+        assert "No space left on device" in message, message
     assert "free space there:" in message and "Nothing half-written was left behind" in message
     _no_temp_and_no_lock(out)
     capsys.readouterr()
@@ -129,8 +132,8 @@ def test_a_failed_write_at_each_save_step_says_what_is_intact_and_the_resume_com
         assert command == (f"difftune train {out / 'config.yaml'} "
                            f"--set checkpointing.resume_from_checkpoint={checkpoint}")
         assert f"The last complete checkpoint, {checkpoint}, is intact. " in message
-        if error is _full_disk:
-            assert "Free some space, then resume with" in message
+        fix = "Fix the cause (a full disk is the usual one)" if case == "optimizer-torch" else "Free some space"
+        assert f"{fix}, then resume with: " in message
         torch.manual_seed(4321)  # the resuming process starts from another RNG state
         assert cli_main(shlex.split(command)[1:]) == 0
         assert f"resumed from {checkpoint} at step {intact.split('-')[1]}" in capsys.readouterr().out
