@@ -350,7 +350,7 @@ def finish(run: Run, interrupt: InterruptFlag) -> Path:
     result is saved whole, the final validation grid is skipped, the model card written, then `TrainingInterrupted`
     names the result. A second signal exits at once, saying what is left."""
     cfg, accelerator, plugin, pipe = run.cfg, run.accelerator, run.plugin, run.pipe
-    interrupt.action = "finishing the final save first (the final validation grid is skipped)"
+    interrupt.action = "finishing the final save first, without the final validation grid"
     found = checkpoint_dirs(Path(cfg.output_dir))
     interrupt.abandon = "without saving the result: " + (
         f"resume from {found[-1]} with: {resume_command(cfg, found[-1])}" if found else "no checkpoint exists")
