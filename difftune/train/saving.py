@@ -115,7 +115,7 @@ def saving(cfg: Any, what: str, target: str | Path, result: Path | None = None) 
             detail = f"torch could not write a file of it (RuntimeError: {e})"
         else:
             detail = f"{type(e).__name__}: {e}"
-        fix = ("free some space" if code in (errno.ENOSPC, errno.EDQUOT)
+        fix = ("free some space" if code in (errno.ENOSPC, errno.EDQUOT) else "fix the cause above" if code
                else "fix the cause (a full disk is the usual one)")
         notes = " ".join(getattr(e, "__notes__", [])) or "Nothing half-written was left behind."
         raise SaveFailed(f"{what} failed at {path}: {detail}; free space there: {_free_space(path)}. {notes} "

@@ -5,9 +5,10 @@ The trainer knows no method by name: it calls the hooks of the method's trainer 
 ``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another module (a distillation
 student) trains that module, in the pipeline, with the original as its frozen ``teacher`` (`adopt_student`).
 
-What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the validation
-grid and model card from `reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py`
-(images) and `sources.py` (data-free).
+What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the result's
+safe save and the message of a failed write from `saving.py`, the validation grid and model card from
+`reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py` (images) and `sources.py`
+(data-free).
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
 and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable

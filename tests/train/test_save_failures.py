@@ -244,3 +244,18 @@ def test_a_run_keeps_foreign_tmp_files_and_removes_its_own_leftovers(tiny, tmp_p
     assert "removed 6 leftover(s)" in caplog.text
     assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX) and p not in foreign]
     assert not (out / "checkpoints" / ".tmp-checkpoint-2").exists()
+
+
+def test_the_advice_follows_the_error(tmp_path):
+    from types import SimpleNamespace
+
+    from difftune.train.saving import saving
+
+    cfg = SimpleNamespace(output_dir=str(tmp_path), checkpointing=SimpleNamespace(checkpointing_steps=0))
+    denied = OSError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "a"))
+    for error, advice in [(_full_disk(tmp_path / "a"), "free some space"), (denied, "fix the cause above"),
+                          (RuntimeError(TORCH_FULL), "fix the cause (a full disk is the usual one)")]:
+        with pytest.raises(SaveFailed, match=re.escape(f"{advice}, then train again")), saving(cfg, "a", tmp_path):
+            raise error
+    with pytest.raises(RuntimeError, match="a bug"), saving(cfg, "a", tmp_path):  # not a write error: unchanged
+        raise RuntimeError("a bug")
