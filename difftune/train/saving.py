@@ -134,16 +134,21 @@ def discard_on_failure(temp: Path, error: BaseException) -> None:
 
 def save_result(output_dir: Path, name: str, save: Callable[[Path], Path]) -> Path:
     """Write the run's result by ``save(path)`` into a temp folder in ``output_dir``, then move what it wrote
-    (``name``, and any sibling such as KIND's trained-base ``pipeline``) into place, replacing an earlier run's.
+    (``name``, and any sibling such as KIND's trained-base ``pipeline``, said in one line each) into place,
+    replacing an earlier run's.
 
     Returns:
         The result's path in ``output_dir``.
     """
+    from .reporting import say
+
     stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}result-", dir=output_dir))
     try:
         written = Path(save(stage / name))
         for entry in sorted(stage.iterdir()):
             _into_place(entry, output_dir / entry.name)
+            if entry.name != name:  # the trainer announces the result itself
+                say(f"saved {output_dir / entry.name} (next to the result)")
         remove_temp(stage)
     except BaseException as e:
         discard_on_failure(stage, e)

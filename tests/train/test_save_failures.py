@@ -159,7 +159,7 @@ def test_the_cli_prints_the_failure_without_a_traceback_and_exits_2(tiny, tmp_pa
     _no_temp_and_no_lock(out)
 
 
-def test_the_trained_base_pipeline_of_kind_is_saved_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
+def test_the_trained_base_pipeline_of_kind_is_saved_whole_or_not_at_all(tiny, tmp_path, monkeypatch, capsys):
     def kind_cfg(*extra: str) -> TrainConfig:  # as tests/train/test_kind_training.py
         return load_config(TrainConfig, REPO / "configs" / "debug" / "tiny_dit.yaml", [
             f"model.path={tiny['dit']}", f"data.path={tiny['classes']}", f"output_dir={out}",
@@ -176,7 +176,9 @@ def test_the_trained_base_pipeline_of_kind_is_saved_whole_or_not_at_all(tiny, tm
     assert not (out / "adapter").exists() and not (out / "pipeline").exists()
     _no_temp_and_no_lock(out)
     assert ck.checkpoint_dirs(out) == [out / "checkpoints" / "checkpoint-2"]
+    capsys.readouterr()
     main(kind_cfg("checkpointing.resume_from_checkpoint=latest"))
+    assert f"[difftune] saved {out / 'pipeline'} (next to the result)" in capsys.readouterr().out
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "pipeline" / "model_index.json").is_file()
     _no_temp_and_no_lock(out)
