@@ -12,13 +12,23 @@ compared, and counted separately.
 Runs are forked from one parent that has imported torch/diffusers once (no re-import per run); the killed child
 dies by SIGKILL exactly as a machine crash or the OOM killer would end it.
 
+Injections (issues 29 and 32), once per limit each, after the kill trials (`INJECTIONS`): a full disk (``OSError``
+ENOSPC) at the N-th call of each save step above and of the model card write, which must stop the run with the
+trainer's `SaveFailed` (exit 2) naming the last complete checkpoint and the command resuming it, leave no
+``.difftune-tmp-*`` name and no lock file, and resume (by that very command) to the uninterrupted result; a SIGINT
+during the final save, with and without periodic checkpoints, which must finish the save (exit 130, the
+uninterrupted result, no lock); foreign ``*.tmp`` files in the output folder, which a run must keep while removing
+its own leftovers; and a refused run (a finished folder, no ``--overwrite``), which must leave no lock file.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/crash_harness.py --trials-per-limit 30 --limits 1 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/crash_harness.py --quick   # 6 trials, as tests/test_reliability.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/crash_harness.py --injections-only --limits 1
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -40,12 +50,24 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from difftune.config import load_config  # noqa: E402
+from difftune.fileio import TMP_PREFIX  # noqa: E402
 from difftune.testing import save_tiny_pipeline  # noqa: E402
 from difftune.train import TrainConfig, main  # noqa: E402
+from difftune.train.checkpoints import checkpoint_dirs  # noqa: E402
+from difftune.train.lock import LOCK_FILE  # noqa: E402
 
 STEPS = 12
 #: event -> what is patched in the child; the kill fires at the N-th call (N drawn per trial)
 EVENTS = ("save_state_file", "trainable_or_state_write", "rename_into_place", "delete_old", "final_save")
+#: injection -> (event, N): ENOSPC at the N-th call of a save step (N inside the run: checkpoint-1 is complete by
+#: then), a SIGINT at the first write of the final save, foreign temp files, a refused run
+INJECTIONS = {
+    "enospc:save_state_file": ("save_state_file", 7), "enospc:trainable_write": ("trainable_or_state_write", 5),
+    "enospc:state_write": ("trainable_or_state_write", 6), "enospc:rename_into_place": ("rename_into_place", 3),
+    "enospc:delete_old": ("delete_old", 2), "enospc:final_save": ("final_save", 2),
+    "enospc:model_card": ("model_card", 1), "sigint:final_save": ("final_save", 1),
+    "sigint:final_save_no_checkpoints": ("final_save", 1), "foreign_tmp": None, "lock_after_refusal": None,
+}
 
 
 def make_fixture(root: Path) -> dict[str, Path]:
@@ -69,21 +91,25 @@ def config(fixture: dict[str, Path], out: Path, limit: int | None, resume: bool)
     return load_config(TrainConfig, REPO / "configs" / "debug" / "tiny_sd.yaml", sets)
 
 
-def _arm(event: str, n: int) -> None:
-    """In the child: SIGKILL this process at the n-th call of ``event``."""
+def _arm(event: str, n: int, action: str = "kill") -> None:
+    """In the child: at the n-th call of ``event``, SIGKILL this process (``action`` "kill"), raise ENOSPC there
+    ("enospc") or send it a SIGINT and go on ("sigint")."""
     import shutil
 
     import accelerate.checkpointing as acp
 
     from difftune import serialization
-    from difftune.train import checkpoints
+    from difftune.train import checkpoints, reporting
 
     calls = {"n": 0}
 
     def hit() -> None:
         calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls["n"] != n:
+            return
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {event} call {n})")
+        os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGKILL)
 
     if event == "save_state_file":  # between two of accelerate's files (optimizer, scheduler, RNG)
         real_save, real_torch_save = acp.save, torch.save
@@ -121,21 +147,24 @@ def _arm(event: str, n: int) -> None:
             hit()
             return real_rmtree(path, *a, **k)
         shutil.rmtree = rmtree
-    elif event == "final_save":
-        real = serialization.atomic_write
+    elif event in ("final_save", "model_card"):
+        owner = serialization if event == "final_save" else reporting
+        real = owner.atomic_write
 
         def aw(path, write):
             hit()
             result = real(path, write)
             return result
-        serialization.atomic_write = aw
+        owner.atomic_write = aw
     else:
         raise SystemExit(f"unknown event {event!r}")
 
 
-def run_child(cfg: TrainConfig, timeout: float, kill_after: float | None = None, event: tuple[str, int] | None = None
-              ) -> tuple[str, float]:
-    """Fork a training run; returns (outcome, seconds): 'ok', 'killed', 'failed:<rc>' or 'timeout'."""
+def run_child(cfg: TrainConfig, timeout: float, kill_after: float | None = None, event: tuple[str, int] | None = None,
+              action: str = "kill", report: Path | None = None) -> tuple[str, float]:
+    """Fork a training run; returns (outcome, seconds): 'ok', 'killed', 'failed:<rc>' or 'timeout'. The child exits
+    as the CLI does (2 for a DifftuneError, 128 + signal for an interrupt) and writes the exception's type and
+    message as JSON to ``report``."""
     t0 = time.time()
     pid = os.fork()
     if pid == 0:  # child
@@ -144,11 +173,16 @@ def run_child(cfg: TrainConfig, timeout: float, kill_after: float | None = None,
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             if event is not None:
-                _arm(*event)
+                _arm(*event, action=action)
             main(cfg)
             code = 0
         except BaseException as e:  # report, then exit without running the parent's cleanup
-            os.write(2, f"[child] {type(e).__name__}: {e}\n".encode())
+            from difftune.errors import DifftuneError
+
+            code = getattr(e, "exit_code", 2 if isinstance(e, DifftuneError) else 1)
+            if report is not None:
+                report.write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+            os.write(2, f"[child] {type(e).__name__}: {str(e)[:300]}\n".encode())
         finally:
             os._exit(code)
     killed = False
@@ -232,6 +266,96 @@ def run(limits: list[int], per_limit: int, seed: int, timeout: float, root: Path
     return summary
 
 
+def _leftovers(out: Path) -> list[str]:
+    """Temp names of ours and a lock file: what no run may leave behind once it has ended in Python."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name.startswith(TMP_PREFIX) or
+                  p.name == LOCK_FILE)
+
+
+def _equal(out: Path, reference: dict[str, torch.Tensor]) -> bool:
+    got = result_tensors(out)
+    return got.keys() == reference.keys() and all(torch.equal(reference[k], got[k]) for k in got)
+
+
+def injection(name: str, fixture: dict[str, Path], out: Path, limit: int, reference: dict[str, torch.Tensor],
+              timeout: float) -> dict:
+    """Run one injection (`INJECTIONS`) in ``out``; returns its row, with ``problems`` empty when every check held."""
+    report = out.parent / f"{out.name}.json"
+    problems: list[str] = []
+    row: dict = {"injection": name, "limit": limit}
+    cfg = config(fixture, out, limit, False)
+    if name == "sigint:final_save_no_checkpoints":
+        cfg.checkpointing.checkpointing_steps = 0
+    if name.startswith(("enospc:", "sigint:")):
+        action = name.split(":")[0]
+        first, _ = run_child(cfg, timeout, event=INJECTIONS[name], action=action, report=report)
+        said = json.loads(report.read_text()) if report.exists() else {}
+        row.update(first=first, error=said.get("type"))
+        if action == "enospc":
+            if first != "failed:2" or said.get("type") != "SaveFailed" or "No space left" not in said.get("message"):
+                problems.append(f"not a clean SaveFailed: {first} {said}")
+            message = said.get("message", "")
+            command = message.split("resume with: ")[1] if "resume with: " in message else None
+            row["says"] = "result complete" if "is complete and can be used" in message else (
+                "resume command" if command else "no checkpoint")
+        elif first != "failed:130" or said.get("type") != "TrainingInterrupted" or not (out / "README.md").is_file():
+            problems.append(f"the final save was not finished: {first} {said}")
+        if _leftovers(out):
+            problems.append(f"left behind: {_leftovers(out)}")
+        if action == "enospc" and command:
+            checkpoint = Path(command.split("resume_from_checkpoint=")[1])
+            if checkpoint not in checkpoint_dirs(out):
+                problems.append(f"{checkpoint} is not a complete checkpoint")
+            resumed = load_config(TrainConfig, out / "config.yaml", [command.split("--set ")[1]])
+            second, _ = run_child(resumed, timeout)
+            row["resume"] = second
+            if second != "ok":
+                problems.append(f"the printed command did not resume: {second}")
+    elif name == "foreign_tmp":
+        foreign = [out / "notes" / ".draft.tmp", out / ".draft.tmp", out / "checkpoints" / ".mine.tmp"]
+        ours = [out / f"{TMP_PREFIX}result-x1" / "adapter" / "a",
+                out / "checkpoints" / f"{TMP_PREFIX}checkpoint-9" / "b"]
+        for p in foreign + ours:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("x")
+        row["first"], _ = run_child(cfg, timeout)
+        if [p for p in foreign if not p.is_file()] or _leftovers(out) or row["first"] != "ok":
+            problems.append(f"foreign kept: {[p.is_file() for p in foreign]}, left: {_leftovers(out)}")
+    elif name == "lock_after_refusal":
+        if run_child(cfg, timeout)[0] != "ok":
+            problems.append("the first run failed")
+        row["first"], _ = run_child(cfg, timeout, report=report)  # into the finished folder, without overwrite
+        said = json.loads(report.read_text()) if report.exists() else {}
+        if row["first"] != "failed:2" or "already holds a finished run" not in said.get("message", ""):
+            problems.append(f"not refused: {row['first']} {said}")
+        if (out / LOCK_FILE).exists():
+            problems.append("the refused run left its lock file")
+    if (out / "adapter").is_dir() and not _equal(out, reference):
+        problems.append("the result differs from the uninterrupted run's")
+    if not (out / "adapter").is_dir():
+        problems.append("no result in the end")
+    row["problems"] = problems
+    return row
+
+
+def run_injections(limits: list[int], timeout: float, root: Path, names: list[str] | None = None) -> dict:
+    """Every injection once per limit; returns the summary (``failed`` counts trials with any problem)."""
+    fixture = make_fixture(root / "fixture")
+    reference_out = root / "injection-reference"
+    if run_child(config(fixture, reference_out, limits[0], False), timeout)[0] != "ok":
+        raise SystemExit("the uninterrupted run failed")
+    reference = result_tensors(reference_out)
+    rows = []
+    for limit in limits:
+        for name in names or list(INJECTIONS):
+            row = injection(name, fixture, root / f"{name.replace(':', '-')}-{limit}", limit, reference, timeout)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"injections": len(rows), "passed": sum(not r["problems"] for r in rows),
+            "failed": sum(bool(r["problems"]) for r in rows),
+            "failures": {f"{r['injection']}@{r['limit']}": r["problems"] for r in rows if r["problems"]}}
+
+
 def cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials-per-limit", type=int, default=30)
@@ -240,14 +364,21 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds before a run counts as stuck")
     ap.add_argument("--quick", action="store_true", help="3 trials per limit (the CI sample)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--injections-only", action="store_true", help="skip the SIGKILL trials")
+    ap.add_argument("--no-injections", action="store_true", help="only the SIGKILL trials")
     args = ap.parse_args(argv)
     per = 3 if args.quick else args.trials_per_limit
+    summary: dict = {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t0 = time.time()
-        summary = run(args.limits, per, args.seed, args.timeout, Path(tmp))
+        if not args.injections_only:
+            summary = run(args.limits, per, args.seed, args.timeout, Path(tmp) / "kills")
+        if not args.no_injections:
+            summary["injections"] = run_injections(args.limits, args.timeout, Path(tmp) / "injections")
         summary["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=2))
-    ok = summary["resumed_equal"] == summary["trials"]
+    ok = (args.injections_only or summary["resumed_equal"] == summary["trials"]) and (
+        args.no_injections or summary["injections"]["failed"] == 0)
     return 0 if ok else 1
 
 

@@ -90,20 +90,18 @@ def test_rotation_keeps_the_limit_and_leaves_nothing_behind(tmp_path, limit):
 def test_a_kill_during_deletion_never_touches_the_newest_checkpoint(tmp_path, monkeypatch):
     acc, cfg = FakeAccelerator(), _cfg(tmp_path, limit=1)
     ck.save_checkpoint(acc, cfg, 1, _write_state)
-    real = ck.shutil.rmtree
-
     def dies_half_way(path, *a, **k):
         next(Path(path).iterdir()).unlink()
         raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this line runs
 
-    monkeypatch.setattr(ck.shutil, "rmtree", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        ck.save_checkpoint(acc, cfg, 2, _write_state)
-    monkeypatch.setattr(ck.shutil, "rmtree", real)
+    with monkeypatch.context() as m:
+        m.setattr("shutil.rmtree", dies_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            ck.save_checkpoint(acc, cfg, 2, _write_state)
     # the new checkpoint was complete before the old one was touched; the half-deleted one is out of the namespace
     assert [p.name for p in ck.checkpoint_dirs(tmp_path)] == ["checkpoint-2"]
     assert any(p.name.startswith(ck.TRASH_PREFIX) for p in (tmp_path / "checkpoints").iterdir())
-    (tmp_path / ".adapter_model.safetensors.x1.tmp").write_text("half")
+    (tmp_path / ".difftune-tmp-adapter_model.safetensors.x1.tmp").write_text("half")
     removed = ck.clean_leftovers(tmp_path)
     assert len(removed) == 2 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]
 

@@ -1,13 +1,16 @@
 """Resumable checkpoints: accelerate's ``save_state`` (optimizer, LR schedule, RNG states of every process) plus a
 ``trainable.safetensors`` with only what trains (the plugin's `checkpoint_tensors` and the EMA), never the frozen base.
 
-Crash safety (issue 17): a checkpoint is written whole into ``checkpoints/.tmp-checkpoint-<step>`` (its
+Crash safety (issue 17): a checkpoint is written whole into ``checkpoints/.difftune-tmp-checkpoint-<step>`` (its
 ``trainer_state.json`` last, every file fsynced) and renamed to ``checkpoint-<step>`` only then; old checkpoints are
-deleted only after that, each first renamed out of the ``checkpoint-*`` namespace (``.trash-*``). A SIGKILL at any
-moment therefore leaves every ``checkpoint-*`` folder complete and the newest one in place; the leftovers are removed
-at the next start (`clean_leftovers`). `restore` falls back to the previous checkpoint, with a warning, when the newest
-cannot be read, and refuses a checkpoint whose RNG state does not restore (accelerate only logs that) unless
-``checkpointing.allow_inexact_resume``. A checkpoint whose trainable tensors are not finite is never written.
+deleted only after that, each first renamed out of the ``checkpoint-*`` namespace (``.difftune-tmp-trash-*``). A
+SIGKILL at any moment therefore leaves every ``checkpoint-*`` folder complete and the newest one in place; the
+leftovers are removed at the next start (`clean_leftovers`: only names with difftune's temp prefix, issue 32). A
+write that fails (a full disk) removes the checkpoint's temp folder and stops the run with a message naming the last
+complete checkpoint and the command resuming it (`saving.py`, issue 29). `restore` falls back to the previous
+checkpoint, with a warning, when the newest cannot be read, and refuses a checkpoint whose RNG state does not restore
+(accelerate only logs that) unless ``checkpointing.allow_inexact_resume``. A checkpoint whose trainable tensors are
+not finite is never written.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,17 +29,21 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
-from ..fileio import atomic_write
+from ..fileio import TMP_PREFIX, atomic_write, is_temp, remove_temp
 from .config import TrainConfig
 from .plugin import TrainerPlugin
 from .reporting import say
+from .saving import discard_on_failure, saving
 
 logger = logging.getLogger("difftune.train")
 
 CHECKPOINT_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"  #: a checkpoint being written
-TRASH_PREFIX = ".trash-"  #: a checkpoint being deleted
+TRASH_PREFIX = f"{TMP_PREFIX}trash-"  #: a checkpoint being deleted (a checkpoint being written: TMP_PREFIX)
+#: the folders a run writes temp names into (the output folder itself is the first)
+WRITTEN = ("", "checkpoints", "adapter", "pipeline", "validation")
+#: the checkpoint temp and trash folders of difftune before the common prefix (in ``checkpoints/`` only)
+_LEGACY = re.compile(r"\.(tmp|trash)-checkpoint-\d+(-[0-9a-f]{8})?")
 
 
 def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, ema: Any,
@@ -107,19 +114,22 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 def clean_leftovers(output_dir: Path) -> list[Path]:
     """Remove what a killed run left behind: temp checkpoint folders, checkpoints renamed out of the namespace for
-    deletion, and ``atomic_write`` temp files (``.<name>.<random>.tmp``) in the output folder, the saved result and
-    the checkpoints. Called under the output-folder lock, so no other run is writing them. Returns what went."""
+    deletion, a half-moved result, ``atomic_write`` temp files. Only difftune's own temp names (`TMP_PREFIX`) in the
+    folders a run writes (`WRITTEN`) are touched: a user's ``notes/.draft.tmp`` is not ours (issue 32). Called under
+    the output-folder lock, so no other run is writing them. Returns what went."""
     removed = []
-    root = output_dir / "checkpoints"
-    if root.is_dir():
-        for p in list(root.glob(TMP_PREFIX + "*")) + list(root.glob(TRASH_PREFIX + "*")):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for place in WRITTEN:
+        folder = output_dir / place
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for p in sorted(folder.iterdir()):
+            if is_temp(p):
+                remove_temp(p)
+            elif place == "checkpoints" and _LEGACY.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                remove_temp(p.rename(p.with_name(f"{TRASH_PREFIX}{p.name}")))
+            else:
+                continue
             removed.append(p)
-    for pattern in (".*.tmp", "*/.*.tmp", "checkpoints/*/.*.tmp"):
-        for p in output_dir.glob(pattern):
-            if p.is_file() or p.is_symlink():
-                p.unlink()
-                removed.append(p)
     if removed:
         logger.warning("removed %d leftover(s) of an interrupted run in %s: %s", len(removed), output_dir,
                        [str(p.relative_to(output_dir)) for p in removed[:5]])
@@ -128,11 +138,16 @@ def clean_leftovers(output_dir: Path) -> list[Path]:
 
 def _discard(folder: Path) -> None:
     """Delete a checkpoint folder by first renaming it out of the ``checkpoint-*`` namespace: a kill during the
-    deletion leaves a ``.trash-*`` folder that is never resumed from (and is cleaned at the next start)."""
+    deletion leaves a ``.difftune-tmp-trash-*`` folder that is never resumed from (and is cleaned at the next
+    start); a failed deletion is retried once, then reported on the exception."""
     trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
     os.replace(folder, trash)
     _fsync_dir(folder.parent)
-    shutil.rmtree(trash)
+    try:
+        remove_temp(trash)
+    except BaseException as e:
+        discard_on_failure(trash, e)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -152,37 +167,46 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, write_state: Callable[[Path], None]) -> None:
     """Write ``checkpoint-<step>`` (every process takes part), then drop those beyond the retention limit.
 
-    The newest complete checkpoint is never in danger: the new one is written whole into ``.tmp-checkpoint-<step>``
-    and renamed into place only after its ``trainer_state.json``; only then are old ones removed, each renamed out
-    of the ``checkpoint-*`` namespace before its files are deleted. A kill at any moment leaves every
-    ``checkpoint-*`` folder complete.
+    The newest complete checkpoint is never in danger: the new one is written whole into
+    ``.difftune-tmp-checkpoint-<step>`` and renamed into place only after its ``trainer_state.json``; only then are
+    old ones removed, each renamed out of the ``checkpoint-*`` namespace before its files are deleted. A kill at any
+    moment leaves every ``checkpoint-*`` folder complete. A failed write removes the temp folder and raises
+    `saving.SaveFailed` (the message names the last complete checkpoint and the command resuming it).
     """
     root = Path(cfg.output_dir) / "checkpoints"
     tmp = root / f"{TMP_PREFIX}checkpoint-{step}"
+    folder = root / f"checkpoint-{step}"
+    with saving(cfg, f"saving checkpoint step {step}", tmp):
+        try:
+            if accelerator.is_main_process:
+                if tmp.exists():
+                    remove_temp(tmp)
+                root.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            # Every process calls save_state: each writes its own RNG state, the main one the rest.
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_state(tmp)
+                for f in tmp.iterdir():  # durable before the rename makes the folder count
+                    if f.is_file():
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                if folder.exists():  # a resumed run saving a step again (its earlier copy was unreadable or older)
+                    _discard(folder)
+                os.replace(tmp, folder)
+                _fsync_dir(root)
+        except BaseException as e:
+            if accelerator.is_main_process:
+                discard_on_failure(tmp, e)
+            raise
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    # Every process calls save_state: each writes its own RNG state, the main one the rest.
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_state(tmp)
-        for f in tmp.iterdir():  # durable before the rename makes the folder count
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        folder = root / f"checkpoint-{step}"
-        if folder.exists():  # a resumed run saving a step again (its earlier copy was unreadable or is older)
-            _discard(folder)
-        os.replace(tmp, folder)
-        _fsync_dir(root)
         limit = cfg.checkpointing.checkpoints_total_limit
         if limit:
-            existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
-            for old in existing[: max(0, len(existing) + 1 - limit)]:
-                _discard(old)
+            with saving(cfg, f"deleting old checkpoints (checkpointing.checkpoints_total_limit: {limit})", root):
+                existing = [p for p in checkpoint_dirs(Path(cfg.output_dir)) if p != folder]
+                for old in existing[: max(0, len(existing) + 1 - limit)]:
+                    _discard(old)
         say(f"checkpoint step {step}: {folder}")
     accelerator.wait_for_everyone()
 

@@ -6,9 +6,10 @@ fails at once with a `DifftuneError` naming the running one. The kernel drops a 
 it dies, so a lock left by a killed run is free: the next run takes it over (with a warning naming the dead run) and
 never has to guess from a pid whether a run is alive. `release_output_dir` (the end of a run) deletes the file while
 still holding the lock; a run that locked a file just before it was deleted notices (its inode is no longer the
-path's) and locks the new one instead, so two runs never both hold the folder. A crash leaves the file, and the kernel
-releases the lock at the process's exit. Within one process the lock is re-entrant (a notebook running ``main`` twice
-on one folder).
+path's) and locks the new one instead, so two runs never both hold the folder. The trainer releases it however a run
+ends in Python (a refusal, an error, a full disk: `trainer.main`'s ``finally``); a killed process leaves the file, and
+the kernel releases the lock at the process's exit. Within one process the lock is re-entrant (a notebook running
+``main`` twice on one folder).
 
 Where ``fcntl`` does not exist (Windows) the same file is created with ``O_EXCL`` and a lock whose pid is not alive on
 this host counts as stale. A lock held on another host of a shared filesystem cannot be checked: the error says how to
@@ -96,9 +97,14 @@ def hold_output_dir(output_dir: str | Path) -> Path:
     if previous:  # its holder died without releasing it (a clean end deletes the file)
         logger.warning("taking over the lock on %s left by a run that is no longer alive (%s)", folder,
                        _describe(previous))
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_owner()).encode(), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+        os.fsync(fd)
+    except BaseException:  # e.g. a full disk: leave no lock file behind (deleted while still locked, as on release)
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        raise
     _held[key] = fd
     return path
 
@@ -116,7 +122,12 @@ def _hold_exclusive(path: Path, key: Path) -> Path:
                 path.unlink(missing_ok=True)
                 continue
             raise _busy(path, info) from None
-        os.write(fd, json.dumps(_owner()).encode())
+        try:
+            os.write(fd, json.dumps(_owner()).encode())
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         _held[key] = fd
         return path
     raise _busy(path, _read(path))

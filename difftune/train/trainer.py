@@ -5,9 +5,10 @@ The trainer knows no method by name: it calls the hooks of the method's trainer 
 ``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another module (a distillation
 student) trains that module, in the pipeline, with the original as its frozen ``teacher`` (`adopt_student`).
 
-What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the validation
-grid and model card from `reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py`
-(images) and `sources.py` (data-free).
+What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the result's
+safe save and the message of a failed write from `saving.py`, the validation grid and model card from
+`reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py` (images) and `sources.py`
+(data-free).
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
 and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable
@@ -40,6 +41,7 @@ from .build import (
 from .cache import fill_caches
 from .checkpoints import (
     check_finite_tensors,
+    checkpoint_dirs,
     checkpoint_hooks,
     clean_leftovers,
     restore,
@@ -53,6 +55,7 @@ from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .plugin import TrainerPlugin, plugin_for
 from .reporting import flat_hparams, say, validate, write_model_card
+from .saving import resume_command, save_result, saving
 
 logger = logging.getLogger("difftune.train")
 
@@ -84,17 +87,30 @@ class Run:
 def main(cfg: TrainConfig) -> Path:
     """Train ``cfg.method`` on ``cfg.model`` with ``cfg.data``; returns the saved result (adapter or pipeline).
 
+    The output folder's lock is released however the run ends (a refusal, an error, an interrupt).
+
     Raises:
         TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved and the exception names the command
-            that resumes (`interrupt.py`).
+            that resumes, or, during the final save, the save was finished first (`interrupt.py`).
+        saving.SaveFailed: a write failed (a full disk); the message names the last complete checkpoint and the
+            command resuming it.
     """
+    try:
+        return _train(cfg)
+    finally:  # a no-op on the processes that hold none
+        release_output_dir(cfg.output_dir)
+
+
+def _train(cfg: TrainConfig) -> Path:
+    """The run itself: set up, restore, train, save (`main` releases the lock that `setup` takes)."""
     run = setup(cfg)
     write_state = checkpoint_hooks(run.accelerator, run.plugin, run.denoiser, run.ema, run.progress)
     out = Path(cfg.output_dir)
     if run.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(out)  # under the output_dir lock taken in setup
-        dump_yaml(cfg, out / "config.yaml")
+        with saving(cfg, "preparing the output folder", out / "config.yaml"):
+            out.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(out)  # under the output_dir lock taken in setup
+            dump_yaml(cfg, out / "config.yaml")
         if cfg.logging.report_to != "none":
             run.accelerator.init_trackers("difftune", config=flat_hparams(to_dict(cfg)))
     resume = restore(run.accelerator, cfg)  # `latest` falls back past unreadable checkpoints, with a warning
@@ -103,16 +119,17 @@ def main(cfg: TrainConfig) -> Path:
         if run.accelerator.is_main_process:
             print(f"[difftune] resumed from {resume} at step {run.progress['step']}", flush=True)
     elif cfg.validation.at_start and run.accelerator.is_main_process:  # the baseline the later grids compare with
-        validate(cfg, run.accelerator, run.pipe, run.family, run.denoiser, 0, run.frozen.weight_dtype)
-    try:
-        train_loop(run, write_state)
-    except TrainingInterrupted:
-        run.accelerator.end_training()
-        release_output_dir(cfg.output_dir)
-        raise
-    if cfg.train.objective == "autoencode" and run.accelerator.is_main_process:
-        logger.info("latent scaling_factor set to %.4f", set_latent_scale(run.denoiser, run.dataset))
-    return finish(run)
+        _validate(run, 0)
+    # Ctrl-C/SIGTERM: a checkpoint after the current step, or the final save finished first (interrupt.py)
+    with InterruptFlag() as interrupt:
+        try:
+            train_loop(run, write_state, interrupt)
+        except TrainingInterrupted:
+            run.accelerator.end_training()
+            raise
+        if cfg.train.objective == "autoencode" and run.accelerator.is_main_process:
+            logger.info("latent scaling_factor set to %.4f", set_latent_scale(run.denoiser, run.dataset))
+        return finish(run, interrupt)
 
 
 def load_frozen_parts(cfg: TrainConfig, accelerator: Any) -> tuple[Any, str, nn.Module, torch.dtype]:
@@ -151,10 +168,12 @@ def setup(cfg: TrainConfig) -> Run:
                         "needs images (data.path); data-free kinds serve methods whose plugin has its own objective")
     accelerator = build_accelerator(cfg, plugin.partially_used)
     if accelerator.is_main_process:
-        hold_output_dir(cfg.output_dir)  # one run per output folder (lock.py); a second run fails naming this one
-        # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints
-        check_unfinished(cfg.output_dir, overwrite=cfg.overwrite,
-                         resuming=bool(cfg.checkpointing.resume_from_checkpoint))
+        with saving(cfg, "preparing the output folder", cfg.output_dir):
+            # one run per output folder (lock.py); a second run fails naming this one; `main` releases it
+            hold_output_dir(cfg.output_dir)
+            # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints
+            check_unfinished(cfg.output_dir, overwrite=cfg.overwrite,
+                             resuming=bool(cfg.checkpointing.resume_from_checkpoint))
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
@@ -220,16 +239,16 @@ def adopt_student(cfg: TrainConfig, accelerator: Any, plugin: TrainerPlugin, pip
     return family
 
 
-def train_loop(run: Run, write_state: Callable[[Path], None]) -> None:
-    """Optimizer steps from ``run.progress["step"]`` to ``train.max_steps``, with checkpoints and validation."""
+def train_loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFlag) -> None:
+    """Optimizer steps from ``run.progress["step"]`` to ``train.max_steps``, with checkpoints and validation; a
+    signal caught by ``interrupt`` saves a checkpoint after the current step."""
     from tqdm.auto import tqdm
 
     cfg, accelerator = run.cfg, run.accelerator
     bar = tqdm(total=cfg.train.max_steps, initial=run.progress["step"], desc="training",
                disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
     run.model.train()
-    with InterruptFlag() as interrupt:  # Ctrl-C/SIGTERM: checkpoint after the current step (interrupt.py)
-        _loop(run, write_state, interrupt, bar)
+    _loop(run, write_state, interrupt, bar)
     bar.close()
 
 
@@ -284,7 +303,7 @@ def _loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFla
                 raise _interrupted(cfg, signum, step, accelerator.is_main_process)
             if cfg.validation.every_steps and step % cfg.validation.every_steps == 0 and step < cfg.train.max_steps:
                 if accelerator.is_main_process:
-                    validate(cfg, accelerator, run.pipe, run.family, run.denoiser, step, run.frozen.weight_dtype)
+                    _validate(run, step)
                 accelerator.wait_for_everyone()
             if step >= cfg.train.max_steps:
                 break
@@ -292,20 +311,21 @@ def _loop(run: Run, write_state: Callable[[Path], None], interrupt: InterruptFla
 
 
 def _interrupted(cfg: TrainConfig, signum: int, step: int, main_process: bool) -> TrainingInterrupted:
-    """The exception for a signal after ``step``'s checkpoint was saved; prints the one line saying how to resume.
-
-    The command trains from the config the run wrote into its output folder (so every ``--set`` of the interrupted
-    run is kept) and names the checkpoint just written."""
-    import shlex
-
-    out = Path(cfg.output_dir)
-    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
-    command = (f"difftune train {shlex.quote(str(out / 'config.yaml'))} "
-               f"--set checkpointing.resume_from_checkpoint={shlex.quote(str(checkpoint))}")
+    """The exception for a signal after ``step``'s checkpoint was saved; prints the one line saying how to resume
+    (`saving.resume_command`: the config the run wrote into its output folder, and the checkpoint just written)."""
+    checkpoint = Path(cfg.output_dir) / "checkpoints" / f"checkpoint-{step}"
+    command = resume_command(cfg, checkpoint)
     if main_process:
         say(f"interrupted at step {step}/{cfg.train.max_steps}; checkpoint saved to {checkpoint}; "
             f"resume with: {command}")
     return TrainingInterrupted(signum, checkpoint, command)
+
+
+def _validate(run: Run, step: int, result: Path | None = None) -> Path | None:
+    """The validation grid of ``step`` (main process), as a save step (`saving`)."""
+    target = Path(run.cfg.output_dir) / "validation"
+    with saving(run.cfg, f"writing the validation grid of step {step}", target, result):
+        return validate(run.cfg, run.accelerator, run.pipe, run.family, run.denoiser, step, run.frozen.weight_dtype)
 
 
 def step_loss(run: Run, batch: dict[str, Any]) -> Tensor:
@@ -324,9 +344,17 @@ def step_loss(run: Run, batch: dict[str, Any]) -> Tensor:
     return loss
 
 
-def finish(run: Run) -> Path:
-    """Put the EMA weights in place, report the digest, save the result, validate, write the model card."""
+def finish(run: Run, interrupt: InterruptFlag) -> Path:
+    """Put the EMA weights in place, report the digest, save the result, validate, write the model card.
+
+    A signal caught by ``interrupt`` meanwhile does not stop the save (a run without checkpoints would be lost): the
+    result is saved whole, the final validation grid is skipped, the model card written, then `TrainingInterrupted`
+    names the result. A second signal exits at once, saying what is left."""
     cfg, accelerator, plugin, pipe = run.cfg, run.accelerator, run.plugin, run.pipe
+    interrupt.action = "finishing the final save first, without the final validation grid"
+    found = checkpoint_dirs(Path(cfg.output_dir))
+    interrupt.abandon = "without saving the result: " + (
+        f"resume from {found[-1]} with: {resume_command(cfg, found[-1])}" if found else "no checkpoint exists")
     accelerator.wait_for_everyone()
     if run.ema is not None:
         run.ema.copy_to(run.params)  # the EMA weights are the result
@@ -337,18 +365,27 @@ def finish(run: Run) -> Path:
     digest = weights_digest(trained)
     # Each rank reports its digest, so a distributed run can be checked for identical weights on every process.
     print(f"[difftune] rank {accelerator.process_index}: final trainable-weights digest {digest}", flush=True)
-    result = Path(cfg.output_dir) / ("adapter" if method.is_adapter else "pipeline")
+    out = Path(cfg.output_dir)
+    result = out / ("adapter" if method.is_adapter else "pipeline")
     if not method.is_adapter:  # a saved pipeline keeps the precision it was loaded in, not the autocast dtype
         for module in pipe.components.values():
             if isinstance(module, nn.Module):
                 module.to(torch.float32)
     if accelerator.is_main_process:
-        result = plugin.save_trained(pipe, run.denoiser, result, cfg.model.path, run.component)
-        grid = validate(cfg, accelerator, pipe, run.family, run.denoiser, run.progress["step"],
-                        run.frozen.weight_dtype)
-        write_model_card(cfg, result, grid, run.progress, digest)
+        with saving(cfg, f"saving the result {result}", result):  # whole or not at all (`save_result`)
+            result = save_result(out, result.name, lambda path: plugin.save_trained(
+                pipe, run.denoiser, path, cfg.model.path, run.component))
+        interrupt.abandon = f"(the result {result} is saved; the model card is not written)"
+        skipped = interrupt.signum is not None  # the user wants to stop: the grid (minutes on a big model) can wait
+        grid = None if skipped else _validate(run, run.progress["step"], result)
+        with saving(cfg, "writing the model card", out / "README.md", result):
+            write_model_card(cfg, result, grid, run.progress, digest)
         print(f"[difftune] saved {result}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    release_output_dir(cfg.output_dir)
+    if interrupt.signum is not None:
+        if accelerator.is_main_process:
+            say(f"interrupted during the final save, which was finished first: the result {result} is complete"
+                + (" (the final validation grid was skipped)" if skipped else ""))
+        raise TrainingInterrupted(interrupt.signum, None, None, result=result)
     return result

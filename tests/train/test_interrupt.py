@@ -162,3 +162,78 @@ def test_missing_zoo_data_names_the_command(tmp_path):
 
     with pytest.raises(dt.DifftuneError, match=r"difftune zoo data --out .*outputs/zoo/data"):
         _check_dir(tmp_path / "outputs" / "zoo" / "data" / "subject-nine", "data.path")
+
+
+def _signal_during_the_final_save(monkeypatch, times: int = 1) -> None:
+    """A real SIGINT (``times`` of them) as the adapter's first file is about to be written."""
+    from difftune import serialization
+
+    real = serialization.atomic_write
+    sent = {"n": 0}
+
+    def signalling(path, write):
+        if sent["n"] == 0:
+            for _ in range(times):
+                sent["n"] += 1
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(path, write)
+
+    monkeypatch.setattr(serialization, "atomic_write", signalling)
+
+
+def test_sigint_during_the_final_save_finishes_it_when_no_checkpoint_exists(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 32: tiny_sd.yaml saves no periodic checkpoint; a Ctrl-C during the final save lost the whole run."""
+    sets = ("validation.prompts=[a photo of a cat]", "validation.num_inference_steps=1", "validation.at_start=false")
+    full = main(_cfg(tiny, tmp_path / "full", *sets))
+    assert (tmp_path / "full" / "validation" / "step-000002.png").is_file()
+    out = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        _signal_during_the_final_save(m)
+        with pytest.raises(TrainingInterrupted) as info:
+            main(_cfg(tiny, out, *sets))
+    assert info.value.exit_code == 130 and info.value.result == out / "adapter"
+    printed = capsys.readouterr()
+    assert "SIGINT: finishing the final save first" in printed.err
+    assert (f"interrupted during the final save, which was finished first: the result {out / 'adapter'} is "
+            "complete (the final validation grid was skipped)") in printed.out
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "README.md").is_file() and not (out / "validation").exists()
+    assert not (out / ".difftune.lock").exists() and not list(out.glob(".difftune-tmp-*"))
+    # as a user runs it: the CLI exits 130, the result is there
+    with monkeypatch.context() as m:
+        _signal_during_the_final_save(m)
+        code = cli_main(["train", str(REPO / "configs" / "debug" / "tiny_sd.yaml"),
+                         *[a for s in (f"model.path={tiny['sd']}", f"data.path={tiny['captions']}",
+                                       f"output_dir={tmp_path / 'cli'}", *sets) for a in ("--set", s)]])
+    assert code == 130 and (tmp_path / "cli" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+_TWICE = """
+import os, signal, sys
+from difftune import serialization
+from difftune.config import load_config
+from difftune.train import TrainConfig, main
+real = serialization.atomic_write
+def twice(path, write):
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(path, write)
+serialization.atomic_write = twice
+main(load_config(TrainConfig, sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_a_second_sigint_during_the_final_save_leaves_no_partial_result(tiny, tmp_path):
+    sets = [f"model.path={tiny['sd']}", f"data.path={tiny['captions']}", f"output_dir={tmp_path / 'out'}",
+            "validation.prompts=[]"]
+    config = str(REPO / "configs" / "debug" / "tiny_sd.yaml")
+    proc = subprocess.run([sys.executable, "-c", _TWICE, config, *sets], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "SIGINT again: exiting now without saving the result: no checkpoint exists" in proc.stderr
+    # nothing that would count as a finished run: the half-written result is a temp folder, removed at the next start
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert len(list((tmp_path / "out").glob(".difftune-tmp-result-*"))) == 1
+    assert main(load_config(TrainConfig, config, sets)) == tmp_path / "out" / "adapter"
+    assert not list((tmp_path / "out").glob(".difftune-tmp-*"))
