@@ -55,7 +55,6 @@ class KINDPlugin(TrainerPlugin):
         adapter belongs on: ``load_adapter(DiffusionPipeline.from_pretrained(out / "pipeline"), out / "adapter")``."""
         from ...loading import delete_adapter
         from ...serialization import save_adapter_file
-        from ...train.reporting import say
 
         saved = save_adapter_file(model, path, name=self.name, base_model=base_model, component=component)
         if self.config.train_base:  # type: ignore[attr-defined]
@@ -66,7 +65,7 @@ class KINDPlugin(TrainerPlugin):
                 pipe.save_pretrained(str(Path(path).parent / "pipeline"))
             finally:
                 pipe.register_modules(**{component: model})
-            say(f"saved the trained base model {Path(path).parent / 'pipeline'}")
+            # no line here: the trainer writes into a temp folder and says where the pipeline lands when it moves it
         return saved
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
