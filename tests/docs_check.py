@@ -219,6 +219,7 @@ def check_difftune(argv: list[str], cmd: Command) -> None:
         return
     if args.command == "train" and not is_placeholder(args.config):
         from difftune.config import load_config
+        from difftune.errors import DifftuneError
         from difftune.train import TrainConfig
 
         overrides = [*(args.set or []), *(["overwrite=true"] if args.overwrite else [])]  # as cmd_train adds it
@@ -227,7 +228,7 @@ def check_difftune(argv: list[str], cmd: Command) -> None:
                      for k, _, v in (o.partition("=") for o in overrides)]
         try:
             load_config(TrainConfig, ROOT / args.config, overrides)
-        except Exception as e:  # DifftuneError, or anything else the loader raises: the docs show a broken command
+        except DifftuneError as e:
             raise AssertionError(f"{cmd.where}\n  the config does not load: {e}") from None
     if cheap(args):
         check_run(argv, cmd)
@@ -249,10 +250,10 @@ def run_cli(argv: list[str]) -> str:
     from difftune.cli import main
 
     if tuple(argv) not in _PRINTED:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             rc = main(argv)
-        assert rc == 0, f"difftune {' '.join(argv)}: exit status {rc}"
+        assert rc == 0, f"difftune {' '.join(argv)}: exit status {rc}: {err.getvalue().strip()}"
         _PRINTED[tuple(argv)] = out.getvalue()
     return _PRINTED[tuple(argv)]
 

@@ -159,7 +159,10 @@ def test_readme_lists_every_cli_command():
             assert any(argv[:len(path)] == path for argv in shown), f"the README's CLI list lacks difftune {path}"
 
 
-@pytest.mark.parametrize(("where", "code"), snippets(), ids=[w for w, _ in snippets()])
+SNIPPETS = snippets()
+
+
+@pytest.mark.parametrize(("where", "code"), SNIPPETS, ids=[w for w, _ in SNIPPETS])
 def test_python_snippet(where, code):
     check_snippet(where, code)
 
@@ -169,32 +172,35 @@ def test_links_and_paths_resolve(doc):
     check_links(doc)
 
 
-STALE = [
-    "difftune inspect --method lora --rnak 8 --architecture sd15",  # an unknown flag
-    "difftune quantize --architecture dit-xl2 --preset 5bit --dry-run",  # a value the parser refuses
-    "difftune nosuchcommand --out x",
-    "difftune train configs/lora/sd15.yaml --set method.rnak=8",  # an unknown config key
-    "difftune train configs/lora/sd15.yaml --set train.max_steps=many",  # a wrong type
-    "difftune train configs/lora/nope.yaml",  # a config that does not exist
-    "difftune inspect --method lora --architecture sd15   # 797,185 trainable parameters",  # a stale figure
-    "difftune inspect --method nosuch --architecture sd15",  # fails when run
-    "python bench/sara_memory.py --latent 16 --stpes 3",
-    "python bench/spm_lab.py --part erase|forget --la 10",  # one stale alternative
-    "python bench/nosuch_lab.py",
-    "accelerate launch --config_file configs/accelerate/single_gpu.yaml -m difftune.train configs/lora/sd15.yaml "
-    "--set train.max_stpes=5",
-    "accelerate launch --confg_file configs/accelerate/single_gpu.yaml -m difftune.train configs/lora/sd15.yaml",
-    "python -m difftune.nosuch",
-    "make nosuchtarget",
-    'pip install -e ".[nosuchextra]"',
-    "pip install nosuchpackage",
+STALE = [  # (command, what the failure names)
+    ("difftune inspect --method lora --rnak 8 --architecture sd15", "unrecognized arguments: --rnak"),
+    ("difftune quantize --architecture dit-xl2 --preset 5bit --dry-run", "invalid choice: '5bit'"),
+    ("difftune nosuchcommand --out x", "invalid choice: 'nosuchcommand'"),
+    ("difftune train configs/lora/sd15.yaml --set method.rnak=8", "rnak"),  # an unknown config key
+    ("difftune train configs/lora/sd15.yaml --set train.max_steps=many", "max_steps"),  # a wrong type
+    ("difftune train configs/lora/nope.yaml", "nope.yaml"),
+    ("difftune inspect --method lora --architecture sd15   # 797,185 trainable parameters", "797,185"),
+    ("difftune inspect --method nosuch --architecture sd15", "nosuch"),  # parses, fails when run
+    ("python bench/sara_memory.py --latent 16 --stpes 3", "unrecognized arguments: --stpes"),
+    ("python bench/spm_lab.py --part erase|forget --la 10", "invalid choice: 'forget'"),  # one stale alternative
+    ("python bench/nosuch_lab.py", "nosuch_lab.py does not exist"),
+    ("accelerate launch --config_file configs/accelerate/single_gpu.yaml -m difftune.train configs/lora/sd15.yaml "
+     "--set train.max_stpes=5", "max_stpes"),
+    ("accelerate launch --confg_file configs/accelerate/single_gpu.yaml -m difftune.train configs/lora/sd15.yaml",
+     "confg_file"),
+    ("accelerate launch --config_file configs/accelerate/nope.yaml -m difftune.train configs/lora/sd15.yaml",
+     "nope.yaml"),
+    ("python -m difftune.nosuch", "no module difftune.nosuch"),
+    ("make nosuchtarget", "no Makefile target"),
+    ('pip install -e ".[nosuchextra]"', "nosuchextra"),
+    ("pip install nosuchpackage", "not a dependency"),
 ]
 
 
-@pytest.mark.parametrize("text", STALE)
-def test_the_checker_catches_stale_commands(text):
+@pytest.mark.parametrize(("text", "reason"), STALE, ids=[t for t, _ in STALE])
+def test_the_checker_catches_stale_commands(text, reason):
     cmd, comment = split_comment(text)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=re.escape(reason)):
         check_command(Command(ROOT / "README.md", 0, cmd, comment))
 
 
@@ -203,8 +209,12 @@ def test_the_checker_catches_a_stale_output_and_a_stale_synopsis():
     cmd = Command(ROOT / "README.md", 0, "difftune distill plan --architecture sd15", output=stale_output)
     with pytest.raises(AssertionError, match="output shown differs"):
         check_command(cmd)
-    for stale in ("difftune export --fromat kohya", "difftune export --format kohyaa", "difftune eval [--digist 0-8]"):
-        with pytest.raises(AssertionError):
+    for stale, reason in (("difftune export --fromat kohya", "--fromat is not an option"),
+                          ("difftune export --format kohyaa", "invalid choice: 'kohyaa'"),
+                          ("difftune export PATH --format kohyaa --out FILE", "kohyaa: not in"),
+                          ("difftune eval --model DIR [--digist 0-8]", "--digist is not an option"),
+                          ("difftune eval --model DIR [--n many]", "--n many")):
+        with pytest.raises(AssertionError, match=re.escape(reason)):
             check_command(Command(ROOT / "README.md", 0, stale, inline=True))
     check_command(Command(ROOT / "README.md", 0, "difftune export --format kohya", inline=True))  # a fragment
     with pytest.raises(AssertionError, match="arguments are required"):  # in a code block, a command is complete
