@@ -148,7 +148,7 @@ def _loaded_updates(path: Any, header: dict[str, Any], model: str | Path | None)
             raise DifftuneError(f"method {header['method']!r} acts on activations (no ΔW): it has no file form "
                                 "other tools can load; keep the difftune adapter")
         with torch.no_grad():
-            params = {k: v.detach().float().cpu() for k, v in adapter.delta_params().items()}
+            params = {k: v.detach().float().cpu() for k, v in adapter.delta_params(host.base_params()).items()}
         updates[canonical_name(host_name)] = Dense(params)
         if isinstance(host.base_layer, (nn.GroupNorm, nn.LayerNorm)):
             norms.add(canonical_name(host_name))

@@ -113,13 +113,14 @@ class LoRAAdapter(Adapter):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def delta_weight(self) -> Tensor:
-        """ΔW in fp32 whatever the adapter's dtype, so fusing into fp16/bf16 weights rounds once, at the end."""
+    def delta_weight(self, w0: Tensor) -> Tensor:
+        """ΔW in fp32 whatever the adapter's dtype, so fusing into fp16/bf16 weights rounds once, at the end; W0 plays
+        no part."""
         a, b = self.lora_A.float(), self.lora_B.float()
         # (d_out, r) @ (r, d_in·k·k) -> (d_out, d_in, k, k) for convs, (d_out, d_in) for linears
         return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scale
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         # Two thin products instead of materializing the (d_out, d_in) ΔW.
         x = self.lora_dropout(x.to(self.lora_A.dtype))
         if isinstance(base_layer, nn.Conv2d):

@@ -23,7 +23,7 @@ PROMPT = dict(prompt="lower newer", num_inference_steps=2, output_type="np", gui
 
 @torch.no_grad()
 def _deltas(model, name):
-    return {n: h.adapters[name].delta_params() for n, h in hosts(model) if name in h.adapters}
+    return {n: h.adapters[name].delta_params(h.base_params()) for n, h in hosts(model) if name in h.adapters}
 
 
 def _image(pipe):
