@@ -3,7 +3,7 @@ method and model; test_mutants.py shows that deliberately broken methods fail th
 
 A method joins by adding a `Case` to CASES. A case names the method's test config and, where the standard models
 do not suit it, its own targets, models and per-call inputs (e.g. a skip tuner targets the UNet's up-block resnets;
-a class gate needs labels); a variant of a method is a case of its own.
+a class gate needs labels); a variant of a method (DoRA is ``lora`` with ``use_dora``) is a case of its own.
 Weight-space adapters (those with ΔW) must merge exactly; activation-space ones must honour their weight and
 `disable`, and refuse an explicit fuse. Every adapter must act on the true base weights: fusing another adapter into
 its layers changes neither its output nor its ΔW.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +107,7 @@ class Case:
         builders: extra model kinds of its own ({kind: builder}).
         method: the registered method when the case is a variant of it under another key (default: the key).
         held: what the method treats as a constant in its backward pass by design, as a context manager that holds
-            it at its current value; the gradient check's finite difference runs inside it.
+            it at its current value (DoRA's norm, paper §4.3); the gradient check's finite difference runs inside it.
     """
 
     config: dict[str, Any]
@@ -120,12 +120,34 @@ class Case:
     held: Callable[[], AbstractContextManager] | None = None
 
 
+@contextmanager
+def dora_norms_held() -> Iterator[None]:
+    """DoRA's ‖W0 + sBA‖ per output channel, detached in its forward: held at the values first computed."""
+    from difftune.methods.lora import DoRAAdapter
+
+    computed = DoRAAdapter.weight_norm
+    held: dict[int, torch.Tensor] = {}
+
+    def weight_norm(self, w0):
+        return held.setdefault(id(self), computed(self, w0))
+
+    DoRAAdapter.weight_norm = weight_norm
+    try:
+        yield
+    finally:
+        DoRAAdapter.weight_norm = computed
+
+
 CASES: dict[str, Case] = {
     # KIND (linears only): class labels pick tailor groups (the DiT's own [1, 3]; given per call to the linear model)
     "kind": Case({"learngenes": 4, "tailors_per_class": 2, "classes": [1, 3]}, models=["linear", "dit"],
                  inputs={"linear": {"class_labels": torch.tensor([1, 3, 3])}}),
     "krona": Case({"a1": 2, "a2": 2}),  # 2 divides every width of the tiny models
     "lora": Case({"rank": 2, "alpha": 4.0}),
+    "dora": Case({"rank": 2, "alpha": 4.0, "use_dora": True}, method="lora", held=dora_norms_held),
+    "loha": Case({"rank": 2, "alpha": 64.0}),  # α/r = 32: the product of two N(0, 0.1²)-factor products is small
+    # the linear and conv models' second layer and the attention output scale their input, the others their output
+    "ia3": Case({"feedforward_modules": ["head", "out", "to_out.0"]}),
     "sara": Case({"threshold": 0.05}),  # selects 10-40% of the tiny models' entries
     # skip tuners on the UNet's up-block resnets; the CSC tuner's control image reaches its hint encoder per call
     "scedit": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]}),

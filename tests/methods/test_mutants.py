@@ -146,7 +146,20 @@ def test_lora_scale_doubled_fails_loras_own_tests(monkeypatch):
         test_lora.test_equals_peft_lora_on_identical_weights(use_rslora=False)
 
 
-@pytest.mark.parametrize(("method", "kind"), [("kind", "linear"), ("kind", "dit")])
+def test_an_adapter_reading_the_fused_weight_fails_the_contract(monkeypatch, tmp_path):
+    """DoRA normalising ``base_layer.weight`` (W0 plus whatever else is fused) instead of the supplied W0."""
+    from difftune.methods.lora import DoRAAdapter
+
+    delta = DoRAAdapter.delta
+
+    def live(self, x, base_layer, base):
+        return delta(self, x, base_layer, {"weight": base_layer.weight})
+
+    monkeypatch.setattr(DoRAAdapter, "delta", live)
+    _fails("fused_neighbour_changes_nothing", "dora", "linear", tmp_path, match="not (close|equal)")
+
+
+@pytest.mark.parametrize(("method", "kind"), [("dora", "conv"), ("ia3", "linear"), ("kind", "linear")])
 def test_a_host_handing_out_the_fused_weight_fails_the_contract(monkeypatch, tmp_path, method, kind):
     """The host passing the live parameter as W0: every method whose ΔW or output depends on W0 notices."""
 
