@@ -36,14 +36,14 @@ from torch import Tensor, nn
 
 from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
-from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, inject, modules_of
+from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, modules_of
 from ..methods import model as core
 from ..methods.krona import layer_dims
 from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .kohya import KOHYA_COMPONENTS, base_layer, match_modules
+from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules
 from .krona import _inject_factors
 from .updates import Dense, Hadamard, Kron, LowRank, Update, read_file
 
@@ -189,31 +189,20 @@ def _load_lora(obj: Any, module: nn.Module, comp: str, updates: dict[str, LowRan
     if not shared:  # zero rows/columns add nothing to U D; each module's own α/r goes into its U
         r = max(u.rank for u in updates.values())
         config = LoRAConfig(target_modules=_targets(module, updates), rank=r, alpha=float(r), use_dora=bool(dora))
-    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
-    try:
-        with torch.no_grad():
-            for host_name, host in core.hosts(module):
-                if name not in host.adapters:
-                    continue
-                adapter = host.adapters[name]
-                if adapter.lora_A.is_meta:  # a model built on the meta device: give only the adapter memory
-                    adapter.to_empty(device="cpu")
-                u = updates[canonical_name(host_name)]
-                down, up = u.down.float(), u.up.float()
-                if not shared:
-                    up = up * u.scale
-                _copy_factor(adapter.lora_A, down, 0, host_name, "down", path)
-                _copy_factor(adapter.lora_B, up, 1, host_name, "up", path)
-                if u.magnitude is not None:  # (d_out,) from any file layout → this adapter's (peft's) shape
-                    m = adapter.lora_magnitude_vector
-                    if u.magnitude.numel() != m.numel():
-                        raise DifftuneError(f"{str(path)!r}: {canonical_name(host_name)}: a DoRA magnitude of "
-                                            f"{u.magnitude.numel()} values for {m.numel()} output channels")
-                    m.copy_(u.magnitude.reshape(m.shape).to(m.dtype))
-    except BaseException:
-        core.remove(module, name)
-        raise
-    return name
+
+    def fill(layer: str, adapter: Any) -> None:
+        u = updates[layer]
+        up = u.up.float() if shared else u.up.float() * u.scale
+        _copy_factor(adapter.lora_A, u.down.float(), 0, layer, "down", path)
+        _copy_factor(adapter.lora_B, up, 1, layer, "up", path)
+        if u.magnitude is not None:  # (d_out,) from any file layout → this adapter's (peft's) shape
+            m = adapter.lora_magnitude_vector
+            if u.magnitude.numel() != m.numel():
+                raise DifftuneError(f"{str(path)!r}: {layer}: a DoRA magnitude of {u.magnitude.numel()} values for "
+                                    f"{m.numel()} output channels")
+            m.copy_(u.magnitude.reshape(m.shape).to(m.dtype))
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
 
 
 def _load_loha(obj: Any, module: nn.Module, comp: str, updates: dict[str, Hadamard], name: str, weight: float,
@@ -225,26 +214,15 @@ def _load_loha(obj: Any, module: nn.Module, comp: str, updates: dict[str, Hadama
     r = max(ranks)
     config = LoHaConfig(target_modules=_targets(module, updates), rank=r,
                         alpha=float(next(iter(alphas))) if shared else float(r))
-    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
-    try:
-        with torch.no_grad():
-            for host_name, host in core.hosts(module):
-                if name not in host.adapters:
-                    continue
-                adapter = host.adapters[name]
-                if adapter.hada_w1_a.is_meta:
-                    adapter.to_empty(device="cpu")
-                u = updates[canonical_name(host_name)]
-                w1a = u.w1a.float() if shared else u.w1a.float() * (u.scale / config.scale)
-                for dst, src, dim, what in ((adapter.hada_w1_a, w1a, 1, "hada_w1_a"),
-                                            (adapter.hada_w1_b, u.w1b, 0, "hada_w1_b"),
-                                            (adapter.hada_w2_a, u.w2a, 1, "hada_w2_a"),
-                                            (adapter.hada_w2_b, u.w2b, 0, "hada_w2_b")):
-                    _copy_factor(dst, src.float(), dim, host_name, what, path)
-    except BaseException:
-        core.remove(module, name)
-        raise
-    return name
+
+    def fill(layer: str, adapter: Any) -> None:
+        u = updates[layer]
+        w1a = u.w1a.float() if shared else u.w1a.float() * (u.scale / config.scale)
+        for what, src, rank_dim in (("hada_w1_a", w1a, 1), ("hada_w1_b", u.w1b, 0), ("hada_w2_a", u.w2a, 1),
+                                    ("hada_w2_b", u.w2b, 0)):
+            _copy_factor(getattr(adapter, what), src.float(), rank_dim, layer, what, path)
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
 
 
 def _copy_factor(dst: Tensor, src: Tensor, rank_dim: int, module: str, what: str, path: Any) -> None:

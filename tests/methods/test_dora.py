@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_lora import Net
 from torch import nn
 
 import difftune as dt
@@ -15,16 +16,6 @@ from difftune.methods.model import hosts
 from difftune.testing import randomize_adapter, tiny_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv_shortcut"]
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(20, 12)
-        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
-
-    def forward(self, x, img):
-        return self.lin(x), self.conv(img)
 
 
 def _peft_pair(seed: int = 0, dropout: float = 0.0, rslora: bool = False):

@@ -6,20 +6,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from test_lora import Net
 
 import difftune as dt
 from difftune.interop.updates import loha_as_low_rank
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(20, 12)
-        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
-
-    def forward(self, x, img):
-        return self.lin(x), self.conv(img)
 
 
 def test_equals_peft_loha_on_identical_weights():
