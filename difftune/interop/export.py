@@ -52,7 +52,7 @@ from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
-from .kohya_meta import base_version, base_version_metadata, training_metadata
+from .kohya_meta import base_version, base_version_metadata, export_metadata
 from .updates import (
     Dense,
     Hadamard,
@@ -264,7 +264,7 @@ def export_adapter(
         if format == "diffusers":
             lora_config.update(_diffusers_config(source, updates))
         else:
-            metadata.update(_metadata(format, source, updates, version))
+            metadata.update(export_metadata(format, source.header, source.path, updates, version))
     if lora_config:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
     metadata["difftune_export"] = json.dumps(
@@ -362,37 +362,6 @@ def _diffusers_config(source: _Source, updates: dict[str, LowRank]) -> dict[str,
                             "metadata holds one use_dora per component")
     return {f"{comp}.r": r, f"{comp}.lora_alpha": alpha, f"{comp}.use_rslora": rslora, f"{comp}.use_dora": dora.pop(),
             f"{comp}.target_modules": sorted(updates)}
-
-
-def _metadata(format: str, source: _Source, updates: dict[str, Any], version: dict[str, str]) -> dict[str, str]:
-    """kohya's ``ss_*`` training metadata (rank, alpha, base model version, what the run's model card records)."""
-    header = source.header
-    meta: dict[str, str] = {}
-    low = [u for u in updates.values() if isinstance(u, LowRank)]
-    ranks = sorted({u.rank for u in low})
-    alphas = sorted({(u.alpha if u.alpha is not None and not u.rslora else u.scale * u.rank) for u in low})
-    dora = any(u.magnitude is not None for u in low)
-    # kohya's own networks.lora has no DoRA: LyCORIS writes it (algo lora with dora_wd), as it writes LoHa and full
-    meta["ss_network_module"] = "networks.lora" if format == "kohya" and not dora else "lycoris.kohya"
-    if format == "diff" or format == "loha" or dora:
-        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": True} if dora and format == "kohya" else
-                                             {"algo": "full" if format == "diff" else format})
-    if ranks:
-        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
-        meta["ss_network_alpha"] = _num(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
-    meta.update(version)
-    meta["ss_sd_model_name"] = header.get("base_model", "") or ""
-    meta["ss_training_comment"] = f"difftune {__version__} {header['method']} adapter, exported as {format}"
-    if header["method"] == "spm":  # what the official SPM code writes, so `load_spm` recovers the concepts
-        config = header.get("config", {})
-        meta.update(prompts=",".join(config.get("concepts", [])), rank=str(config.get("rank", "")),
-                    alpha=str(config.get("alpha", "")))
-    meta.update(training_metadata(source.path))
-    return meta
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
