@@ -170,7 +170,9 @@ class DoRAAdapter(LoRAAdapter):
     def weight_norm(self, w0: Tensor) -> Tensor:
         """‖W0 + s B A‖ per output channel, (d_out,) fp32, detached (a constant for the backward, paper §4.3)."""
         with torch.no_grad():
-            return torch.linalg.vector_norm((w0.float() + self.low_rank_weight()).flatten(1), dim=1)
+            v = self.low_rank_weight()
+            v += w0  # in place (an fp16/bf16 W0 is promoted): one dense fp32 tensor (peft: two, in the weight dtype)
+            return torch.linalg.vector_norm(v.flatten(1), dim=1)
 
     def delta_weight(self, w0: Tensor) -> Tensor:
         """ΔW = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_c − W0 in fp32, from the true base weight ``w0``."""
