@@ -88,7 +88,7 @@ def main() -> None:
     from lycoris.wrapper import LycorisNetwork
 
     LycorisNetwork.LORA_PREFIX = "lora_unet"  # its default names modules "lycoris_<path>"
-    deltas = {n: h.adapters["style"].delta_params() for n, h in hosts(ours) if "style" in h.adapters}
+    deltas = {n: h.adapters["style"].delta_params(h.base_params()) for n, h in hosts(ours) if "style" in h.adapters}
     for fmt in ("kohya", "diff"):
         network, _ = create_lycoris_from_weights(1.0, str(reports[fmt].path), base)
         modules = {m.lora_name: m for m in network.loras}

@@ -35,7 +35,9 @@ from .methods import METHODS, MethodConfig
 from .methods.bk import BKConfig
 from .methods.context import adapter_inputs
 from .methods.full import FullConfig
+from .methods.ia3 import IA3Config
 from .methods.krona import KronAConfig
+from .methods.loha import LoHaConfig
 from .methods.lora import LoRAConfig
 from .methods.sara import SaRAAdamW, SaRAConfig
 from .methods.scedit import CSCConfig, SCEditConfig
@@ -52,7 +54,9 @@ __all__ = [
     "DifftuneError",
     "BKConfig",
     "FullConfig",
+    "IA3Config",
     "KronAConfig",
+    "LoHaConfig",
     "LoRAConfig",
     "METHODS",
     "SaRAAdamW",

@@ -266,8 +266,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KronAExportWarning)
         warnings.simplefilter("always", ExportWarning)
-        report = export_adapter(args.path, args.out, format=args.format or ("lokr" if method == "krona" else "kohya"),
-                                rank=args.rank, model=args.model, prefix=args.prefix, dtype=args.dtype)
+        fmt = args.format or {"krona": "lokr", "loha": "loha"}.get(method, "kohya")
+        report = export_adapter(args.path, args.out, format=fmt, rank=args.rank, model=args.model, prefix=args.prefix,
+                                dtype=args.dtype)
     for w in caught:  # a plain line for people at a terminal, not a Python source location
         print(f"difftune: warning: {w.message}", file=sys.stderr)
     print(describe_report(report))
@@ -465,18 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.set_defaults(func=cmd_app)
 
-    s = sub.add_parser("export", help="write adapters as kohya/diffusers LoRA, LyCORIS LoKr or full-ΔW (diff) files")
+    s = sub.add_parser("export", help="write adapters as kohya/diffusers LoRA (DoRA), LyCORIS LoHa/LoKr or full-ΔW "
+                                      "(diff) files")
     s.add_argument("path", nargs="+", help="adapter folder(s) or adapter_model.safetensors (several: one per "
                                            "component, e.g. a UNet and a text-encoder LoRA into one file)")
     s.add_argument("--out", required=True, help="the .safetensors file to write")
-    s.add_argument("--format", choices=["kohya", "diffusers", "lokr", "diff"], default=None,
+    s.add_argument("--format", choices=["kohya", "diffusers", "loha", "lokr", "diff"], default=None,
                    help="kohya (default; lora, spm, or any weight-space method with --rank), diffusers "
-                        "(pipe.load_lora_weights), lokr (krona's default) or diff (exact full ΔW, every "
-                        "weight-space method)")
+                        "(pipe.load_lora_weights), loha (loha's default), lokr (krona's default) or diff (exact "
+                        "full ΔW, every weight-space method)")
     s.add_argument("--rank", type=int, default=None, help="SaRA (or any method without low-rank factors) to "
                                                           "kohya/diffusers: rank of the truncated-SVD LoRA")
-    s.add_argument("--model", default=None, help="base pipeline folder, for methods whose ΔW needs it (SaRA; "
-                                                 "default the adapter's recorded base)")
+    s.add_argument("--model", default=None, help="base pipeline folder, for methods whose ΔW needs it (SaRA, IA3, "
+                                                 "DoRA as diff; default the adapter's recorded base)")
     s.add_argument("--prefix", default=None, help="kohya key prefix (default from the component: lora_unet)")
     s.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="tensor dtype (default: the adapter's)")

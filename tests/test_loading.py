@@ -85,8 +85,8 @@ def test_two_adapters_on_one_pipeline(tmp_path, tok_dir):
     host = next(h for _, h in hosts(fresh.unet))
     x = torch.randn(3, host.base_layer.in_features)
     with torch.no_grad():
-        expected = host.base_layer(x) + 0.5 * host.adapters["a"].delta(x, host.base_layer) \
-            + 0.25 * host.adapters["b"].delta(x, host.base_layer)
+        expected = host.base_layer(x) + 0.5 * host.adapters["a"].delta(x, host.base_layer, host.base_params()) \
+            + 0.25 * host.adapters["b"].delta(x, host.base_layer, host.base_params())
         torch.testing.assert_close(host(x), expected, atol=1e-6, rtol=0)
 
 

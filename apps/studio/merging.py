@@ -73,7 +73,7 @@ def mixed_deltas(pipe: object, names: Sequence[str]) -> tuple[str | None, dict[s
             if why:
                 raise NotMergeable(f"adapter {n!r} cannot be merged: {why}")
             with torch.no_grad():
-                d = adapter.delta_params()["weight"].float() * float(host.adapter_weights[n])
+                d = adapter.delta_params(host.base_params())["weight"].float() * float(host.adapter_weights[n])
             key = canonical_name(host_name)
             deltas[key] = deltas[key] + d if key in deltas else d
     return comp, deltas

@@ -1,4 +1,5 @@
-"""difftune adapters → the files other tools load: kohya LoRA, diffusers/peft LoRA, LyCORIS LoKr and full ΔW.
+"""difftune adapters → the files other tools load: kohya LoRA/DoRA, diffusers/peft LoRA/DoRA, LyCORIS LoHa/LoKr,
+full ΔW.
 
 `export_adapter` reads one or more saved adapters (one per pipeline component: a UNet LoRA and a text-encoder LoRA
 go into one file), writes the file, reads it back with the importer's own parser (`updates.read_file`) and reports
@@ -7,23 +8,30 @@ the largest fp32 difference between the file's ΔW and ours. What goes where:
 ==============  =====================================  ==========================================================
 format          methods                                keys
 ==============  =====================================  ==========================================================
-``kohya``       lora, spm; any weight-space method      ``lora_unet_<path>.lora_down.weight`` (r, d_in[, k, k]),
-                with ``rank`` (truncated SVD of ΔW)    ``.lora_up.weight`` (d_out, r[, 1, 1]), ``.alpha``;
-                                                       ``lora_te_text_model_<path>`` for the CLIP text encoder;
+``kohya``       lora (DoRA too), spm; any weight-space  ``lora_unet_<path>.lora_down.weight`` (r, d_in[, k, k]),
+                method with ``rank`` (truncated SVD    ``.lora_up.weight`` (d_out, r[, 1, 1]), ``.alpha``, DoRA's
+                of ΔW; a LoHa at rank r² is exact up   ``.dora_scale`` (d_out, 1[, 1, 1]), LyCORIS's layout;
+                to rounding)                           ``lora_te_text_model_<path>`` for the CLIP text encoder;
                                                        kohya ``ss_*`` training metadata
-``diffusers``   as kohya                               ``unet.<path>.lora_A.weight`` / ``lora_B.weight``,
-                                                       ``text_encoder.<path>...``; ``lora_adapter_metadata``
-                                                       (r, lora_alpha, use_rslora, target_modules) so
-                                                       ``pipe.load_lora_weights`` applies the right scale
+``diffusers``   as kohya                               ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (DoRA:
+                                                       ``.lora_magnitude_vector``), ``text_encoder.<path>...``;
+                                                       ``lora_adapter_metadata`` (r, lora_alpha, use_rslora,
+                                                       use_dora, target_modules) so ``pipe.load_lora_weights``
+                                                       builds the same LoRA/DoRA
+``loha``        loha                                    LyCORIS LoHa: ``.hada_w1_a`` (d_out, r), ``.hada_w1_b``
+                                                       (r, d_in·k·k), ``.hada_w2_a``, ``.hada_w2_b``, ``.alpha``
 ``lokr``        krona                                   LyCORIS LoKr (`difftune.interop.krona.export_krona`)
 ``diff``        every weight-space method               ``<kohya name>.diff`` / ``.diff_b`` (Linear, Conv2d and
                                                        others), ``.w_norm`` / ``.b_norm`` (GroupNorm, LayerNorm)
 ==============  =====================================  ==========================================================
 
 LoRA-family formats cannot hold bias or norm changes: a SaRA adapter exported with ``rank`` lists what it leaves
-out (``ExportReport.dropped``) and the error counts it. lora/spm/krona adapters are read from their tensors alone;
-any other method (SaRA) is loaded into its base model (``model``, default: the adapter's recorded base) and its
-ΔW taken from the method itself (`Adapter.delta_params`), so new weight-space methods export without code here.
+out (``ExportReport.dropped``) and the error counts it. lora/spm/krona adapters (and loha to ``loha``) are read from
+their tensors alone; any other method (SaRA, (IA)³, LoHa to other formats), and DoRA written as ``diff``, is loaded
+into its base model (``model``, default: the adapter's recorded base) and its ΔW taken from the method itself
+(`Adapter.delta_params`, from the true W0, in the layer's shape), so new weight-space methods export without code
+here. DoRA's ΔW depends on W0, so the error reported for
+its LoRA-format files is that of its parts (s·BA and m), which fix ΔW for every base.
 """
 
 from __future__ import annotations
@@ -44,10 +52,20 @@ from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
-from .kohya_meta import base_version, base_version_metadata, training_metadata
-from .updates import Dense, Kron, LowRank, Update, low_rank_approximation, max_error, read_file
+from .kohya_meta import base_version, base_version_metadata, export_metadata
+from .updates import (
+    Dense,
+    Hadamard,
+    Kron,
+    LowRank,
+    Update,
+    comparable,
+    low_rank_approximation,
+    max_error,
+    read_file,
+)
 
-FORMATS = ("kohya", "diffusers", "lokr", "diff")
+FORMATS = ("kohya", "diffusers", "loha", "lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Module paths of a transformers ≥ 5 CLIPTextModel (no ``text_model`` level); kohya keys keep the old level.
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
@@ -87,8 +105,10 @@ class _Source:
     norms: set[str] = field(default_factory=set)  #: modules that are GroupNorm/LayerNorm (diff keys w_norm/b_norm)
 
 
-def adapter_updates(path: str | Path, model: str | Path | None = None) -> _Source:
-    """The saved adapter's per-module updates (`LowRank`/`Kron`/`Dense`) in fp32 terms of its own tensors.
+def adapter_updates(path: str | Path, model: str | Path | None = None, format: str = "kohya") -> _Source:
+    """The saved adapter's per-module updates (`LowRank`/`Hadamard`/`Kron`/`Dense`) for export as ``format``: from
+    its own tensors where that format holds them, else as `Dense` ΔW computed in its base model (DoRA's depends on
+    W0; a LoHa's tensors do not say a conv's kernel shape).
 
     Raises:
         DifftuneError: an activation-space method (no ΔW), or a method that needs its base model and none is found.
@@ -97,7 +117,9 @@ def adapter_updates(path: str | Path, model: str | Path | None = None) -> _Sourc
     config = config_from_header(header, path)
     component = header.get("component") or ""
     method = header["method"]
-    if method in ("lora", "spm", "krona"):
+    dora = getattr(config, "use_dora", False)
+    if method in ("spm", "krona") or (method == "lora" and not (dora and format == "diff")) or (
+            method == "loha" and format == "loha"):
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in read_tensors(path).items():
             module, _, param = key.rpartition(".")
@@ -107,7 +129,10 @@ def adapter_updates(path: str | Path, model: str | Path | None = None) -> _Sourc
         for module, t in groups.items():
             if method == "lora":
                 updates[module] = LowRank(t["lora_A"], t["lora_B"], config.scale, alpha=config.alpha,
-                                          rslora=config.use_rslora)
+                                          rslora=config.use_rslora, magnitude=t.get("lora_magnitude_vector"))
+            elif method == "loha":
+                updates[module] = Hadamard(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"],
+                                           config.scale, alpha=config.alpha)
             elif method == "spm":
                 updates[module] = LowRank(t["spm_down"], t["spm_up"], config.scale, alpha=config.alpha)
             elif config.layout == "official":  # a row-permuted P(A⊗B): only its dense ΔW describes it
@@ -148,7 +173,7 @@ def _loaded_updates(path: Any, header: dict[str, Any], model: str | Path | None)
             raise DifftuneError(f"method {header['method']!r} acts on activations (no ΔW): it has no file form "
                                 "other tools can load; keep the difftune adapter")
         with torch.no_grad():
-            params = {k: v.detach().float().cpu() for k, v in adapter.delta_params().items()}
+            params = {k: v.detach().float().cpu() for k, v in adapter.delta_params(host.base_params()).items()}
         updates[canonical_name(host_name)] = Dense(params)
         if isinstance(host.base_layer, (nn.GroupNorm, nn.LayerNorm)):
             norms.add(canonical_name(host_name))
@@ -194,7 +219,10 @@ def export_adapter(
         raise bad_value("adapters", [str(p) for p in paths], "one adapter (with prefix), or several without")
     if format == "lokr":
         return _export_lokr(paths, out, prefix, dtype)
-    sources = [adapter_updates(p, model) for p in paths]
+    sources = [adapter_updates(p, model, format) for p in paths]
+    if format == "loha" and any(not isinstance(u, Hadamard) for s in sources for u in s.updates.values()):
+        raise bad_value("format", format, "'kohya', 'diffusers' or 'diff' for a method other than loha",
+                        "the LoHa format holds LoHa adapters (method 'loha')")
     comps = [s.component for s in sources]
     if len(set(comps)) != len(comps):
         raise bad_value("adapters", [str(p) for p in paths], "adapters of different components (one per component)",
@@ -223,15 +251,20 @@ def export_adapter(
                 _write_diff(tensors, key, update, module in source.norms, out_dtype)
             elif format == "kohya":
                 _write_kohya(tensors, key, update, out_dtype)
+            elif format == "loha":
+                _write_loha(tensors, key, update, out_dtype)
             else:
                 key = f"{source.component or 'unet'}.{module}"
                 tensors[f"{key}.lora_A.weight"] = update.down.to(out_dtype).contiguous()
                 tensors[f"{key}.lora_B.weight"] = update.up.to(out_dtype).contiguous()
-            expected[key] = source.updates[module].delta()
+                if update.magnitude is not None:  # peft's own shapes: (d_out,), (1, d_out, 1, 1) for a conv
+                    m = update.magnitude.reshape(1, -1, 1, 1) if update.up.dim() == 4 else update.magnitude
+                    tensors[f"{key}.lora_magnitude_vector"] = m.to(out_dtype).contiguous()
+            expected[key] = comparable(source.updates[module])
         if format == "diffusers":
             lora_config.update(_diffusers_config(source, updates))
         else:
-            metadata.update(_metadata(format, source, updates, version))
+            metadata.update(export_metadata(format, source.header, source.path, updates, version))
     if lora_config:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
     metadata["difftune_export"] = json.dumps(
@@ -247,6 +280,8 @@ def export_adapter(
 def _dtype(update: Update) -> torch.dtype:
     if isinstance(update, LowRank):
         return update.down.dtype
+    if isinstance(update, Hadamard):
+        return update.w1a.dtype
     if isinstance(update, Kron):
         return update.w2.dtype
     return torch.float32
@@ -294,6 +329,14 @@ def _write_kohya(tensors: dict[str, Tensor], key: str, update: LowRank, dtype: t
     tensors[f"{key}.lora_down.weight"] = update.down.to(dtype).contiguous()
     tensors[f"{key}.lora_up.weight"] = update.up.to(dtype).contiguous()
     tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    if update.magnitude is not None:  # LyCORIS's layout (wd_on_out): one magnitude per output row, (d_out, 1[, 1, 1])
+        tensors[f"{key}.dora_scale"] = update.magnitude.reshape(-1, *[1] * (update.up.dim() - 1)).to(dtype)
+
+
+def _write_loha(tensors: dict[str, Tensor], key: str, update: Hadamard, dtype: torch.dtype) -> None:
+    for part in ("w1a", "w1b", "w2a", "w2b"):  # LyCORIS's names and shapes: (d_out, r) and (r, d_in·k·k)
+        tensors[f"{key}.hada_{part[:2]}_{part[2]}"] = getattr(update, part).to(dtype).contiguous()
+    tensors[f"{key}.alpha"] = torch.tensor(float(update.scale * update.rank), dtype=dtype)  # LyCORIS scales by α / r
 
 
 def _write_diff(tensors: dict[str, Tensor], key: str, update: Update, norm: bool, dtype: torch.dtype) -> None:
@@ -313,36 +356,12 @@ def _diffusers_config(source: _Source, updates: dict[str, LowRank]) -> dict[str,
                             f"({sorted(map(str, stated))[:3]}); diffusers' metadata holds one rank and alpha per "
                             "component; use --format kohya (alpha per module)")
     alpha, rslora, r = next(iter(stated))
-    return {f"{comp}.r": r, f"{comp}.lora_alpha": alpha, f"{comp}.use_rslora": rslora,
+    dora = {u.magnitude is not None for u in updates.values()}
+    if len(dora) != 1:
+        raise DifftuneError(f"the {source.header['method']!r} adapter mixes DoRA and plain LoRA modules; diffusers' "
+                            "metadata holds one use_dora per component")
+    return {f"{comp}.r": r, f"{comp}.lora_alpha": alpha, f"{comp}.use_rslora": rslora, f"{comp}.use_dora": dora.pop(),
             f"{comp}.target_modules": sorted(updates)}
-
-
-def _metadata(format: str, source: _Source, updates: dict[str, Any], version: dict[str, str]) -> dict[str, str]:
-    """kohya's ``ss_*`` training metadata (rank, alpha, base model version, what the run's model card records)."""
-    header = source.header
-    meta: dict[str, str] = {}
-    low = [u for u in updates.values() if isinstance(u, LowRank)]
-    ranks = sorted({u.rank for u in low})
-    alphas = sorted({(u.alpha if u.alpha is not None and not u.rslora else u.scale * u.rank) for u in low})
-    meta["ss_network_module"] = "networks.lora" if format == "kohya" else "lycoris.kohya"
-    if format == "diff":
-        meta["ss_network_args"] = json.dumps({"algo": "full"})
-    if ranks:
-        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
-        meta["ss_network_alpha"] = _num(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
-    meta.update(version)
-    meta["ss_sd_model_name"] = header.get("base_model", "") or ""
-    meta["ss_training_comment"] = f"difftune {__version__} {header['method']} adapter, exported as {format}"
-    if header["method"] == "spm":  # what the official SPM code writes, so `load_spm` recovers the concepts
-        config = header.get("config", {})
-        meta.update(prompts=",".join(config.get("concepts", [])), rank=str(config.get("rank", "")),
-                    alpha=str(config.get("alpha", "")))
-    meta.update(training_metadata(source.path))
-    return meta
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
@@ -353,7 +372,7 @@ def _measure(out: str | Path, expected: dict[str, dict[str, Tensor]]) -> float:
     missing = sorted(set(expected) - set(found))
     if missing:
         raise DifftuneError(f"the written {out} lacks modules {missing[:3]} (a bug in the exporter)")
-    return max((max_error(found[k].delta(), expected[k]) for k in expected), default=0.0)
+    return max((max_error(comparable(found[k]), expected[k]) for k in expected), default=0.0)
 
 
 def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | None) -> ExportReport:
@@ -361,7 +380,7 @@ def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | No
 
     if len(paths) != 1:
         raise bad_value("adapters", [str(p) for p in paths], "one krona adapter for format 'lokr'")
-    source = adapter_updates(paths[0])
+    source = adapter_updates(paths[0], format="lokr")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         export_krona(paths[0], out, format="lokr", prefix=prefix, dtype=dtype)

@@ -9,14 +9,18 @@ file module                            difftune adapter
 =====================================  =============================================================================
 kohya / LoCon ``lora_down/up/alpha``   ``lora`` (same rank and α when the file has one of each: bit-identical ΔW;
 diffusers/peft ``lora_A/lora_B``       otherwise ranks are zero-padded to the largest and each α/r folded into B)
-LyCORIS LoHa ``hada_w{1,2}_{a,b}``     ``lora`` of rank r²: (W1a W1b) ⊙ (W2a W2b) is exactly a rank-r² product
-                                       (`loha_as_low_rank`); no LoHa method is needed
++ ``dora_scale`` / peft                ``lora`` with ``use_dora`` (the magnitude as is; every module of the
+``lora_magnitude_vector``              component must have one)
+LyCORIS LoHa ``hada_w{1,2}_{a,b}``     ``loha`` (same rank and α when shared, else zero-padded and α/r folded into
+                                       W1a); in a file that also has LoRA modules, each LoHa becomes its exactly
+                                       equal rank-r² LoRA (`loha_as_low_rank`) and the component one ``lora``
 LyCORIS LoKr ``lokr_w1/lokr_w2``       ``krona`` (A = w1, B = w2; low-rank factors multiplied out)
 LyCORIS full ``diff``                  ``krona`` with a 1×1 A = [1]: ΔW = 1 ⊗ diff, the dense ΔW exactly
 =====================================  =============================================================================
 
-Bias/norm differences (``diff_b``, ``w_norm``), Tucker, DoRA and OFT modules have no difftune adapter form and are
-refused by name; so are keys for modules the model does not have, and keys of no known kind. Nothing is dropped.
+Bias/norm differences (``diff_b``, ``w_norm``), Tucker, DoRA on LoHa/LoKr and OFT modules have no difftune adapter
+form and are refused by name; so are keys for modules the model does not have, and keys of no known kind. Nothing is
+dropped.
 
 A file holding several components (kohya ``lora_unet_*`` + ``lora_te_*``) becomes one adapter per component: the
 denoiser's is called ``name``, the others ``name_<component>`` (e.g. ``style_text_encoder``).
@@ -32,15 +36,16 @@ from torch import Tensor, nn
 
 from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
-from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, inject, modules_of
+from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, modules_of
 from ..methods import model as core
 from ..methods.krona import layer_dims
+from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .kohya import KOHYA_COMPONENTS, base_layer, match_modules
+from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules
 from .krona import _inject_factors
-from .updates import Dense, Kron, LowRank, Update, read_file
+from .updates import Dense, Hadamard, Kron, LowRank, Update, read_file
 
 
 def load_foreign(obj: Any, path: str | Path, name: str | None = None, weight: float = 1.0, *,
@@ -134,13 +139,16 @@ def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict
     modules = resolve_modules(module, comp, fmt, list(updates), path)
     by_module = {modules[k]: u for k, u in updates.items()}
     kinds = {type(u).__name__ for u in by_module.values()}
-    if kinds == {"LowRank"}:
-        return _load_lora(obj, module, comp, by_module, name, weight, path)
+    if kinds == {"Hadamard"}:
+        return _load_loha(obj, module, comp, by_module, name, weight, path)
+    if kinds <= {"LowRank", "Hadamard"}:  # one method per component: a LoHa is exactly a rank-r² LoRA
+        lora = {m: u.as_low_rank() if isinstance(u, Hadamard) else u for m, u in by_module.items()}
+        return _load_lora(obj, module, comp, lora, name, weight, path)
     if kinds <= {"Kron", "Dense"}:
         factors = {m: _kron_factors(m, u, base_layer(module, m, needed_by="LoKr/full modules"), path)
                    for m, u in by_module.items()}
         return _inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
-    raise DifftuneError(f"{str(path)!r} mixes low-rank (LoRA/LoHa) and Kronecker/full modules in one component; "
+    raise DifftuneError(f"{str(path)!r} mixes low-rank (LoRA/LoHa/DoRA) and Kronecker/full modules in one component; "
                         "difftune gives one component one method; split the file by module kind")
 
 
@@ -166,36 +174,55 @@ def _kron_factors(module: str, update: Kron | Dense, layer: nn.Module, path: Any
 def _load_lora(obj: Any, module: nn.Module, comp: str, updates: dict[str, LowRank], name: str, weight: float,
                path: Any) -> str:
     """One ``lora`` adapter over ``updates``' modules: the file's own rank/α when shared, else padded and folded."""
+    dora = sum(u.magnitude is not None for u in updates.values())
+    if dora not in (0, len(updates)):
+        raise DifftuneError(f"{str(path)!r}: {dora} of the component's {len(updates)} LoRA modules are DoRA (with a "
+                            "magnitude); difftune gives a component one adapter, all DoRA or none. Split the file")
     ranks = {u.rank for u in updates.values()}
     stated = {(u.alpha, u.rslora) for u in updates.values()}
     shared = len(ranks) == 1 and len(stated) == 1 and None not in {a for a, _ in stated}
     if shared:
         alpha, rslora = next(iter(stated))
         config = LoRAConfig(target_modules=_targets(module, updates), rank=ranks.pop(), alpha=alpha,
-                            use_rslora=rslora)
+                            use_rslora=rslora, use_dora=bool(dora))
         shared = all(config.scale == u.scale for u in updates.values())
     if not shared:  # zero rows/columns add nothing to U D; each module's own α/r goes into its U
         r = max(u.rank for u in updates.values())
-        config = LoRAConfig(target_modules=_targets(module, updates), rank=r, alpha=float(r))
-    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
-    try:
-        with torch.no_grad():
-            for host_name, host in core.hosts(module):
-                if name not in host.adapters:
-                    continue
-                adapter = host.adapters[name]
-                if adapter.lora_A.is_meta:  # a model built on the meta device: give only the adapter memory
-                    adapter.to_empty(device="cpu")
-                u = updates[canonical_name(host_name)]
-                down, up = u.down.float(), u.up.float()
-                if not shared:
-                    up = up * u.scale
-                _copy_factor(adapter.lora_A, down, 0, host_name, "down", path)
-                _copy_factor(adapter.lora_B, up, 1, host_name, "up", path)
-    except BaseException:
-        core.remove(module, name)
-        raise
-    return name
+        config = LoRAConfig(target_modules=_targets(module, updates), rank=r, alpha=float(r), use_dora=bool(dora))
+
+    def fill(layer: str, adapter: Any) -> None:
+        u = updates[layer]
+        up = u.up.float() if shared else u.up.float() * u.scale
+        _copy_factor(adapter.lora_A, u.down.float(), 0, layer, "down", path)
+        _copy_factor(adapter.lora_B, up, 1, layer, "up", path)
+        if u.magnitude is not None:  # (d_out,) from any file layout → this adapter's (peft's) shape
+            m = adapter.lora_magnitude_vector
+            if u.magnitude.numel() != m.numel():
+                raise DifftuneError(f"{str(path)!r}: {layer}: a DoRA magnitude of {u.magnitude.numel()} values for "
+                                    f"{m.numel()} output channels")
+            m.copy_(u.magnitude.reshape(m.shape).to(m.dtype))
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
+
+
+def _load_loha(obj: Any, module: nn.Module, comp: str, updates: dict[str, Hadamard], name: str, weight: float,
+               path: Any) -> str:
+    """One ``loha`` adapter: the file's rank and α when shared, else zero-padded ranks and each α/r folded into W1a."""
+    ranks = {u.rank for u in updates.values()}
+    alphas = {u.alpha for u in updates.values()}
+    shared = len(ranks) == 1 and len(alphas) == 1
+    r = max(ranks)
+    config = LoHaConfig(target_modules=_targets(module, updates), rank=r,
+                        alpha=float(next(iter(alphas))) if shared else float(r))
+
+    def fill(layer: str, adapter: Any) -> None:
+        u = updates[layer]
+        w1a = u.w1a.float() if shared else u.w1a.float() * (u.scale / config.scale)
+        for what, src, rank_dim in (("hada_w1_a", w1a, 1), ("hada_w1_b", u.w1b, 0), ("hada_w2_a", u.w2a, 1),
+                                    ("hada_w2_b", u.w2b, 0)):
+            _copy_factor(getattr(adapter, what), src.float(), rank_dim, layer, what, path)
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
 
 
 def _copy_factor(dst: Tensor, src: Tensor, rank_dim: int, module: str, what: str, path: Any) -> None:

@@ -16,14 +16,18 @@ The helpers here know nothing about any method: each format module (``krona.py``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..loading import inject
+from ..methods import model as core
+from ..methods.base import Adapter, MethodConfig
 from ..methods.host import AdapterHost
 from ..targeting import canonical_name
 
@@ -31,6 +35,7 @@ __all__ = [
     "KOHYA_COMPONENTS",
     "KOHYA_PREFIXES",
     "base_layer",
+    "fill_injected",
     "group_by_module",
     "kohya_component",
     "kohya_name",
@@ -237,3 +242,23 @@ def base_layer(
         need = " or ".join(k.__name__ for k in kinds)
         raise DifftuneError(f"module {name!r} is a {type(layer).__name__}; {needed_by} need {need}")
     return layer
+
+
+def fill_injected(obj: Any, module: nn.Module, comp: str, config: MethodConfig, name: str, weight: float,
+                  fill: Callable[[str, Adapter], None]) -> str:
+    """Inject ``config`` as adapter ``name`` (into the pipeline or model ``obj``, component ``comp`` being
+    ``module``) and hand each of its layers, (canonical module name, adapter), to ``fill``, which copies a file's
+    tensors in (under no_grad). Nothing is kept when anything fails: the adapter is removed again."""
+    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
+    try:
+        with torch.no_grad():
+            for host_name, host in core.hosts(module):
+                if name in host.adapters:
+                    adapter = host.adapters[name]
+                    if any(p.is_meta for p in adapter.parameters()):  # a model built on the meta device: give only
+                        adapter.to_empty(device="cpu")  # the adapter memory
+                    fill(canonical_name(host_name), adapter)
+    except BaseException:
+        core.remove(module, name)
+        raise
+    return name

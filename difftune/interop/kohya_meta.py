@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BASE_VERSIONS", "base_version", "base_version_metadata", "training_metadata"]
+from ..version import __version__
+
+__all__ = ["BASE_VERSIONS", "base_version", "base_version_metadata", "export_metadata", "training_metadata"]
 
 #: Our family name → kohya's ``ss_base_model_version`` (sd-scripts: ``sd_v1``/``sd_v2`` + ``_v`` for
 #: v-parameterization, ``sdxl_base_v1-0`` for SDXL).
@@ -102,6 +104,38 @@ def base_version_metadata(family: str | None, v_pred: bool | None) -> dict[str, 
     if v_pred is not None:
         meta["ss_v_parameterization"] = str(bool(v_pred))
     return meta
+
+
+def export_metadata(format: str, header: dict[str, Any], adapter: str | Path, updates: dict[str, Any],
+                    version: dict[str, str]) -> dict[str, str]:
+    """kohya's ``ss_*`` metadata for an export of ``adapter`` (its difftune ``header``) as ``format`` with ``updates``
+    (rank, alpha, network module and args, base model version, what the run's model card records)."""
+    meta: dict[str, str] = {}
+    low = [u for u in updates.values() if getattr(u, "down", None) is not None]  # LowRank: rank and alpha
+    ranks = sorted({u.rank for u in low})
+    alphas = sorted({(u.alpha if u.alpha is not None and not u.rslora else u.scale * u.rank) for u in low})
+    dora = any(u.magnitude is not None for u in low)
+    # kohya's own networks.lora has no DoRA: LyCORIS writes it (algo lora with dora_wd), as it writes LoHa and full
+    meta["ss_network_module"] = "networks.lora" if format == "kohya" and not dora else "lycoris.kohya"
+    if format == "diff" or format == "loha" or dora:
+        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": True} if dora and format == "kohya" else
+                                             {"algo": "full" if format == "diff" else format})
+    if ranks:
+        meta["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else json.dumps(ranks)
+        meta["ss_network_alpha"] = _num(alphas[0]) if len(alphas) == 1 else json.dumps(alphas)
+    meta.update(version)
+    meta["ss_sd_model_name"] = header.get("base_model", "") or ""
+    meta["ss_training_comment"] = f"difftune {__version__} {header['method']} adapter, exported as {format}"
+    if header["method"] == "spm":  # what the official SPM code writes, so `load_spm` recovers the concepts
+        config = header.get("config", {})
+        meta.update(prompts=",".join(config.get("concepts", [])), rank=str(config.get("rank", "")),
+                    alpha=str(config.get("alpha", "")))
+    meta.update(training_metadata(adapter))
+    return meta
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def training_metadata(adapter: str | Path) -> dict[str, str]:

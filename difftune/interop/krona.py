@@ -38,8 +38,7 @@ from torch import Tensor, nn
 from ..architectures import denoiser_on_meta
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
-from ..loading import component_of, inject
-from ..methods import model as core
+from ..loading import component_of
 from ..methods.krona import KronAConfig, kron_delta, layer_dims, lycoris_factorization
 from ..serialization import read_header, read_tensors, save_adapter_file
 from ..targeting import canonical_name, find_targets
@@ -47,6 +46,7 @@ from ..version import __version__
 from .kohya import (
     KOHYA_PREFIXES,  # noqa: F401 (kept importable from here, where it used to live)
     base_layer,
+    fill_injected,
     group_by_module,
     kohya_name,
     kohya_prefix,
@@ -352,22 +352,13 @@ def _inject_factors(
         selected = set()
     targets = leaves if selected == wanted else in_model_order
     config = KronAConfig(target_modules=targets, layout=layout, **config_fields)
-    inject(obj, config, name=name, weight=weight, component=comp or None, freeze_base=False)
-    try:
-        with torch.no_grad():
-            for host_name, host in core.hosts(module):
-                if name not in host.adapters:
-                    continue
-                adapter = host.adapters[name]
-                if adapter.krona_A.is_meta:  # a denoiser built on the meta device: give only the adapter memory
-                    adapter.to_empty(device="cpu")
-                a, b = factors[canonical_name(host_name)]
-                adapter.krona_A.copy_(a)
-                adapter.krona_B.copy_(b)
-    except BaseException:
-        core.remove(module, name)
-        raise
-    return name
+
+    def fill(layer: str, adapter: Any) -> None:
+        a, b = factors[layer]
+        adapter.krona_A.copy_(a)
+        adapter.krona_B.copy_(b)
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
 
 
 def _split_rule(factors: dict[str, tuple[Tensor, Tensor]], module: nn.Module, path: Any) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """A module's weight update in the forms files store it, and the reading of other tools' files into them.
 
-Every format difftune exchanges stores, per module, one of three shapes of the same thing, ΔW:
+Every format difftune exchanges stores, per module, one of four shapes of the same thing, ΔW:
 
 * `LowRank`: ΔW = s · U D (kohya ``lora_down``/``lora_up``/``alpha``, LyCORIS LoCon, diffusers/peft ``lora_A``/
-  ``lora_B``; LyCORIS LoHa is rewritten into this form exactly, see `loha_as_low_rank`).
+  ``lora_B``), or with a DoRA magnitude m (kohya/LyCORIS ``dora_scale``, peft ``lora_magnitude_vector``)
+  ΔW = m ⊙ (W0 + s U D) / ‖W0 + s U D‖_c − W0, which needs the base weight W0.
+* `Hadamard`: ΔW = s · (W1a W1b) ⊙ (W2a W2b) (LyCORIS LoHa ``hada_w{1,2}_{a,b}``; exactly a rank-r² `LowRank`,
+  `loha_as_low_rank`).
 * `Kron`: ΔW = W1 ⊗ W2 (LyCORIS LoKr).
 * `Dense`: ΔW itself, per parameter (LyCORIS "full" ``diff``/``diff_b``, norm ``w_norm``/``b_norm``).
 
@@ -28,13 +31,13 @@ from .kohya import KOHYA_COMPONENTS, group_by_module, read_safetensors
 
 #: Components whose name leads a diffusers/peft key (``unet.down_blocks...lora_A.weight``).
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "prior")
-LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
+LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
 LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
 LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
 DENSE_PARTS = {"diff": "weight", "diff_b": "bias", "w_norm": "weight", "b_norm": "bias"}
 #: Parts we recognise but cannot represent, and why (the error names them instead of calling them unknown).
 REFUSED_PARTS = {"hada_t1": "Tucker-decomposed LoHa", "hada_t2": "Tucker-decomposed LoHa",
-                 "lokr_t1": "Tucker-decomposed LoKr", "lokr_t2": "Tucker-decomposed LoKr", "dora_scale": "DoRA",
+                 "lokr_t1": "Tucker-decomposed LoKr", "lokr_t2": "Tucker-decomposed LoKr",
                  "lora_mid.weight": "Tucker-decomposed LoCon", "scalar": "LyCORIS use_scalar",
                  "oft_blocks": "OFT", "oft_diag": "OFT", "weight": "a whole replaced weight (not a difference)"}
 
@@ -45,6 +48,7 @@ class LowRank:
 
     ``alpha``/``rslora`` record how the file stated the scale (α / r, or α / √r), so an import can keep the same
     config and reproduce the scale bit for bit; None where the scale came from elsewhere (LoHa, an SVD).
+    ``magnitude`` (d_out,) makes it DoRA; its ΔW then depends on W0 and `delta` refuses (see `comparable`).
     """
 
     down: Tensor
@@ -52,14 +56,49 @@ class LowRank:
     scale: float
     alpha: float | None = None
     rslora: bool = False
+    magnitude: Tensor | None = None
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self) -> dict[str, Tensor]:
+    def low_rank(self) -> Tensor:
+        """s · U D in fp32, reshaped to the layer."""
         d, u = self.down.float(), self.up.float()
-        return {"weight": (u.flatten(1) @ d.flatten(1)).view(u.shape[0], *d.shape[1:]) * self.scale}
+        return (u.flatten(1) @ d.flatten(1)).view(u.shape[0], *d.shape[1:]) * self.scale
+
+    def delta(self) -> dict[str, Tensor]:
+        if self.magnitude is not None:
+            raise DifftuneError("a DoRA module's ΔW depends on the base weights; load it into its model to get ΔW")
+        return {"weight": self.low_rank()}
+
+
+@dataclass
+class Hadamard:
+    """ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b): w1a, w2a (d_out, r), w1b, w2b (r, d_in·k·k) (LyCORIS LoHa).
+
+    ``alpha`` is the file's (None: α = r); the layer's shape comes from the model it is loaded into.
+    """
+
+    w1a: Tensor
+    w1b: Tensor
+    w2a: Tensor
+    w2b: Tensor
+    scale: float
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1b.shape[0])
+
+    def delta(self) -> dict[str, Tensor]:
+        w1 = self.w1a.float() @ self.w1b.float()
+        return {"weight": w1 * (self.w2a.float() @ self.w2b.float()) * self.scale}  # (d_out, d_in·k·k)
+
+    def as_low_rank(self) -> LowRank:
+        """The exactly equal LoRA of rank r² (`loha_as_low_rank`)."""
+        return loha_as_low_rank({"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a,
+                                 "hada_w2_b": self.w2b, "alpha": torch.tensor(self.alpha or self.rank)}, "LoHa")
 
 
 @dataclass
@@ -85,7 +124,14 @@ class Dense:
         return {k: v.float() for k, v in self.params.items()}
 
 
-Update = LowRank | Kron | Dense
+Update = LowRank | Hadamard | Kron | Dense
+
+
+def comparable(update: Update) -> dict[str, Tensor]:
+    """What two equal updates agree on: ΔW, or for DoRA (whose ΔW needs W0) s·U D and m, which fix ΔW for every W0."""
+    if isinstance(update, LowRank) and update.magnitude is not None:
+        return {"weight": update.low_rank(), "magnitude": update.magnitude.float().flatten()}
+    return update.delta()
 
 
 def max_error(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
@@ -155,14 +201,20 @@ def _kohya_update(key: str, parts: dict[str, Tensor]) -> Update:
     refused = sorted(REFUSED_PARTS[p] for p in names if p in REFUSED_PARTS)
     if refused:
         raise DifftuneError(f"{key}: {', '.join(sorted(set(refused)))} has no difftune representation; "
-                            "LoRA/LoCon, LoHa, LoKr and full (diff) modules import")
+                            "LoRA/LoCon (DoRA included), LoHa, LoKr and full (diff) modules import")
     if names <= LORA_PARTS and {"lora_down.weight", "lora_up.weight"} <= names:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         r = int(down.shape[0])
         scale = _alpha_scale(parts, r)
-        return LowRank(down, up, scale, alpha=scale * r if "alpha" not in parts else float(parts["alpha"]) or r)
+        magnitude = _dora_scale(key, parts["dora_scale"], int(up.shape[0])) if "dora_scale" in parts else None
+        return LowRank(down, up, scale, alpha=scale * r if "alpha" not in parts else float(parts["alpha"]) or r,
+                       magnitude=magnitude)
+    if "dora_scale" in names:
+        raise DifftuneError(f"{key}: a DoRA magnitude (dora_scale) on a LoHa/LoKr module (LyCORIS's weight "
+                            "decomposition of another algorithm) has no difftune representation; LoRA/LoCon DoRA "
+                            "imports")
     if names <= LOHA_PARTS and "hada_w1_a" in names:
-        return loha_as_low_rank(parts, key)
+        return _hadamard(key, parts)
     if names <= LOKR_PARTS and any(p.startswith("lokr_w1") for p in names):
         return _lokr(key, parts)
     if names and names <= set(DENSE_PARTS):
@@ -172,6 +224,28 @@ def _kohya_update(key: str, parts: dict[str, Tensor]) -> Update:
         return Dense({DENSE_PARTS[p]: v for p, v in parts.items()}, norm=norm)
     raise DifftuneError(f"{key}: parts {sorted(names)} are no LoRA (lora_down/lora_up/alpha), LoHa (hada_*), LoKr "
                         "(lokr_*) or full (diff/diff_b, w_norm/b_norm) module")
+
+
+def _hadamard(key: str, parts: dict[str, Tensor]) -> Hadamard:
+    """A LoHa module, its factors checked (`loha_as_low_rank` checks the same) and α/r applied as LyCORIS does."""
+    lora = loha_as_low_rank(parts, key)  # validates the four factors; its scale is α / r
+    if parts["hada_w1_a"].shape[1] != parts["hada_w2_a"].shape[1]:
+        raise DifftuneError(f"{key}: LoHa factors of ranks {parts['hada_w1_a'].shape[1]} and "
+                            f"{parts['hada_w2_a'].shape[1]}; LyCORIS writes one rank for both products")
+    alpha = lora.scale * int(parts["hada_w1_b"].shape[0])
+    return Hadamard(*(parts[p] for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")), lora.scale,
+                    alpha=alpha)
+
+
+def _dora_scale(key: str, value: Tensor, d_out: int) -> Tensor:
+    """A kohya/LyCORIS ``dora_scale`` as m (d_out,): LyCORIS writes (d_out, 1[, 1, 1]) (its default ``wd_on_out``),
+    diffusers' kohya converter peft's flat (d_out,). A (1, d_in...) scale (``wd_on_out=False``: the norm of each
+    input column) is another decomposition, refused."""
+    if value.numel() == d_out and (value.dim() == 1 or value.shape[0] == d_out):
+        return value.reshape(d_out)
+    raise DifftuneError(f"{key}: dora_scale of shape {tuple(value.shape)} is no magnitude per output channel (d_out = "
+                        f"{d_out}); LyCORIS's wd_on_out=False (a norm per input channel) has no difftune "
+                        "representation")
 
 
 def _lokr(key: str, parts: dict[str, Tensor]) -> Kron:
@@ -208,9 +282,16 @@ def file_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+#: diffusers/peft key endings → the part they hold (diffusers' own converter writes ``lora.down``/``lora.up``).
+DIFFUSERS_PARTS = {".lora_A.weight": "lora_A.weight", ".lora_B.weight": "lora_B.weight",
+                   ".lora.down.weight": "lora_A.weight", ".lora.up.weight": "lora_B.weight", ".alpha": "alpha",
+                   ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude"}
+
+
 def detect_format(keys: list[str]) -> str:
-    """"diffusers" (``lora_A``/``lora_B`` keys, peft's names) or "kohya" (``<prefix>_<module>.<part>`` keys)."""
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+    """"diffusers" (``lora_A``/``lora_B`` keys, peft's names, or diffusers' ``lora.down``/``lora.up``) or "kohya"
+    (``<prefix>_<module>.<part>`` keys)."""
+    if any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys):
         return "diffusers"
     return "kohya"
 
@@ -229,7 +310,7 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
         raise DifftuneError(f"{str(path)!r} holds no tensors")
     fmt = detect_format(list(tensors))
     if fmt == "diffusers":
-        return fmt, _read_diffusers(tensors, file_metadata(path), path)
+        return fmt, _read_diffusers(tensors, _lora_config(path), path)
     out: dict[str, dict[str, Update]] = {}
     for key, parts in group_by_module(tensors).items():
         component = next((c for p, c in KOHYA_COMPONENTS.items() if key.startswith(p + "_")), "")
@@ -237,30 +318,47 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
     return fmt, out
 
 
-def _read_diffusers(tensors: dict[str, Tensor], meta: dict[str, str], path: object) -> dict[str, dict[str, Update]]:
-    """diffusers ``save_lora_weights`` / peft ``adapter_model.safetensors`` LoRA files."""
-    config = {}
+def _lora_config(path: str | Path) -> dict:
+    """The LoraConfig a diffusers/peft file states: diffusers' ``lora_adapter_metadata`` (keys ``<component>.<field>``)
+    or, for peft's ``save_pretrained`` (``adapter_model.safetensors`` beside an ``adapter_config.json`` of
+    ``peft_type`` LORA), that JSON; {} when the file states none."""
+    meta = file_metadata(path)
     if "lora_adapter_metadata" in meta:
         try:
             config = json.loads(meta["lora_adapter_metadata"])
         except json.JSONDecodeError as e:
             raise DifftuneError(f"{str(path)!r}: its lora_adapter_metadata is not JSON ({e})") from None
+        return config if isinstance(config, dict) else {}
+    sibling = Path(path).with_name("adapter_config.json")
+    if sibling.is_file():
+        try:
+            config = json.loads(sibling.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DifftuneError(f"{str(sibling)!r} beside {str(path)!r} is not JSON ({e})") from None
+        if isinstance(config, dict) and config.get("peft_type") == "LORA":
+            return config
+    return {}
+
+
+def _read_diffusers(tensors: dict[str, Tensor], config: dict, path: object) -> dict[str, dict[str, Update]]:
+    """diffusers ``save_lora_weights`` / peft ``adapter_model.safetensors`` LoRA (and DoRA) files."""
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
     odd = []
     for key, value in tensors.items():
         k = key.removeprefix("base_model.model.")
-        for part in (".lora_A.weight", ".lora_B.weight", ".alpha"):
-            if k.endswith(part):
-                module = k[: -len(part)]
+        for ending, part in DIFFUSERS_PARTS.items():
+            if k.endswith(ending):
+                module = k[: -len(ending)]
                 head, _, rest = module.partition(".")
                 component, module = (head, rest) if head in DIFFUSERS_COMPONENTS and rest else ("", module)
-                groups.setdefault((component, module), {})[part[1:]] = value
+                groups.setdefault((component, module), {})[part] = value
                 break
         else:
             odd.append(key)
     if odd:
         raise DifftuneError(f"{len(odd)} key(s) of {str(path)!r} are no diffusers/peft LoRA keys "
-                            f"(<component>.<module>.lora_A.weight / lora_B.weight), e.g. {odd[:3]}")
+                            f"(<component>.<module>.lora_A.weight / lora_B.weight / lora_magnitude_vector), "
+                            f"e.g. {odd[:3]}")
     out: dict[str, dict[str, Update]] = {}
     for (component, module), parts in groups.items():
         if {"lora_A.weight", "lora_B.weight"} - set(parts):
@@ -274,13 +372,20 @@ def _read_diffusers(tensors: dict[str, Tensor], meta: dict[str, str], path: obje
             if cfg.get(unsupported):
                 raise DifftuneError(f"{str(path)!r}: per-module `{unsupported}` in lora_adapter_metadata is not "
                                     "supported; convert the file to kohya format first")
+        magnitude = parts.get("magnitude")
+        if magnitude is not None:  # peft's shapes: (d_out,), or (1, d_out, 1, 1) for a conv
+            if magnitude.numel() != up.shape[0]:
+                raise DifftuneError(f"{str(path)!r}: {module}: lora_magnitude_vector of shape "
+                                    f"{tuple(magnitude.shape)} for {up.shape[0]} output channels")
+            magnitude = magnitude.reshape(-1)
         if "alpha" in parts:
             scale = _alpha_scale(parts, r)
-            update = LowRank(down, up, scale, alpha=float(parts["alpha"]) or r)
+            update = LowRank(down, up, scale, alpha=float(parts["alpha"]) or r, magnitude=magnitude)
         elif "lora_alpha" in cfg:  # diffusers' metadata: LoraConfig kwargs (scale α/r, α/√r with use_rslora)
             alpha, rslora = float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
-            update = LowRank(down, up, alpha / (math.sqrt(r) if rslora else r), alpha=alpha, rslora=rslora)
-        else:
-            update = LowRank(down, up, 1.0, alpha=float(r))  # what diffusers applies to a file without alphas
+            update = LowRank(down, up, alpha / (math.sqrt(r) if rslora else r), alpha=alpha, rslora=rslora,
+                             magnitude=magnitude)
+        else:  # what diffusers applies to a file without alphas
+            update = LowRank(down, up, 1.0, alpha=float(r), magnitude=magnitude)
         out.setdefault(component, {})[module] = update
     return out

@@ -1,6 +1,6 @@
 """Registered methods. Importing a method file registers it (one line each)."""
 
-from . import bk, full, kind, krona, lora, sara, scedit, spm  # noqa: F401  (bk and full train whole models, no adapter)
+from . import bk, full, ia3, kind, krona, loha, lora, sara, scedit, spm  # noqa: F401  (bk, full: whole models)
 from .base import METHODS, Adapter, MethodConfig, Site, get_method, register_method
 from .host import AdapterHost
 

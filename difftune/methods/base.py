@@ -17,6 +17,13 @@ The host's output is ``base(x) + Σ_i w_i · δ_i(x)`` over the enabled adapters
 methods (those that define ΔW through `Adapter.delta_weight` or `Adapter.delta_params`) merge as
 ``W = W0 + Σ w_i ΔW_i``; the others act on activations and may rewrite the input (`Adapter.pre_forward`) or the
 output (`Adapter.forward`) freely.
+
+**W0 is supplied.** ΔW may depend on the base weights (DoRA normalises W0 + BA, (IA)³ scales W0, KIND replaces it).
+The host hands every adapter the *true* base values, never the live parameter when something is fused into it:
+`delta_weight(w0)`, `delta_params(base)`, `delta(x, base_layer, base)` and `forward(x, out, weight, base_layer,
+base)` receive them (``base`` maps a parameter name such as ``"weight"`` to W0; see `host.BaseParams`). So an
+adapter's ΔW and output do not change when another adapter is fused into the same layer, and no method keeps a
+private copy of W0. Methods whose ΔW does not depend on W0 (LoRA, KronA, SaRA) take the argument and ignore it.
 """
 
 from __future__ import annotations
@@ -222,6 +229,11 @@ class Adapter(nn.Module):
 
     The ``weight`` an adapter receives is a float, or, when per-item weights were given for the call (see
     `difftune.adapter_inputs`), a tensor of shape (B, 1, ..., 1) that broadcasts against the batch.
+
+    W0, the true base values, comes as an argument (module docstring): ``w0`` is the base weight, ``base`` maps each
+    of the base layer's parameter names to its base value and computes it only when read (a compressed layer decodes
+    its weight then). Read W0 from there, never from ``base_layer.weight``, which holds W0 + Σ w_i ΔW_i while other
+    adapters are fused. The tensors are the host's own (the live parameter, or its kept original): do not modify them.
     """
 
     prefix: ClassVar[str] = ""
@@ -252,21 +264,22 @@ class Adapter(nn.Module):
         with: ``class_labels``, ``encoder_hidden_states``, ``timestep``, ...)."""
         return current_inputs()
 
-    def delta_weight(self) -> Tensor:
-        """ΔW with the shape of ``base_layer.weight``."""
+    def delta_weight(self, w0: Tensor) -> Tensor:
+        """ΔW with the shape of ``base_layer.weight``, given the base weight ``w0`` (the true W0: see the class)."""
         raise DifftuneError(f"method {self.config.method!r} is not weight-space: it has no ΔW and cannot be merged")
 
     def merge_params(self) -> tuple[str, ...]:
         """Names of the base layer's parameters a merge changes."""
         return ("weight",)
 
-    def delta_params(self) -> dict[str, Tensor]:
-        """Dense Δ (fp32) for each name in `merge_params`."""
-        return {"weight": self.delta_weight()}
+    def delta_params(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Dense Δ (fp32) for each name in `merge_params`, given ``base``: {parameter name: its true base value}."""
+        return {"weight": self.delta_weight(base["weight"])}
 
     # -- Sparse adapters (``sparse = True``) write and restore their own entries; they override these four.
     def restore(self, pname: str, param: Tensor) -> None:
-        """Write the base values back into this adapter's entries of ``param``."""
+        """Write the base values back into this adapter's entries of ``param``: the live parameter, or a copy of it
+        from which the host builds W0 for other adapters (so this must not change the adapter's own state)."""
         raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
 
     def add_into(self, pname: str, param: Tensor, weight: float) -> None:
@@ -294,17 +307,19 @@ class Adapter(nn.Module):
         """Rewrite the base layer's input (activation-space methods); identity by default."""
         return x
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
         """δ(x), the adapter's additive contribution to the base layer's output: ΔW·x for weight-space adapters,
-        None (nothing added) for activation-space ones."""
+        None (nothing added) for activation-space ones. ``base`` holds the true base values (W0 is
+        ``base["weight"]``)."""
         if not self.mergeable:
             return None
-        dw = self.delta_weight()
+        dw = self.delta_weight(base["weight"])
         return apply_weight(base_layer, x.to(dw.dtype), dw)
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         """The host's output after this adapter: ``out + weight · δ(x)`` (``out`` when δ is None)."""
-        d = self.delta(x, base_layer)
+        d = self.delta(x, base_layer, base)
         return out if d is None else out + weight * d.to(out.dtype)
 
 

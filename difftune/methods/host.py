@@ -2,11 +2,15 @@
 
 Merging writes ``W = W0 + Σ_merged w_i ΔW_i`` (sums in fp32) and keeps W0 while merged, so unmerging is exact
 (no drift over fuse/unfuse cycles). Sparse adapters restore their own entries instead of a dense copy of W0.
+
+Every adapter computes its ΔW and its output from the true W0 (`BaseParams`), whatever else is fused: the kept
+original while a dense adapter is fused into the parameter, else the live parameter, which holds W0 unless sparse
+adapters are fused into it (then a copy with their entries restored, the one case that copies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +19,37 @@ from torch import Tensor, nn
 from ..errors import DifftuneError
 from .base import Adapter
 from .context import WEIGHTS_KEY, current_inputs, item_weight
+
+
+class BaseParams(Mapping[str, Tensor]):
+    """W0 of one host: {parameter name of the base layer: its true base value}, each computed when first read.
+
+    Made once per forward and per merge, so a layer whose adapters ignore W0 never computes it (a compressed layer
+    would decode its weight) and several adapters that read it share one lookup. The values are the host's own
+    tensors (its kept original, or the live parameter): read-only for adapters.
+    """
+
+    def __init__(self, host: AdapterHost) -> None:
+        self._host = host
+        self._values: dict[str, Tensor] = {}
+
+    def __getitem__(self, pname: str) -> Tensor:
+        if pname not in self._values:
+            self._values[pname] = self._host.base_value(pname)
+        return self._values[pname]
+
+    def _names(self) -> list[str]:
+        layer = self._host.base_layer
+        names = [n for n, _ in layer.named_parameters(recurse=False)]
+        # a compressed layer (difftune.compress) exposes its decoded `weight` as a property, not a Parameter
+        return names if "weight" in names or not isinstance(getattr(layer, "weight", None), Tensor) else \
+            ["weight", *names]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 class AdapterHost(nn.Module):
@@ -55,8 +90,28 @@ class AdapterHost(nn.Module):
                                     f"parameters and cannot take per-item weights (`{WEIGHTS_KEY}`)")
         return {n: n in weights for n, _, _ in active}
 
+    def base_value(self, pname: str) -> Tensor:
+        """The true base value W0 of the base layer's ``pname`` (see the module docstring); KeyError if it has none."""
+        original = self._buffers.get(f"original_{pname}")
+        if original is not None:
+            return original
+        value = getattr(self.base_layer, pname, None)
+        if not isinstance(value, Tensor):
+            raise KeyError(pname)
+        sparse = [a for n, a in self.adapters.items() if a.sparse and n in self.merged and pname in a.merge_params()]
+        if sparse:  # rare: W0 is the live values with the fused sparse entries put back, in a copy
+            value = value.detach().clone()
+            for adapter in sparse:
+                adapter.restore(pname, value)
+        return value
+
+    def base_params(self) -> BaseParams:
+        """W0 for every parameter of the base layer, computed when read (what adapters receive as ``base``)."""
+        return BaseParams(self)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         active = self.active()
+        base = BaseParams(self)
         per_item = self._item_weights(active)
         for n, adapter, w in active:
             x = adapter.pre_forward(x, item_weight(n, x) if per_item.get(n) else w)
@@ -73,7 +128,7 @@ class AdapterHost(nn.Module):
         else:
             out = self.base_layer(x, *args, **kwargs)
         for n, adapter, w in active:
-            out = adapter(x, out, item_weight(n, out) if per_item.get(n) else w, self.base_layer)
+            out = adapter(x, out, item_weight(n, out) if per_item.get(n) else w, self.base_layer, base)
         return out
 
     # -- merging: W = W0 + Σ_merged w_i ΔW_i in fp32, with W0 kept so unmerge is exact (no drift over cycles).
@@ -116,34 +171,47 @@ class AdapterHost(nn.Module):
     def _write_merged(self) -> None:
         """Set each parameter to ``W0 + Σ_merged w_i Δ_i`` (sums in fp32).
 
-        W0 comes back first: from a dense copy kept only while a dense (e.g. LoRA) adapter is merged into that
-        parameter, and from the base values sparse adapters keep for their own entries.
+        Two passes: first every parameter goes back to W0 (from the dense copy kept only while a dense adapter such
+        as LoRA is merged into it, and from the base values sparse adapters keep for their own entries), then each
+        is written from W0. So every Δ_i is computed from the true base values of all parameters (`BaseParams`),
+        whatever was merged before.
         """
         with torch.no_grad():
-            for pname, param in list(self.base_layer.named_parameters(recurse=False)):
-                self._write_param(pname, param)
+            params = list(self.base_layer.named_parameters(recurse=False))
+            for pname, param in params:
+                self._restore_param(pname, param)
+            base = BaseParams(self)
+            for pname, param in params:
+                self._write_param(pname, param, base)
 
-    def _write_param(self, pname: str, param: Tensor) -> None:
+    def _touching(self, pname: str) -> dict[str, Adapter]:
+        return {n: a for n, a in self.adapters.items() if pname in a.merge_params()}
+
+    def _restore_param(self, pname: str, param: Tensor) -> None:
+        """``param`` ← W0; keep a dense copy of it exactly while a dense adapter is to be merged into it."""
         key = f"original_{pname}"
-        touching = {n: a for n, a in self.adapters.items() if pname in a.merge_params()}
-        merged = [n for n in self.merged if n in touching]
-        dense = [n for n in merged if not touching[n].sparse]
+        touching = self._touching(pname)
         original = self._buffers.get(key)
         if original is not None:
             param.copy_(original)
         for adapter in touching.values():
             if adapter.sparse:
                 adapter.restore(pname, param)
-        if dense:
-            if original is None:
-                original = param.detach().clone()
-                self.register_buffer(key, original, persistent=False)
-            total = original.float()
-            for n in dense:
-                total = total + self.adapter_weights[n] * touching[n].delta_params()[pname].float()
-            param.copy_(total.to(param.dtype))
-        elif original is not None:
+        dense = any(n in touching and not touching[n].sparse for n in self.merged)
+        if dense and original is None:
+            self.register_buffer(key, param.detach().clone(), persistent=False)
+        elif not dense and original is not None:
             del self._buffers[key]
+
+    def _write_param(self, pname: str, param: Tensor, base: BaseParams) -> None:
+        touching = self._touching(pname)
+        merged = [n for n in self.merged if n in touching]
+        dense = [n for n in merged if not touching[n].sparse]
+        if dense:
+            total = base[pname].float()  # the dense copy of W0 (`_restore_param` made it)
+            for n in dense:
+                total = total + self.adapter_weights[n] * touching[n].delta_params(base)[pname].float()
+            param.copy_(total.to(param.dtype))
         for n in merged:
             if touching[n].sparse:
                 touching[n].add_into(pname, param, self.adapter_weights[n])

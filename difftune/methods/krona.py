@@ -34,6 +34,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -179,11 +180,12 @@ class KronAAdapter(Adapter):
         self.krona_B = nn.Parameter(torch.zeros(self.b1, self.b2, *kernel, device=w.device, dtype=dtype))
         nn.init.normal_(self.krona_A, std=1 / a1)  # the paper's init: A ~ N(0, 1/a1²), B = 0 → ΔW = 0
 
-    def delta_weight(self) -> Tensor:
-        """s · kron(A, B) (rows permuted for ``layout="official"``) in fp32, the shape of the base weight."""
+    def delta_weight(self, w0: Tensor) -> Tensor:
+        """s · kron(A, B) (rows permuted for ``layout="official"``) in fp32, the shape of the base weight; W0 plays
+        no part."""
         return kron_delta(self.krona_A, self.krona_B, self.scale, self.official)
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         a, b = self.krona_A, self.krona_B
         x = x.to(a.dtype)
         if isinstance(base_layer, nn.Conv2d):

@@ -23,7 +23,7 @@ PROMPT = dict(prompt="lower newer", num_inference_steps=2, output_type="np", gui
 
 @torch.no_grad()
 def _deltas(model, name):
-    return {n: h.adapters[name].delta_params() for n, h in hosts(model) if name in h.adapters}
+    return {n: h.adapters[name].delta_params(h.base_params()) for n, h in hosts(model) if name in h.adapters}
 
 
 def _image(pipe):
@@ -250,7 +250,7 @@ def test_loha_and_full_imports_match_lycoris(tmp_path, lycoris_loader):
     save_file(loha, tmp_path / "loha.safetensors")
     full = {f"{q}.diff": torch.randn(64, 64, generator=g), f"{conv}.diff": torch.randn(32, 32, 3, 3, generator=g)}
     save_file(full, tmp_path / "full.safetensors")
-    for path, method in ((tmp_path / "loha.safetensors", "lora"), (tmp_path / "full.safetensors", "krona")):
+    for path, method in ((tmp_path / "loha.safetensors", "loha"), (tmp_path / "full.safetensors", "krona")):
         unet = tiny_unet(0)
         dt.load_adapter(unet, path, name="x")
         assert dt.list_adapters(unet)["x"]["method"] == method

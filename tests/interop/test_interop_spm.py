@@ -15,7 +15,7 @@ from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 
 def _deltas(model, name):
-    return {n: h.adapters[name].delta_weight() for n, h in hosts(model) if name in h.adapters}
+    return {n: h.adapters[name].delta_weight(h.base_value("weight")) for n, h in hosts(model) if name in h.adapters}
 
 
 def _saved(tmp_path, alpha=1.0):

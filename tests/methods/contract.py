@@ -3,91 +3,31 @@ method and model; test_mutants.py shows that deliberately broken methods fail th
 
 A method joins by adding a `Case` to CASES. A case names the method's test config and, where the standard models
 do not suit it, its own targets, models and per-call inputs (e.g. a skip tuner targets the UNet's up-block resnets;
-a class gate needs labels). Weight-space adapters (those with ΔW) must merge exactly; activation-space ones must
-honour their weight and `disable`, and refuse an explicit fuse.
+a class gate needs labels); a variant of a method (DoRA is ``lora`` with ``use_dora``) is a case of its own.
+Weight-space adapters (those with ΔW) must merge exactly; activation-space ones must honour their weight and
+`disable`, and refuse an explicit fuse. Every adapter must act on the true base weights: fusing another adapter into
+its layers changes neither its output nor its ΔW.
 """
 
 from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from contract_models import MODELS, Model
 from torch import nn
 
 import difftune as dt
 from difftune.methods import METHODS, AdapterHost
 from difftune.methods.model import adapter_parameters, hosts, unmerge
-from difftune.testing import randomize_adapter, tiny_dit, tiny_unet
+from difftune.targeting import canonical_name
+from difftune.testing import randomize_adapter
 from difftune.train.plugin import plugin_for
-
-
-class TinyLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-        self.head = nn.Linear(24, 8)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.proj(x)))
-
-
-class TinyConv(nn.Module):
-    def __init__(self, stride: int = 1):
-        super().__init__()
-        # strided, padded and dilated: an adapter that ignores the base conv's geometry gives another output
-        self.conv = nn.Conv2d(4, 6, 3, padding=1, stride=stride)
-        self.out = nn.Conv2d(6, 2, 3, padding=2, dilation=2, stride=(stride, 1))
-
-    def forward(self, x):
-        return self.out(torch.relu(self.conv(x)))
-
-
-@dataclass
-class Model:
-    """A model to adapt, the patterns to target in it, and the inputs of one forward."""
-
-    module: nn.Module
-    targets: list[str]
-    args: tuple
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def linear(seed: int = 0) -> Model:
-    torch.manual_seed(seed)
-    return Model(TinyLinear(), ["proj", "head"], (torch.randn(3, 16),))
-
-
-def conv(seed: int = 0) -> Model:
-    torch.manual_seed(seed)
-    return Model(TinyConv(), ["conv", "out"], (torch.randn(2, 4, 8, 8),))
-
-
-def strided_conv(seed: int = 0) -> Model:
-    torch.manual_seed(seed)
-    return Model(TinyConv(stride=2), ["conv", "out"], (torch.randn(2, 4, 9, 9),))
-
-
-def unet(seed: int = 0) -> Model:
-    g = torch.Generator().manual_seed(1)
-    return Model(tiny_unet(seed), ["to_q", "to_k", "to_v", "to_out.0"],
-                 (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])),
-                 {"encoder_hidden_states": torch.randn(2, 7, 32, generator=g)})
-
-
-def dit(seed: int = 0) -> Model:
-    g = torch.Generator().manual_seed(1)
-    model = tiny_dit(seed)
-    size = model.config.sample_size
-    return Model(model, ["to_q", "to_k", "to_v", "to_out.0"], (torch.randn(2, 4, size, size, generator=g),),
-                 {"timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([1, 3])})
-
-
-MODELS: dict[str, Callable[..., Model]] = {
-    "linear": linear, "conv": conv, "strided_conv": strided_conv, "unet": unet, "dit": dit}
 
 
 @dataclass
@@ -101,6 +41,9 @@ class Case:
         targets: per kind, patterns replacing the model's default targets.
         inputs: per kind, per-call inputs (`difftune.adapter_inputs`) every forward runs with.
         builders: extra model kinds of its own ({kind: builder}).
+        method: the registered method when the case is a variant of it under another key (default: the key).
+        held: what the method treats as a constant in its backward pass by design, as a context manager that holds
+            it at its current value (DoRA's norm, paper §4.3); the gradient check's finite difference runs inside it.
     """
 
     config: dict[str, Any]
@@ -109,6 +52,26 @@ class Case:
     targets: dict[str, list[str]] = field(default_factory=dict)
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     builders: dict[str, Callable[..., Model]] = field(default_factory=dict)
+    method: str | None = None
+    held: Callable[[], AbstractContextManager] | None = None
+
+
+@contextmanager
+def dora_norms_held() -> Iterator[None]:
+    """DoRA's ‖W0 + sBA‖ per output channel, detached in its forward: held at the values first computed."""
+    from difftune.methods.lora import DoRAAdapter
+
+    computed = DoRAAdapter.weight_norm
+    held: dict[int, torch.Tensor] = {}
+
+    def weight_norm(self, w0):
+        return held.setdefault(id(self), computed(self, w0))
+
+    DoRAAdapter.weight_norm = weight_norm
+    try:
+        yield
+    finally:
+        DoRAAdapter.weight_norm = computed
 
 
 CASES: dict[str, Case] = {
@@ -117,6 +80,10 @@ CASES: dict[str, Case] = {
                  inputs={"linear": {"class_labels": torch.tensor([1, 3, 3])}}),
     "krona": Case({"a1": 2, "a2": 2}),  # 2 divides every width of the tiny models
     "lora": Case({"rank": 2, "alpha": 4.0}),
+    "dora": Case({"rank": 2, "alpha": 4.0, "use_dora": True}, method="lora", held=dora_norms_held),
+    "loha": Case({"rank": 2, "alpha": 64.0}),  # α/r = 32: the product of two N(0, 0.1²)-factor products is small
+    # the linear and conv models' second layer and the attention output scale their input, the others their output
+    "ia3": Case({"feedforward_modules": ["head", "out", "to_out.0"]}),
     "sara": Case({"threshold": 0.05}),  # selects 10-40% of the tiny models' entries
     # skip tuners on the UNet's up-block resnets; the CSC tuner's control image reaches its hint encoder per call
     "scedit": Case({}, models=["unet"], targets={"unet": [r"up_blocks\.\d+\.resnets\.\d+"]}),
@@ -128,6 +95,11 @@ CASES: dict[str, Case] = {
 
 def adapter_methods() -> list[str]:
     return sorted(m for m, cls in METHODS.items() if cls.is_adapter)
+
+
+def method_of(case: str) -> str:
+    """The registered method a case exercises."""
+    return CASES[case].method or case
 
 
 def kinds(method: str) -> list[str]:
@@ -145,7 +117,7 @@ def build(method: str, kind: str, seed: int = 0) -> Model:
 
 
 def config(method: str, model: Model) -> Any:
-    return METHODS[method](target_modules=model.targets, **CASES[method].config)
+    return METHODS[method_of(method)](target_modules=model.targets, **CASES[method].config)
 
 
 def adapted(method: str, kind: str, name: str = "a", seed: int = 11, weight: float = 1.0) -> Model:
@@ -244,6 +216,19 @@ def check_training_route(method: str, kind: str) -> None:
     params = plugin.trainable_parameters(model.module)
     assert params, "the training route trains nothing"
     g = torch.Generator().manual_seed(3)
+    with (CASES[method].held or nullcontext)():
+        _check_gradient(method, kind, model, params, g)
+    before = [p.detach().clone() for p in params]
+    torch.optim.SGD(params, lr=1e-2).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    unmerge(model.module)  # a route that merges for training (SaRA) must still restore the exact base
+    for n, p in model.module.named_parameters():
+        canon = n.replace(".base_layer", "")
+        if canon in frozen and not any(p is q for q in params):
+            assert torch.equal(frozen[canon], p), f"frozen {canon} changed"
+
+
+def _check_gradient(method: str, kind: str, model: Model, params: list[nn.Parameter], g: torch.Generator) -> None:
     out0 = run(method, kind, model)
     probe = torch.randn(out0.shape, generator=g, dtype=out0.dtype)
 
@@ -270,14 +255,6 @@ def check_training_route(method: str, kind: str) -> None:
     assert abs(numeric) > 1e-6, "the loss does not depend on the trained tensors"
     assert abs(analytic - numeric) <= 2e-2 * abs(numeric) + 1e-6, f"gradient {analytic:.6g} vs finite difference " \
                                                                    f"{numeric:.6g}"
-    before = [p.detach().clone() for p in params]
-    torch.optim.SGD(params, lr=1e-2).step()
-    assert any(not torch.equal(b, p) for b, p in zip(before, params))
-    unmerge(model.module)  # a route that merges for training (SaRA) must still restore the exact base
-    for n, p in model.module.named_parameters():
-        canon = n.replace(".base_layer", "")
-        if canon in frozen and not any(p is q for q in params):
-            assert torch.equal(frozen[canon], p), f"frozen {canon} changed"
 
 
 def check_unmerge_restores_without_drift(method: str, kind: str) -> None:
@@ -359,6 +336,45 @@ def check_two_adapters_combine(method: str, kind: str) -> None:
         torch.testing.assert_close(layer(x) - y0, 0.2 * da + 0.5 * db, atol=1e-5, rtol=1e-5)
 
 
+def check_fused_neighbour_changes_nothing(method: str, kind: str) -> None:
+    """With a LoRA fused into every Linear/Conv2d the adapter sits on, its output and ΔW are those it has with the
+    LoRA unfused (it reads the true W0 the host supplies, not the fused weight); fusing it too gives the same output,
+    and unfusing both restores the base weights bit for bit."""
+    probe = adapted(method, kind)
+    layers = [canonical_name(n) for n, h in hosts(probe.module) if "a" in h.adapters and (
+        isinstance(h.base_layer, nn.Linear) or isinstance(h.base_layer, nn.Conv2d) and h.base_layer.groups == 1)]
+    if not layers:
+        return  # nothing a LoRA can share (e.g. a skip tuner on whole resnet blocks)
+    # the LoRA goes in first, so unfused it runs before the adapter, as it does fused (an activation-space adapter
+    # transforms whatever output reaches it)
+    model = build(method, kind)
+    dt.inject(model.module, dt.LoRAConfig(rank=2, target_modules=layers), name="o")
+    randomize_adapter(model.module, "o", seed=4)
+    dt.inject(model.module, config(method, model), name="a")
+    randomize_adapter(model.module, "a", seed=11)
+    originals = {n: {p: t.detach().clone() for p, t in h.base_layer.named_parameters(recurse=False)}
+                 for n, h in hosts(model.module)}
+    weight_space_a = weight_space(model.module, "a")
+
+    def deltas() -> dict[str, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            return {n: h.adapters["a"].delta_params(h.base_params()) for n, h in hosts(model.module)
+                    if "a" in h.adapters} if weight_space_a else {}
+
+    unfused, delta = run(method, kind, model), deltas()
+    dt.fuse(model.module, "o")
+    assert_equal(run(method, kind, model), unfused, CASES[method].atol)
+    for n, d in deltas().items():  # the same W0 (the kept original), so the same ΔW bit for bit
+        assert all(torch.equal(d[p], delta[n][p]) for p in d), f"the ΔW of {n} changed with a LoRA fused beside it"
+    if weight_space_a:
+        dt.fuse(model.module, "a")
+        assert_equal(run(method, kind, model), unfused, CASES[method].atol)
+    dt.unfuse(model.module)
+    for n, h in hosts(model.module):
+        for p, t in h.base_layer.named_parameters(recurse=False):
+            assert torch.equal(t, originals[n][p]), f"{n}.{p} is not restored exactly"
+
+
 def check_delete_frees_parameters(method: str, kind: str) -> None:
     model = adapted(method, kind)
     dt.inject(model.module, config(method, model), name="b")
@@ -376,7 +392,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     f.__name__.removeprefix("check_"): f for f in (
         check_inject_changes_output_and_merge, check_weight_and_disable, check_only_the_adapter_trains,
         check_training_route, check_unmerge_restores_without_drift, check_save_load_round_trip,
-        check_remove_restores_original_modules, check_two_adapters_combine, check_delete_frees_parameters)}
+        check_remove_restores_original_modules, check_two_adapters_combine, check_fused_neighbour_changes_nothing,
+        check_delete_frees_parameters)}
 
 
 def run_check(name: str, method: str, kind: str, tmp_path: Any = None) -> None:

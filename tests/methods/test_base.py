@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -112,7 +113,8 @@ class GateAdapter(Adapter):
         super().__init__(config)
         self.gate_scale = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         return out * (1 + weight * torch.tanh(self.gate_scale))
 
 

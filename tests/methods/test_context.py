@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -49,7 +50,8 @@ class ClassGateAdapter(Adapter):
     prefix = "gate_"
     seen: list[list[int]] = []
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         labels = self.inputs()["class_labels"]
         ClassGateAdapter.seen.append(labels.tolist())
         return out + weight * self.model_part.gate_table[labels][:, None, :].to(out.dtype)  # (B, 1, C)
@@ -74,7 +76,8 @@ class MembraneAdapter(Adapter):
         super().__init__(config)
         self.mem_vector = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         prompts = list(self.inputs()["prompt"])
         MembraneAdapter.seen.append(prompts)
         gamma = torch.tensor([float(self.config.concept in p) for p in prompts], dtype=out.dtype)
@@ -147,7 +150,8 @@ class HintConfig(MethodConfig):
 class HintAdapter(Adapter):
     prefix = "hint_"
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         return out + weight * self.model_part.current[:, None, :]
 
 

@@ -233,7 +233,7 @@ def test_both_evaluation_orders_equal_the_dense_weight_of_each_item(tokens):
     x = torch.randn(3, tokens, 24)
     with dt.adapter_inputs(class_labels=torch.tensor(labels)):
         got = a.kind_forward(x)
-        delta = a.delta(x, layer)
+        delta = a.delta(x, layer, {"weight": layer.weight})
     for i, c in enumerate(labels):
         want = x[i] @ a.dense_weight(c).T
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)

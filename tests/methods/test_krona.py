@@ -61,16 +61,16 @@ def _random_adapter(layer: nn.Module, **kwargs) -> KronAAdapter:
 )
 def test_vec_trick_equals_materialized_kron(layer, x, a1, a2, layout):
     adapter = _random_adapter(layer, a1=a1, a2=a2, scale=0.7, layout=layout)
-    dw = adapter.delta_weight()
+    dw = adapter.delta_weight(layer.weight)
     assert dw.shape == layer.weight.shape
     want = layer._conv_forward(x, dw, None) if isinstance(layer, nn.Conv2d) else F.linear(x, dw)
-    torch.testing.assert_close(adapter.delta(x, layer), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapter.delta(x, layer, {"weight": layer.weight}), want, atol=1e-5, rtol=0)
 
 
 def test_delta_weight_is_the_canonical_kronecker_product():
     adapter = _random_adapter(nn.Linear(12, 6), a1=3, a2=4, scale=2.0)
     a, b = adapter.krona_A.detach(), adapter.krona_B.detach()
-    dw = adapter.delta_weight()
+    dw = adapter.delta_weight(None)  # W0 plays no part in KronA's ΔW
     torch.testing.assert_close(dw, 2.0 * torch.kron(a, b), atol=0, rtol=0)
     b1, b2 = b.shape
     for q, p, r, s in [(0, 0, 0, 0), (2, 1, 3, 2), (1, 0, 2, 1)]:  # row q·b1 + p, column r·b2 + s
@@ -79,7 +79,7 @@ def test_delta_weight_is_the_canonical_kronecker_product():
     with torch.no_grad():
         official.krona_A.copy_(a)
         official.krona_B.copy_(b)
-    dw_official = official.delta_weight()
+    dw_official = official.delta_weight(None)
     for q in range(3):
         for p in range(b1):
             torch.testing.assert_close(dw_official[p * 3 + q], dw[q * b1 + p] / 2.0, atol=0, rtol=0)
@@ -182,7 +182,7 @@ def test_equals_peft_lokr_where_peft_can_express_the_split(factor):
         assert (want - b).abs().max() > 1e-2
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for mod in targets:
-        torch.testing.assert_close(getattr(ours, mod).adapters["default"].delta_weight(),
+        torch.testing.assert_close(getattr(ours, mod).adapters["default"].delta_weight(getattr(ours, mod).weight),
                                    getattr(theirs, mod).get_delta_weight("default"), atol=1e-6, rtol=0)
 
 

@@ -44,7 +44,7 @@ def test_equals_peft_lora_on_identical_weights(use_rslora):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # peft's merged ΔW matches ours too
     for mod in ("lin", "conv"):
-        torch.testing.assert_close(getattr(ours, mod).adapters["default"].delta_weight(),
+        torch.testing.assert_close(getattr(ours, mod).adapters["default"].delta_weight(getattr(ours, mod).weight),
                                    getattr(theirs, mod).get_delta_weight("default"), atol=1e-6, rtol=0)
 
 

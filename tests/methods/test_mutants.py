@@ -7,6 +7,7 @@ It also admits an activation-space method (``toy_act``, defined here): the whole
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import contract
@@ -42,7 +43,8 @@ class ToyActAdapter(Adapter):
         super().__init__(config)
         self.act_scale = nn.Parameter(torch.zeros(shape))
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         return out + weight * self.act_scale * torch.tanh(out)
 
 
@@ -113,7 +115,7 @@ def test_sara_routing_zero_gradients_fails_the_contract(monkeypatch, tmp_path):
 
 
 def test_activation_adapter_ignoring_its_weight_fails_the_contract(toy_act, monkeypatch, tmp_path):
-    def unweighted(self, x, out, weight, base_layer):
+    def unweighted(self, x, out, weight, base_layer, base):
         return out + self.act_scale * torch.tanh(out)
 
     monkeypatch.setattr(ToyActAdapter, "forward", unweighted)
@@ -142,3 +144,27 @@ def test_lora_scale_doubled_fails_loras_own_tests(monkeypatch):
     monkeypatch.setattr(LoRAConfig, "scale", property(lambda self: 2 * self.alpha / self.rank))
     with pytest.raises(AssertionError):
         test_lora.test_equals_peft_lora_on_identical_weights(use_rslora=False)
+
+
+def test_an_adapter_reading_the_fused_weight_fails_the_contract(monkeypatch, tmp_path):
+    """DoRA normalising ``base_layer.weight`` (W0 plus whatever else is fused) instead of the supplied W0."""
+    from difftune.methods.lora import DoRAAdapter
+
+    delta = DoRAAdapter.delta
+
+    def live(self, x, base_layer, base):
+        return delta(self, x, base_layer, {"weight": base_layer.weight})
+
+    monkeypatch.setattr(DoRAAdapter, "delta", live)
+    _fails("fused_neighbour_changes_nothing", "dora", "linear", tmp_path, match="not (close|equal)")
+
+
+@pytest.mark.parametrize(("method", "kind"), [("dora", "conv"), ("ia3", "linear"), ("kind", "linear")])
+def test_a_host_handing_out_the_fused_weight_fails_the_contract(monkeypatch, tmp_path, method, kind):
+    """The host passing the live parameter as W0: every method whose ΔW or output depends on W0 notices."""
+
+    def live(self, pname):
+        return getattr(self.base_layer, pname)
+
+    monkeypatch.setattr(AdapterHost, "base_value", live)
+    _fails("fused_neighbour_changes_nothing", method, kind, tmp_path, match="not (close|equal)|changed")

@@ -138,7 +138,7 @@ def _nuclear(model, name, min_dim):
         adapter = host.adapters[name]
         shape = adapter.shapes.get("weight", ())
         if len(shape) == 2 and min(shape) > min_dim:
-            total += float(torch.linalg.matrix_norm(adapter.delta_weight(), "nuc"))
+            total += float(torch.linalg.matrix_norm(adapter.delta_weight(host.base_value("weight")), "nuc"))
     return total
 
 

@@ -104,7 +104,7 @@ def test_two_spms_compose_exactly_each_with_its_own_gamma(gamma_mode):
     expected = host.base_layer(x)
     for n, g in gammas.items():
         g = g * g if gamma_mode == "squared" else g
-        expected = expected + g.view(4, 1, 1) * F.linear(x, host.adapters[n].delta_weight())
+        expected = expected + g.view(4, 1, 1) * F.linear(x, host.adapters[n].delta_weight(host.base_layer.weight))
     torch.testing.assert_close(host(x), expected, atol=1e-6, rtol=0)
     # the official factor-wise merge ((Σγu)(Σγd)ᵀ) would add cross terms u_cat d_dogᵀ for item 2: we do not
     a, b = host.adapters["cat"], host.adapters["dog"]

@@ -44,7 +44,7 @@ class ShiftAdapter(Adapter):
         super().__init__(config)
         self.shift_value = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x, out, weight, base_layer):
+    def forward(self, x, out, weight, base_layer, base):
         return out + weight * self.shift_value.view(1, -1, 1, 1).to(out.dtype)
 
 

@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 # it trained); None for methods that save a whole pipeline.
 SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "full": ({}, None),
                                                "krona": ({"a1": 4, "a2": 4}, "krona_B"),
+                                               "loha": ({"rank": 2}, "hada_w2_b"),
+                                               "ia3": ({}, ""),  # l starts at ones: compared with a fresh one
                                                "sara": ({"threshold": 0.02}, "sara_delta_weight"),
                                                # one plan for both: UNet fields for SD, drop_every for the DiT
                                                "bk": ({"plan": {"pairs": 1, "mid_block": False, "drop_every": 2}},

@@ -235,9 +235,11 @@ class KINDAdapter(Adapter):
         t = None if labels is None else self._tailors(x, labels)
         return y if t is None else y + t
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
-        # the KIND layer replaces W0: δ = W_y x − W0 x, so the host's base(x) + δ(x) is W_y x + b at weight 1
-        return self._forward(x.to(self.kind_gU.dtype), base_layer.weight.to(self.kind_gU.dtype))
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
+        # the KIND layer replaces W0: δ = W_y x − W0 x, so the host's base(x) + δ(x) is W_y x + b at weight 1. W0 is
+        # the supplied true base weight: with another adapter fused into the layer, base(x) holds its change too,
+        # and KIND keeps it on top (W_y x + w ΔW x) instead of cancelling it
+        return self._forward(x.to(self.kind_gU.dtype), base["weight"].to(self.kind_gU.dtype))
 
 
 class KINDClassRows(Adapter):
@@ -274,13 +276,13 @@ class KINDClassRows(Adapter):
     def tailor_parameters(self, c: int) -> list[nn.Parameter]:
         return [self.kind_row[str(c)]]
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
         seen = set(x.unique().tolist())
         present = [k for k in self.kind_row if int(k) in seen]
         if not present:
             return None
         owner = torch.tensor([int(k) for k in present], device=x.device)
-        rows = torch.stack([self.kind_row[k] for k in present]) - base_layer.weight[owner]  # (P, D)
+        rows = torch.stack([self.kind_row[k] for k in present]) - base["weight"][owner]  # (P, D)
         return (x.unsqueeze(-1) == owner).to(rows.dtype) @ rows  # (B,) labels -> (B, P) -> (B, D)
 
 

@@ -185,7 +185,8 @@ class SaRAAdapter(Adapter):
         """Δ for parameter ``pname``: (|M|,) fp32."""
         return getattr(self, f"sara_delta_{pname}")
 
-    def forward(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         return out  # SaRA acts through the parameters (`param_overrides`), not on the output
 
     def index(self, pname: str) -> Tensor:
@@ -226,17 +227,19 @@ class SaRAAdapter(Adapter):
     def merge_params(self) -> tuple[str, ...]:
         return tuple(self.pnames)
 
-    def delta_params(self) -> dict[str, Tensor]:
-        out = {}
-        for p in self.pnames:
-            dense = torch.zeros(math.prod(self.shapes[p]), dtype=torch.float32, device=self.delta_vector(p).device)
-            out[p] = dense.index_put((self.index(p),), self.delta_vector(p).detach().float()).view(self.shapes[p])
-        return out
+    def dense_delta(self, pname: str) -> Tensor:
+        """Δ of parameter ``pname`` scattered into a dense fp32 tensor of its shape (zeros off the selection)."""
+        delta = self.delta_vector(pname).detach().float()
+        dense = torch.zeros(math.prod(self.shapes[pname]), dtype=torch.float32, device=delta.device)
+        return dense.index_put((self.index(pname),), delta).view(self.shapes[pname])
 
-    def delta_weight(self) -> Tensor:
+    def delta_params(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {p: self.dense_delta(p) for p in self.pnames}  # Δ does not depend on W0
+
+    def delta_weight(self, w0: Tensor) -> Tensor:
         if "weight" not in self.pnames:
-            return super().delta_weight()
-        return self.delta_params()["weight"]
+            return super().delta_weight(w0)
+        return self.dense_delta("weight")
 
     @staticmethod
     def _flat(param: Tensor) -> Tensor:
@@ -246,8 +249,9 @@ class SaRAAdapter(Adapter):
         return param.view(-1)
 
     def restore(self, pname: str, param: Tensor) -> None:
+        # `_synced` is left alone: ``param`` may be the host's copy for W0, and on the live parameter the host always
+        # follows a restore of a merged adapter with `add_into`, which records the sync
         self._flat(param).index_put_((self.index(pname),), self.base_values(pname))
-        self._synced.pop(pname, None)
 
     def add_into(self, pname: str, param: Tensor, weight: float) -> None:
         flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)

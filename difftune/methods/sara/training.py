@@ -163,7 +163,7 @@ class SaRAAdamW(torch.optim.AdamW):
             return
         p, adapter, pname = eligible[int(torch.randint(len(eligible), (1,), generator=self.generator))]
         with torch.no_grad():
-            dense = adapter.delta_params()[pname]
+            dense = adapter.dense_delta(pname)
             u, s, vh = torch.linalg.svd(dense, full_matrices=False)
             keep = s > s.max() * 1e-6 if s.numel() else s.bool()
             if not bool(keep.any()):

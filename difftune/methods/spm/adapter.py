@@ -239,24 +239,25 @@ class SPMAdapter(Adapter):
         nn.init.kaiming_uniform_(self.spm_down, a=math.sqrt(5))
         self.scale = config.scale
 
-    def delta_weight(self) -> Tensor:
-        """ΔW = s · U D in fp32 (γ is not in it: a fused SPM acts on every prompt)."""
+    def delta_weight(self, w0: Tensor) -> Tensor:
+        """ΔW = s · U D in fp32 (γ is not in it: a fused SPM acts on every prompt); W0 plays no part."""
         d, u = self.spm_down.float(), self.spm_up.float()
         return (u.flatten(1) @ d.flatten(1)).view(u.shape[0], *d.shape[1:]) * self.scale
 
-    def delta_params(self) -> dict[str, Tensor]:
+    def delta_params(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
         part = self.model_part
         if part is not None and part.transport and self.config.matching != "fixed":
             _warn_fused()
-        return {"weight": self.delta_weight()}
+        return {"weight": self.delta_weight(base["weight"])}
 
-    def delta(self, x: Tensor, base_layer: nn.Module) -> Tensor:
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         x = x.to(self.spm_down.dtype)
         if isinstance(base_layer, nn.Conv2d):
             return F.conv2d(base_layer._conv_forward(x, self.spm_down, None), self.spm_up) * self.scale
         return F.linear(F.linear(x, self.spm_down), self.spm_up) * self.scale
 
-    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
         part = self.model_part
         gamma = part.gamma if part is not None else None
         if gamma is not None:
@@ -266,7 +267,7 @@ class SPMAdapter(Adapter):
             if not bool(gamma.any()):
                 return out  # γ = 0 for every item: exactly the base output
             weight = weight * gamma.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))
-        return out + weight * self.delta(x, base_layer).to(out.dtype)
+        return out + weight * self.delta(x, base_layer, base).to(out.dtype)
 
 
 _WARNED: list[bool] = []
