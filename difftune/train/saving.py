@@ -37,6 +37,23 @@ _TORCH_WRITE = ("inline_container", "PytorchStreamWriter", "file write failed")
 class SaveFailed(DifftuneError):
     """A save step of a training run could not write; the message says what is intact and how to go on."""
 
+#: The file that makes a checkpoint folder complete (written last, `checkpoints.save_checkpoint`).
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``output_dir/checkpoints``, oldest first.
+
+    A folder counts when its name is ``checkpoint-<step>`` and its ``trainer_state.json`` exists. The trainer only
+    ever renames a fully written folder into that name (`save_checkpoint`), so the state-file test is for folders
+    copied by hand.
+    """
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
 
 def write_error(error: BaseException) -> bool:
     """Whether ``error`` is a failed write: an ``OSError``, safetensors' ``SafetensorError`` for an I/O error
@@ -61,8 +78,6 @@ def what_is_intact(cfg: Any, result: Path | None = None, fix: str = "fix the cau
     """What a failed run leaves: the finished ``result``, or the last complete checkpoint and the command resuming
     it (to run once the user did ``fix``; last, without a full stop, so that it can be copied), or that there is
     none."""
-    from .checkpoints import checkpoint_dirs
-
     if result is not None:
         return f"The result {result} is complete and can be used."
     found = checkpoint_dirs(Path(cfg.output_dir))
