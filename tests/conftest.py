@@ -8,6 +8,12 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # reliability tests fork training runs, which can deadlock in the child when the parent's OpenMP pool is running.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# the contract's case table (tests/methods/contract.py) also says how the trainer tests run each method
+sys.path.insert(0, str(Path(__file__).parent / "methods"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

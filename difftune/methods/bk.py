@@ -142,6 +142,9 @@ class BKPlugin(TrainerPlugin):
         c = self.config
         return c.lambda_task * task + c.lambda_out * out + c.lambda_feat * feat
 
+    def saved_tensors(self, model: nn.Module) -> list[Tensor]:
+        return list(model.parameters())  # the student pipeline is saved whole
+
     def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
         """The pipeline with the student as its denoiser, in diffusers format (stock classes and configs)."""
         pipe.save_pretrained(str(path))

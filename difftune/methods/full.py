@@ -49,6 +49,9 @@ class FullPlugin(TrainerPlugin):
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
+    def saved_tensors(self, model: nn.Module) -> list[Tensor]:
+        return list(model.parameters())  # the whole pipeline is saved
+
     def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
         """The whole pipeline, with the trained denoiser, in diffusers format (``from_pretrained`` loads it)."""
         pipe.save_pretrained(str(path))

@@ -133,8 +133,34 @@ class TrainerPlugin:
         """Called after each optimizer step (``step`` counts from 1), for progressive schedules."""
         return None  # optional hook: most methods have no schedule
 
+    def saved_tensors(self, model: nn.Module) -> list[Tensor]:
+        """The live tensors `save_trained` writes (default: the adapter's parameters and buffers). The trainer refuses
+        to train a tensor outside them, or outside `checkpoint_tensors` (`check_trained_tensors_are_kept`): its
+        trained values would be lost at save or resume."""
+        return list(adapter_tensors(model, self.name).values())
+
     def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
         """Write the training result to folder ``path`` (default: the adapter in difftune's format)."""
         from ..serialization import save_adapter_file
 
         return save_adapter_file(model, path, name=self.name, base_model=base_model, component=component)
+
+
+def check_trained_tensors_are_kept(plugin: TrainerPlugin, model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Refuse a plugin that trains tensors its saved result (`saved_tensors`) or its checkpoints
+    (`checkpoint_tensors`) would not hold: the run would complete and silently lose the trained values.
+
+    Raises:
+        DifftuneError: naming the method, up to five such tensors and which of the two would lose them.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    for what, kept in (("saved result", plugin.saved_tensors(model)),
+                       ("checkpoints", list(plugin.checkpoint_tensors(model).values()))):
+        ids = {id(t) for t in kept}
+        lost = [names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in params if id(p) not in ids]
+        if lost:
+            raise DifftuneError(
+                f"method {plugin.config.method!r}: its trainer plugin trains {len(lost)} tensor(s) that its {what} "
+                f"would not hold, e.g. {lost[:5]}; their trained values would be lost. This is a bug in the method's "
+                "trainer plugin (`trainable_parameters` against `saved_tensors` / `checkpoint_tensors`), not in your "
+                "config")

@@ -53,7 +53,7 @@ from .families import Family, family_for
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
-from .plugin import TrainerPlugin, plugin_for
+from .plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
 
@@ -186,6 +186,7 @@ def setup(cfg: TrainConfig) -> Run:
     params = plugin.trainable_parameters(denoiser)
     if not params:
         raise DifftuneError(f"method {method.method!r} selected no trainable parameters; check its target_modules")
+    check_trained_tensors_are_kept(plugin, denoiser, params)
     cast_training_params(denoiser, dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()

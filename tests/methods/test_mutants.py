@@ -168,3 +168,53 @@ def test_a_host_handing_out_the_fused_weight_fails_the_contract(monkeypatch, tmp
 
     monkeypatch.setattr(AdapterHost, "base_value", live)
     _fails("fused_neighbour_changes_nothing", method, kind, tmp_path, match="not (close|equal)|changed")
+
+
+def test_an_in_place_merge_that_drifts_fails_the_contract(monkeypatch, tmp_path):
+    """peft's merge: W += w·ΔW on fuse, W -= w·ΔW on unfuse. Each cycle rounds, so W drifts (by ~1e-8 after 100
+    cycles here, which a relative tolerance of 1e-6 let pass); `unfuse` promises W0 bit for bit."""
+    from difftune.methods.host import BaseParams
+
+    def add(host, names, sign):
+        with torch.no_grad():
+            live = BaseParams(host)
+            for n in names:
+                for p, d in host.adapters[n].delta_params(live).items():
+                    param = getattr(host.base_layer, p)
+                    param.add_(sign * host.adapter_weights[n] * d.to(param.dtype))
+
+    def merge(self, names):
+        names = [n for n in names if n not in self.merged]
+        add(self, names, 1.0)
+        self.merged.extend(names)
+
+    def unmerge(self, names=None):
+        drop = [n for n in self.merged if names is None or n in names]
+        add(self, drop, -1.0)
+        self.merged = [n for n in self.merged if n not in drop]
+
+    monkeypatch.setattr(AdapterHost, "merge", merge)
+    monkeypatch.setattr(AdapterHost, "unmerge", unmerge)
+    _fails("unmerge_restores_without_drift", "lora", "linear", tmp_path, match="drifted")
+
+
+def test_a_plugin_training_tensors_it_never_saves_fails_the_contract_and_the_trainer(monkeypatch, tmp_path):
+    """A plugin that also trains the base biases: the run would complete with an adapter lacking the trained biases."""
+    from difftune.train.plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
+
+    trainable = TrainerPlugin.trainable_parameters
+
+    def with_biases(self, model):
+        biases = [h.base_layer.bias for _, h in core.hosts(model) if getattr(h.base_layer, "bias", None) is not None]
+        for b in biases:
+            b.requires_grad_(True)
+        return trainable(self, model) + biases
+
+    monkeypatch.setattr(TrainerPlugin, "trainable_parameters", with_biases)
+    _fails("training_route", "lora", "linear", tmp_path, match="saved result lacks trained values")
+    model = contract.build("lora", "linear")
+    plugin = plugin_for(contract.config("lora", model), "a")
+    module = plugin.prepare(None, model.module)
+    with pytest.raises(core.DifftuneError, match=r"trains 2 tensor\(s\) that its saved result would not hold.*"
+                                                 r"proj\.base_layer\.bias"):
+        check_trained_tensors_are_kept(plugin, module, plugin.trainable_parameters(module))

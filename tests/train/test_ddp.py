@@ -24,9 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from test_trainer import REPO, SMOKE, SMOKE_KINDS, SMOKE_SETS
+# run as a script by `accelerate launch` (no conftest): the case table in tests/methods must be importable too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 
-from difftune.methods import METHODS
+from test_trainer import CASES, REPO, SMOKE, SMOKE_KINDS, SMOKE_SETS  # noqa: E402
+
+from difftune.methods import METHODS  # noqa: E402
 
 DIGEST = re.compile(r"rank (\d+): final trainable-weights digest (\w+)")
 
@@ -52,9 +55,6 @@ def _worker(plan_path: str) -> None:
     tmp.replace(target)
 
 
-# The tiny models' 2-D weights are at most 64 wide, at SaRA's default rank_min_dim: without this its nuclear-norm
-# term (the term that diverged in issue 31) would never run here.
-DDP_SETS: dict[str, tuple[str, ...]] = {"sara": ("method.rank_min_dim=16",)}
 STEPS = 3
 
 
@@ -68,7 +68,7 @@ def _runs(tiny, root: Path) -> list[dict]:
             data = tiny["classes"] if kind == "dit" else tiny["captions"]
             sets = [f"model.path={tiny[kind]}", f"data.path={data}", f"output_dir={root / name}",
                     f"method={{name: {method}{fields}}}", f"train.max_steps={STEPS}",
-                    *SMOKE_SETS.get(method, ()), *DDP_SETS.get(method, ())]
+                    *SMOKE_SETS.get(method, ()), *CASES[method].smoke.ddp_sets]
             runs.append({"name": name, "config": str(REPO / "configs" / "debug" / f"tiny_{kind}.yaml"),
                          "sets": sets})
     return runs

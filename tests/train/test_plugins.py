@@ -243,3 +243,20 @@ def test_data_free_config_errors_name_the_key(tiny, tmp_path, sets, pattern):
 def test_prompts_file_that_does_not_exist(tiny, tmp_path, toys):
     with pytest.raises(dt.DifftuneError, match=r"`data.prompts_file`.*nowhere.txt.*does not exist"):
         main(_cfg(tiny, tmp_path, *DATA_FREE, "data.kind=prompts", f"data.prompts_file={tmp_path / 'nowhere.txt'}"))
+
+
+def test_the_trainer_refuses_a_plugin_that_trains_what_it_never_saves(tiny, tmp_path, monkeypatch):
+    from difftune.methods.model import hosts
+
+    trainable = TrainerPlugin.trainable_parameters
+
+    def with_biases(self, model):
+        biases = [h.base_layer.bias for _, h in hosts(model) if getattr(h.base_layer, "bias", None) is not None]
+        return trainable(self, model) + [b.requires_grad_(True) for b in biases]
+
+    monkeypatch.setattr(TrainerPlugin, "trainable_parameters", with_biases)
+    cfg = _cfg(tiny, tmp_path, f"data.path={tiny['captions']}", "method={name: lora, rank: 2}")
+    with pytest.raises(dt.DifftuneError, match=r"method 'lora': its trainer plugin trains \d+ tensor\(s\) that its "
+                                               r"saved result would not hold, e\.g\. \['[^']*base_layer\.bias'"):
+        main(cfg)
+    assert not (tmp_path / "out" / "adapter").exists()

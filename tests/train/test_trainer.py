@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from contract import CASES  # tests/methods, on sys.path by tests/conftest.py
 from safetensors.torch import load_file, save_file
 
 import difftune as dt
@@ -20,28 +21,13 @@ from difftune.train import TrainConfig, main
 from difftune.train.checkpoints import weights_digest
 
 REPO = Path(__file__).resolve().parents[2]
-# Method fields for the 2-step smoke runs; every registered method must appear.
-# Per method: config fields for a 2-step run, and the suffix of a saved tensor that starts at zero (so non-zero means
-# it trained); None for methods that save a whole pipeline.
-SMOKE: dict[str, tuple[dict, str | None]] = {"lora": ({"rank": 2}, "lora_B"), "full": ({}, None),
-                                               "krona": ({"a1": 4, "a2": 4}, "krona_B"),
-                                               "loha": ({"rank": 2}, "hada_w2_b"),
-                                               "ia3": ({}, ""),  # l starts at ones: compared with a fresh one
-                                               "sara": ({"threshold": 0.02}, "sara_delta_weight"),
-                                               # one plan for both: UNet fields for SD, drop_every for the DiT
-                                               "bk": ({"plan": {"pairs": 1, "mid_block": False, "drop_every": 2}},
-                                                      None),
-                                               "scedit": ({}, "scedit_up.weight"), "csc": ({}, "csc_up.weight"),
-                                               "spm": ({"concepts": ["cat"], "sampling_steps": 3}, "spm_up"),
-                                               # SVD-initialised from the base weights: nothing starts at zero
-                                               "kind": ({"learngenes": 2, "tailors_per_class": 1, "classes": [0, 3]},
-                                                        "")}
-# Methods that need something particular: the models they adapt (SCEdit: UNets only) and extra settings (a CSC adapter
-# trains on images paired with conditions and needs a control image to generate, so no validation images).
-SMOKE_KINDS: dict[str, tuple[str, ...]] = {"scedit": ("sd",), "csc": ("sd",), "spm": ("sd",), "kind": ("dit",)}
-SMOKE_SETS: dict[str, tuple[str, ...]] = {
-    "csc": ("data.kind=control", "data.condition=canny", "validation.prompts=[]"),
-    "spm": ("data.kind=none", "data.num_samples=4", "data.path=''", "data.label_dropout=0.0")}
+# How the trainer runs each method lives in its contract case (`contract.Smoke`), so a new method touches one table:
+# per method, config fields, the suffix of a saved tensor that starts at zero (None: a whole pipeline is saved), the
+# tiny pipelines it trains on and extra settings.
+_RUNS = {m: CASES[m].smoke for m in METHODS if m in CASES and CASES[m].smoke}
+SMOKE: dict[str, tuple[dict, str | None]] = {m: (s.fields, s.trained) for m, s in _RUNS.items()}
+SMOKE_KINDS: dict[str, tuple[str, ...]] = {m: s.kinds for m, s in _RUNS.items()}
+SMOKE_SETS: dict[str, tuple[str, ...]] = {m: s.sets for m, s in _RUNS.items()}
 
 
 def _cfg(tiny, tmp_path, kind="sd", *sets: str) -> TrainConfig:
@@ -51,7 +37,7 @@ def _cfg(tiny, tmp_path, kind="sd", *sets: str) -> TrainConfig:
 
 
 def test_every_method_has_a_smoke_config():
-    assert set(SMOKE) == set(METHODS)
+    assert set(SMOKE) == set(METHODS), "add a contract.Smoke to each registered method's contract.Case"
 
 
 @pytest.mark.parametrize("kind", ["sd", "dit"])

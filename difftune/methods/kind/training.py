@@ -49,6 +49,10 @@ class KINDPlugin(TrainerPlugin):
             tensors.update({f"base.{n}": p for n, p in self._base_parameters(model).items()})
         return tensors
 
+    def saved_tensors(self, model: nn.Module) -> list[Tensor]:
+        kept = super().saved_tensors(model)  # the adapter; with train_base also the whole base, saved as a pipeline
+        return kept + list(model.parameters()) if self.config.train_base else kept  # type: ignore[attr-defined]
+
     def save_trained(self, pipe: Any, model: nn.Module, path: Path, base_model: str, component: str) -> Path:
         """The KIND adapter at ``path``; with ``train_base`` also the trained base (embedders, adaLN, final layer,
         biases; without the adapter) as a diffusers pipeline at ``path``'s sibling ``pipeline``, the model the
