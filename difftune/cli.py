@@ -122,8 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             aliases.setdefault(alias, name)
     inputs = None
     if controls:
-        from .conditions import control_inputs
         from .loading import set_adapter_weights
+        from .methods.scedit.conditions import control_inputs
 
         if len(controls) == 1 and controls[0][1] is None:
             control: object = controls[0][0]  # one image for the only CSC adapter
@@ -292,9 +292,9 @@ def cmd_import_spm(args: argparse.Namespace) -> int:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from . import loading
-    from .erase import evaluate_erasure, write_report
     from .generation import load_pipeline
     from .methods.spm import set_transport
+    from .methods.spm.erase import evaluate_erasure, write_report
 
     pipe = load_pipeline(args.model)
     for spec in args.adapter or []:
@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", nargs="*", help="concepts that must survive (e.g. zero one two)")
     s.add_argument("--template", action="append", default=None, help="prompt template with {} (repeatable; default "
                                                                       "'a handwritten digit {}')")
-    s.add_argument("--judge", default="mnist", help="registered judge (difftune.erase.JUDGES); default mnist")
+    s.add_argument("--judge", default="mnist",
+                   help="registered judge (difftune.methods.spm.erase.JUDGES); default mnist")
     s.add_argument("--n", type=int, default=20, help="images per concept and template")
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--guidance", type=float, default=4.0)

@@ -17,7 +17,7 @@ from .architectures import build_architecture  # noqa: F401 (kept importable fro
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods.base import MethodConfig, get_method
-from .methods.model import adapter_parameters, hosts, inject
+from .methods.verbs import adapter_parameters, hosts, inject
 
 #: Names ``--architecture`` accepts (see `difftune.architectures`).
 ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)

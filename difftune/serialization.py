@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import DifftuneError
 from .fileio import atomic_write
 from .methods.base import check_adapter_name, check_weight, get_method
-from .methods.model import (
+from .methods.verbs import (
     MODEL_KEY,
     adapter_names,
     adapter_state_dict,

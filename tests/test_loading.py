@@ -11,7 +11,7 @@ import torch
 
 import difftune as dt
 from difftune import testing
-from difftune.methods.model import adapter_parameters, hosts
+from difftune.methods.verbs import adapter_parameters, hosts
 from difftune.testing import randomize_adapter
 
 BUILDERS = {

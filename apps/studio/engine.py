@@ -266,7 +266,7 @@ class Slot:
                 if i["enabled"] and (method is None or i["method"] == method)]
 
     def _transport(self, name: str) -> bool:
-        from difftune.methods.model import model_part
+        from difftune.methods.verbs import model_part
 
         part = model_part(self.denoiser, name)
         return bool(getattr(part, "transport", False)) and getattr(part.config, "matching", "") != "fixed"
@@ -400,7 +400,7 @@ class Studio:
             inputs["class_labels"] = [int(req.class_label)]
         csc = slot.names("csc")
         if csc:
-            from difftune.conditions import control_inputs, extract
+            from difftune.methods.scedit.conditions import control_inputs, extract
 
             if req.control is None:
                 raise bad_value("control image", None, f"an image for the enabled CSC adapter(s) "
@@ -451,7 +451,7 @@ class Studio:
 
     def _gamma_notes(self, slot: Slot, req: Request) -> list[str]:
         """The γ each SPM gave the prompt (and the negative prompt) in the last denoiser call."""
-        from difftune.methods.model import model_part
+        from difftune.methods.verbs import model_part
 
         notes = []
         for name in slot.names("spm"):

@@ -124,7 +124,7 @@ def _loaded_updates(path: Any, header: dict[str, Any], model: str | Path | None)
     """ΔW of any weight-space adapter, from the method itself, after loading it into its base model."""
     from ..generation import load_pipeline
     from ..loading import component_of, load_adapter
-    from ..methods.model import hosts
+    from ..methods.verbs import hosts
     from ..targeting import canonical_name
 
     base = model or header.get("base_model") or ""

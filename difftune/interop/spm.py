@@ -26,8 +26,8 @@ from ..architectures import denoiser_on_meta
 from ..errors import DifftuneError, bad_value
 from ..fileio import atomic_write
 from ..loading import component_of, inject
-from ..methods.model import hosts
 from ..methods.spm import SPMConfig
+from ..methods.verbs import hosts
 from ..serialization import read_header, read_tensors, save_adapter_file
 from ..version import __version__
 from .kohya import group_by_module, kohya_name, kohya_prefix, match_modules, read_safetensors

@@ -256,7 +256,7 @@ class ControlFolder(CaptionFolder):
     """Captioned images with a condition image each (SCEdit's CSC-Tuner; ``data.kind: control``).
 
     The condition is read from ``condition_path`` (the same relative file name, any image extension) or extracted
-    from the augmented image by ``condition`` (a `difftune.conditions.EXTRACTORS` name, e.g. "canny"). A read
+    from the augmented image by ``condition`` (a `difftune.methods.scedit.EXTRACTORS` name, e.g. "canny"). A read
     condition gets the image's own crop and flip (the same per-item generator drives both).
 
     Items: ``{"pixel_values", "control": Tensor(3, res, res) in [0, 1], "caption", "index"}``.
@@ -264,7 +264,7 @@ class ControlFolder(CaptionFolder):
 
     def __init__(self, root: str | os.PathLike[str], resolution: int, condition: str | None = None,
                  condition_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
-        from ..conditions import EXTRACTORS
+        from ..methods.scedit.conditions import EXTRACTORS
 
         if (condition is None) == (condition_path is None):
             raise bad_value("data.condition/data.condition_path", (condition, condition_path),
@@ -292,7 +292,7 @@ class ControlFolder(CaptionFolder):
         item = super().__getitem__(index)
         record = self.records[item["index"]]
         if self.condition is not None:
-            from ..conditions import extract, to_tensor
+            from ..methods.scedit.conditions import extract, to_tensor
 
             rgb = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
             item["control"] = to_tensor(extract(self.condition, rgb))[0]

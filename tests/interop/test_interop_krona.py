@@ -11,7 +11,7 @@ from torch import nn
 
 import difftune as dt
 from difftune.interop.krona import KronAExportWarning, export_krona, load_lokr, load_official_krona, lycoris_split
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_unet
 
 QKVO = ["to_q", "to_k", "to_v", "to_out.0"]

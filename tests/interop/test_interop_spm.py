@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import difftune as dt
 from difftune.interop.spm import export_spm, file_concepts, load_spm
-from difftune.methods.model import hosts, model_part
+from difftune.methods.verbs import hosts, model_part
 from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 
@@ -75,7 +75,7 @@ def test_import_gives_back_the_same_spm_and_official_files_load(tmp_path):
     out = export_spm(folder, tmp_path / "spm.safetensors")
     fresh = tiny_unet(0)
     load_spm(fresh, out, name="back")
-    assert dt.methods.model.get_config(fresh, "back").concepts == ["cat", "kitten"]
+    assert dt.methods.verbs.get_config(fresh, "back").concepts == ["cat", "kitten"]
     for name, dw in _deltas(unet, "spm").items():
         torch.testing.assert_close(_deltas(fresh, "back")[name], dw, atol=0, rtol=0)
     assert model_part(fresh, "back").spm_concept_embeds.abs().sum() == 0  # E(c) is encoded from a text encoder
@@ -83,7 +83,7 @@ def test_import_gives_back_the_same_spm_and_official_files_load(tmp_path):
     tensors = {k: v.half() for k, v in load_file(out).items()}
     save_file(tensors, tmp_path / "official.safetensors", metadata={"prompts": "snoopy", "rank": "1", "alpha": "1.0"})
     load_spm(fresh, tmp_path / "official.safetensors", name="official", gamma_mode="squared")
-    cfg = dt.methods.model.get_config(fresh, "official")
+    cfg = dt.methods.verbs.get_config(fresh, "official")
     assert cfg.concepts == ["snoopy"] and cfg.gamma_mode == "squared"
 
 
@@ -144,7 +144,7 @@ def test_cli_export_import_and_erase_report(tmp_path, capsys):
 
 
 def test_erase_judge_is_pluggable():
-    from difftune.erase import evaluate_erasure
+    from difftune.methods.spm.erase import evaluate_erasure
     from difftune.pipelines.difftune_stable_diffusion import DifftuneStableDiffusionPipeline
 
     pipe = DifftuneStableDiffusionPipeline(**tiny_sd_pipeline().components)

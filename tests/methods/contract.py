@@ -20,9 +20,9 @@ from torch import nn
 
 import difftune as dt
 from difftune.methods import METHODS, AdapterHost
-from difftune.methods.model import adapter_parameters, hosts, unmerge
+from difftune.methods.plugin import plugin_for
+from difftune.methods.verbs import adapter_parameters, hosts, unmerge
 from difftune.testing import randomize_adapter, tiny_dit, tiny_unet
-from difftune.train.plugin import plugin_for
 
 
 class TinyLinear(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import difftune.methods.model as core
+import difftune.methods.verbs as core
 from difftune.methods import base
 from difftune.methods.base import Adapter, MethodConfig, Site
 from difftune.methods.host import AdapterHost

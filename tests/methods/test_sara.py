@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import difftune as dt
-from difftune.methods.model import hosts
+from difftune.methods.plugin import plugin_for
 from difftune.methods.sara import (
     SaRAAdamW,
     SaRAConfig,
@@ -20,8 +20,8 @@ from difftune.methods.sara import (
     threshold_for_fraction,
     unpack_bits,
 )
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_unet
-from difftune.train.plugin import plugin_for
 
 THETA = 0.02
 
@@ -128,7 +128,7 @@ def test_gradient_routing_equals_autograd_through_the_dense_weight():
             dt.merge(model)
         args, kwargs = _inputs()
         model(*args, **kwargs).sample.pow(2).mean().backward()
-        grads.append(torch.cat([p.grad for p in dt.methods.model.adapter_parameters(model, "s")]))
+        grads.append(torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 

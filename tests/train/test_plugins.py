@@ -16,9 +16,9 @@ from torch import nn
 import difftune as dt
 from difftune.config import load_config
 from difftune.methods.base import METHODS, Adapter, MethodConfig, register_method
+from difftune.methods.plugin import PLUGINS, TrainerPlugin, register_plugin
 from difftune.train import TrainConfig, main
 from difftune.train.checkpoints import weights_digest
-from difftune.train.plugin import PLUGINS, TrainerPlugin, register_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 2.0  # what the toy objective wants every output entry of the denoiser to be

@@ -77,7 +77,7 @@ def test_two_step_smoke_run(tiny, tmp_path, kind, method):
         else:  # initialised from the base weights: it trained if the saved tensors left a fresh injection's values
             from diffusers import DiffusionPipeline
 
-            from difftune.methods.model import adapter_tensors
+            from difftune.methods.verbs import adapter_tensors
 
             fresh = getattr(DiffusionPipeline.from_pretrained(tiny[kind]), info["component"])
             dt.inject(fresh, METHODS[method](**SMOKE[method][0]), name=info["name"])
