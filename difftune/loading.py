@@ -203,11 +203,13 @@ def unfuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     _per_module(obj, names, verbs.unmerge)
 
 
-def delete_adapter(obj: Any, name: str | Sequence[str]) -> None:
-    """Remove adapters and free their parameters; fully un-adapted modules get their original layer back."""
-    if name is None:
-        raise bad_value("name", None, "an adapter name or a list of names", "remove(pipe) removes them all")
-    _per_module(obj, name, verbs.remove)
+def delete_adapter(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = False) -> None:
+    """Remove adapters (all when ``names`` is None) and free their parameters; modules left without adapters get
+    their original layer back, with the original weights bit for bit (fused adapters are unfused first).
+
+    With ``merge=True`` their weighted ΔW stays baked into the base weights instead (peft's ``merge_and_unload``).
+    """
+    _per_module(obj, names, lambda module, here: verbs.remove(module, here, merge=merge))
 
 
 def enable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
@@ -232,14 +234,6 @@ def list_adapters(obj: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def remove(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = False) -> None:
-    """Remove adapters (all when ``names`` is None), restoring the original modules.
-
-    With ``merge=True`` their weighted ΔW stays baked into the base weights (peft's ``merge_and_unload``).
-    """
-    _per_module(obj, names, lambda module, here: verbs.remove(module, here, merge=merge))
-
-
 def trainable_parameter_count(obj: Any, name: str | None = None) -> int:
     """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
     total = 0
@@ -249,5 +243,7 @@ def trainable_parameter_count(obj: Any, name: str | None = None) -> int:
     return total
 
 
+# The vocabulary is fuse / unfuse / delete_adapter; peft's and diffusers' words are aliases, the same functions.
 merge = fuse
 unmerge = unfuse
+remove = delete_adapter
