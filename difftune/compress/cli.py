@@ -49,7 +49,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_distill_plan(args: argparse.Namespace) -> int:
     from ..architectures import build_architecture, denoiser_on_meta
-    from .block_removal import NAMED_PLANS, plan_summary
+    from .block_removal import NAMED_PLANS
+    from .macs import plan_summary
 
     if bool(args.architecture) == bool(args.model):
         raise bad_value("--architecture/--model", args.architecture or args.model, "exactly one of them")
