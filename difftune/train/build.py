@@ -21,7 +21,8 @@ from ..errors import bad_value
 from ..families import Family
 from ..methods.plugin import TrainerPlugin
 from .config import TrainConfig
-from .data import CaptionFolder, ClassFolder, ControlFolder, DreamBoothDataset, collate
+from .control import ControlFolder
+from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
 
 

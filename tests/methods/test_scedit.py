@@ -214,7 +214,7 @@ def test_control_data_pairs_each_image_with_its_condition(tmp_path):
 
     from difftune.methods.scedit.conditions import outline
     from difftune.train.config import DataConfig
-    from difftune.train.data import ControlFolder
+    from difftune.train.control import ControlFolder
 
     images, conds = tmp_path / "images", tmp_path / "conds"
     images.mkdir()
