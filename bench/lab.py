@@ -27,6 +27,7 @@ import numpy as np
 
 import difftune as dt
 from difftune.config import load_config
+from difftune.counting import inspect_adapter
 from difftune.eval import default_classifier, digit_features, evaluate, frechet_distance, generate_digits
 from difftune.generation import load_pipeline
 from difftune.train import TrainConfig, main
@@ -73,7 +74,7 @@ def train(method: dict[str, Any], data: Path, out: Path, steps: int, lr: float |
     t0 = time.perf_counter()
     adapter = main(cfg)
     seconds = time.perf_counter() - t0
-    info = dt.serialization.inspect_adapter(adapter)
+    info = inspect_adapter(adapter)
     return {"adapter": adapter, "seconds": seconds, "trainable": info["parameters"],
             "adapter_bytes": info["file_bytes"], "density": info.get("density")}
 

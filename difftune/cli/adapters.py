@@ -21,7 +21,7 @@ def _human(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..serialization import inspect_adapter
+    from ..counting import inspect_adapter
 
     if args.method is not None:
         return _inspect_method(args)

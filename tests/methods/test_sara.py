@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import difftune as dt
+from difftune.counting import inspect_adapter
 from difftune.methods.plugin import plugin_for
 from difftune.methods.sara import (
     SaRAAdamW,
@@ -231,7 +232,7 @@ def test_save_load_round_trip_scale_and_merge(tmp_path):
     randomize_adapter(model, "s", seed=5, std=0.01)
     expected = _out(model)
     path = dt.save_adapter(model, tmp_path / "s", name="s")
-    info = dt.serialization.inspect_adapter(path)
+    info = inspect_adapter(path)
     assert info["parameters"] == dt.trainable_parameter_count(model)
     assert info["density"] == pytest.approx(sara_summary(model, "s")["density"])
     tensors = load_file(path / "adapter_model.safetensors")
