@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DifftuneError, bad_value
-from .data import CaptionFolder, _check_dir, _find_images
+from .data import CaptionFolder, check_dir, find_images
 
 
 class ControlFolder(CaptionFolder):
@@ -34,8 +34,8 @@ class ControlFolder(CaptionFolder):
         super().__init__(root, resolution, **kwargs)
         self.condition = condition
         if condition_path is not None:
-            cond_root = _check_dir(condition_path, "data.condition_path")
-            by_stem = {p.relative_to(cond_root).with_suffix("").as_posix(): p for p in _find_images(cond_root)}
+            cond_root = check_dir(condition_path, "data.condition_path")
+            by_stem = {p.relative_to(cond_root).with_suffix("").as_posix(): p for p in find_images(cond_root)}
             missing = []
             for r in self.records:
                 stem = r["path"].relative_to(self.root).with_suffix("").as_posix()

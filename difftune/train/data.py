@@ -95,7 +95,8 @@ def _check_resolution(resolution: object) -> int:
 ZOO_DATA = ("pretrain-captions", "pretrain-classes", "subject-nine", "style-bold", "style-bold-reg", "heldout")
 
 
-def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
+def check_dir(root: str | os.PathLike[str], field: str) -> Path:
+    """``root`` as a Path if it is an existing folder; a `DifftuneError` naming config ``field`` otherwise."""
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "does not exist"
@@ -107,7 +108,7 @@ def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
     return path
 
 
-def _find_images(root: Path) -> list[Path]:
+def find_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursively, skipping hidden files and folders), sorted by relative path."""
     found = []
     for p in root.rglob("*"):
@@ -224,8 +225,8 @@ class CaptionFolder(ImageDataset):
         seed: int = 0,
         field: str = "data.path",
     ) -> None:
-        self.root = _check_dir(root, field)
-        paths = _readable(_find_images(self.root), self.root, field)
+        self.root = check_dir(root, field)
+        paths = _readable(find_images(self.root), self.root, field)
         meta_path = self.root / "metadata.jsonl"
         meta = _read_metadata(meta_path) if meta_path.is_file() else {}
         ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
@@ -268,7 +269,7 @@ class ClassFolder(ImageDataset):
         seed: int = 0,
         field: str = "data.path",
     ) -> None:
-        self.root = _check_dir(root, field)
+        self.root = check_dir(root, field)
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not folders:
             raise DifftuneError(
@@ -282,7 +283,7 @@ class ClassFolder(ImageDataset):
         else:
             labels = {name: i for i, name in enumerate(folders)}
         self.class_names: dict[int, str] = {label: name for name, label in sorted(labels.items(), key=lambda x: x[1])}
-        found = [(p, label) for label, name in self.class_names.items() for p in _find_images(self.root / name)]
+        found = [(p, label) for label, name in self.class_names.items() for p in find_images(self.root / name)]
         readable = set(_readable([p for p, _ in found], self.root, field))
         records = [{"path": p, "class_label": label} for p, label in found if p in readable]
         super().__init__(records, resolution, center_crop, random_flip, repeats, seed)
@@ -311,16 +312,16 @@ class DreamBoothDataset(Dataset):
     ) -> None:
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
             raise bad_value("instance_prompt", instance_prompt, "a non-empty string", "e.g. 'a photo of sks dog'")
-        root = _check_dir(instance_root, field)
-        inst = [{"path": p, "caption": instance_prompt} for p in _readable(_find_images(root), root, field)]
+        root = check_dir(instance_root, field)
+        inst = [{"path": p, "caption": instance_prompt} for p in _readable(find_images(root), root, field)]
         self.instances = ImageDataset(inst, resolution, center_crop, random_flip, repeats, seed)
         self.classes: ImageDataset | None = None
         if class_root is not None:
             if not isinstance(class_prompt, str) or not class_prompt.strip():
                 hint = f"set it (e.g. 'a photo of a dog') or unset `{class_field}`"
                 raise bad_value("class_prompt", class_prompt, "a non-empty string when class images are given", hint)
-            croot = _check_dir(class_root, class_field)
-            cls = [{"path": p, "caption": class_prompt} for p in _readable(_find_images(croot), croot, class_field)]
+            croot = check_dir(class_root, class_field)
+            cls = [{"path": p, "caption": class_prompt} for p in _readable(find_images(croot), croot, class_field)]
             self.classes = ImageDataset(cls, resolution, center_crop, random_flip, 1, seed)
 
     def __len__(self) -> int:
