@@ -55,3 +55,18 @@ def test_the_wheel_holds_every_module_and_the_studio(tmp_path):
                 for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
     assert "difftune/apps/studio/engine.py" in expected and expected <= names, sorted(expected - names)
     assert "difftune = difftune.cli:main" in entry_points
+
+
+def test_difftune_app_finds_the_studio_without_touching_sys_path(monkeypatch):
+    import importlib.util
+
+    from difftune.cli.app import studio_package
+    from difftune.errors import DifftuneError
+
+    before = list(sys.path)
+    studio = studio_package()  # difftune.apps.studio when installed; apps.studio from a bare checkout
+    assert studio.__name__ in ("difftune.apps.studio", "apps.studio") and callable(studio.main)
+    assert sys.path == before
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # neither is there
+    with pytest.raises(DifftuneError, match=r"cannot find the studio \(difftune.apps.studio\): reinstall difftune"):
+        studio_package()
