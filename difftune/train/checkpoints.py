@@ -33,11 +33,12 @@ from ..fileio import TMP_PREFIX, atomic_write, is_temp, remove_temp
 from ..methods.plugin import TrainerPlugin
 from .config import TrainConfig
 from .reporting import say
-from .saving import STATE_FILE, checkpoint_dirs, discard_on_failure, saving
+from .saving import discard_on_failure, saving
 
 logger = logging.getLogger("difftune.train")
 
 CHECKPOINT_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.json"
 TRASH_PREFIX = f"{TMP_PREFIX}trash-"  #: a checkpoint being deleted (a checkpoint being written: TMP_PREFIX)
 #: the folders a run writes temp names into (the output folder itself is the first)
 WRITTEN = ("", "checkpoints", "adapter", "pipeline", "validation")
@@ -96,6 +97,19 @@ def checkpoint_hooks(accelerator: Any, plugin: TrainerPlugin, model: nn.Module, 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
     return write_state
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``output_dir/checkpoints``, oldest first.
+
+    A folder counts when its name is ``checkpoint-<step>`` and its ``trainer_state.json`` exists. The trainer only
+    ever renames a fully written folder into that name (`save_checkpoint`), so the state-file test is for folders
+    copied by hand.
+    """
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def clean_leftovers(output_dir: Path) -> list[Path]:

@@ -32,7 +32,6 @@ from ..fileio import TMP_PREFIX, remove_temp
 #: torch's zip writer reports a failed write as a RuntimeError ("[enforce fail at inline_container.cc:672] .
 #: unexpected pos 576 vs 534" on a full disk), without the OS error
 _TORCH_WRITE = ("inline_container", "PytorchStreamWriter", "file write failed")
-STATE_FILE = "trainer_state.json"  #: in every complete checkpoint folder (`checkpoints.save_checkpoint` writes it)
 
 
 class SaveFailed(DifftuneError):
@@ -58,23 +57,12 @@ def resume_command(cfg: Any, checkpoint: Path) -> str:
             f"--set checkpointing.resume_from_checkpoint={shlex.quote(str(checkpoint))}")
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """The complete checkpoints under ``output_dir/checkpoints``, oldest first.
-
-    A folder counts when its name is ``checkpoint-<step>`` and its ``trainer_state.json`` exists. The trainer only
-    ever renames a fully written folder into that name (`save_checkpoint`), so the state-file test is for folders
-    copied by hand.
-    """
-    root = output_dir / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def what_is_intact(cfg: Any, result: Path | None = None, fix: str = "fix the cause") -> str:
     """What a failed run leaves: the finished ``result``, or the last complete checkpoint and the command resuming
     it (to run once the user did ``fix``; last, without a full stop, so that it can be copied), or that there is
     none."""
+    from .checkpoints import checkpoint_dirs
+
     if result is not None:
         return f"The result {result} is complete and can be used."
     found = checkpoint_dirs(Path(cfg.output_dir))
