@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab  # noqa: E402
 
 import difftune as dt  # noqa: E402
-from difftune.compress.block_removal import build_student, count_parameters  # noqa: E402
+from difftune.compress.block_removal import build_student  # noqa: E402
+from difftune.compress.macs import count_parameters  # noqa: E402
 from difftune.config import load_config  # noqa: E402
 from difftune.eval import evaluate, generate_digits  # noqa: E402
 from difftune.generation import load_pipeline  # noqa: E402

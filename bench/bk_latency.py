@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from difftune.architectures import ARCHITECTURES, build_architecture
-from difftune.compress.block_removal import build_student, count_parameters, unet_macs
+from difftune.compress.block_removal import build_student
+from difftune.compress.macs import count_parameters, unet_macs
 
 
 def _sync(device: torch.device) -> None:

@@ -37,9 +37,10 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import difftune as dt  # noqa: E402
+from difftune.counting import inspect_adapter  # noqa: E402
 from difftune.errors import DifftuneError  # noqa: E402
 from difftune.methods import METHODS  # noqa: E402
-from difftune.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, inspect_adapter  # noqa: E402
+from difftune.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME  # noqa: E402
 from difftune.testing import randomize_adapter, tiny_unet  # noqa: E402
 
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -35,7 +35,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 import difftune as dt  # noqa: E402
 from difftune.architectures import sd15_unet_config  # noqa: E402
 from difftune.interop.export import export_adapter  # noqa: E402
-from difftune.methods.model import hosts  # noqa: E402
+from difftune.methods.verbs import hosts  # noqa: E402
 from difftune.testing import randomize_adapter  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]

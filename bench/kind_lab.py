@@ -39,7 +39,7 @@ from difftune import zoo
 from difftune.eval import evaluate, generate_digits
 from difftune.methods.kind import KINDConfig, KINDPlugin, kind_adapters, recombine
 from difftune.methods.lora import LoRAConfig
-from difftune.methods.model import adapter_parameters
+from difftune.methods.verbs import adapter_parameters
 from difftune.serialization import save_adapter_file
 from difftune.zoo.architectures import dit_mini
 from difftune.zoo.mnist import split, to_rgb32

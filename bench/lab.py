@@ -27,7 +27,8 @@ import numpy as np
 
 import difftune as dt
 from difftune.config import load_config
-from difftune.eval import _default_classifier, _features, evaluate, frechet_distance, generate_digits
+from difftune.counting import inspect_adapter
+from difftune.eval import default_classifier, digit_features, evaluate, frechet_distance, generate_digits
 from difftune.generation import load_pipeline
 from difftune.train import TrainConfig, main
 from difftune.zoo import path as zoo_path
@@ -73,7 +74,7 @@ def train(method: dict[str, Any], data: Path, out: Path, steps: int, lr: float |
     t0 = time.perf_counter()
     adapter = main(cfg)
     seconds = time.perf_counter() - t0
-    info = dt.serialization.inspect_adapter(adapter)
+    info = inspect_adapter(adapter)
     return {"adapter": adapter, "seconds": seconds, "trainable": info["parameters"],
             "adapter_bytes": info["file_bytes"], "density": info.get("density")}
 
@@ -105,7 +106,7 @@ def judge_style(pipe: Any, n: int = 10, steps: int = 20, guidance: float = 4.0) 
     """``n`` samples per digit 0–8 prompted "bold a handwritten digit <word>", and as many plain ones."""
     from difftune.zoo.mnist import from_rgb32
 
-    clf = _default_classifier()
+    clf = default_classifier()
     digits = list(range(9))
     images, labels = [], []
     for d in digits:
@@ -115,7 +116,7 @@ def judge_style(pipe: Any, n: int = 10, steps: int = 20, guidance: float = 4.0) 
         labels += lb
     gen = np.stack([from_rgb32(im) for im in images])
     labels = np.asarray(labels)
-    feats, pred = _features(clf, gen)
+    feats, pred = digit_features(clf, gen)
     real, real_labels = split("heldout", tuple(digits))
     real = real.astype(np.float32) / 255.0
     real_bold = np.stack([bold(x) for x in real])
@@ -124,7 +125,7 @@ def judge_style(pipe: Any, n: int = 10, steps: int = 20, guidance: float = 4.0) 
     def score(mask: np.ndarray) -> float:
         return (_ink(gen[mask]) - plain_ink) / (bold_ink - plain_ink)
 
-    bold_feats, _ = _features(clf, real_bold)
+    bold_feats, _ = digit_features(clf, real_bold)
     plain_imgs, plain_labels = generate_digits(pipe, digits, n, steps=steps, guidance=guidance)
     plain = evaluate(plain_imgs, plain_labels)
     return {"style_score": score(np.ones(len(labels), bool)), "style_score_unseen": score(labels >= 5),

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab  # noqa: E402
 
 import difftune as dt  # noqa: E402
-from difftune.conditions import outline, skeleton  # noqa: E402
 from difftune.eval import evaluate  # noqa: E402
+from difftune.methods.scedit.conditions import outline, skeleton  # noqa: E402
 from difftune.zoo.mnist import DIGIT_WORDS, from_rgb32, split, to_rgb32, write_pretrain_captions  # noqa: E402
 
 OUT = lab.REPO / "outputs" / "bench" / "scedit_lab"

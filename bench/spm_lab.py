@@ -26,10 +26,10 @@ import torch
 
 import difftune as dt
 from difftune.config import load_config
-from difftune.erase import evaluate_erasure, generate
 from difftune.eval import evaluate
 from difftune.generation import load_pipeline
 from difftune.methods.spm import set_matching
+from difftune.methods.spm.erase import evaluate_erasure, generate
 from difftune.train import TrainConfig, main
 from difftune.zoo import path as zoo_path
 from difftune.zoo.mnist import DIGIT_WORDS

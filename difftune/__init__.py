@@ -8,6 +8,9 @@ The flat public API::
     dt.save_adapter(pipe, "out/style")
     dt.load_adapter(other_pipe, "out/style", weight=0.8)
     dt.fuse(other_pipe); dt.unfuse(other_pipe); dt.delete_adapter(other_pipe, "style")
+
+One vocabulary: ``fuse``, ``unfuse``, ``delete_adapter``. ``merge``, ``unmerge`` and ``remove`` (peft's words) are
+aliases, the same function objects: ``dt.remove(pipe, merge=True)`` is ``dt.delete_adapter(pipe, merge=True)``.
 """
 
 from __future__ import annotations
@@ -77,13 +80,14 @@ __all__ = [
     "load_adapter",
     "load_compressed",
     "load_compressed_pipeline",
-    "merge",
     "quantize_rtn_",
-    "remove",
     "save_adapter",
     "save_compressed",
     "set_adapter_weights",
     "trainable_parameter_count",
     "unfuse",
+    # aliases (the same functions): merge = fuse, unmerge = unfuse, remove = delete_adapter
+    "merge",
     "unmerge",
+    "remove",
 ]

@@ -11,11 +11,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from .counting import inspect_adapter
 from .generation import generate, load_pipeline
 from .loading import inject, load_adapter, save_adapter, set_adapter_weights
 from .methods.lora import LoRAConfig
-from .serialization import inspect_adapter
-from .testing import randomize_adapter, save_tiny_pipeline
+from .zoo.tiny import randomize_adapter, save_tiny_pipeline
 
 WEIGHTS = (0.0, 0.5, 1.0)
 

@@ -17,7 +17,7 @@ from torch import nn
 from . import serialization
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
-from .methods import model
+from .methods import verbs
 from .methods.base import MethodConfig, check_adapter_name
 
 
@@ -51,7 +51,7 @@ def component_of(obj: Any, component: str | None = None) -> tuple[str, nn.Module
 
 def _holder(obj: Any, name: str) -> tuple[str, nn.Module]:
     for comp, module in modules_of(obj).items():
-        if name in model.adapter_names(module):
+        if name in verbs.adapter_names(module):
             return comp, module
     raise bad_value("name", name, f"one of the loaded adapters {list(list_adapters(obj))}")
 
@@ -67,13 +67,13 @@ def inject(
     obj: Any, config: MethodConfig, name: str = "default", weight: float = 1.0, *, component: str | None = None,
     freeze_base: bool = True,
 ) -> list[str]:
-    """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.model.inject`."""
+    """Add a new adapter of ``config``'s method to a model or a pipeline component. See `methods.verbs.inject`."""
     _, module = component_of(obj, component)
-    _check_name_free(obj, name)
-    return model.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
+    check_name_free(obj, name)
+    return verbs.inject(module, config, name=name, weight=weight, freeze_base=freeze_base)
 
 
-def _check_name_free(obj: Any, name: str | None) -> None:
+def check_name_free(obj: Any, name: str | None) -> None:
     """Adapter names are unique across a pipeline's components: the verbs address adapters by name alone."""
     if name is not None and check_adapter_name(name) in list_adapters(obj):
         raise DifftuneError(f"an adapter named {name!r} is already loaded (component "
@@ -139,7 +139,7 @@ def load_adapter(
         component = header.get("component") or None
         _check_family(obj, component, header.get("base_model"))
     _, module = component_of(obj, component)
-    _check_name_free(obj, name if name is not None else header.get("name") or "default")
+    check_name_free(obj, name if name is not None else header.get("name") or "default")
     return serialization.load_adapter_file(module, path, name=name, weight=weight)
 
 
@@ -167,9 +167,9 @@ def set_adapter_weights(obj: Any, weights: Mapping[str, float]) -> None:
     for name in weights:
         _holder(obj, name)
     for module in modules_of(obj).values():
-        here = {n: w for n, w in weights.items() if n in model.adapter_names(module)}
+        here = {n: w for n, w in weights.items() if n in verbs.adapter_names(module)}
         if here:
-            model.set_weights(module, here)
+            verbs.set_weights(module, here)
 
 
 def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
@@ -178,7 +178,7 @@ def _per_module(obj: Any, names: str | Sequence[str] | None, verb: Any) -> None:
         for n in names:
             _holder(obj, n)
     for module in modules_of(obj).values():
-        present = model.adapter_names(module)
+        present = verbs.adapter_names(module)
         here = None if names is None else [n for n in names if n in present]
         if present and (here is None or here):
             verb(module, here)
@@ -194,35 +194,37 @@ def fuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     if names is not None:
         wanted = [names] if isinstance(names, str) else list(names)
         for module in modules_of(obj).values():
-            model.check_mergeable(module, [n for n in wanted if n in model.adapter_names(module)])
-    _per_module(obj, names, model.merge)
+            verbs.check_mergeable(module, [n for n in wanted if n in verbs.adapter_names(module)])
+    _per_module(obj, names, verbs.merge)
 
 
 def unfuse(obj: Any, names: str | Sequence[str] | None = None) -> None:
     """Undo `fuse`: the original weights come back bit-identical."""
-    _per_module(obj, names, model.unmerge)
+    _per_module(obj, names, verbs.unmerge)
 
 
-def delete_adapter(obj: Any, name: str | Sequence[str]) -> None:
-    """Remove adapters and free their parameters; fully un-adapted modules get their original layer back."""
-    if name is None:
-        raise bad_value("name", None, "an adapter name or a list of names", "remove(pipe) removes them all")
-    _per_module(obj, name, model.remove)
+def delete_adapter(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = False) -> None:
+    """Remove adapters (all when ``names`` is None) and free their parameters; modules left without adapters get
+    their original layer back, with the original weights bit for bit (fused adapters are unfused first).
+
+    With ``merge=True`` their weighted ΔW stays baked into the base weights instead (peft's ``merge_and_unload``).
+    """
+    _per_module(obj, names, lambda module, here: verbs.remove(module, here, merge=merge))
 
 
 def enable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
-    _per_module(obj, names, model.enable)
+    _per_module(obj, names, verbs.enable)
 
 
 def disable_adapters(obj: Any, names: str | Sequence[str] | None = None) -> None:
-    _per_module(obj, names, model.disable)
+    _per_module(obj, names, verbs.disable)
 
 
 def list_adapters(obj: Any) -> dict[str, dict[str, Any]]:
     """``{name: {"method", "weight", "component", "modules", "enabled", "fused"}}`` for every loaded adapter."""
     out: dict[str, dict[str, Any]] = {}
     for comp, module in modules_of(obj).items():
-        for _, host in model.hosts(module):
+        for _, host in verbs.hosts(module):
             for n, adapter in host.adapters.items():
                 info = out.setdefault(n, {
                     "method": adapter.config.method, "weight": host.adapter_weights[n], "component": comp or None,
@@ -232,22 +234,16 @@ def list_adapters(obj: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def remove(obj: Any, names: str | Sequence[str] | None = None, *, merge: bool = False) -> None:
-    """Remove adapters (all when ``names`` is None), restoring the original modules.
-
-    With ``merge=True`` their weighted ΔW stays baked into the base weights (peft's ``merge_and_unload``).
-    """
-    _per_module(obj, names, lambda module, here: model.remove(module, here, merge=merge))
-
-
 def trainable_parameter_count(obj: Any, name: str | None = None) -> int:
     """Number of adapter parameters (of adapter ``name``, or of all adapters)."""
     total = 0
     for module in modules_of(obj).values():
-        if name is None or name in model.adapter_names(module):
-            total += sum(p.numel() for p in model.adapter_parameters(module, name))
+        if name is None or name in verbs.adapter_names(module):
+            total += sum(p.numel() for p in verbs.adapter_parameters(module, name))
     return total
 
 
+# The vocabulary is fuse / unfuse / delete_adapter; peft's and diffusers' words are aliases, the same functions.
 merge = fuse
 unmerge = unfuse
+remove = delete_adapter

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import DifftuneError
 from .fileio import atomic_write
 from .methods.base import check_adapter_name, check_weight, get_method
-from .methods.model import (
+from .methods.verbs import (
     MODEL_KEY,
     adapter_names,
     adapter_state_dict,
@@ -397,35 +397,3 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], path: Any,
     with torch.no_grad():
         for k, v in live.items():
             v.copy_(tensors[k].to(dtype=v.dtype, device=v.device))
-
-
-def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """Summary of a saved adapter: method, base, component, parameter count, size, dtypes, config."""
-    header = read_header(path)
-    tensors = read_tensors(path)
-    fingerprint = header.get("target_fingerprint") or {}
-    return {
-        "method": header["method"],
-        "name": header.get("name"),
-        "base_model": header.get("base_model") or None,
-        "component": header.get("component") or None,
-        "difftune_version": header.get("difftune_version"),
-        "modules": fingerprint.get("modules"),
-        **_describe(header["method"], tensors),
-        "tensors": len(tensors),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
-        "file_bytes": _weights_path(path).stat().st_size,
-        "config": header.get("config", {}),
-    }
-
-
-def _describe(method: str, tensors: dict[str, Tensor]) -> dict[str, Any]:
-    try:
-        cls = get_method(method)
-    except DifftuneError:  # an unknown method can still be inspected; count every floating value
-        return {"parameters": sum(t.numel() for t in tensors.values() if t.is_floating_point())}
-    try:
-        return cls.describe(tensors)
-    except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:  # shapes the method never saves
-        raise DifftuneError(f"the saved {method} tensors are malformed ({type(e).__name__}: {e}); the file is "
-                            "damaged or was not written by difftune") from None

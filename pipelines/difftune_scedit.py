@@ -13,7 +13,7 @@ or import it: ``from difftune.pipelines.difftune_scedit import DifftuneSCEditPip
 
 from diffusers import StableDiffusionPipeline
 
-from difftune.conditions import ControlMixin
+from difftune.methods.scedit.conditions import ControlMixin
 from difftune.pipeline_mixin import DifftuneAdapterMixin
 
 

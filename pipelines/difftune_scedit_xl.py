@@ -7,7 +7,7 @@
 
 from diffusers import StableDiffusionXLPipeline
 
-from difftune.conditions import ControlMixin
+from difftune.methods.scedit.conditions import ControlMixin
 from difftune.pipeline_mixin import DifftuneAdapterMixin
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import difftune as dt
 from difftune.cli import main, parse_adapter_spec
+from difftune.counting import inspect_adapter
 from difftune.testing import randomize_adapter
 from difftune.zoo import path as zoo_path
 
@@ -46,7 +47,7 @@ def test_inspect(adapter, capsys):
     assert main(["inspect", str(adapter)]) == 0
     out = capsys.readouterr().out
     assert "method:            lora" in out and "component:         unet" in out
-    n = dt.serialization.inspect_adapter(adapter)["parameters"]
+    n = inspect_adapter(adapter)["parameters"]
     assert f"trainable params:  {n:,}" in out
 
 
@@ -118,4 +119,4 @@ def test_demo(tmp_path, capsys):
     grid = Image.open(tmp_path / "demo" / "weights.png")
     thirds = np.split(np.asarray(grid, dtype=np.float32), 3, axis=1)
     assert np.abs(thirds[0] - thirds[2]).max() > 1  # weight 0 vs weight 1 differ
-    assert dt.serialization.inspect_adapter(tmp_path / "demo" / "adapter")["method"] == "lora"
+    assert inspect_adapter(tmp_path / "demo" / "adapter")["method"] == "lora"

@@ -11,7 +11,7 @@ import torch
 
 import difftune as dt
 from difftune import testing
-from difftune.methods.model import adapter_parameters, hosts
+from difftune.methods.verbs import adapter_parameters, hosts
 from difftune.testing import randomize_adapter
 
 BUILDERS = {
@@ -174,3 +174,30 @@ def test_an_adapter_for_another_denoiser_family_says_so_in_words(tmp_path):
                                                r"denoiser is a DiT transformer"):
         dt.load_adapter(dit, path)
     assert dt.list_adapters(dit) == {}
+
+
+def test_one_vocabulary_with_the_peft_words_as_aliases():
+    """fuse / unfuse / delete_adapter are the verbs; merge / unmerge / remove are the same function objects."""
+    assert dt.merge is dt.fuse and dt.unmerge is dt.unfuse and dt.remove is dt.delete_adapter
+    assert {"fuse", "unfuse", "delete_adapter", "merge", "unmerge", "remove"} <= set(dt.__all__)
+
+
+def test_delete_adapter_removes_all_by_default_and_can_bake_them_in():
+    unet = testing.tiny_unet(0)
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 3, 32)
+    for name in ("a", "b"):
+        dt.inject(unet, dt.LoRAConfig(rank=2, target_modules=["to_q", "to_v"]), name=name)
+        randomize_adapter(unet, name, seed=len(name) + ord(name), std=0.3)
+    adapted = unet(x, t, encoder_hidden_states=text).sample
+    dt.fuse(unet, "a")
+    dt.delete_adapter(unet)  # every adapter, the fused one unfused: the original weights bit for bit
+    assert not list(hosts(unet)) and dt.list_adapters(unet) == {}
+    assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())
+
+    for name in ("a", "b"):
+        dt.inject(unet, dt.LoRAConfig(rank=2, target_modules=["to_q", "to_v"]), name=name)
+        randomize_adapter(unet, name, seed=len(name) + ord(name), std=0.3)
+    dt.delete_adapter(unet, merge=True)  # peft's merge_and_unload: plain modules, the adapted output
+    assert not list(hosts(unet))
+    torch.testing.assert_close(unet(x, t, encoder_hidden_states=text).sample, adapted, atol=1e-5, rtol=1e-5)

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 
 import difftune as dt
 from difftune.config import load_config, read_yaml
+from difftune.counting import inspect_adapter
 from difftune.errors import DifftuneError
-from difftune.serialization import CONFIG_NAME, WEIGHTS_NAME, inspect_adapter, read_header
+from difftune.serialization import CONFIG_NAME, WEIGHTS_NAME, read_header
 from difftune.targeting import check_pattern, find_targets
 from difftune.testing import randomize_adapter, tiny_unet
 from difftune.train import TrainConfig

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 import difftune as dt
-from difftune import conditions, testing
+from difftune import testing
 from difftune.cli import main as cli_main
 from difftune.cli import parse_control_spec
+from difftune.methods.scedit import conditions
 from difftune.testing import randomize_adapter
 
 

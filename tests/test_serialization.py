@@ -11,6 +11,7 @@ from torch import nn
 
 import difftune as dt
 from difftune import serialization
+from difftune.counting import inspect_adapter
 from difftune.testing import randomize_adapter, tiny_unet
 
 QKVO = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -153,6 +154,6 @@ def test_writes_are_atomic(saved, monkeypatch):
 
 
 def test_inspect(saved):
-    info = serialization.inspect_adapter(saved)
+    info = inspect_adapter(saved)
     assert info["method"] == "lora" and info["base_model"] == "tiny-unet"
     assert info["parameters"] == sum(t.numel() for t in serialization.read_tensors(saved).values()) > 0

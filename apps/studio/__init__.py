@@ -1,7 +1,8 @@
 """The difftune studio (``difftune app``): generate with and combine every kind of adapter in a Gradio app.
 
-`engine` holds the logic (tested without Gradio), `library` the adapters folder and its safety rules, `merging` the
-"save this mix" merge, `infotext` the A1111 image metadata, `ui` the Gradio components and thin callbacks.
+`engine` holds the logic (tested without Gradio), `models` the loaded models and their adapter mix, `library` the
+adapters folder and its safety rules, `merging` the "save this mix" merge, `infotext` the A1111 image metadata, `ui`
+the Gradio components and thin callbacks.
 """
 
 from .engine import Limits, Request, Studio

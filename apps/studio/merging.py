@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from difftune import loading
 from difftune.errors import DifftuneError
 from difftune.methods.lora import LoRAConfig
-from difftune.methods.model import hosts, model_part
+from difftune.methods.verbs import hosts, model_part
 from difftune.targeting import canonical_name
 
 RELATIVE_TOL = 1e-6  #: singular values below this fraction of the layer's largest one count as zero

@@ -7,6 +7,9 @@ format that never needs the FP weights.
 * `format`: `save_compressed` / `load_compressed` / `load_compressed_pipeline`.
 * `vq4dit` (+ `kmeans`, `vq4dit_calib`): `VQLinear`, VQ4DiT vector quantization with zero-data calibration, the
   k-means-only baseline, paper-style size accounting.
+
+Also here: `block_removal` (BK-SDM students) with `macs` (parameter and MAC counts), and `cli` (the ``quantize`` and
+``distill`` commands).
 """
 
 from __future__ import annotations

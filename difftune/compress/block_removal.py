@@ -20,9 +20,8 @@ and fewer transformer layers per attention (KOALA/SSD-1B-style depth reduction; 
 For transformers (DiT, PixArt), a plan keeps a list of ``transformer_blocks`` (or drops every k-th one).
 
 Weight remap (`student_sources`): every student key comes from one teacher key of the same shape; a plan whose
-student has a key with no source or another shape is an error naming the key. MACs are counted as thop does
-(`count_macs`): conv and linear layers only (output elements × input channels per group × kernel size); the attention
-matmuls, norms and activations are functional or uncounted, as in BK-SDM's ``count_macs_params.py``.
+student has a key with no source or another shape is an error naming the key. The sizes of teacher and students
+(parameters, MACs as thop counts them) are in `difftune.compress.macs`.
 """
 
 from __future__ import annotations
@@ -34,13 +33,12 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import DifftuneError, bad_value
 
-__all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "count_macs", "count_parameters", "feature_pairs",
-           "load_plan", "plan_summary", "student_config", "student_sources", "teacher_to_student",
-           "unet_macs"]
+__all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "feature_pairs", "is_unet_config", "load_plan",
+           "student_config", "student_sources", "teacher_to_student"]
 
 NAMED_PLANS = ("base", "small", "tiny")
 
@@ -110,7 +108,8 @@ def load_plan(plan: str | dict[str, Any] | RemovalPlan) -> RemovalPlan:
 # ------------------------------------------------------------------------------------------------------- UNet
 
 
-def _is_unet(config: dict[str, Any]) -> bool:
+def is_unet_config(config: dict[str, Any]) -> bool:
+    """Whether a denoiser ``config`` (as a dict) is a UNet's (it has down blocks), not a transformer's."""
     return "down_block_types" in config
 
 
@@ -189,7 +188,7 @@ def student_config(teacher: dict[str, Any], plan: str | dict[str, Any] | Removal
     """The student's diffusers config: the teacher's ``config`` with the plan's removals applied."""
     plan = load_plan(plan)
     cfg = {k: v for k, v in dict(teacher).items() if not k.startswith("_")}
-    if not _is_unet(cfg):
+    if not is_unet_config(cfg):
         keep = _kept_blocks(cfg, plan)
         cfg["num_layers"] = len(keep)
         return cfg
@@ -253,7 +252,7 @@ def student_sources(teacher_cfg: dict[str, Any], student_keys: list[str],
                     plan: str | dict[str, Any] | RemovalPlan) -> dict[str, str]:
     """Student state-dict key → teacher key (the paper's remap; the rest keep their names)."""
     plan = load_plan(plan)
-    if _is_unet(teacher_cfg):
+    if is_unet_config(teacher_cfg):
         moves = _stage_sources(_unet_layout(dict(teacher_cfg), plan), dict(teacher_cfg))
     else:
         moves = [(f"transformer_blocks.{j}.", f"transformer_blocks.{t}.")
@@ -274,7 +273,7 @@ def teacher_to_student(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] |
     plan removed that module (a removed pair, the mid block, an inner stage, a dropped transformer block)."""
     plan = load_plan(plan)
     cfg = dict(teacher_cfg)
-    if _is_unet(cfg):
+    if is_unet_config(cfg):
         lay = _unet_layout(cfg, plan)
         moves = [(t, s) for s, t in _stage_sources(lay, cfg)]
         # every kept piece of a stage is in `moves`; anything else in a stage was removed
@@ -332,7 +331,7 @@ def feature_pairs(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] | Remo
     """
     plan = load_plan(plan)
     cfg = dict(teacher_cfg)
-    if not _is_unet(cfg):
+    if not is_unet_config(cfg):
         keep = _kept_blocks(cfg, plan) + [int(cfg["num_layers"])]
         return [(f"transformer_blocks.{keep[j + 1] - 1}", f"transformer_blocks.{j}") for j in range(len(keep) - 1)]
     lay = _unet_layout(cfg, plan)
@@ -348,101 +347,3 @@ def feature_pairs(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] | Remo
             out.append((f"down_blocks.{i}", f"down_blocks.{i}"))
     out += [(f"up_blocks.{j + lay.up_offset}", f"up_blocks.{j}") for j in range(lay.stages)]
     return out
-
-
-# ------------------------------------------------------------------------------------------------- counting
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> int:
-    """Multiply-accumulates of one forward, in thop's convention (BK-SDM's ``count_macs_params.py`` uses thop):
-    ``nn.Conv*`` (output elements × in/groups × kernel size; bias not counted), ``nn.Linear`` (output elements ×
-    in_features) and thop's normalizations (LayerNorm, BatchNorm, InstanceNorm: 2 per input element, 4 when affine).
-    GroupNorm, activations and the attention matmuls (functional) are not counted, as in thop. Runs on the meta
-    device (shapes only), so SD-sized models need no memory."""
-    total = [0]
-    norms = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-        out = output if isinstance(output, Tensor) else output[0]
-        if isinstance(module, nn.Linear):
-            total[0] += out.numel() * module.in_features
-        elif isinstance(module, norms):
-            affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
-            total[0] += 2 * inputs[0].numel() * (2 if affine else 1)
-        else:  # (B, C_out, *spatial): each output element sums in/groups × kernel products
-            k = 1
-            for d in module.kernel_size:
-                k *= d
-            total[0] += out.numel() * (module.in_channels // module.groups) * k
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *norms))]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
-
-
-def unet_macs(unet: nn.Module, resolution: int = 512, vae_scale: int = 8) -> int:
-    """`count_macs` of one UNet forward at ``resolution`` px (batch 1, 77 text tokens), on the meta device.
-
-    SDXL-style ``text_time`` UNets get their pooled text embedding and six size numbers as extra inputs."""
-    cfg = unet.config
-    size = resolution // vae_scale
-    ctx = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
-    with torch.device("meta"):
-        x = torch.zeros(1, cfg.in_channels, size, size)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 77, ctx)}
-        if cfg.addition_embed_type == "text_time":
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
-        meta = unet if all(p.is_meta for p in unet.parameters()) else type(unet).from_config(unet.config)
-        return count_macs(meta, x, torch.zeros(1), **kwargs)
-
-
-def denoiser_macs(model: nn.Module, resolution: int, vae_scale: int = 8) -> int | None:
-    """`count_macs` of one forward at ``resolution`` px (batch 1) for a UNet or a class-conditional DiT; None for
-    other denoisers (their extra inputs are not modelled here)."""
-    cfg = model.config
-    if _is_unet(dict(cfg)):
-        return unet_macs(model, resolution, vae_scale)
-    if getattr(cfg, "num_embeds_ada_norm", None) and getattr(cfg, "norm_type", "") == "ada_norm_zero":
-        size = resolution // vae_scale
-        with torch.device("meta"):
-            meta = model if all(p.is_meta for p in model.parameters()) else type(model).from_config(cfg)
-            return count_macs(meta, torch.zeros(1, cfg.in_channels, size, size), timestep=torch.zeros(1).long(),
-                              class_labels=torch.zeros(1).long())
-    return None
-
-
-def plan_summary(teacher: nn.Module, plans: list[str | dict[str, Any] | RemovalPlan],
-                 resolution: int | None = None) -> list[dict[str, Any]]:
-    """Parameters and MACs of the teacher and of each plan's student, built on the meta device (no weights).
-
-    Returns one row per model: ``model``, ``parameters``, ``macs`` (None where not counted), and both as fractions
-    of the teacher's. ``resolution`` defaults to the teacher's ``sample_size`` × 8 (the VAE's factor)."""
-    res = resolution or int(teacher.config.sample_size) * 8
-    meta = _on_meta(teacher)
-    rows = []
-    for label, plan in [("teacher", None), *[(load_plan(p).name, p) for p in plans]]:
-        model = meta if plan is None else build_student(_on_meta(meta), plan)
-        rows.append({"model": label, "parameters": count_parameters(model), "macs": denoiser_macs(model, res),
-                     "resolution": res})
-    for row in rows:
-        row["parameters_ratio"] = row["parameters"] / rows[0]["parameters"]
-        row["macs_ratio"] = None if row["macs"] is None else row["macs"] / rows[0]["macs"]
-    return rows
-
-
-def _on_meta(model: nn.Module) -> nn.Module:
-    if all(p.is_meta for p in model.parameters()):
-        return model
-    with torch.device("meta"):
-        return type(model).from_config(model.config)

@@ -25,8 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..registry import Registry
 
-REPLACEMENTS: dict[str, type[ReplacedModule]] = {}
+REPLACEMENTS: Registry[type[ReplacedModule]] = Registry(
+    "replacement", plural="replacement classes", field="class",
+    hint="Was the file written by a newer difftune, or by code that registered its own class (import it before "
+         "loading)?")
 
 
 def register_replacement(name: str):
@@ -35,11 +39,8 @@ def register_replacement(name: str):
     def wrap(cls: type[ReplacedModule]) -> type[ReplacedModule]:
         if not (isinstance(cls, type) and issubclass(cls, ReplacedModule)):
             raise DifftuneError(f"@register_replacement({name!r}) decorates {cls!r}, which is not a ReplacedModule")
-        if name in REPLACEMENTS and REPLACEMENTS[name] is not cls:
-            raise DifftuneError(f"replacement name {name!r} is registered twice "
-                                f"({REPLACEMENTS[name].__name__}, {cls.__name__})")
+        REPLACEMENTS.register(name, cls)
         cls.replacement = name
-        REPLACEMENTS[name] = cls
         return cls
 
     return wrap
@@ -47,11 +48,7 @@ def register_replacement(name: str):
 
 def get_replacement(name: object) -> type[ReplacedModule]:
     """The class registered as ``name``; a `DifftuneError` listing the registered keys otherwise."""
-    if not isinstance(name, str) or name not in REPLACEMENTS:
-        raise bad_value("class", name, f"one of the registered replacement classes {sorted(REPLACEMENTS)}",
-                        "Was the file written by a newer difftune, or by code that registered its own class "
-                        "(import it before loading)?")
-    return REPLACEMENTS[name]
+    return REPLACEMENTS.lookup(name)
 
 
 class ReplacedModule(nn.Module, abc.ABC):

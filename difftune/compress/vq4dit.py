@@ -294,7 +294,8 @@ def kmeans_codebook(linear: nn.Linear, k: int, d: int, iters: int = 100, seed: i
     return kmeans(subvectors(linear.weight, d), k, iters=iters, seed=seed, chunk=chunk)
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in ``model`` at ``name`` (a dotted submodule name), in place of what is there."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -308,7 +309,7 @@ def quantize_kmeans_(model: nn.Module, config: VQ4DiTConfig) -> list[str]:
         cb, codes = kmeans_codebook(linear, config.k, config.d, config.kmeans_iters, config.seed + i, config.chunk)
         layer = VQLinear.from_codes(cb.to(linear.weight.dtype), codes, linear.bias, linear.in_features)
         layer.module_name = name
-        _swap(model, name, layer)
+        swap_module(model, name, layer)
     return names
 
 

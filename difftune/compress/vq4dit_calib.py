@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..components import pipeline_kind
 from ..errors import DifftuneError, bad_value
 from .kmeans import nearest
-from .vq4dit import VQ4DiTConfig, VQLinear, _swap, block_linears, kmeans_codebook, quantize_kmeans_
+from .vq4dit import VQ4DiTConfig, VQLinear, block_linears, kmeans_codebook, quantize_kmeans_, swap_module
 
 
 class VQCalibLinear(nn.Module):
@@ -173,7 +173,7 @@ def prepare_student(teacher: nn.Module, config: VQ4DiTConfig, log: Callable[[str
         linear = student.get_submodule(name)
         codebook, _ = kmeans_codebook(linear, config.k, config.d, config.kmeans_iters, config.seed + i, config.chunk)
         layers[name] = VQCalibLinear(linear, codebook, config)
-        _swap(student, name, layers[name])
+        swap_module(student, name, layers[name])
     log(f"k-means: {len(names)} layers, k={config.k}, d={config.d}, {time.perf_counter() - start:.1f} s")
     return student, layers
 
@@ -273,7 +273,7 @@ def quantize_vq4dit(pipe: Any, config: VQ4DiTConfig, log: Callable[[str], None] 
     for name, layer in layers.items():
         vq = layer.to_vq_linear(dtype)
         vq.module_name = name
-        _swap(student, name, vq)
+        swap_module(student, name, vq)
     if dtype != torch.float32:
         student.to(dtype)
     student.requires_grad_(False)

@@ -46,7 +46,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 @torch.no_grad()
-def _features(clf: DigitClassifier, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def digit_features(clf: DigitClassifier, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``clf``'s penultimate features (N, 128) float64 and predicted digits (N,) for ``digits`` (N, 28, 28)."""
     x = to_tensor(digits)
     feats = clf.features(x)
     return feats.numpy().astype(np.float64), clf.head(feats).argmax(1).numpy()
@@ -63,7 +64,8 @@ def _diversity(feats: np.ndarray, labels: np.ndarray) -> float:
 
 
 @functools.cache
-def _default_classifier() -> DigitClassifier:
+def default_classifier() -> DigitClassifier:
+    """The shipped MNIST classifier, loaded once per process (the judge of `evaluate` and SPM's erasure report)."""
     return load_classifier()
 
 
@@ -71,7 +73,7 @@ def _default_classifier() -> DigitClassifier:
 def _reference_features(classes: tuple[int, ...]) -> np.ndarray:
     from ..zoo.mnist import split
 
-    return _features(_default_classifier(), split("train", classes)[0])[0]
+    return digit_features(default_classifier(), split("train", classes)[0])[0]
 
 
 def evaluate(images: Sequence[Image.Image | np.ndarray], labels: Sequence[int],
@@ -79,20 +81,21 @@ def evaluate(images: Sequence[Image.Image | np.ndarray], labels: Sequence[int],
     """Metrics for generated ``images`` whose intended digits are ``labels``."""
     from ..zoo.mnist import from_rgb32, split
 
-    clf = classifier or _default_classifier()
+    clf = classifier or default_classifier()
     labels = np.asarray(labels)
     digits = np.stack([from_rgb32(im) for im in images])
-    feats, pred = _features(clf, digits)
+    feats, pred = digit_features(clf, digits)
     classes = tuple(int(d) for d in np.unique(labels))
     xh, yh = split("heldout", classes)
-    ref_feats = _reference_features(classes) if classifier is None else _features(clf, split("train", classes)[0])[0]
+    ref_feats = (_reference_features(classes) if classifier is None
+                 else digit_features(clf, split("train", classes)[0])[0])
     # The floor: as many held-out real digits of each class as there are samples of it (at most the 100 held out
     # per class), so it carries the same small-sample bias as `fd`.
     rng = np.random.default_rng(0)
     pick = np.sort(np.concatenate([
         rng.choice(np.flatnonzero(yh == d), size=min(int((labels == d).sum()), int((yh == d).sum())), replace=False)
         for d in classes]))
-    held_feats, _ = _features(clf, xh[pick])
+    held_feats, _ = digit_features(clf, xh[pick])
     per_digit = {int(d): float((pred[labels == d] == d).mean()) for d in classes}
     return {
         "n": int(len(labels)),

@@ -64,6 +64,7 @@ from .updates import (
     max_error,
     read_file,
 )
+from .writers import write_diff, write_kohya, write_loha
 
 FORMATS = ("kohya", "diffusers", "loha", "lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -149,7 +150,7 @@ def _loaded_updates(path: Any, header: dict[str, Any], model: str | Path | None)
     """ΔW of any weight-space adapter, from the method itself, after loading it into its base model."""
     from ..generation import load_pipeline
     from ..loading import component_of, load_adapter
-    from ..methods.model import hosts
+    from ..methods.verbs import hosts
     from ..targeting import canonical_name
 
     base = model or header.get("base_model") or ""
@@ -248,11 +249,11 @@ def export_adapter(
             key = kohya_key(source.component, module, prefix) if format != "diffusers" else module
             out_dtype = DTYPES[dtype] if dtype else _dtype(update)
             if format == "diff":
-                _write_diff(tensors, key, update, module in source.norms, out_dtype)
+                write_diff(tensors, key, update, module in source.norms, out_dtype)
             elif format == "kohya":
-                _write_kohya(tensors, key, update, out_dtype)
+                write_kohya(tensors, key, update, out_dtype)
             elif format == "loha":
-                _write_loha(tensors, key, update, out_dtype)
+                write_loha(tensors, key, update, out_dtype)
             else:
                 key = f"{source.component or 'unet'}.{module}"
                 tensors[f"{key}.lora_A.weight"] = update.down.to(out_dtype).contiguous()
@@ -320,31 +321,6 @@ def _as_low_rank(source: _Source, rank: int | None, report: ExportReport) -> dic
                             "diff")
     report.approximation = {"rank": rank, "max_abs": worst, "relative_fro": (num / den) ** 0.5 if den else 0.0}
     return out
-
-
-def _write_kohya(tensors: dict[str, Tensor], key: str, update: LowRank, dtype: torch.dtype) -> None:
-    r = update.rank
-    # kohya clients scale by alpha / r; a file alpha reproducing our scale (α itself unless rsLoRA's α / √r)
-    alpha = update.alpha if update.alpha is not None and not update.rslora else update.scale * r
-    tensors[f"{key}.lora_down.weight"] = update.down.to(dtype).contiguous()
-    tensors[f"{key}.lora_up.weight"] = update.up.to(dtype).contiguous()
-    tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-    if update.magnitude is not None:  # LyCORIS's layout (wd_on_out): one magnitude per output row, (d_out, 1[, 1, 1])
-        tensors[f"{key}.dora_scale"] = update.magnitude.reshape(-1, *[1] * (update.up.dim() - 1)).to(dtype)
-
-
-def _write_loha(tensors: dict[str, Tensor], key: str, update: Hadamard, dtype: torch.dtype) -> None:
-    for part in ("w1a", "w1b", "w2a", "w2b"):  # LyCORIS's names and shapes: (d_out, r) and (r, d_in·k·k)
-        tensors[f"{key}.hada_{part[:2]}_{part[2]}"] = getattr(update, part).to(dtype).contiguous()
-    tensors[f"{key}.alpha"] = torch.tensor(float(update.scale * update.rank), dtype=dtype)  # LyCORIS scales by α / r
-
-
-def _write_diff(tensors: dict[str, Tensor], key: str, update: Update, norm: bool, dtype: torch.dtype) -> None:
-    names = {"weight": "w_norm", "bias": "b_norm"} if norm else {"weight": "diff", "bias": "diff_b"}
-    for param, value in update.delta().items():
-        if param not in names:
-            raise DifftuneError(f"{key}: parameter {param!r} has no key in the diff format (weight and bias only)")
-        tensors[f"{key}.{names[param]}"] = value.to(dtype).contiguous()
 
 
 def _diffusers_config(source: _Source, updates: dict[str, LowRank]) -> dict[str, Any]:

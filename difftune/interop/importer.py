@@ -36,15 +36,15 @@ from torch import Tensor, nn
 
 from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
-from ..loading import FOREIGN_LOADERS, _check_name_free, component_of, modules_of
-from ..methods import model as core
+from ..loading import FOREIGN_LOADERS, check_name_free, component_of, modules_of
+from ..methods import verbs as core
 from ..methods.krona import layer_dims
 from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
 from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules
-from .krona import _inject_factors
+from .krona import inject_factors
 from .updates import Dense, Hadamard, Kron, LowRank, Update, read_file
 
 
@@ -93,7 +93,7 @@ def _load_foreign(obj: Any, path: str | Path, name: str, weight: float, componen
     names = {c: name if len(groups) == 1 or comp == denoiser else f"{name}_{comp}"
              for c, (comp, _) in targets.items()}
     for n in names.values():
-        _check_name_free(obj, n)
+        check_name_free(obj, n)
     loaded: list[tuple[nn.Module, str]] = []
     try:
         for c, updates in groups.items():
@@ -147,7 +147,7 @@ def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict
     if kinds <= {"Kron", "Dense"}:
         factors = {m: _kron_factors(m, u, base_layer(module, m, needed_by="LoKr/full modules"), path)
                    for m, u in by_module.items()}
-        return _inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
+        return inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
     raise DifftuneError(f"{str(path)!r} mixes low-rank (LoRA/LoHa/DoRA) and Kronecker/full modules in one component; "
                         "difftune gives one component one method; split the file by module kind")
 

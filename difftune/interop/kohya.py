@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
 from ..loading import inject
-from ..methods import model as core
+from ..methods import verbs as core
 from ..methods.base import Adapter, MethodConfig
 from ..methods.host import AdapterHost
 from ..targeting import canonical_name

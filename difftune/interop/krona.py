@@ -204,7 +204,7 @@ def load_lokr(
     comp, module = component_of(obj, component)
     names = match_modules(module, groups, kohya_prefix(comp, prefix, guess=True), source=path)
     factors = {names[k]: _lokr_factors(k, parts, _base_layer(module, names[k])) for k, parts in groups.items()}
-    return _inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
+    return inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
 
 
 def load_official_krona(
@@ -256,7 +256,7 @@ def load_official_krona(
                 "(d_out/a1, d_in/a2)). A LoRA checkpoint of the official code loads with pipe.load_lora_weights."
             )
         factors[module_name] = (down.T.contiguous(), up)  # down is nn.Linear(a1, a2).weight = Aᵀ
-    return _inject_factors(obj, module, comp, factors, name, weight, layout="official", path=path)
+    return inject_factors(obj, module, comp, factors, name, weight, layout="official", path=path)
 
 
 def detect_format(path: str | Path) -> str:
@@ -335,7 +335,7 @@ def _leaf(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
-def _inject_factors(
+def inject_factors(
     obj: Any, module: nn.Module, comp: str, factors: dict[str, tuple[Tensor, Tensor]], name: str, weight: float,
     layout: str, path: Any,
 ) -> str:

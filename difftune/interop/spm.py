@@ -3,7 +3,8 @@
 An SPM is a rank-1 LoRA: ``lora_unet_<module path with _>.lora_down.weight`` (D: (r, d_in) or (r, d_in, k, k)),
 ``.lora_up.weight`` (U: (d_out, r) or (d_out, r, 1, 1)) and ``.alpha`` (α; the client scales U D by α / r). The erased
 concepts go into the safetensors metadata as the official files carry them (``prompts``: the concepts joined by
-",", ``rank``, ``alpha``), so `load_spm` of an official file or of our export recovers the concepts.
+",", ``rank``, ``alpha``), so `load_spm` of an official file or of our export recovers the concepts. The export
+is the generic one (`difftune.interop.export.export_adapter` with format ``kohya``, ``difftune export``).
 
 In ComfyUI, A1111 or ``pipe.load_lora_weights`` such a file is a plain LoRA: facilitated transport is off (γ = 1 on
 every prompt). Loaded with `load_spm`, it is an SPM again (transport on; `encode_concepts` stores E(c) for the
@@ -13,59 +14,19 @@ know the key).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
 
 from ..architectures import denoiser_on_meta
-from ..errors import DifftuneError, bad_value
-from ..fileio import atomic_write
+from ..errors import DifftuneError
 from ..loading import component_of, inject
-from ..methods.model import hosts
 from ..methods.spm import SPMConfig
-from ..serialization import read_header, read_tensors, save_adapter_file
-from ..version import __version__
-from .kohya import group_by_module, kohya_name, kohya_prefix, match_modules, read_safetensors
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def export_spm(adapter: str | Path, out: str | Path, prefix: str | None = None, dtype: str | None = None) -> Path:
-    """Write a saved ``spm`` adapter as a kohya rank-r LoRA ``.safetensors`` with the concepts in its metadata.
-
-    Raises:
-        DifftuneError: not an ``spm`` adapter, an unknown dtype, or a component kohya has no prefix for.
-    """
-    header = read_header(adapter)
-    if header["method"] != "spm":
-        raise bad_value("adapter", str(adapter), "a difftune 'spm' adapter", f"this one is {header['method']!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise bad_value("dtype", dtype, f"one of {sorted(DTYPES)} or unset (the adapter's own dtype)")
-    config = SPMConfig.from_dict(header.get("config", {}))
-    component = header.get("component") or ""
-    prefix = kohya_prefix(component, prefix)
-    tensors: dict[str, Tensor] = {}
-    for key, value in read_tensors(adapter).items():
-        module, _, param = key.rpartition(".")
-        if param not in ("spm_down", "spm_up"):
-            continue  # the model-level E(c) (``__model__.spm_concept_embeds``) has no kohya key
-        part = "lora_down" if param == "spm_down" else "lora_up"
-        out_dtype = DTYPES[dtype] if dtype else value.dtype
-        name = kohya_name(module, prefix)
-        tensors[f"{name}.{part}.weight"] = value.to(out_dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(config.alpha, dtype=out_dtype)
-    if not tensors:
-        raise DifftuneError(f"{str(adapter)!r} holds no SPM membranes (spm_down/spm_up tensors)")
-    metadata = {"format": "pt", "prompts": ",".join(config.concepts), "rank": str(config.rank),
-                "alpha": str(config.alpha), "difftune_export": json.dumps(
-                    {"method": "spm", "difftune_version": __version__, "config": config.to_dict(),
-                     "base_model": header.get("base_model", ""), "component": component}, sort_keys=True)}
-    return atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+from ..methods.verbs import hosts
+from ..serialization import save_adapter_file
+from .kohya import group_by_module, kohya_prefix, match_modules, read_safetensors
 
 
 def file_concepts(path: str | Path) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import Tensor
 
 from ..errors import DifftuneError, bad_value
@@ -261,20 +261,6 @@ def _lokr(key: str, parts: dict[str, Tensor]) -> Kron:
     rank_part = parts.get("lokr_w1_a", parts.get("lokr_w2_a"))
     scale = 1.0 if rank_part is None else _alpha_scale(parts, int(rank_part.shape[1]))
     return Kron(w1.float() * scale, w2.float())
-
-
-def is_difftune_file(path: str | Path) -> bool:
-    """Whether ``path`` is a difftune adapter (a folder, or a safetensors with difftune's metadata)."""
-    from ..serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
-
-    p = Path(path)
-    if p.is_dir():
-        return (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file()
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
-    except (SafetensorError, OSError):  # unreadable: the foreign reader then reports why, naming the file
-        return False
 
 
 def file_metadata(path: str | Path) -> dict[str, str]:

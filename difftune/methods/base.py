@@ -2,9 +2,9 @@
 
 A method file defines three things: a config dataclass registered with one line (``@register_method("lora")``),
 one `Adapter` subclass per supported base-layer type, and the config's ``make_adapter`` that picks it. The rest is
-written once: the host that wraps a layer (`host.py`), the model-level verbs (`model.py`: inject, weights,
+written once: the host that wraps a layer (`host.py`), the model-level verbs (`verbs.py`: inject, weights,
 enable/disable, merge/unmerge, remove, state dicts), per-call inputs (`context.py`), saving (`serialization.py`)
-and training (`difftune.train.plugin`: a method's training behaviour lives in its trainer plugin, not its config).
+and training (`plugin.py`: a method's training behaviour lives in its trainer plugin, not its config).
 
 Layout of an adapted module (peft-style module replacement, never a patched ``forward``)::
 
@@ -41,20 +41,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..registry import Registry
 from ..targeting import check_pattern
 from .context import current_inputs
 
-METHODS: dict[str, type[MethodConfig]] = {}
+#: The registered methods; out-of-tree ones join through the ``difftune.methods`` entry-point group
+#: (`difftune.registry`), loaded the first time the registry is read.
+METHODS: Registry[type[MethodConfig]] = Registry(
+    "method", hint="Was the adapter written by a newer difftune, or is the method name misspelled?",
+    entry_points="difftune.methods")
 
 
 def register_method(name: str):
     """Class decorator registering a `MethodConfig` subclass under ``name`` (the registry key and file name)."""
 
     def wrap(cls: type[MethodConfig]) -> type[MethodConfig]:
-        if name in METHODS and METHODS[name] is not cls:
-            raise DifftuneError(f"method name {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+        METHODS.register(name, cls)
         cls.method = name
-        METHODS[name] = cls
         return cls
 
     return wrap
@@ -62,10 +65,7 @@ def register_method(name: str):
 
 def get_method(name: str) -> type[MethodConfig]:
     """The config class registered as ``name``; a `DifftuneError` listing the registered names otherwise."""
-    if not isinstance(name, str) or name not in METHODS:
-        raise bad_value("method", name, f"one of the registered methods {sorted(METHODS)}",
-                        "Was the adapter written by a newer difftune, or is the method name misspelled?")
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def check_weight(weight: object, field_name: str = "weight") -> float:
@@ -115,7 +115,7 @@ class Site:
 @dataclass
 class MethodConfig(abc.ABC):
     """Fields every method shares; each method subclasses this and adds its hyperparameters. Data only: what a
-    method does while training lives in its trainer plugin (`difftune.train.plugin`).
+    method does while training lives in its trainer plugin (`difftune.methods.plugin`).
 
     Attributes:
         target_modules: module-name patterns to adapt (equal name, dotted suffix such as ``"to_q"``, or a regex).

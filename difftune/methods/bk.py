@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from ..compress.block_removal import build_student, feature_pairs, load_plan, teacher_to_student
 from ..errors import DifftuneError, bad_value
-from ..train.plugin import TrainerPlugin, register_plugin
 from .base import Adapter, MethodConfig, Site, register_method
-from .model import adapter_tensors, inject, remove
+from .plugin import TrainerPlugin, register_plugin
+from .verbs import adapter_tensors, inject, remove
 
 
 @register_method("bk")

@@ -13,8 +13,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..targeting import find_targets
-from ..train.plugin import TrainerPlugin, register_plugin
 from .base import Adapter, MethodConfig, Site, register_method
+from .plugin import TrainerPlugin, register_plugin
 
 
 @register_method("full")

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
-from ..train.plugin import TrainerPlugin, register_plugin
 from .base import Adapter, MethodConfig, Site, register_method
+from .plugin import TrainerPlugin, register_plugin
 
 FACTOR_MODES = ("fixed", "lycoris")
 LAYOUTS = ("canonical", "official")

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..components import DENOISERS
 from ..errors import bad_value
+from ..families import Family
+from ..methods.plugin import TrainerPlugin
 from .config import TrainConfig
-from .data import CaptionFolder, ClassFolder, ControlFolder, DreamBoothDataset, collate
-from .families import Family
-from .plugin import TrainerPlugin
+from .control import ControlFolder
+from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
 
 

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
 from ..fileio import TMP_PREFIX, atomic_write, is_temp, remove_temp
+from ..methods.plugin import TrainerPlugin
 from .config import TrainConfig
-from .plugin import TrainerPlugin
 from .reporting import say
 from .saving import STATE_FILE, checkpoint_dirs, discard_on_failure, saving
 

@@ -83,7 +83,7 @@ class DataConfig:
     cache_text_embeddings: bool = False  #: encode every caption once
     num_workers: int = 0  #: dataloader workers
     #: kind control (captioned images with a condition image each, for SCEdit's CSC-Tuner): an extractor applied to
-    #: each augmented image (difftune.conditions: canny, sobel, outline, skeleton), or ``condition_path``
+    #: each augmented image (difftune.methods.scedit: canny, sobel, outline, skeleton), or ``condition_path``
     condition: str | None = None
     condition_path: str | None = None  #: kind control: folder of condition images named as the images in ``path``
 

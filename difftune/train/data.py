@@ -95,7 +95,8 @@ def _check_resolution(resolution: object) -> int:
 ZOO_DATA = ("pretrain-captions", "pretrain-classes", "subject-nine", "style-bold", "style-bold-reg", "heldout")
 
 
-def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
+def check_dir(root: str | os.PathLike[str], field: str) -> Path:
+    """``root`` as a Path if it is an existing folder; a `DifftuneError` naming config ``field`` otherwise."""
     path = Path(root).expanduser()
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "does not exist"
@@ -107,7 +108,7 @@ def _check_dir(root: str | os.PathLike[str], field: str) -> Path:
     return path
 
 
-def _find_images(root: Path) -> list[Path]:
+def find_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursively, skipping hidden files and folders), sorted by relative path."""
     found = []
     for p in root.rglob("*"):
@@ -224,8 +225,8 @@ class CaptionFolder(ImageDataset):
         seed: int = 0,
         field: str = "data.path",
     ) -> None:
-        self.root = _check_dir(root, field)
-        paths = _readable(_find_images(self.root), self.root, field)
+        self.root = check_dir(root, field)
+        paths = _readable(find_images(self.root), self.root, field)
         meta_path = self.root / "metadata.jsonl"
         meta = _read_metadata(meta_path) if meta_path.is_file() else {}
         ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
@@ -252,56 +253,6 @@ class CaptionFolder(ImageDataset):
         super().__init__(records, resolution, center_crop, random_flip, repeats, seed)
 
 
-class ControlFolder(CaptionFolder):
-    """Captioned images with a condition image each (SCEdit's CSC-Tuner; ``data.kind: control``).
-
-    The condition is read from ``condition_path`` (the same relative file name, any image extension) or extracted
-    from the augmented image by ``condition`` (a `difftune.conditions.EXTRACTORS` name, e.g. "canny"). A read
-    condition gets the image's own crop and flip (the same per-item generator drives both).
-
-    Items: ``{"pixel_values", "control": Tensor(3, res, res) in [0, 1], "caption", "index"}``.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], resolution: int, condition: str | None = None,
-                 condition_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
-        from ..conditions import EXTRACTORS
-
-        if (condition is None) == (condition_path is None):
-            raise bad_value("data.condition/data.condition_path", (condition, condition_path),
-                            "exactly one: an extractor name or a folder of condition images",
-                            f"extractors: {sorted(EXTRACTORS)}")
-        if condition is not None and condition not in EXTRACTORS:
-            raise bad_value("data.condition", condition, f"one of {sorted(EXTRACTORS)}")
-        super().__init__(root, resolution, **kwargs)
-        self.condition = condition
-        if condition_path is not None:
-            cond_root = _check_dir(condition_path, "data.condition_path")
-            by_stem = {p.relative_to(cond_root).with_suffix("").as_posix(): p for p in _find_images(cond_root)}
-            missing = []
-            for r in self.records:
-                stem = r["path"].relative_to(self.root).with_suffix("").as_posix()
-                if stem in by_stem:
-                    r["condition_path"] = by_stem[stem]
-                else:
-                    missing.append(stem)
-            if missing:
-                raise DifftuneError(f"no condition image in {cond_root} (`data.condition_path`) for {len(missing)} "
-                                    f"image(s), e.g. {missing[:3]}: give each image one with the same name")
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = super().__getitem__(index)
-        record = self.records[item["index"]]
-        if self.condition is not None:
-            from ..conditions import extract, to_tensor
-
-            rgb = ((item["pixel_values"].permute(1, 2, 0).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-            item["control"] = to_tensor(extract(self.condition, rgb))[0]
-        else:  # the image's crop and flip: the item's generator replayed from the start
-            item["control"] = (self.pixels(record["condition_path"], self.rng(item["index"])) + 1.0) / 2.0
-        item.pop("condition_path", None)
-        return item
-
-
 class ClassFolder(ImageDataset):
     """One subfolder per class; integer folder names are the labels, else the sorted position is.
 
@@ -318,7 +269,7 @@ class ClassFolder(ImageDataset):
         seed: int = 0,
         field: str = "data.path",
     ) -> None:
-        self.root = _check_dir(root, field)
+        self.root = check_dir(root, field)
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not folders:
             raise DifftuneError(
@@ -332,7 +283,7 @@ class ClassFolder(ImageDataset):
         else:
             labels = {name: i for i, name in enumerate(folders)}
         self.class_names: dict[int, str] = {label: name for name, label in sorted(labels.items(), key=lambda x: x[1])}
-        found = [(p, label) for label, name in self.class_names.items() for p in _find_images(self.root / name)]
+        found = [(p, label) for label, name in self.class_names.items() for p in find_images(self.root / name)]
         readable = set(_readable([p for p, _ in found], self.root, field))
         records = [{"path": p, "class_label": label} for p, label in found if p in readable]
         super().__init__(records, resolution, center_crop, random_flip, repeats, seed)
@@ -361,16 +312,16 @@ class DreamBoothDataset(Dataset):
     ) -> None:
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
             raise bad_value("instance_prompt", instance_prompt, "a non-empty string", "e.g. 'a photo of sks dog'")
-        root = _check_dir(instance_root, field)
-        inst = [{"path": p, "caption": instance_prompt} for p in _readable(_find_images(root), root, field)]
+        root = check_dir(instance_root, field)
+        inst = [{"path": p, "caption": instance_prompt} for p in _readable(find_images(root), root, field)]
         self.instances = ImageDataset(inst, resolution, center_crop, random_flip, repeats, seed)
         self.classes: ImageDataset | None = None
         if class_root is not None:
             if not isinstance(class_prompt, str) or not class_prompt.strip():
                 hint = f"set it (e.g. 'a photo of a dog') or unset `{class_field}`"
                 raise bad_value("class_prompt", class_prompt, "a non-empty string when class images are given", hint)
-            croot = _check_dir(class_root, class_field)
-            cls = [{"path": p, "caption": class_prompt} for p in _readable(_find_images(croot), croot, class_field)]
+            croot = check_dir(class_root, class_field)
+            cls = [{"path": p, "caption": class_prompt} for p in _readable(find_images(croot), croot, class_field)]
             self.classes = ImageDataset(cls, resolution, center_crop, random_flip, 1, seed)
 
     def __len__(self) -> int:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
+from ..families import Family
+from ..methods.plugin import Noised
 from .config import TrainConfig
-from .families import Family
 
 
 @dataclass
@@ -85,20 +86,9 @@ def _condition(frozen: Frozen, batch: dict[str, Any], prefix: str, drop: Tensor,
 
 
 @dataclass
-class Noised:
-    """One draw of the standard training inputs, exactly as the default loss makes them."""
-
-    latents: Tensor  #: x0, (B, C, h, w): scaled VAE latents
-    noise: Tensor  #: ε, (B, C, h, w) (with ``train.noise_offset`` added, if set)
-    timesteps: Tensor  #: t, (B,) long
-    noisy: Tensor  #: x_t = add_noise(x0, ε, t)
-    target: Tensor  #: what the default loss regresses: ε, or the velocity for v-prediction
-    kwargs: dict[str, Any]  #: the denoiser's conditioning keyword arguments (text states, class labels, ...)
-
-
-@dataclass
 class StepInputs:
-    """What a trainer plugin's ``objective`` gets for one micro-batch (see `TrainerPlugin.objective`).
+    """What a trainer plugin's ``objective`` gets for one micro-batch (see `TrainerPlugin.objective`); it implements
+    `difftune.methods.plugin.TrainingStep`, the interface methods see.
 
     Randomness: draw only from the global torch RNG (``torch.randn``, ``torch.randint``, ... on ``device``), as the
     helpers do. accelerate checkpoints that RNG on every process, so a resumed run draws what the uninterrupted one
@@ -112,7 +102,7 @@ class StepInputs:
         model: the trained module as accelerate prepared it (DDP-wrapped when distributed, autocast under mixed
             precision). Call it for the pass that needs gradients, once per micro-batch.
         denoiser: the same module unwrapped: for passes without gradients (under ``torch.no_grad()``), for
-            `difftune.methods.model.disable`/``enable``, for hooks.
+            `difftune.methods.verbs.disable`/``enable``, for hooks.
         teacher: the original denoiser when the plugin's ``prepare`` returned another module (frozen, eval mode,
             on the device, in the weight dtype), else None.
         frozen: the parts that do not train (pipeline, family, noise scheduler, weight dtype, caches).

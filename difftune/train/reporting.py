@@ -11,9 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import to_dict
+from ..families import Family
 from ..fileio import atomic_write
 from .config import TrainConfig
-from .families import Family
 
 
 def say(message: str) -> None:

@@ -1,14 +1,15 @@
 """One accelerate trainer for every method: ``main(cfg)`` builds, loops, checkpoints, validates and saves.
 
-The trainer knows no method by name: it calls the hooks of the method's trainer plugin (`plugin.TrainerPlugin`:
-``prepare``, ``trainable_parameters``, ``make_optimizer``, ``objective``, ``extra_loss``, ``on_step``,
-``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another module (a distillation
-student) trains that module, in the pipeline, with the original as its frozen ``teacher`` (`adopt_student`).
+The trainer knows no method by name: it calls the hooks of the method's trainer plugin
+(`difftune.methods.plugin.TrainerPlugin`: ``prepare``, ``trainable_parameters``, ``make_optimizer``, ``objective``,
+``extra_loss``, ``on_step``, ``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another
+module (a distillation student) trains that module, in the pipeline, with the original as its frozen ``teacher``
+(`adopt_student`).
 
 What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the result's
 safe save and the message of a failed write from `saving.py`, the validation grid and model card from
-`reporting.py`; conditioning from the pipeline family (`families.py`), data from `data.py` (images) and `sources.py`
-(data-free).
+`reporting.py`; conditioning from the pipeline family (`difftune.families`), data from `data.py` (images) and
+`sources.py` (data-free).
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
 and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 
 from ..config import dump_yaml, to_dict
 from ..errors import DifftuneError, bad_value
-from ..methods.model import refresh
+from ..families import Family, family_for
+from ..methods.plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
+from ..methods.verbs import refresh
 from .build import (
     build_accelerator,
     build_dataset,
@@ -49,11 +52,9 @@ from .checkpoints import (
     weights_digest,
 )
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
-from .families import Family, family_for
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
-from .plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
 

@@ -1,4 +1,8 @@
-"""The reference models shipped with difftune (sd-mini, dit-mini) and the real MNIST data they are built from."""
+"""The reference models shipped with difftune (sd-mini, dit-mini) and the real MNIST data they are built from.
+
+Also here: `architectures` (the reference models' untrained configs), `tokenizers` (offline CLIP/T5 tokenizer writers)
+and `tiny` (tiny random SD/SDXL/DiT/PixArt pipelines for `difftune demo` and the tests).
+"""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def build(architecture: str, seed: int = 0, vae_from: str | Path | None = None) 
     from diffusers import AutoencoderKL, DiTPipeline, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ..testing import write_clip_tokenizer
+    from .tokenizers import write_clip_tokenizer
 
     if architecture not in ARCHITECTURES:
         raise bad_value("model.architecture", architecture, f"one of {ARCHITECTURES}")

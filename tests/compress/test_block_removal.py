@@ -9,16 +9,8 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from difftune.architectures import build_architecture
-from difftune.compress.block_removal import (
-    RemovalPlan,
-    build_student,
-    count_macs,
-    count_parameters,
-    feature_pairs,
-    load_plan,
-    student_config,
-    unet_macs,
-)
+from difftune.compress.block_removal import RemovalPlan, build_student, feature_pairs, load_plan, student_config
+from difftune.compress.macs import count_macs, count_parameters, unet_macs
 from difftune.errors import DifftuneError
 from difftune.testing import tiny_dit, tiny_unet
 

@@ -25,6 +25,7 @@ from difftune.compress import (
     save_compressed,
 )
 from difftune.compress.format import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from difftune.registry import Registry
 from difftune.testing import build_on_meta, dit_xl2_config, save_tiny_pipeline, tiny_dit
 
 Q = "transformer_blocks.0.attn1.to_q"
@@ -169,7 +170,8 @@ def test_save_refusals(tmp_path):
 
 
 def test_a_registered_class_round_trips_and_is_unknown_without_registration(monkeypatch, tmp_path):
-    monkeypatch.setattr("difftune.compress.replaced.REPLACEMENTS", {})  # the test's class does not leak
+    empty = Registry("replacement", plural="replacement classes", field="class")
+    monkeypatch.setattr("difftune.compress.replaced.REPLACEMENTS", empty)  # the test's class does not leak
 
     @register_replacement("test_half_linear")
     class HalfLinear(ReplacedLinear):
@@ -204,7 +206,8 @@ def test_a_registered_class_round_trips_and_is_unknown_without_registration(monk
     layer.shrink = 1  # its args now rebuild a (31, 32) layer: caught at save time, not at load time
     with pytest.raises(DifftuneError, match=r"cannot be rebuilt from its arguments.*\['w16'\]"):
         save_compressed(model, tmp_path / "buggy")
-    monkeypatch.setattr("difftune.compress.replaced.REPLACEMENTS", {})
+    empty = Registry("replacement", plural="replacement classes", field="class")
+    monkeypatch.setattr("difftune.compress.replaced.REPLACEMENTS", empty)
     with pytest.raises(DifftuneError, match=r"`class` must be one of the registered replacement classes \[\], got "
                                             r"'test_half_linear'"):
         load_compressed(tmp_path / "half")

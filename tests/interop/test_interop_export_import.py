@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import difftune as dt
 from difftune.interop.export import export_adapter
 from difftune.interop.importer import import_file, load_foreign
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv_shortcut"]

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import difftune as dt
+from difftune.counting import inspect_adapter
 from difftune.interop.krona import KronAExportWarning, export_krona, load_lokr, load_official_krona, lycoris_split
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_unet
 
 QKVO = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -224,7 +225,7 @@ def test_cli_export_and_import(tmp_path, sd_dir, capsys):
     assert "wrote" in printed.out and "difftune: warning: 32 of 32 modules" in printed.err
     assert main(["import-krona", str(tmp_path / "s.safetensors"), "--model", str(sd_dir),
                  "--out", str(tmp_path / "back")]) == 0
-    info = dt.serialization.inspect_adapter(tmp_path / "back")
+    info = inspect_adapter(tmp_path / "back")
     assert info["method"] == "krona" and info["component"] == "unet" and info["base_model"] == str(sd_dir)
     fresh = tiny_sd_pipeline(seed=0)
     dt.load_adapter(fresh, tmp_path / "back", name="subject")

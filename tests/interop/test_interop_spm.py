@@ -9,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import difftune as dt
-from difftune.interop.spm import export_spm, file_concepts, load_spm
-from difftune.methods.model import hosts, model_part
+from difftune.interop.export import export_adapter
+from difftune.interop.spm import file_concepts, load_spm
+from difftune.methods.verbs import hosts, model_part
 from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 
@@ -27,7 +28,7 @@ def _saved(tmp_path, alpha=1.0):
 
 def test_export_writes_kohya_rank1_keys_and_the_concepts(tmp_path):
     unet, folder = _saved(tmp_path)
-    out = export_spm(folder, tmp_path / "spm.safetensors")
+    out = export_adapter(folder, tmp_path / "spm.safetensors", "kohya").path
     with safe_open(str(out), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert meta["prompts"] == "cat,kitten" and meta["rank"] == "1" and file_concepts(out) == ["cat", "kitten"]
@@ -44,7 +45,7 @@ def test_lycoris_lora_loads_the_export_with_our_delta_weights(tmp_path, monkeypa
 
     monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
     unet, folder = _saved(tmp_path, alpha=0.5)  # α ≠ r: the scale must travel through `alpha`
-    out = export_spm(folder, tmp_path / "spm.safetensors")
+    out = export_adapter(folder, tmp_path / "spm.safetensors", "kohya").path
     network, _ = create_lycoris_from_weights(1.0, str(out), tiny_unet(0))
     theirs = {m.lora_name: m for m in network.loras}
     ours = _deltas(unet, "spm")
@@ -66,16 +67,16 @@ def test_diffusers_load_lora_weights_gives_the_fused_spm(tmp_path):
     kw = {"encoder_hidden_states": torch.randn(1, 7, 32)}
     ours = pipe.unet(*args, **kw).sample
     other = tiny_sd_pipeline()
-    other.load_lora_weights(str(export_spm(folder, tmp_path / "spm.safetensors")))
+    other.load_lora_weights(str(export_adapter(folder, tmp_path / "spm.safetensors", "kohya").path))
     torch.testing.assert_close(other.unet(*args, **kw).sample, ours, atol=1e-5, rtol=0)
 
 
 def test_import_gives_back_the_same_spm_and_official_files_load(tmp_path):
     unet, folder = _saved(tmp_path)
-    out = export_spm(folder, tmp_path / "spm.safetensors")
+    out = export_adapter(folder, tmp_path / "spm.safetensors", "kohya").path
     fresh = tiny_unet(0)
     load_spm(fresh, out, name="back")
-    assert dt.methods.model.get_config(fresh, "back").concepts == ["cat", "kitten"]
+    assert dt.methods.verbs.get_config(fresh, "back").concepts == ["cat", "kitten"]
     for name, dw in _deltas(unet, "spm").items():
         torch.testing.assert_close(_deltas(fresh, "back")[name], dw, atol=0, rtol=0)
     assert model_part(fresh, "back").spm_concept_embeds.abs().sum() == 0  # E(c) is encoded from a text encoder
@@ -83,13 +84,13 @@ def test_import_gives_back_the_same_spm_and_official_files_load(tmp_path):
     tensors = {k: v.half() for k, v in load_file(out).items()}
     save_file(tensors, tmp_path / "official.safetensors", metadata={"prompts": "snoopy", "rank": "1", "alpha": "1.0"})
     load_spm(fresh, tmp_path / "official.safetensors", name="official", gamma_mode="squared")
-    cfg = dt.methods.model.get_config(fresh, "official")
+    cfg = dt.methods.verbs.get_config(fresh, "official")
     assert cfg.concepts == ["snoopy"] and cfg.gamma_mode == "squared"
 
 
 def test_import_refuses_foreign_parts_and_mixed_ranks(tmp_path):
     unet, folder = _saved(tmp_path)
-    out = export_spm(folder, tmp_path / "spm.safetensors")
+    out = export_adapter(folder, tmp_path / "spm.safetensors", "kohya").path
     tensors = load_file(out)
     key = next(k for k in tensors if k.endswith("lora_down.weight"))
     bad = dict(tensors)
@@ -104,14 +105,6 @@ def test_import_refuses_foreign_parts_and_mixed_ranks(tmp_path):
     save_file(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(dt.DifftuneError, match="mixes ranks"):
         load_spm(tiny_unet(0), tmp_path / "mixed.safetensors")
-
-
-def test_export_refuses_other_methods(tmp_path):
-    unet = tiny_unet(0)
-    dt.inject(unet, dt.LoRAConfig(), name="l")
-    folder = dt.save_adapter(unet, tmp_path / "l", name="l")
-    with pytest.raises(dt.DifftuneError, match="'spm' adapter"):
-        export_spm(folder, tmp_path / "x.safetensors")
 
 
 def test_cli_export_import_and_erase_report(tmp_path, capsys):
@@ -144,7 +137,7 @@ def test_cli_export_import_and_erase_report(tmp_path, capsys):
 
 
 def test_erase_judge_is_pluggable():
-    from difftune.erase import evaluate_erasure
+    from difftune.methods.spm.erase import evaluate_erasure
     from difftune.pipelines.difftune_stable_diffusion import DifftuneStableDiffusionPipeline
 
     pipe = DifftuneStableDiffusionPipeline(**tiny_sd_pipeline().components)

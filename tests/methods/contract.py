@@ -26,10 +26,10 @@ from torch import nn
 
 import difftune as dt
 from difftune.methods import METHODS, AdapterHost
-from difftune.methods.model import adapter_parameters, hosts, unmerge
+from difftune.methods.plugin import plugin_for
+from difftune.methods.verbs import adapter_parameters, hosts, unmerge
 from difftune.targeting import canonical_name
 from difftune.testing import randomize_adapter
-from difftune.train.plugin import plugin_for
 
 
 @dataclass

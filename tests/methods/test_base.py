@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import difftune as dt
-from difftune.methods import base, model
+from difftune.methods import base, verbs
 from difftune.methods.base import Adapter, MethodConfig, Site
 from difftune.methods.host import AdapterHost
 from difftune.targeting import canonical_name, find_targets, name_matches
@@ -137,7 +137,7 @@ def test_activation_method_nests_with_lora(gate_method, tmp_path):
     out = net(x)
     with pytest.raises(dt.DifftuneError, match="cannot be merged"):
         dt.fuse(net, "g")
-    assert set(model.adapter_state_dict(net, "l")) == {"block.0.lora_A", "block.0.lora_B", "block.2.lora_A",
+    assert set(verbs.adapter_state_dict(net, "l")) == {"block.0.lora_A", "block.0.lora_B", "block.2.lora_A",
                                                        "block.2.lora_B"}
     dt.save_adapter(net, tmp_path / "g", name="g")
     dt.save_adapter(net, tmp_path / "l", name="l")

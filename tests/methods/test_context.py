@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import difftune as dt
 from difftune.methods import base, context
 from difftune.methods.base import Adapter, MethodConfig, Site
-from difftune.methods.model import MODEL_KEY, adapter_parameters, adapter_state_dict, model_parts
+from difftune.methods.verbs import MODEL_KEY, adapter_parameters, adapter_state_dict, model_parts
 from difftune.testing import randomize_adapter, tiny_dit, tiny_dit_pipeline, tiny_sd_pipeline, tiny_unet
 
 # -- toy methods ---------------------------------------------------------------------------------------------------

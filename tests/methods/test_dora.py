@@ -12,7 +12,7 @@ from torch import nn
 
 import difftune as dt
 from difftune.methods.host import AdapterHost
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv_shortcut"]
@@ -216,7 +216,7 @@ def test_trainer_trains_dora_from_the_config(sd_dir, tmp_path):
         f"model.path={sd_dir}", f"data.path={data}", f"output_dir={tmp_path / 'out'}", "validation.prompts=[]",
         "method={name: lora, rank: 2, use_dora: true}", "optimizer.lr=1e-2"])
     result = main(cfg)
-    info = dt.serialization.inspect_adapter(result)
+    info = dt.counting.inspect_adapter(result)
     assert info["method"] == "lora" and info["config"]["use_dora"] is True
     tensors = read_tensors(result)
     fresh = UNet2DConditionModel.from_pretrained(sd_dir / "unet")  # the trained base: m started at its ‖W0‖

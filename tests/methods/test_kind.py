@@ -63,7 +63,7 @@ def test_random_init_is_not_the_dense_layer():
 
 def _grads(model, labels):
     model.zero_grad(set_to_none=True)
-    for p in dt.methods.model.adapter_parameters(model, "k"):
+    for p in dt.methods.verbs.adapter_parameters(model, "k"):
         p.requires_grad_(True)
     _run(model, labels).pow(2).mean().backward()
     (_, a), *_ = kind_adapters(model, "k")

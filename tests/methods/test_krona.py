@@ -9,9 +9,9 @@ from torch import nn
 
 import difftune as dt
 from difftune.methods.krona import KronAAdapter, lycoris_factorization
-from difftune.methods.model import hosts
+from difftune.methods.plugin import plugin_for
+from difftune.methods.verbs import hosts
 from difftune.testing import build_on_meta, randomize_adapter, sd15_unet_config
-from difftune.train.plugin import plugin_for
 
 
 def _sd15_meta():

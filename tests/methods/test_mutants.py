@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import difftune.methods.model as core
+import difftune.methods.verbs as core
 from difftune.methods import base
 from difftune.methods.base import Adapter, MethodConfig, Site
 from difftune.methods.host import AdapterHost
@@ -101,9 +101,9 @@ def test_krona_ignoring_conv_stride_fails_the_contract(monkeypatch, tmp_path):
 
 
 def test_sara_routing_zero_gradients_fails_the_contract(monkeypatch, tmp_path):
-    import difftune.methods.sara as sara
+    import difftune.methods.sara.adapter as sara_adapter
 
-    route = sara._RouteGrad
+    route = sara_adapter._RouteGrad
 
     def zero(ctx, grad):
         g_delta, g_carrier, *rest = route_backward(ctx, grad)
@@ -200,7 +200,7 @@ def test_an_in_place_merge_that_drifts_fails_the_contract(monkeypatch, tmp_path)
 
 def test_a_plugin_training_tensors_it_never_saves_fails_the_contract_and_the_trainer(monkeypatch, tmp_path):
     """A plugin that also trains the base biases: the run would complete with an adapter lacking the trained biases."""
-    from difftune.train.plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
+    from difftune.methods.plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
 
     trainable = TrainerPlugin.trainable_parameters
 

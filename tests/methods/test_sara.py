@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import difftune as dt
-from difftune.methods.model import hosts
+from difftune.counting import inspect_adapter
+from difftune.methods.plugin import plugin_for
 from difftune.methods.sara import (
     SaRAAdamW,
     SaRAConfig,
@@ -20,8 +21,8 @@ from difftune.methods.sara import (
     threshold_for_fraction,
     unpack_bits,
 )
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, tiny_unet
-from difftune.train.plugin import plugin_for
 
 THETA = 0.02
 
@@ -128,7 +129,7 @@ def test_gradient_routing_equals_autograd_through_the_dense_weight():
             dt.merge(model)
         args, kwargs = _inputs()
         model(*args, **kwargs).sample.pow(2).mean().backward()
-        grads.append(torch.cat([p.grad for p in dt.methods.model.adapter_parameters(model, "s")]))
+        grads.append(torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
@@ -231,7 +232,7 @@ def test_save_load_round_trip_scale_and_merge(tmp_path):
     randomize_adapter(model, "s", seed=5, std=0.01)
     expected = _out(model)
     path = dt.save_adapter(model, tmp_path / "s", name="s")
-    info = dt.serialization.inspect_adapter(path)
+    info = inspect_adapter(path)
     assert info["parameters"] == dt.trainable_parameter_count(model)
     assert info["density"] == pytest.approx(sara_summary(model, "s")["density"])
     tensors = load_file(path / "adapter_model.safetensors")

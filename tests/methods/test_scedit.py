@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import difftune as dt
 from difftune.architectures import build_architecture
-from difftune.methods.model import model_parts
 from difftune.methods.scedit import encoder_skips
+from difftune.methods.verbs import model_parts
 from difftune.testing import randomize_adapter, tiny_unet
 
 SD_SKIPS = [1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 320]  # decoder order, methods.md §0.1
@@ -212,9 +212,9 @@ def test_skips_select_decoder_positions_and_bad_fields_teach():
 def test_control_data_pairs_each_image_with_its_condition(tmp_path):
     from PIL import Image
 
-    from difftune.conditions import outline
+    from difftune.methods.scedit.conditions import outline
     from difftune.train.config import DataConfig
-    from difftune.train.data import ControlFolder
+    from difftune.train.control import ControlFolder
 
     images, conds = tmp_path / "images", tmp_path / "conds"
     images.mkdir()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import difftune as dt
-from difftune.methods.model import hosts, model_part
 from difftune.methods.spm import (
     SPMConfig,
     permeability,
@@ -20,6 +19,7 @@ from difftune.methods.spm import (
     set_transport,
     token_overlap,
 )
+from difftune.methods.verbs import hosts, model_part
 from difftune.testing import randomize_adapter, tiny_sd_pipeline, tiny_unet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,7 +155,7 @@ def test_transport_through_the_pipeline_per_prompt_with_stored_concept_embedding
     out = _images(pipe, prompts)
     assert (out[0] - base[0]).max() > 1e-3 and (out[1] == base[1]).all()  # the car never meets the membrane
     # clipcos_tokenuni with E(c) stored: γ(car) = cos(E("a red car"), E("cat")), computed as the official code does
-    cfg = dt.methods.model.get_config(pipe.unet, "cat")
+    cfg = dt.methods.verbs.get_config(pipe.unet, "cat")
     cfg.matching = "clipcos_tokenuni"
     embeds = dt.methods.spm.encode_concepts(pipe, "cat")
     assert embeds.shape == (1, 77, 32) and embeds.abs().sum() > 0

@@ -71,7 +71,7 @@ class _Step:
         self.kwargs = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g)}
 
     def draw(self):
-        from difftune.train.loss import Noised
+        from difftune.methods.plugin import Noised
 
         noisy = 0.6 * self.x0 + 0.8 * self.noise
         return Noised(self.x0, self.noise, torch.tensor([300, 700]), noisy, self.noise, self.kwargs)
@@ -201,7 +201,7 @@ def test_adapter_trained_on_the_teacher_transfers_where_the_layers_exist(tmp_pat
     assert "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in report["modules_dropped"]
     assert "down_blocks.0.resnets.1.conv1" in report["modules_dropped"]
     assert "mid_block.attentions.0.transformer_blocks.0.attn1.to_q" in report["modules_kept"]
-    hosts = [n for n, _ in dt.methods.model.hosts(student)]
+    hosts = [n for n, _ in dt.methods.verbs.hosts(student)]
     assert len(report["modules_kept"]) == len(hosts)
     x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 3, 16)
     with torch.no_grad():

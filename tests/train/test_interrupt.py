@@ -158,10 +158,10 @@ def test_sd_mini_trains_by_name_from_another_folder(tiny, tmp_path, monkeypatch,
 
 
 def test_missing_zoo_data_names_the_command(tmp_path):
-    from difftune.train.data import _check_dir
+    from difftune.train.data import check_dir
 
     with pytest.raises(dt.DifftuneError, match=r"difftune zoo data --out .*outputs/zoo/data"):
-        _check_dir(tmp_path / "outputs" / "zoo" / "data" / "subject-nine", "data.path")
+        check_dir(tmp_path / "outputs" / "zoo" / "data" / "subject-nine", "data.path")
 
 
 def _signal_during_the_final_save(monkeypatch, times: int = 1) -> None:

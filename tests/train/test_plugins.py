@@ -16,9 +16,9 @@ from torch import nn
 import difftune as dt
 from difftune.config import load_config
 from difftune.methods.base import METHODS, Adapter, MethodConfig, register_method
+from difftune.methods.plugin import PLUGINS, TrainerPlugin, register_plugin
 from difftune.train import TrainConfig, main
 from difftune.train.checkpoints import weights_digest
-from difftune.train.plugin import PLUGINS, TrainerPlugin, register_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 2.0  # what the toy objective wants every output entry of the denoiser to be
@@ -246,7 +246,7 @@ def test_prompts_file_that_does_not_exist(tiny, tmp_path, toys):
 
 
 def test_the_trainer_refuses_a_plugin_that_trains_what_it_never_saves(tiny, tmp_path, monkeypatch):
-    from difftune.methods.model import hosts
+    from difftune.methods.verbs import hosts
 
     trainable = TrainerPlugin.trainable_parameters
 

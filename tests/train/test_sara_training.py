@@ -7,8 +7,8 @@ import subprocess
 import torch
 from safetensors.torch import load_file
 
-import difftune as dt
 from difftune.config import load_config
+from difftune.counting import inspect_adapter
 from difftune.methods.sara import auto_lr
 from difftune.train import TrainConfig, main
 
@@ -35,5 +35,5 @@ def test_trainer_runs_progressive_adjustment_and_resumes_exactly_after_it(tiny, 
     resumed = main(cfg(tmp_path / "b", "checkpointing.resume_from_checkpoint=latest"))
     a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    info = dt.serialization.inspect_adapter(full)
+    info = inspect_adapter(full)
     assert info["method"] == "sara" and 0 < info["density"] < 1

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import difftune as dt
 from difftune.cli import main as cli_main
 from difftune.config import load_config
+from difftune.counting import inspect_adapter
 from difftune.methods import METHODS
 from difftune.train import TrainConfig, main
 from difftune.train.checkpoints import weights_digest
@@ -56,7 +57,7 @@ def test_two_step_smoke_run(tiny, tmp_path, kind, method):
     assert load_config(TrainConfig, out / "config.yaml").method["name"] == method
     if METHODS[method].is_adapter:
         assert result == out / "adapter"
-        info = dt.serialization.inspect_adapter(result)
+        info = inspect_adapter(result)
         assert info["method"] == method and info["component"] == ("unet" if kind == "sd" else "transformer")
         tensors = dt.serialization.read_tensors(result)
         zero_at_init = SMOKE[method][1]
@@ -65,7 +66,7 @@ def test_two_step_smoke_run(tiny, tmp_path, kind, method):
         else:  # initialised from the base weights: it trained if the saved tensors left a fresh injection's values
             from diffusers import DiffusionPipeline
 
-            from difftune.methods.model import adapter_tensors
+            from difftune.methods.verbs import adapter_tensors
 
             fresh = getattr(DiffusionPipeline.from_pretrained(tiny[kind]), info["component"])
             dt.inject(fresh, METHODS[method](**SMOKE[method][0]), name=info["name"])

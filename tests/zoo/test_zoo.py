@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import difftune as dt
 from difftune import zoo
+from difftune.counting import inspect_adapter
 
 
 @pytest.mark.parametrize("name", zoo.MODELS)
@@ -50,7 +50,7 @@ def test_quickstart_reduced(tmp_path):
     result = run_quickstart(tmp_path / "qs", steps=2, n=2, sample_steps=2)
     written = json.loads((tmp_path / "qs" / "metrics.json").read_text())
     assert written["train_steps"] == 2 and set(written) >= {"before", "after", "adapter"}
-    assert dt.serialization.inspect_adapter(result["adapter"])["method"] == "lora"
+    assert inspect_adapter(result["adapter"])["method"] == "lora"
     assert 0 <= written["after"]["trigger_nines"] <= 2
     # the before/after grid: 2 trigger samples + one of each digit 0-8 per row (96-px tiles), right of a label column
     grid = np.asarray(Image.open(tmp_path / "qs" / "before_after.png").convert("L"))

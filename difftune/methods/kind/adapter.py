@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
-from ..model import hosts
+from ..verbs import hosts
 
 S_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 ADALN_TARGET = "norm1.linear"

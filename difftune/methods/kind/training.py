@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...train.plugin import TrainerPlugin, register_plugin
-from ..model import hosts, inject
+from ..plugin import TrainerPlugin, register_plugin
+from ..verbs import hosts, inject
 from .adapter import KINDAdapter, KINDConfig, kind_adapters, load_parts
 
 

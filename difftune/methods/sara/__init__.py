@@ -42,8 +42,7 @@ Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each 
    the selected absolute values toward 0. The PPA step updates as usual (officially it is skipped).
 """
 
-# _RouteGrad stays reachable as difftune.methods.sara._RouteGrad (the contract's mutation test patches it)
-from .adapter import SaRAAdapter, SaRAConfig, _RouteGrad, pack_bits, sara_summary, unpack_bits  # noqa: F401
+from .adapter import SaRAAdapter, SaRAConfig, pack_bits, sara_summary, unpack_bits
 from .training import SaRAAdamW, SaRAPlugin, auto_lr, prepare_sara, progressive_step, threshold_for_fraction
 
 __all__ = ["SaRAAdamW", "SaRAAdapter", "SaRAConfig", "SaRAPlugin", "auto_lr", "pack_bits", "prepare_sara",

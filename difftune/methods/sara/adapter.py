@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
 from ..host import AdapterHost
-from ..model import hosts
+from ..verbs import hosts
 
 
 @register_method("sara")

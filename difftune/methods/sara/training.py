@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from ...errors import DifftuneError, bad_value
 from ...targeting import canonical_name, find_targets
-from ...train.plugin import TrainerPlugin, register_plugin
 from ..host import AdapterHost
-from ..model import adapter_parameters, hosts, inject, merge
+from ..plugin import TrainerPlugin, register_plugin
+from ..verbs import adapter_parameters, hosts, inject, merge
 from .adapter import SaRAAdapter, SaRAConfig
 
 

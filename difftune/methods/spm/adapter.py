@@ -282,7 +282,7 @@ def _warn_fused() -> None:
 
 def set_transport(model: nn.Module, name: str, on: bool) -> None:
     """Turn facilitated transport of SPM ``name`` on or off (off: γ = 1, the adapter weight is the strength)."""
-    from ..model import get_config, model_part
+    from ..verbs import get_config, model_part
 
     if not isinstance(get_config(model, name), SPMConfig):
         raise bad_value("name", name, "the name of an SPM adapter")
@@ -302,7 +302,7 @@ def _denoiser(pipe: Any) -> nn.Module:
 
 def set_matching(model: nn.Module, name: str, matching: str) -> None:
     """Switch SPM ``name``'s transport rule at inference ("clipcos_tokenuni", "clipcos", "tokenuni", "fixed")."""
-    from ..model import get_config
+    from ..verbs import get_config
 
     config = get_config(model, name)
     if not isinstance(config, SPMConfig):
@@ -318,8 +318,8 @@ def encode_concepts(pipe: Any, name: str) -> Tensor:
 
     Needed after importing an official SPM file or to match another text encoder; the trainer does it itself.
     """
-    from ...train.families import family_for
-    from ..model import get_config, model_part
+    from ...families import family_for
+    from ..verbs import get_config, model_part
 
     model = _denoiser(pipe)
     config = get_config(model, name)

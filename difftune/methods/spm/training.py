@@ -19,19 +19,16 @@ all K anchors are real anchors (the empty prompt is no anchor: it is the erasing
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import DifftuneError
-from ...train.plugin import TrainerPlugin, register_plugin
-from ..model import disable, enable, inject, model_part
+from ..plugin import TrainerPlugin, TrainingStep, register_plugin
+from ..verbs import disable, enable, inject, model_part
 from .adapter import SPMConfig, encode_concepts
-
-if TYPE_CHECKING:
-    from ...train.loss import StepInputs
 
 
 def _repeat(kwargs: Any, n: int) -> Any:
@@ -88,7 +85,7 @@ class SPMPlugin(TrainerPlugin):
         return model
 
     @torch.no_grad()
-    def _sample_xt(self, step: StepInputs, cond: dict[str, Any], uncond: dict[str, Any], b: int) -> tuple[Tensor,
+    def _sample_xt(self, step: TrainingStep, cond: dict[str, Any], uncond: dict[str, Any], b: int) -> tuple[Tensor,
                                                                                                        Tensor]:
         from diffusers import DDIMScheduler
 
@@ -106,7 +103,7 @@ class SPMPlugin(TrainerPlugin):
             latents = sched.step(eps, t, latents).prev_sample
         return latents, sched.timesteps[t_to].repeat(b)
 
-    def objective(self, step: StepInputs) -> Tensor:
+    def objective(self, step: TrainingStep) -> Tensor:
         config: SPMConfig = self.config
         b = len(step.batch["index"])
         picks = torch.randint(0, len(config.concepts), (b,)).tolist()
@@ -138,7 +135,7 @@ class SPMPlugin(TrainerPlugin):
         anchor = F.mse_loss(pred[b:], e_anchor)
         return erase + config.la_strength * anchor
 
-    def _anchors(self, step: StepInputs, cond: dict[str, Any], b: int) -> dict[str, Any] | None:
+    def _anchors(self, step: TrainingStep, cond: dict[str, Any], b: int) -> dict[str, Any] | None:
         """The denoiser kwargs of K anchors per item, (B·K, ...), or None without anchoring."""
         config: SPMConfig = self.config
         if config.action == "erase":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import bad_value
+from ...errors import bad_value
 
 
 def _grey(image: Any) -> np.ndarray:
@@ -188,7 +188,7 @@ def to_tensor(image: Any, size: int | tuple[int, int] | None = None) -> torch.Te
 
 def control_adapters(pipe: Any) -> list[str]:
     """Names of the loaded adapters that take a control image (method ``csc``)."""
-    from .loading import list_adapters
+    from ...loading import list_adapters
 
     return [n for n, info in list_adapters(pipe).items() if info["method"] == "csc"]
 
@@ -222,7 +222,7 @@ def control_inputs(pipe: Any, control: Any, num_images_per_prompt: int = 1) -> d
 @contextlib.contextmanager
 def control_scales(pipe: Any, scale: float | Mapping[str, float] | None) -> Iterator[None]:
     """Set CSC adapters' weights (the control scale) for the block and put the old ones back after."""
-    from .loading import list_adapters, set_adapter_weights
+    from ...loading import list_adapters, set_adapter_weights
 
     if scale is None:
         yield

@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import bad_value
-from .fileio import atomic_write
+from ...errors import bad_value
+from ...fileio import atomic_write
 
 Judge = Callable[[Sequence[Image.Image], str], list[bool]]
 
 
 def mnist_judge(images: Sequence[Image.Image], concept: str) -> list[bool]:
     """True where the shipped MNIST classifier sees digit ``concept`` (a digit word, e.g. "seven")."""
-    from .eval import _default_classifier, _features
-    from .zoo.mnist import DIGIT_WORDS, from_rgb32
+    from ...eval import default_classifier, digit_features
+    from ...zoo.mnist import DIGIT_WORDS, from_rgb32
 
     if concept not in DIGIT_WORDS:
         raise bad_value("concept", concept, f"a digit word {DIGIT_WORDS} for the mnist judge")
-    _, pred = _features(_default_classifier(), np.stack([from_rgb32(im) for im in images]))
+    _, pred = digit_features(default_classifier(), np.stack([from_rgb32(im) for im in images]))
     return [bool(p == DIGIT_WORDS.index(concept)) for p in pred]
 
 
@@ -45,7 +45,7 @@ JUDGES: dict[str, Judge] = {"mnist": mnist_judge}
 
 def generate(pipe: Any, prompt: str, n: int, seed: int, steps: int, guidance: float) -> list[Image.Image]:
     """``n`` images of ``prompt`` from one seeded generator (the same seed gives the same noise to every model)."""
-    from .pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
+    from ...pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
 
     g = torch.Generator("cpu").manual_seed(seed)
     kwargs = {"prompt": [prompt] * n, "num_inference_steps": steps, "guidance_scale": guidance, "generator": g}
@@ -95,7 +95,7 @@ def evaluate_erasure(pipe: Any, erased: Sequence[str], kept: Sequence[str], judg
 
 
 def _adapters(pipe: Any) -> Mapping[str, Any]:
-    from .loading import list_adapters
+    from ...loading import list_adapters
 
     return {k: {f: v for f, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
             for k, info in list_adapters(pipe).items()}

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..components import denoiser_name, pipeline_kind
-from ..errors import DifftuneError
+from .components import denoiser_name, pipeline_kind
+from .errors import DifftuneError
 
 
 class Family:

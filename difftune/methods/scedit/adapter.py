@@ -48,19 +48,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DifftuneError, bad_value
-from ..train.plugin import TrainerPlugin, register_plugin
-from .base import Adapter, MethodConfig, Site, register_method
-from .context import adapter_inputs
-
-if TYPE_CHECKING:
-    from ..train.loss import StepInputs
+from ...errors import DifftuneError, bad_value
+from ..base import Adapter, MethodConfig, Site, register_method
 
 UP_RESNETS = r"up_blocks\.\d+\.resnets\.\d+"
 
@@ -259,7 +254,8 @@ class HintEncoder(nn.Module):
                 f"`difftune generate --control IMAGE:{name}`; or disable the adapter (dt.disable) to run without it.")
         if not isinstance(control, Tensor) or control.dim() != 4 or control.shape[1] not in (1, 3):
             raise bad_value(f"control[{name!r}]", getattr(control, "shape", type(control).__name__),
-                            "a (B, 1 or 3, H, W) tensor in [0, 1]", "difftune.conditions.to_tensor converts images.")
+                            "a (B, 1 or 3, H, W) tensor in [0, 1]",
+                            "difftune.methods.scedit.to_tensor converts images.")
         if control.shape[1] == 1:
             control = control.expand(-1, 3, -1, -1)
         n = control.shape[0]
@@ -305,23 +301,3 @@ class CSCAdapter(Adapter, _TunerMixin):
 def _device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-class CSCPlugin(TrainerPlugin):
-    """Training a CSC adapter: the default denoising loss, with the batch's condition images (``data.kind:
-    control``) as this adapter's control input."""
-
-    @property
-    def needs_images(self) -> bool:
-        return True
-
-    def objective(self, step: StepInputs) -> Tensor | None:
-        control = step.batch.get("control")
-        if control is None:
-            raise DifftuneError(f"CSC adapter {self.name!r} trains on images paired with condition images: set "
-                                "data.kind: control with data.condition (e.g. canny) or data.condition_path")
-        with adapter_inputs(control={self.name: control.to(step.device)}):
-            return step.default_loss()
-
-
-register_plugin("csc")(CSCPlugin)

@@ -13,10 +13,10 @@ Order of the calls: ``prepare`` (once; the trainer then sets ``teacher``), ``tra
 Two shapes of method beyond the plain adapter:
 
 * **Own objective** (data-free erasing, block-wise calibration, distillation): override ``objective``. It receives
-  a `difftune.train.loss.StepInputs` with the batch, the pipeline, the conditioning family, the trained and teacher
-  modules and helpers that draw the standard (x0, ε, t, x_t, conditioning) from images, noise given latents, encode
-  prompts, run a denoiser and compute the default loss. Only such a method can train on ``data.kind: prompts`` or
-  ``none`` (no images).
+  a `TrainingStep` (the trainer's `difftune.train.loss.StepInputs`) with the batch, the pipeline, the conditioning
+  family, the trained and teacher modules and helpers that draw the standard (x0, ε, t, x_t, conditioning) from
+  images, noise given latents, encode prompts, run a denoiser and compute the default loss. Only such a method can
+  train on ``data.kind: prompts`` or ``none`` (no images).
 * **Student** (distillation): ``prepare`` returns a module other than the denoiser it received. The trainer trains
   that module, registers it in the pipeline under the denoiser's component name (validation and ``save_trained``
   see it), and keeps the original as ``plugin.teacher``: frozen, in eval mode, on the device, in the weight dtype.
@@ -24,31 +24,83 @@ Two shapes of method beyond the plain adapter:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import DifftuneError
-from ..methods.base import MethodConfig
-from ..methods.model import adapter_parameters, adapter_tensors, inject
+from ..families import Family
+from ..registry import Registry
+from .base import MethodConfig
+from .verbs import adapter_parameters, adapter_tensors, inject
 
-if TYPE_CHECKING:  # loss.py pulls in the training stack; method files import this module at registration
-    from .loss import StepInputs
 
-PLUGINS: dict[str, type[TrainerPlugin]] = {}
+@dataclass
+class Noised:
+    """One draw of the standard training inputs, exactly as the default loss makes them."""
+
+    latents: Tensor  #: x0, (B, C, h, w): scaled VAE latents
+    noise: Tensor  #: ε, (B, C, h, w) (with ``train.noise_offset`` added, if set)
+    timesteps: Tensor  #: t, (B,) long
+    noisy: Tensor  #: x_t = add_noise(x0, ε, t)
+    target: Tensor  #: what the default loss regresses: ε, or the velocity for v-prediction
+    kwargs: dict[str, Any]  #: the denoiser's conditioning keyword arguments (text states, class labels, ...)
+
+
+class TrainingStep(Protocol):
+    """What ``objective`` receives for one micro-batch: the trainer's `difftune.train.loss.StepInputs` implements
+    it (its docstring has the details, e.g. on drawing randomness). Methods see this interface only, so they never
+    import the trainer."""
+
+    batch: dict[str, Any]  #: the collated batch (``pixel_values``, ``caption``, ``class_label``, ``index``, ...)
+    model: nn.Module  #: the trained module as accelerate prepared it: call it for the pass that needs gradients
+    denoiser: nn.Module  #: the same module unwrapped, for passes without gradients and for hooks
+    teacher: nn.Module | None  #: the original denoiser when ``prepare`` returned another module, else None
+    config: Any  #: the run's `difftune.train.TrainConfig`
+    device: torch.device
+    global_step: int  #: optimizer steps finished before this micro-batch
+
+    @property
+    def pipe(self) -> Any: ...
+
+    @property
+    def family(self) -> Family: ...
+
+    @property
+    def noise_scheduler(self) -> Any: ...
+
+    @property
+    def weight_dtype(self) -> torch.dtype: ...
+
+    @property
+    def prediction_type(self) -> str: ...
+
+    def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]: ...
+
+    def draw(self, prefix: str = "") -> Noised: ...
+
+    def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised: ...
+
+    def prompt_kwargs(self, captions: list[str], latents: Tensor) -> dict[str, Any]: ...
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, kwargs: dict[str, Any]) -> Tensor: ...
+
+    def loss(self, pred: Tensor, noised: Noised) -> Tensor: ...
+
+    def default_loss(self) -> Tensor: ...
+
+#: Trainer plugins by method name (a method without one trains as a plain adapter, with `TrainerPlugin`).
+PLUGINS: Registry[type[TrainerPlugin]] = Registry("trainer plugin")
 
 
 def register_plugin(method: str):
     """Class decorator: ``cls`` is the trainer plugin of the method registered as ``method``."""
 
     def wrap(cls: type[TrainerPlugin]) -> type[TrainerPlugin]:
-        if method in PLUGINS and PLUGINS[method] is not cls:
-            raise DifftuneError(f"trainer plugin for {method!r} is registered twice ({PLUGINS[method].__name__}, "
-                                f"{cls.__name__})")
-        PLUGINS[method] = cls
-        return cls
+        return PLUGINS.register(method, cls)
 
     return wrap
 
@@ -112,14 +164,14 @@ class TrainerPlugin:
         from the first step on, so a random choice drawn from it would differ between the replicas)."""
         return None
 
-    def objective(self, step: StepInputs) -> Tensor | None:
+    def objective(self, step: TrainingStep) -> Tensor | None:
         """The loss of one micro-batch, or None for the trainer's standard loss (``step.default_loss()``).
 
         Use ``step``'s helpers so that the pieces match the standard loss (a distillation loss sees the same x_t for
         teacher and student): ``step.draw()`` → `Noised` (x0, ε, t, x_t, target, conditioning kwargs) from the
         batch's images; ``step.noised(latents, kwargs)`` for latents of your own; ``step.prompt_kwargs(captions,
         latents)``; ``step.predict(module, x_t, t, kwargs)``; ``step.loss(pred, noised)``. Draw randomness from
-        the global torch RNG only (see `StepInputs`), so a resumed run is bit-exact.
+        the global torch RNG only (see `difftune.train.loss.StepInputs`), so a resumed run is bit-exact.
         """
         return None
 

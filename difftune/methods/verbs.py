@@ -292,13 +292,6 @@ def refresh(model: nn.Module) -> None:
             host._write_merged()
 
 
-def get_weights(model: nn.Module) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for _, host in hosts(model):
-        out.update(host.adapter_weights)
-    return out
-
-
 def enable(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     """Re-enable adapters turned off by `disable`."""
     names = _names(model, names)

@@ -1,0 +1,183 @@
+"""The studio's models: loading a pipeline folder (or a compressed denoiser onto one) and the `Slot` that holds a
+loaded model with its lock, its sampler choices and the adapters of the mix (loaded once, then enabled, disabled,
+re-weighted and fused). `engine.Studio` owns one slot per model.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from difftune import loading
+from difftune.components import denoiser_name, pipeline_kind
+from difftune.errors import DifftuneError, bad_value
+from difftune.serialization import WEIGHTS_NAME
+
+from . import library
+from .library import MixItem
+from .paths import clip
+
+#: A1111 sampler names → diffusers scheduler classes; a pipeline offers those its scheduler lists as compatible.
+SAMPLERS = {
+    "DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler", "Euler a": "EulerAncestralDiscreteScheduler",
+    "DPM++ 2M": "DPMSolverMultistepScheduler", "DPM++ 2S": "DPMSolverSinglestepScheduler",
+    "UniPC": "UniPCMultistepScheduler", "DEIS": "DEISMultistepScheduler", "Heun": "HeunDiscreteScheduler",
+    "PNDM": "PNDMScheduler", "LMS": "LMSDiscreteScheduler", "DDPM": "DDPMScheduler", "LCM": "LCMScheduler",
+}
+
+def _slug(key: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_]+", "_", key).strip("_") or "adapter"
+    base = base if base[0].isalpha() else f"a_{base}"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _hash_files(files: list[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def load_model(path: str | Path, base: str | Path | None = None, device: str | None = None) -> tuple[Any, str]:
+    """(pipeline, model hash) for a diffusers pipeline folder, or a compressed denoiser loaded onto ``base``."""
+    from difftune.generation import load_pipeline
+
+    folder = Path(path)
+    if (folder / "model_index.json").is_file():
+        pipe = load_pipeline(folder, device=device)
+        den = denoiser_name(pipe.components) or ""
+        files = sorted((folder / den).glob("*.safetensors"))
+    elif (folder / "model.safetensors").is_file() and base is not None:
+        from difftune.compress import load_compressed_pipeline
+
+        pipe = load_compressed_pipeline(base, folder, device=device or "cpu")
+        pipe.set_progress_bar_config(disable=True)
+        files = [folder / "model.safetensors"]
+    else:
+        raise bad_value("--model/--compare", str(path), "a diffusers pipeline folder (model_index.json) or a "
+                        "compressed model folder (model.safetensors, with --model as its base)")
+    from difftune.zoo import path as zoo_path
+
+    if pipeline_kind(pipe) == "dit" and Path(base or folder).resolve() == zoo_path("dit-mini").resolve():
+        from difftune.zoo.mnist import DIGIT_WORDS
+
+        pipe.labels = {word: i for i, word in enumerate(DIGIT_WORDS)}  # as difftune.zoo.load does
+    return pipe, _hash_files(files) if files else ""
+
+
+class Slot:
+    """One loaded model: its pipeline, lock, scheduler choices and the adapters loaded into it."""
+
+    def __init__(self, label: str, pipe: Any, model_hash: str) -> None:
+        self.label, self.pipe, self.model_hash = label, pipe, model_hash
+        self.kind = pipeline_kind(pipe)
+        self.lock = threading.Lock()
+        self.loaded: dict[str, tuple[str, str]] = {}  # key -> (adapter name, file hash at load)
+        self.scheduler_config = dict(pipe.scheduler.config)
+        own = type(pipe.scheduler).__name__
+        compatible = {c.__name__: c for c in [type(pipe.scheduler), *getattr(pipe.scheduler, "compatibles", [])]}
+        self.samplers: dict[str, type] = {}
+        for a1111, cls_name in [(k, v) for k, v in SAMPLERS.items() if v == own] + list(SAMPLERS.items()):
+            cls = compatible.get(cls_name)
+            if cls is not None and a1111 not in self.samplers:
+                try:  # some need optional packages (LMS: scipy); offer only what builds here
+                    cls.from_config(self.scheduler_config)
+                except (ImportError, ValueError, TypeError):
+                    continue
+                self.samplers[a1111] = cls
+        if not self.samplers:
+            self.samplers[own] = type(pipe.scheduler)
+        self.denoiser = loading.component_of(pipe)[1]
+
+    # -- sizes and classes
+    def size_rule(self) -> tuple[int, int, bool]:
+        """(default size, step, fixed): images are multiples of ``step`` px; DiT samples at one size only."""
+        vae = int(getattr(self.pipe, "vae_scale_factor", 8))
+        cfg = self.denoiser.config
+        if self.kind == "dit":
+            return int(cfg.sample_size) * vae, int(cfg.sample_size) * vae, True
+        if self.kind == "pixart":
+            return int(cfg.sample_size) * vae, vae * int(cfg.patch_size), False
+        down = len(getattr(cfg, "down_block_types", ()) or (0,))
+        return int(cfg.sample_size) * vae, vae * 2 ** (down - 1), False
+
+    def class_choices(self) -> list[tuple[str, int]]:
+        """(label, id) pairs: a class-conditional DiT's classes; for PixArt the classes of the KIND adapters in the
+        folder are offered by the UI (KIND's class gate reads ``class_labels``); [] for other text pipelines."""
+        if self.kind == "pixart":
+            return [(str(i), i) for i in range(1000)]
+        if self.kind != "dit":
+            return []
+        labels = getattr(self.pipe, "labels", None)
+        if isinstance(labels, dict) and labels:
+            return sorted(((f"{i}: {w}", int(i)) for w, i in labels.items()), key=lambda p: p[1])
+        n = int(getattr(self.denoiser.config, "num_embeds_ada_norm", 1000) or 1000)
+        return [(str(i), i) for i in range(min(n, 1000))]
+
+    # -- the mix
+    def apply_mix(self, root: Path, items: list[MixItem], fused: bool) -> list[str]:
+        """Load (once), enable and weight the mix's adapters; disable the others; fuse what can be fused."""
+        notes: list[str] = []
+        wanted: dict[str, float] = {}
+        for item in items:
+            if item.key.endswith(library.BUNDLE_SUFFIX):
+                raise bad_value("mix", clip(item.key), "adapter keys (load a bundle with 'load mix' first)")
+            path = library.adapter_folder(root, item.key)
+            digest = library.file_hash(root, path / WEIGHTS_NAME, item.key)
+            name, old = self.loaded.get(item.key, ("", ""))
+            if name and old != digest:  # the file was rewritten (a lab ran again): load the new values
+                loading.delete_adapter(self.pipe, name)
+                del self.loaded[item.key]
+                name = ""
+            if not name:
+                name = _slug(item.key, {n for n, _ in self.loaded.values()} | set(loading.list_adapters(self.pipe)))
+                try:
+                    loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
+                except DifftuneError as e:
+                    raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}: {e}") from None
+                self.loaded[item.key] = (name, digest)
+            wanted[name] = item.weight
+        loading.unfuse(self.pipe)  # back to the exact base weights before changing anything
+        others = [n for n, _ in self.loaded.values() if n not in wanted]
+        if others:
+            loading.disable_adapters(self.pipe, others)
+        if wanted:
+            loading.enable_adapters(self.pipe, list(wanted))
+            loading.set_adapter_weights(self.pipe, wanted)
+        if fused:
+            info = loading.list_adapters(self.pipe)
+            for key, (name, _) in self.loaded.items():
+                if name not in wanted:
+                    continue
+                if info[name]["method"] == "spm" and self._transport(name):
+                    notes.append(f"{key}: SPM with transport on runs unfused (fusing would drop its per-prompt γ)")
+                    continue
+                try:
+                    loading.fuse(self.pipe, name)
+                except DifftuneError:
+                    notes.append(f"{key}: {info[name]['method']} acts on activations; it runs unfused")
+        return notes
+
+    def names(self, method: str | None = None) -> list[str]:
+        """Enabled adapters (of ``method``)."""
+        return [n for n, i in loading.list_adapters(self.pipe).items()
+                if i["enabled"] and (method is None or i["method"] == method)]
+
+    def _transport(self, name: str) -> bool:
+        from difftune.methods.verbs import model_part
+
+        part = model_part(self.denoiser, name)
+        return bool(getattr(part, "transport", False)) and getattr(part.config, "matching", "") != "fixed"
+
+    def key_of(self, name: str) -> str:
+        return next(k for k, (n, _) in self.loaded.items() if n == name)
