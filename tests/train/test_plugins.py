@@ -111,6 +111,9 @@ class KDPlugin(TrainerPlugin):
                                 {p.dtype for p in t.parameters()}, step.pipe.unet is step.denoiser))
         return F.mse_loss(student, teacher)
 
+    def saved_tensors(self, model):
+        return list(model.parameters())  # the student pipeline is saved whole
+
     def save_trained(self, pipe, model, path, base_model, component):
         SEEN["saved_student"].append(getattr(pipe, component) is model)
         pipe.save_pretrained(str(path))
