@@ -138,10 +138,16 @@ class AdapterHost(nn.Module):
             if original is None:
                 original = param.detach().clone()
                 self.register_buffer(key, original, persistent=False)
-            total = original.float()
-            for n in dense:
-                total = total + self.adapter_weights[n] * touching[n].delta_params()[pname].float()
-            param.copy_(total.to(param.dtype))
+            if param.dtype == torch.float32:
+                # param holds W0 now: add in place, the same fp32 sum in the same order as below, without a copy
+                for n in dense:
+                    d, w = touching[n].delta_params()[pname].float(), self.adapter_weights[n]
+                    param.add_(d if w == 1.0 else w * d)
+            else:
+                total = original.float()
+                for n in dense:
+                    total = total + self.adapter_weights[n] * touching[n].delta_params()[pname].float()
+                param.copy_(total.to(param.dtype))
         elif original is not None:
             del self._buffers[key]
         for n in merged:
