@@ -9,6 +9,10 @@ for the UNet, one class label for the DiT), fp32, no gradient. Each registered a
 settings below; a method the table does not know runs with its config's defaults), plus peft's LoRA (unmerged), 8
 LoRAs at once and a fused LoRA. A method that cannot adapt a model (SC-Tuner on a DiT) is listed as skipped, with why.
 
+Time is the process's CPU time by default (``--clock cpu``), with one thread: on a shared machine, wall time also
+counts the time other processes hold the cores (per-round ratios spread from 0.1× to 8× on a loaded 2-core machine),
+CPU time only what the forward itself ran. Use ``--clock wall`` on an idle machine or a GPU.
+
 Every variant is its own copy of the model sharing the base weights (only adapter tensors are new; the fused copy owns
 the weights it writes into), so all fit in memory together and are timed in interleaved rounds: each round runs one
 forward of every variant, in an order rotated by one each round, so every variant sees the same machine load. Reported
@@ -151,33 +155,37 @@ def variants(model_name: str, base: nn.Module, quick: bool, latent: int) -> list
     return rows
 
 
-def forward(row: Variant, args: tuple, kwargs: dict) -> tuple[float, torch.Tensor]:
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def forward(row: Variant, args: tuple, kwargs: dict, clock: Callable[[], float]) -> tuple[float, torch.Tensor]:
     import difftune as dt
 
     context = dt.adapter_inputs(**row.inputs) if row.inputs else contextlib.nullcontext()
     with context, torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = clock()
         out = row.model(*args, **kwargs)
-        seconds = time.perf_counter() - t0
+        seconds = clock() - t0
     return seconds, out.sample if hasattr(out, "sample") else out
 
 
-def measure(rows: list[Variant], args: tuple, kwargs: dict, rounds: int) -> None:
+def measure(rows: list[Variant], args: tuple, kwargs: dict, rounds: int, clock: Callable[[], float]) -> None:
     timed = [r for r in rows if r.model is not None]
-    _, reference = forward(timed[0], args, kwargs)
+    _, reference = forward(timed[0], args, kwargs, clock)
     for row in timed[1:]:  # warm-up round, and a check that each adapter changes the output
-        row.changed = float((forward(row, args, kwargs)[1] - reference).abs().max())
+        row.changed = float((forward(row, args, kwargs, clock)[1] - reference).abs().max())
     for r in range(rounds):
         k = r % len(timed)
         for row in timed[k:] + timed[:k]:
-            row.times.append(forward(row, args, kwargs)[0])
+            row.times.append(forward(row, args, kwargs, clock)[0])
     for row in timed:
         row.ratios = [t / b for t, b in zip(row.times, timed[0].times)]
 
 
-def report(model_name: str, rows: list[Variant], rounds: int, threads: int) -> list[dict[str, Any]]:
-    print(f"\n{model_name}: batch 1, fp32, no grad, {threads} threads, {rounds} interleaved rounds after a warm-up\n")
-    print("| variant | s/forward median | vs bare: median of per-round ratios (min–max) | output changed |")
+def report(model_name: str, rows: list[Variant], rounds: int, threads: int, clock: str) -> list[dict[str, Any]]:
+    print(f"\n{model_name}: batch 1, fp32, no grad, {threads} thread(s), {clock} time, {rounds} interleaved rounds "
+          "after a warm-up\n")
+    print(f"| variant | {clock} s/forward median | vs bare: median of per-round ratios (min–max) | output changed |")
     print("|---|---|---|---|")
     out = []
     for row in rows:
@@ -198,14 +206,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time, or wall time")
     ap.add_argument("--quick", action="store_true", help="tiny UNet and DiT, 2 rounds: checks the bench runs")
     ap.add_argument("--out", default="outputs/bench/inference_overhead")
     args = ap.parse_args()
-    run(args.models, 2 if args.quick else args.rounds, args.threads, args.quick, args.out)
+    run(args.models, 2 if args.quick else args.rounds, args.threads, args.quick, args.out, args.clock)
 
 
-def run(models: list[str], rounds: int, threads: int, quick: bool, out: str | None) -> dict[str, list[dict]]:
+def run(models: list[str], rounds: int, threads: int, quick: bool, out: str | None,
+        clock: str = "cpu") -> dict[str, list[dict]]:
     """Time every variant on each of ``models``; returns the rows per model (also written under ``out``)."""
     from difftune.fileio import atomic_write
 
@@ -215,12 +225,13 @@ def run(models: list[str], rounds: int, threads: int, quick: bool, out: str | No
         base, call_args, call_kwargs = build_model(name, quick)
         latent = call_args[0].shape[-1]
         rows = variants(name, base, quick, latent)
-        measure(rows, call_args, call_kwargs, rounds)
-        results[name] = report(name, rows, rounds, threads)
+        measure(rows, call_args, call_kwargs, rounds, CLOCKS[clock])
+        results[name] = report(name, rows, rounds, threads, clock)
         del rows, base
         gc.collect()
     if out:
-        payload = json.dumps({"quick": quick, "rounds": rounds, "threads": threads, "results": results}, indent=2)
+        payload = json.dumps({"quick": quick, "rounds": rounds, "threads": threads, "clock": clock,
+                              "results": results}, indent=2)
         atomic_write(Path(out) / "results.json", lambda tmp: Path(tmp).write_text(payload))
     return results
 
