@@ -180,7 +180,8 @@ def launch(accelerate_config: str, method: str, root: Path) -> dict:
         return {"run": f"trainer {method} under {accelerate_config}", "ok": False,
                 "error": (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()}
     result = json.loads(found[-1])
-    return {"run": f"trainer {method} under {accelerate_config} (1 process)", "trainable": result["trainable"],
+    return {"run": f"trainer {method} under {accelerate_config} (1 process; s/step counts loading and saving)",
+            "trainable": result["trainable"],
             "peak": result["peak"], "step_s": result["seconds"] / 5, "loss": result["loss"],
             "ok": math.isfinite(result["loss"]), "wall_s": wall}
 
