@@ -1,13 +1,14 @@
 """`dt.fuse` against diffusers' `fuse_lora` for the same LoRA on the same UNet: one process, interleaved rounds.
 
-    python bench/fuse_speed.py [--rounds 7] [--rank 4] [--threads 2] [--quick]
+    python bench/fuse_speed.py [--rounds 7] [--rank 4] [--threads 1] [--clock cpu|wall] [--quick]
 
 The SD1.5 UNet architecture (random weights, fp32), one LoRA of rank ``--rank`` on to_q/to_k/to_v/to_out.0 with the
 same A and B in both: difftune's (``dt.inject`` + ``dt.fuse``) and peft's through diffusers (``unet.add_adapter`` +
 ``unet.fuse_lora``). The two copies share every base tensor except the weights a fuse writes. Each round fuses and
 unfuses both, in alternating order; reported: the median seconds of each fuse and unfuse, the ratio of the medians
 and the min–max of the per-round ratios, and how far the two fused weights and the two unfused weights are from each
-other and from the original (difftune's unfuse restores it exactly; peft's subtracts ΔW again).
+other and from the original (difftune's unfuse restores it exactly; peft's subtracts ΔW again). Time is the process's
+CPU time by default, as in bench/inference_overhead.py (why: its docstring).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_overhead import LORA_TARGETS, build_model, shared_copy  # noqa: E402
+from inference_overhead import CLOCKS, LORA_TARGETS, build_model, shared_copy  # noqa: E402
 
 
 def _lora_pair(base: torch.nn.Module, rank: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -62,7 +62,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time, or wall time")
     ap.add_argument("--quick", action="store_true", help="the tiny UNet, 2 rounds: checks the bench runs")
     args = ap.parse_args()
     import difftune as dt
@@ -77,24 +78,26 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in steps}
     rounds = 2 if args.quick else args.rounds
+    clock = CLOCKS[args.clock]
     gaps = {}
     for r in range(rounds + 1):  # round 0 is a warm-up
         order = ["difftune", "diffusers"] if r % 2 else ["diffusers", "difftune"]
         for who in order:
             for verb in ("fuse", "unfuse"):
                 key = next(k for k in steps if k.startswith(who) and k.split()[1].startswith(verb))
-                t0 = time.perf_counter()
+                t0 = clock()
                 steps[key]()
                 if r:
-                    times[key].append(time.perf_counter() - t0)
+                    times[key].append(clock() - t0)
                 if r == 1 and verb == "fuse":
                     gaps[who] = _targeted(ours if who == "difftune" else theirs)
         if r == 1:
             gaps["unfused"] = (_gap(_targeted(ours), original), _gap(_targeted(theirs), original))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nSD1.5 UNet{' (tiny)' if args.quick else ''}, LoRA r={args.rank} on {'/'.join(LORA_TARGETS)}, fp32, "
-          f"{torch.get_num_threads()} threads, {rounds} interleaved rounds after a warm-up\n")
-    print("| step | difftune s (median) | diffusers s (median) | difftune / diffusers: ratio of medians "
+          f"{torch.get_num_threads()} thread(s), {args.clock} time, {rounds} interleaved rounds after a warm-up\n")
+    print(f"| step | difftune {args.clock} s (median) | diffusers {args.clock} s (median) | difftune / diffusers: "
+          "ratio of medians "
           "(per-round min–max) |")
     print("|---|---|---|---|")
     for verb, theirs_key in (("fuse", "diffusers fuse_lora"), ("unfuse", "diffusers unfuse_lora")):
