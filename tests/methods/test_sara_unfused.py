@@ -98,6 +98,7 @@ def test_the_copy_follows_every_change(change):
         elif change == "dtype":
             model.double()
             base.double()
+            assert not any(a._dense for a in _adapters(model)), "a move must not leave copies on the old device"
         else:  # a write through .data bypasses version counters: refresh() is the way to catch up
             adapter.delta_vector(pname).data.mul_(5)
             refresh(model)

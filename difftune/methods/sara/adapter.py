@@ -318,6 +318,12 @@ class SaRAAdapter(Adapter):
         """Drop the unfused dense copies (rebuilt at the next forward that needs them)."""
         self._dense.clear()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
+        # model.to(...) / .half() reach every submodule through here: copies of the old device or dtype must not stay
+        # (offloading a model to the CPU has to free its GPU memory)
+        self._dense.clear()
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles of the adapter leave the dense copies behind (they follow the layer they were made for)
         return {**self.__dict__, "_dense": {}}
