@@ -1,10 +1,12 @@
 """KIND's training-step cost against the dense DiT it factors, on dit-mini's architecture, side by side.
 
-    python bench/kind_speed.py [--batch 64] [--rounds 5] [--learngenes 124] [--tailors 4] [--classes 5]
+    python bench/kind_speed.py [--batch 64] [--rounds 5] [--learngenes 124] [--tailors 4] [--classes 5] [--clock cpu]
 
 One step = forward + backward of the ε-prediction loss at 16×16 latents with class labels drawn from ``--classes``
 classes; dense trains every weight, KIND pretrains with ``train_base`` (factors + every weight outside S). The two
 models are timed in interleaved rounds (dense, KIND, dense, ...) after a warm-up step; median and min per model.
+``--clock cpu`` times the process's CPU time instead of wall time (on a shared machine; see
+bench/inference_overhead.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--tailors", type=int, default=4)
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -45,14 +48,16 @@ def main() -> None:
     t = torch.randint(0, 1000, (args.batch,), generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def step(name: str) -> float:
         model, params = models[name]
         for q in params:
             q.grad = None
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = F.mse_loss(model(x, timestep=t, class_labels=y).sample[:, :4], x)
         loss.backward()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     times: dict[str, list[float]] = {name: [] for name in models}
     for name in models:
@@ -61,8 +66,8 @@ def main() -> None:
         for name in models:
             times[name].append(step(name))
     med = {n: statistics.median(v) for n, v in times.items()}
-    print(f"dit-mini, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds; KIND N_G "
-          f"{args.learngenes}, t {args.tailors}, {args.classes} classes")
+    print(f"dit-mini, batch {args.batch}, {args.threads} threads, {args.clock} time, {args.rounds} rounds; "
+          f"KIND N_G {args.learngenes}, t {args.tailors}, {args.classes} classes")
     for name, v in times.items():
         ratio = med[name] / med["dense"]
         print(f"{name:6s} s/step median {med[name]:.3f} (min {min(v):.3f})  ratio to dense {ratio:.2f}")

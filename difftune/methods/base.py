@@ -294,6 +294,10 @@ class Adapter(nn.Module):
         """Whether the merged values in the base layer lag behind the adapter's own (it trained since)."""
         return False
 
+    def clear_cache(self) -> None:
+        """Drop what the adapter keeps between calls (`difftune.methods.model.refresh` calls it); none by default."""
+        return None
+
     def param_overrides(self, params: dict[str, Tensor], base_layer: nn.Module, weight: float,
                         merged: bool) -> dict[str, Tensor]:
         """The parameters the base layer runs with (``param_space`` adapters); ``params`` holds earlier overrides."""

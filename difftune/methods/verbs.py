@@ -286,8 +286,11 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
 
 
 def refresh(model: nn.Module) -> None:
-    """Rewrite every merged adapter's values into the base weights (after its tensors were changed via ``.data``)."""
+    """Rewrite every merged adapter's values into the base weights and drop the adapters' caches (after tensors
+    were changed via ``.data``, which version counters do not see)."""
     for _, host in hosts(model):
+        for adapter in host.adapters.values():
+            adapter.clear_cache()
         if host.merged:
             host._write_merged()
 

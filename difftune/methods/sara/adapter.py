@@ -141,12 +141,25 @@ class _RouteGrad(torch.autograd.Function):
         return g_delta, grad if ctx.needs_input_grad[1] else None, None, None
 
 
+@dataclass
+class _Dense:
+    """An unfused dense copy: the tensor it was made from (kept to compare identity), its key and the copy."""
+
+    source: Tensor
+    key: tuple[int, int, int, int, float]
+    value: Tensor
+
+
 class SaRAAdapter(Adapter):
     """Δ over the selected entries of each of one module's own parameters.
 
     State per parameter ``p`` (``weight``, ``bias``, ...): ``sara_delta_p`` (the trained Δ, fp32), ``sara_mask_p``
     (M packed in bits) and ``sara_base_p`` (the base fingerprint) are saved; ``idx_p`` (M as indices), ``w0_p``
     (W0[M], for exact unmerge) and ``train_p`` (M' after PPA) live in memory.
+
+    Unfused and without a gradient to build, the layer runs with a dense copy of each parameter with Δ written in,
+    kept between calls (`_dense`) and rebuilt only when Δ, the weight or the base tensor changed: one copy per
+    adapted parameter (as much memory as the weights adapted) instead of one copy per forward. ``dt.fuse`` needs none.
     """
 
     prefix = "sara_"
@@ -158,6 +171,7 @@ class SaRAAdapter(Adapter):
         self.pnames: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._synced: dict[str, tuple[int, float]] = {}
+        self._dense: dict[str, _Dense] = {}
         for pname, param in base_layer.named_parameters(recurse=False):
             if not param.is_floating_point():
                 continue
@@ -180,6 +194,7 @@ class SaRAAdapter(Adapter):
         delta._sara_owner = (weakref.ref(self), pname)  # lets SaRAAdamW find the mask of each vector it updates
         setattr(self, f"sara_delta_{pname}", delta)
         self._synced.pop(pname, None)
+        self._dense.pop(pname, None)
 
     def delta_vector(self, pname: str) -> nn.Parameter:
         """Δ for parameter ``pname``: (|M|,) fp32."""
@@ -252,6 +267,7 @@ class SaRAAdapter(Adapter):
         # `_synced` is left alone: ``param`` may be the host's copy for W0, and on the live parameter the host always
         # follows a restore of a merged adapter with `add_into`, which records the sync
         self._flat(param).index_put_((self.index(pname),), self.base_values(pname))
+        self._dense.pop(pname, None)  # merged or read as W0: the unfused copy is not needed (and frees its memory)
 
     def add_into(self, pname: str, param: Tensor, weight: float) -> None:
         flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)
@@ -273,14 +289,48 @@ class SaRAAdapter(Adapter):
             current = params.get(p, getattr(base_layer, p))
             delta, idx = self.delta_vector(p), self.index(p)
             if merged:
+                self._dense.pop(p, None)
                 # The values are already in place; route the gradient only (no copy of the weight is made).
                 if torch.is_grad_enabled() and delta.requires_grad:
                     params[p] = _RouteGrad.apply(delta, current, idx, weight)
+            elif torch.is_grad_enabled() and (delta.requires_grad or current.requires_grad):
+                self._dense.pop(p, None)
+                params[p] = self.with_delta(p, current, weight)  # autograd needs this call's graph: built each time
             else:
-                flat = current.reshape(-1)
-                value = flat.index_select(0, idx) + (weight * delta).to(current.dtype)
-                params[p] = flat.index_put((idx,), value).view_as(current)  # a dense copy: use dt.fuse to avoid it
+                params[p] = self._dense_copy(p, current, weight)
         return params
+
+    def with_delta(self, pname: str, current: Tensor, weight: float) -> Tensor:
+        """A dense copy of ``current`` with ``current[M] + weight · Δ`` on the selected entries."""
+        flat, idx = current.reshape(-1), self.index(pname)
+        value = flat.index_select(0, idx) + (weight * self.delta_vector(pname)).to(current.dtype)
+        return flat.index_put((idx,), value).view_as(current)
+
+    def _dense_copy(self, pname: str, current: Tensor, weight: float) -> Tensor:
+        """`with_delta`, kept until Δ, ``weight`` or ``current`` changes (their version counters tell; a write
+        through ``.data`` bypasses them: `difftune.methods.model.refresh` drops the copy)."""
+        delta = self.delta_vector(pname)
+        key = (current._version, current.data_ptr(), delta._version, delta.data_ptr(), weight)
+        cached = self._dense.get(pname)
+        if (cached is None or cached.source is not current or cached.key != key
+                or (cached.value.is_inference() and not torch.is_inference_mode_enabled())):
+            self._dense.pop(pname, None)  # free the old copy before the new one is made
+            cached = self._dense[pname] = _Dense(current, key, self.with_delta(pname, current, weight))
+        return cached.value
+
+    def clear_cache(self) -> None:
+        """Drop the unfused dense copies (rebuilt at the next forward that needs them)."""
+        self._dense.clear()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
+        # model.to(...) / .half() reach every submodule through here: copies of the old device or dtype must not stay
+        # (offloading a model to the CPU has to free its GPU memory)
+        self._dense.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles of the adapter leave the dense copies behind (they follow the layer they were made for)
+        return {**self.__dict__, "_dense": {}}
 
     # -- loading
     def adopt(self, tensors: Mapping[str, Tensor], base_layer: nn.Module) -> None:
