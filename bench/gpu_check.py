@@ -89,7 +89,7 @@ def unet_inputs(unet: nn.Module, latent: int, device: torch.device) -> tuple[tup
 def attach(unet: nn.Module, method: str, tiny: bool) -> torch.optim.Optimizer:
     """Inject ``method`` as the trainer does (trainable values in fp32) and return its optimizer."""
     import difftune as dt
-    from difftune.methods.model import adapter_parameters
+    from difftune.methods.verbs import adapter_parameters
 
     if method == "sara":  # the paper's one-line API: injects, merges, trains Δ sparsely
         return dt.SaRAAdamW(unet, threshold=2e-4 if not tiny else 2e-3, lr=1e-4, name=NAME)

@@ -295,7 +295,7 @@ class Adapter(nn.Module):
         return False
 
     def clear_cache(self) -> None:
-        """Drop what the adapter keeps between calls (`difftune.methods.model.refresh` calls it); none by default."""
+        """Drop what the adapter keeps between calls (`difftune.methods.verbs.refresh` calls it); none by default."""
         return None
 
     def param_overrides(self, params: dict[str, Tensor], base_layer: nn.Module, weight: float,

@@ -41,7 +41,7 @@ def test_fp32_fuse_adds_in_place_and_gives_the_same_sum():
         randomize_adapter(net, name, seed=i, std=0.2)
     dt.set_adapter_weights(net, {"a": 0.7, "b": 1.0})
     host = net[2]
-    deltas = [host.adapters[n].delta_weight() for n in ("a", "b")]
+    deltas = [host.adapters[n].delta_weight(w0) for n in ("a", "b")]
     expected = w0 + 0.7 * deltas[0]  # the fp32 sum fuse has always written, in adapter order
     expected = expected + 1.0 * deltas[1]
     x = torch.randn(3, 16)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import difftune as dt
-from difftune.methods.model import adapter_parameters, hosts, refresh
 from difftune.methods.sara import SaRAAdapter, SaRAConfig
+from difftune.methods.verbs import adapter_parameters, hosts, refresh
 from difftune.testing import randomize_adapter, tiny_unet
 
 THETA = 0.02

@@ -308,7 +308,7 @@ class SaRAAdapter(Adapter):
 
     def _dense_copy(self, pname: str, current: Tensor, weight: float) -> Tensor:
         """`with_delta`, kept until Δ, ``weight`` or ``current`` changes (their version counters tell; a write
-        through ``.data`` bypasses them: `difftune.methods.model.refresh` drops the copy)."""
+        through ``.data`` bypasses them: `difftune.methods.verbs.refresh` drops the copy)."""
         delta = self.delta_vector(pname)
         key = (current._version, current.data_ptr(), delta._version, delta.data_ptr(), weight)
         cached = self._dense.get(pname)
