@@ -43,8 +43,9 @@ from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules
+from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules, module_paths
 from .krona import _inject_factors
+from .ldm import LDM_PREFIX
 from .updates import Dense, Hadamard, Kron, LowRank, Update, read_file
 
 
@@ -109,28 +110,35 @@ def _load_foreign(obj: Any, path: str | Path, name: str, weight: float, componen
 
 
 def resolve_modules(module: nn.Module, comp: str, fmt: str, keys: list[str], path: Any) -> dict[str, str]:
-    """{file key: module name in ``module``}; keys naming no module are an error listing them."""
-    if fmt == "kohya":
-        prefixes = {next((p for p in KOHYA_COMPONENTS if k.startswith(p + "_")), k.split("_", 1)[0]) for k in keys}
+    """{file key: module name in ``module``}; keys naming no module are an error listing them.
+
+    kohya keys (``lora_unet_<path with _>``) are looked up among the model's kohya names; module paths (diffusers/peft
+    keys, ComfyUI's ``diffusion_model.<path>``) among its paths. Both know a UNet's LDM names and a CLIP text
+    encoder's paths with and without ``text_model`` (`kohya.module_paths`).
+    """
+    kohya = [k for k in keys if fmt == "kohya" and not k.startswith(LDM_PREFIX)]
+    out = {}
+    if kohya:
+        prefixes = {next((p for p in KOHYA_COMPONENTS if k.startswith(p + "_")), k.split("_", 1)[0]) for k in kohya}
         prefix = sorted(prefixes)[0] if len(prefixes) == 1 else ("lora_unet" if comp in ("", "unet") else "lora_te")
         if prefix not in KOHYA_COMPONENTS:  # e.g. LyCORIS's own "lycoris_" prefix: the denoiser
             prefix = next(iter(prefixes))
-        return match_modules(module, keys, prefix, source=path)
-    known = {canonical_name(n): canonical_name(n) for n, _ in module.named_modules() if n}
-    # transformers 5 dropped CLIPTextModel's `text_model` level; files written before still carry it
-    legacy = type(module).__name__ == "CLIPTextModel" and "text_model" not in module._modules
-    out, unknown = {}, []
+        out.update(match_modules(module, kohya, prefix, source=path))
+    known = module_paths(module) if len(out) < len(keys) else {}
+    unknown = []
     for k in keys:
-        path_k = k.removeprefix("text_model.") if legacy else k
-        if path_k in known:
-            out[k] = known[path_k]
+        if k in out:
+            continue
+        p = k.removeprefix(LDM_PREFIX) if fmt == "kohya" else k
+        if p in known:
+            out[k] = known[p]
         else:
             unknown.append(k)
     if unknown:
         raise DifftuneError(f"{len(unknown)} module(s) in {str(path)!r} are not in this {type(module).__name__}"
                             f"{f' ({comp})' if comp else ''}, e.g. {unknown[:3]}; was it made for another base "
                             "model or component?")
-    return out
+    return {k: out[k] for k in keys}
 
 
 def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict[str, Update], name: str,
