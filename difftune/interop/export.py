@@ -118,7 +118,7 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
     component = header.get("component") or ""
     method = header["method"]
     dora = getattr(config, "use_dora", False)
-    if method in ("spm", "krona") or (method == "lora" and not (dora and format == "diff")) or (
+    if method in ("spm", "krona", "diff") or (method == "lora" and not (dora and format == "diff")) or (
             method == "loha" and format == "loha"):
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in read_tensors(path).items():
@@ -126,8 +126,13 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
             groups.setdefault(module, {})[param] = value
         groups.pop("__model__", None)  # SPM's E(c): no ΔW, no key in any LoRA format
         updates: dict[str, Update] = {}
+        norms = set()
         for module, t in groups.items():
-            if method == "lora":
+            if method == "diff":  # Δ itself; a 1-D weight is a norm's scale (LyCORIS: w_norm/b_norm keys)
+                updates[module] = Dense({k.removeprefix("diff_"): v for k, v in t.items()})
+                if t.get("diff_weight", torch.zeros(0, 0)).dim() == 1:
+                    norms.add(module)
+            elif method == "lora":
                 updates[module] = LowRank(t["lora_A"], t["lora_B"], config.scale, alpha=config.alpha,
                                           rslora=config.use_rslora, magnitude=t.get("lora_magnitude_vector"))
             elif method == "loha":
@@ -141,7 +146,7 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
                 updates[module] = Dense({"weight": kron_delta(t["krona_A"], t["krona_B"], config.scale, True)})
             else:
                 updates[module] = Kron(t["krona_A"].float() * config.scale, t["krona_B"].float())
-        return _Source(Path(path), header, component, updates)
+        return _Source(Path(path), header, component, updates, norms)
     return _loaded_updates(path, header, model)
 
 
