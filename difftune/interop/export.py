@@ -53,6 +53,7 @@ from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
 from .kohya_meta import base_version, base_version_metadata, export_metadata
+from .tools import READERS, export_warnings, ldm_module_names, resolve_format
 from .updates import (
     Dense,
     Hadamard,
@@ -65,7 +66,7 @@ from .updates import (
     read_file,
 )
 
-FORMATS = ("kohya", "diffusers", "loha", "lokr", "diff")
+FORMATS = ("kohya", "kohya-ldm", "diffusers", "loha", "lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Module paths of a transformers ≥ 5 CLIPTextModel (no ``text_model`` level); kohya keys keep the old level.
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
@@ -202,7 +203,8 @@ def export_adapter(
     Args:
         adapters: one adapter folder (or ``adapter_model.safetensors``), or several for different components.
         out: the ``.safetensors`` file to write (atomically).
-        format: "kohya", "diffusers", "lokr" (krona only) or "diff".
+        format: "kohya", "kohya-ldm" (LDM UNet names), "diffusers", "loha" (loha only), "lokr" (krona only),
+            "diff", or "comfyui" (the one ComfyUI reads best for the method: `tools.resolve_format`).
         rank: for kohya/diffusers of a method without low-rank factors (SaRA): the rank of the truncated-SVD LoRA.
         model: the base pipeline folder, for methods whose ΔW needs it (SaRA; default the adapter's recorded base).
         prefix: kohya key prefix (default from the component); one adapter only.
@@ -216,14 +218,16 @@ def export_adapter(
             (KronA in a LoRA format, an activation-space method), SaRA to LoRA without ``rank``.
     """
     paths = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
-    if format not in FORMATS:
-        raise bad_value("format", format, f"one of {FORMATS}")
+    if format not in (*FORMATS, "comfyui"):
+        raise bad_value("format", format, f"one of {(*FORMATS, 'comfyui')}")
     if dtype is not None and dtype not in DTYPES:
         raise bad_value("dtype", dtype, f"one of {sorted(DTYPES)} or unset")
     if not paths or (prefix is not None and len(paths) > 1):
         raise bad_value("adapters", [str(p) for p in paths], "one adapter (with prefix), or several without")
-    if format == "lokr":
+    written = resolve_format(format, [read_header(p)["method"] for p in paths])
+    if written == "lokr":
         return _export_lokr(paths, out, prefix, dtype)
+    format = "kohya" if written == "kohya-ldm" else written  # kohya-ldm: kohya's keys, the UNet's LDM names
     sources = [adapter_updates(p, model, format) for p in paths]
     if format == "loha" and any(not isinstance(u, Hadamard) for s in sources for u in s.updates.values()):
         raise bad_value("format", format, "'kohya', 'diffusers' or 'diff' for a method other than loha",
@@ -232,25 +236,24 @@ def export_adapter(
     if len(set(comps)) != len(comps):
         raise bad_value("adapters", [str(p) for p in paths], "adapters of different components (one per component)",
                         f"their components are {comps}; merge same-component adapters in difftune first")
-    report = ExportReport(Path(out), format, 0, 0.0)
+    report = ExportReport(Path(out), written, 0, 0.0)
     version = base_version_metadata(*base_version(
         comps, next((str(s.header.get("base_model") or "") for s in sources if s.header.get("base_model")), ""),
         [(s.component, s.updates) for s in sources]))
-    if format == "kohya" and any(c.startswith("text_encoder") for c in comps):
-        warnings.warn(ExportWarning(
-            "the text-encoder part of this kohya file loads in ComfyUI, A1111/Forge, kohya and lycoris-lora, but not "
-            "with diffusers' pipe.load_lora_weights (it cannot read kohya-named text-encoder attention keys); for "
-            "diffusers and peft write it with --format diffusers"), stacklevel=2)
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, str] = {"format": "pt"}
     lora_config: dict[str, Any] = {}  # diffusers' lora_adapter_metadata: "<component>.<LoraConfig field>" → value
     expected: dict[str, dict[str, Tensor]] = {}  # file module key → our ΔW
+    components: dict[str, dict[str, Update]] = {}  # what went into the file, for `tools.export_warnings`
     for source in sources:
         updates = source.updates
         if format in ("kohya", "diffusers"):
             updates = _as_low_rank(source, rank, report)
+        components[source.component or "unet"] = updates
+        names = ldm_module_names(source.header, model, source.component, updates) if written == "kohya-ldm" \
+            and not source.component.startswith("text_encoder") else {}
         for module, update in updates.items():
-            key = kohya_key(source.component, module, prefix) if format != "diffusers" else module
+            key = kohya_key(source.component, names.get(module, module), prefix) if format != "diffusers" else module
             out_dtype = DTYPES[dtype] if dtype else _dtype(update)
             if format == "diff":
                 _write_diff(tensors, key, update, module in source.norms, out_dtype)
@@ -273,11 +276,14 @@ def export_adapter(
     if lora_config:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
     metadata["difftune_export"] = json.dumps(
-        [{"method": s.header["method"], "format": format, "component": s.component, "config": s.header.get("config"),
+        [{"method": s.header["method"], "format": written, "component": s.component, "config": s.header.get("config"),
           "base_model": s.header.get("base_model", ""), "difftune_version": __version__} for s in sources],
         sort_keys=True)
     report.modules = len(expected)
     atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    base = model or next((s.header.get("base_model") for s in sources if s.header.get("base_model")), None)
+    for why in export_warnings(written, components, list(tensors), base):
+        warnings.warn(ExportWarning(why), stacklevel=2)
     report.max_error = _measure(out, expected)
     return report
 
@@ -396,9 +402,9 @@ def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | No
 
 
 def describe_report(report: ExportReport) -> str:
-    """What ``difftune export`` prints: the file, its size in modules, and the measured ΔW error."""
+    """What ``difftune export`` prints: the file, its size in modules, the measured ΔW error and who reads it."""
     lines = [f"wrote {report.path} ({report.format}, {report.modules} modules); max |ΔW_file − ΔW_ours| = "
-             f"{report.max_error:.3e} (fp32)"]
+             f"{report.max_error:.3e} (fp32)", f"read by {READERS[report.format]}"]
     if report.approximation:
         a = report.approximation
         lines.append(f"rank-{int(a['rank'])} SVD approximation: max abs error {a['max_abs']:.3e}, relative "

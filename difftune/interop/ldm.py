@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["LDM_COMPONENT", "LDM_PREFIX", "is_ldm_unet", "ldm_names", "to_ldm"]
+__all__ = ["LDM_COMPONENT", "LDM_PREFIX", "is_ldm_unet", "ldm_blocks", "ldm_names", "to_ldm"]
 
 #: ComfyUI's generic key prefix for the denoiser (``diffusion_model.<LDM path>.<part>``).
 LDM_PREFIX = "diffusion_model."
@@ -58,7 +58,7 @@ def is_ldm_unet(model: nn.Module) -> bool:
     return isinstance(model, UNet2DConditionModel)
 
 
-def _blocks(model: nn.Module) -> dict[str, tuple[str, str]]:
+def ldm_blocks(model: nn.Module) -> dict[str, tuple[str, str]]:
     """{diffusers block path: (LDM block path, kind)} with kind "resnet", "attention", "down" or "up"."""
     out: dict[str, tuple[str, str]] = {}
     n = 1  # input_blocks.0 is conv_in
@@ -93,7 +93,7 @@ def _blocks(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 def to_ldm(name: str, blocks: dict[str, tuple[str, str]]) -> str | None:
     """The LDM name of the diffusers module ``name`` (canonical), or None when LDM has no module of that name
-    (containers such as ``down_blocks.0``; ``blocks`` from `_blocks`)."""
+    (containers such as ``down_blocks.0``; ``blocks`` from `ldm_blocks`)."""
     for diffusers, ldm in _TOP.items():
         if name == diffusers or name.startswith(diffusers + "."):
             return ldm + name[len(diffusers):]
@@ -117,7 +117,7 @@ def ldm_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     other than a ``UNet2DConditionModel``)."""
     if not is_ldm_unet(model):
         return {}
-    blocks = _blocks(model)
+    blocks = ldm_blocks(model)
     out = {}
     for name in names:
         ldm = to_ldm(name, blocks)
