@@ -13,6 +13,8 @@ format          methods                                keys
                 of ΔW; a LoHa at rank r² is exact up   ``.dora_scale`` (d_out, 1[, 1, 1]), LyCORIS's layout;
                 to rounding)                           ``lora_te_text_model_<path>`` for the CLIP text encoder;
                                                        kohya ``ss_*`` training metadata
+``kohya-ldm``   as kohya                               kohya's, with the UNet's LDM names (``lora_unet_input_blocks_
+                                                       4_1_...``: kohya's SDXL layout; from the base's UNet config)
 ``diffusers``   as kohya                               ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (DoRA:
                                                        ``.lora_magnitude_vector``), ``text_encoder.<path>...``;
                                                        ``lora_adapter_metadata`` (r, lora_alpha, use_rslora,
@@ -25,13 +27,14 @@ format          methods                                keys
                                                        others), ``.w_norm`` / ``.b_norm`` (GroupNorm, LayerNorm)
 ==============  =====================================  ==========================================================
 
-LoRA-family formats cannot hold bias or norm changes: a SaRA adapter exported with ``rank`` lists what it leaves
-out (``ExportReport.dropped``) and the error counts it. lora/spm/krona adapters (and loha to ``loha``) are read from
-their tensors alone; any other method (SaRA, (IA)³, LoHa to other formats), and DoRA written as ``diff``, is loaded
-into its base model (``model``, default: the adapter's recorded base) and its ΔW taken from the method itself
-(`Adapter.delta_params`, from the true W0, in the layer's shape), so new weight-space methods export without code
-here. DoRA's ΔW depends on W0, so the error reported for
-its LoRA-format files is that of its parts (s·BA and m), which fix ΔW for every base.
+``comfyui`` picks the one ComfyUI reads best for the method, and every export says who reads the file and warns
+where one of them will not read all of it (`difftune.interop.tools`). LoRA-family formats cannot hold bias or norm
+changes: a SaRA adapter exported with ``rank`` lists what it leaves out (``ExportReport.dropped``) and the error
+counts it. lora/spm/krona/diff adapters (and loha to ``loha``) are read from their tensors alone; any other method
+(SaRA, (IA)³, LoHa to other formats), and DoRA written as ``diff``, is loaded into its base model (``model``, default:
+the adapter's recorded base) and its ΔW taken from the method itself (`Adapter.delta_params`, from the true W0, in the
+layer's shape), so new weight-space methods export without code here. DoRA's ΔW depends on W0, so the error reported
+for its LoRA-format files is that of its parts (s·BA and m), which fix ΔW for every base.
 """
 
 from __future__ import annotations
