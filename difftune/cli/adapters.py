@@ -142,10 +142,14 @@ def _export_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("path", nargs="+", help="adapter folder(s) or adapter_model.safetensors (several: one per "
                                            "component, e.g. a UNet and a text-encoder LoRA into one file)")
     s.add_argument("--out", required=True, help="the .safetensors file to write")
-    s.add_argument("--format", choices=["kohya", "diffusers", "loha", "lokr", "diff"], default=None,
-                   help="kohya (default; lora, spm, or any weight-space method with --rank), diffusers "
-                        "(pipe.load_lora_weights), loha (loha's default), lokr (krona's default) or diff (exact "
-                        "full ΔW, every weight-space method)")
+    s.add_argument("--format", choices=["kohya", "kohya-ldm", "diffusers", "loha", "lokr", "diff", "comfyui"],
+                   default=None,
+                   help="kohya (default; lora, spm, or any weight-space method with --rank: ComfyUI, A1111/Forge, "
+                        "kohya, lycoris-lora, diffusers), kohya-ldm (kohya with LDM UNet names, as kohya's SDXL "
+                        "scripts write), diffusers (pipe.load_lora_weights, peft; ComfyUI only in part), loha "
+                        "(loha's default), lokr (krona's default), diff (exact full ΔW, every weight-space method) or "
+                        "comfyui (the one ComfyUI reads best for the method); the export says who reads the file "
+                        "and warns when one of them will not read all of it")
     s.add_argument("--rank", type=int, default=None, help="SaRA (or any method without low-rank factors) to "
                                                           "kohya/diffusers: rank of the truncated-SVD LoRA")
     s.add_argument("--model", default=None, help="base pipeline folder, for methods whose ΔW needs it (SaRA, IA3, "

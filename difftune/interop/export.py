@@ -13,6 +13,8 @@ format          methods                                keys
                 of ΔW; a LoHa at rank r² is exact up   ``.dora_scale`` (d_out, 1[, 1, 1]), LyCORIS's layout;
                 to rounding)                           ``lora_te_text_model_<path>`` for the CLIP text encoder;
                                                        kohya ``ss_*`` training metadata
+``kohya-ldm``   as kohya                               kohya's, with the UNet's LDM names (``lora_unet_input_blocks_
+                                                       4_1_...``: kohya's SDXL layout; from the base's UNet config)
 ``diffusers``   as kohya                               ``unet.<path>.lora_A.weight`` / ``lora_B.weight`` (DoRA:
                                                        ``.lora_magnitude_vector``), ``text_encoder.<path>...``;
                                                        ``lora_adapter_metadata`` (r, lora_alpha, use_rslora,
@@ -25,13 +27,14 @@ format          methods                                keys
                                                        others), ``.w_norm`` / ``.b_norm`` (GroupNorm, LayerNorm)
 ==============  =====================================  ==========================================================
 
-LoRA-family formats cannot hold bias or norm changes: a SaRA adapter exported with ``rank`` lists what it leaves
-out (``ExportReport.dropped``) and the error counts it. lora/spm/krona adapters (and loha to ``loha``) are read from
-their tensors alone; any other method (SaRA, (IA)³, LoHa to other formats), and DoRA written as ``diff``, is loaded
-into its base model (``model``, default: the adapter's recorded base) and its ΔW taken from the method itself
-(`Adapter.delta_params`, from the true W0, in the layer's shape), so new weight-space methods export without code
-here. DoRA's ΔW depends on W0, so the error reported for
-its LoRA-format files is that of its parts (s·BA and m), which fix ΔW for every base.
+``comfyui`` picks the one ComfyUI reads best for the method, and every export says who reads the file and warns
+where one of them will not read all of it (`difftune.interop.tools`). LoRA-family formats cannot hold bias or norm
+changes: a SaRA adapter exported with ``rank`` lists what it leaves out (``ExportReport.dropped``) and the error
+counts it. lora/spm/krona/diff adapters (and loha to ``loha``) are read from their tensors alone; any other method
+(SaRA, (IA)³, LoHa to other formats), and DoRA written as ``diff``, is loaded into its base model (``model``, default:
+the adapter's recorded base) and its ΔW taken from the method itself (`Adapter.delta_params`, from the true W0, in the
+layer's shape), so new weight-space methods export without code here. DoRA's ΔW depends on W0, so the error reported
+for its LoRA-format files is that of its parts (s·BA and m), which fix ΔW for every base.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
 from .kohya import kohya_name, kohya_prefix
 from .kohya_meta import base_version, base_version_metadata, export_metadata
+from .tools import READERS, export_warnings, ldm_module_names, resolve_format
 from .updates import (
     Dense,
     Hadamard,
@@ -66,7 +70,7 @@ from .updates import (
 )
 from .writers import write_diff, write_kohya, write_loha
 
-FORMATS = ("kohya", "diffusers", "loha", "lokr", "diff")
+FORMATS = ("kohya", "kohya-ldm", "diffusers", "loha", "lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Module paths of a transformers ≥ 5 CLIPTextModel (no ``text_model`` level); kohya keys keep the old level.
 _CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm")
@@ -119,7 +123,7 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
     component = header.get("component") or ""
     method = header["method"]
     dora = getattr(config, "use_dora", False)
-    if method in ("spm", "krona") or (method == "lora" and not (dora and format == "diff")) or (
+    if method in ("spm", "krona", "diff") or (method == "lora" and not (dora and format == "diff")) or (
             method == "loha" and format == "loha"):
         groups: dict[str, dict[str, Tensor]] = {}
         for key, value in read_tensors(path).items():
@@ -127,8 +131,13 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
             groups.setdefault(module, {})[param] = value
         groups.pop("__model__", None)  # SPM's E(c): no ΔW, no key in any LoRA format
         updates: dict[str, Update] = {}
+        norms = set()
         for module, t in groups.items():
-            if method == "lora":
+            if method == "diff":  # Δ itself; a 1-D weight is a norm's scale (LyCORIS: w_norm/b_norm keys)
+                updates[module] = Dense({k.removeprefix("diff_"): v for k, v in t.items()})
+                if t.get("diff_weight", torch.zeros(0, 0)).dim() == 1:
+                    norms.add(module)
+            elif method == "lora":
                 updates[module] = LowRank(t["lora_A"], t["lora_B"], config.scale, alpha=config.alpha,
                                           rslora=config.use_rslora, magnitude=t.get("lora_magnitude_vector"))
             elif method == "loha":
@@ -142,7 +151,7 @@ def adapter_updates(path: str | Path, model: str | Path | None = None, format: s
                 updates[module] = Dense({"weight": kron_delta(t["krona_A"], t["krona_B"], config.scale, True)})
             else:
                 updates[module] = Kron(t["krona_A"].float() * config.scale, t["krona_B"].float())
-        return _Source(Path(path), header, component, updates)
+        return _Source(Path(path), header, component, updates, norms)
     return _loaded_updates(path, header, model)
 
 
@@ -198,7 +207,8 @@ def export_adapter(
     Args:
         adapters: one adapter folder (or ``adapter_model.safetensors``), or several for different components.
         out: the ``.safetensors`` file to write (atomically).
-        format: "kohya", "diffusers", "lokr" (krona only) or "diff".
+        format: "kohya", "kohya-ldm" (LDM UNet names), "diffusers", "loha" (loha only), "lokr" (krona only),
+            "diff", or "comfyui" (the one ComfyUI reads best for the method: `tools.resolve_format`).
         rank: for kohya/diffusers of a method without low-rank factors (SaRA): the rank of the truncated-SVD LoRA.
         model: the base pipeline folder, for methods whose ΔW needs it (SaRA; default the adapter's recorded base).
         prefix: kohya key prefix (default from the component); one adapter only.
@@ -212,14 +222,16 @@ def export_adapter(
             (KronA in a LoRA format, an activation-space method), SaRA to LoRA without ``rank``.
     """
     paths = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
-    if format not in FORMATS:
-        raise bad_value("format", format, f"one of {FORMATS}")
+    if format not in (*FORMATS, "comfyui"):
+        raise bad_value("format", format, f"one of {(*FORMATS, 'comfyui')}")
     if dtype is not None and dtype not in DTYPES:
         raise bad_value("dtype", dtype, f"one of {sorted(DTYPES)} or unset")
     if not paths or (prefix is not None and len(paths) > 1):
         raise bad_value("adapters", [str(p) for p in paths], "one adapter (with prefix), or several without")
-    if format == "lokr":
+    written = resolve_format(format, [read_header(p)["method"] for p in paths])
+    if written == "lokr":
         return _export_lokr(paths, out, prefix, dtype)
+    format = "kohya" if written == "kohya-ldm" else written  # kohya-ldm: kohya's keys, the UNet's LDM names
     sources = [adapter_updates(p, model, format) for p in paths]
     if format == "loha" and any(not isinstance(u, Hadamard) for s in sources for u in s.updates.values()):
         raise bad_value("format", format, "'kohya', 'diffusers' or 'diff' for a method other than loha",
@@ -228,25 +240,24 @@ def export_adapter(
     if len(set(comps)) != len(comps):
         raise bad_value("adapters", [str(p) for p in paths], "adapters of different components (one per component)",
                         f"their components are {comps}; merge same-component adapters in difftune first")
-    report = ExportReport(Path(out), format, 0, 0.0)
+    report = ExportReport(Path(out), written, 0, 0.0)
     version = base_version_metadata(*base_version(
         comps, next((str(s.header.get("base_model") or "") for s in sources if s.header.get("base_model")), ""),
         [(s.component, s.updates) for s in sources]))
-    if format == "kohya" and any(c.startswith("text_encoder") for c in comps):
-        warnings.warn(ExportWarning(
-            "the text-encoder part of this kohya file loads in ComfyUI, A1111/Forge, kohya and lycoris-lora, but not "
-            "with diffusers' pipe.load_lora_weights (it cannot read kohya-named text-encoder attention keys); for "
-            "diffusers and peft write it with --format diffusers"), stacklevel=2)
     tensors: dict[str, Tensor] = {}
     metadata: dict[str, str] = {"format": "pt"}
     lora_config: dict[str, Any] = {}  # diffusers' lora_adapter_metadata: "<component>.<LoraConfig field>" → value
     expected: dict[str, dict[str, Tensor]] = {}  # file module key → our ΔW
+    components: dict[str, dict[str, Update]] = {}  # what went into the file, for `tools.export_warnings`
     for source in sources:
         updates = source.updates
         if format in ("kohya", "diffusers"):
             updates = _as_low_rank(source, rank, report)
+        components[source.component or "unet"] = updates
+        names = ldm_module_names(source.header, model, source.component, updates) if written == "kohya-ldm" \
+            and not source.component.startswith("text_encoder") else {}
         for module, update in updates.items():
-            key = kohya_key(source.component, module, prefix) if format != "diffusers" else module
+            key = kohya_key(source.component, names.get(module, module), prefix) if format != "diffusers" else module
             out_dtype = DTYPES[dtype] if dtype else _dtype(update)
             if format == "diff":
                 write_diff(tensors, key, update, module in source.norms, out_dtype)
@@ -269,11 +280,14 @@ def export_adapter(
     if lora_config:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config, sort_keys=True)
     metadata["difftune_export"] = json.dumps(
-        [{"method": s.header["method"], "format": format, "component": s.component, "config": s.header.get("config"),
+        [{"method": s.header["method"], "format": written, "component": s.component, "config": s.header.get("config"),
           "base_model": s.header.get("base_model", ""), "difftune_version": __version__} for s in sources],
         sort_keys=True)
     report.modules = len(expected)
     atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    base = model or next((s.header.get("base_model") for s in sources if s.header.get("base_model")), None)
+    for why in export_warnings(written, components, list(tensors), base):
+        warnings.warn(ExportWarning(why), stacklevel=2)
     report.max_error = _measure(out, expected)
     return report
 
@@ -367,9 +381,9 @@ def _export_lokr(paths: list[Any], out: Any, prefix: str | None, dtype: str | No
 
 
 def describe_report(report: ExportReport) -> str:
-    """What ``difftune export`` prints: the file, its size in modules, and the measured ΔW error."""
+    """What ``difftune export`` prints: the file, its size in modules, the measured ΔW error and who reads it."""
     lines = [f"wrote {report.path} ({report.format}, {report.modules} modules); max |ΔW_file − ΔW_ours| = "
-             f"{report.max_error:.3e} (fp32)"]
+             f"{report.max_error:.3e} (fp32)", f"read by {READERS[report.format]}"]
     if report.approximation:
         a = report.approximation
         lines.append(f"rank-{int(a['rank'])} SVD approximation: max abs error {a['max_abs']:.3e}, relative "

@@ -14,13 +14,17 @@ diffusers/peft ``lora_A/lora_B``       otherwise ranks are zero-padded to the la
 LyCORIS LoHa ``hada_w{1,2}_{a,b}``     ``loha`` (same rank and α when shared, else zero-padded and α/r folded into
                                        W1a); in a file that also has LoRA modules, each LoHa becomes its exactly
                                        equal rank-r² LoRA (`loha_as_low_rank`) and the component one ``lora``
-LyCORIS LoKr ``lokr_w1/lokr_w2``       ``krona`` (A = w1, B = w2; low-rank factors multiplied out)
-LyCORIS full ``diff``                  ``krona`` with a 1×1 A = [1]: ΔW = 1 ⊗ diff, the dense ΔW exactly
+LyCORIS LoKr ``lokr_w1/lokr_w2``       ``krona`` (A = w1, B = w2; low-rank factors multiplied out); full ``diff``
+                                       modules beside them become 1 ⊗ diff
+LyCORIS full ``diff``/``diff_b``,      ``diff``: a dense Δ per parameter (`difftune.methods.diff`), exactly the file's;
+norms ``w_norm``/``b_norm``            LoRA/LoHa/LoKr modules in the same component are multiplied out into it
 =====================================  =============================================================================
 
-Bias/norm differences (``diff_b``, ``w_norm``), Tucker, DoRA on LoHa/LoKr and OFT modules have no difftune adapter
-form and are refused by name; so are keys for modules the model does not have, and keys of no known kind. Nothing is
-dropped.
+Tucker cores (``hada_t1/t2``, ``lokr_t2``, ``lora_mid``) are folded into the plain forms (`layouts.untucker`); the
+module names may be diffusers', LDM's (kohya's SDXL scripts, ComfyUI's ``diffusion_model.`` keys: `ldm`) or a CLIP
+encoder's with or without ``text_model``; diffusers ≤ 0.20 attention-processor keys read as peft's. DoRA on
+LoHa/LoKr, LoKr's ``lokr_t1``, ``scalar``, OFT and whole replaced weights have no difftune adapter form and are
+refused by name; so are keys for modules the model does not have, and keys of no known kind. Nothing is dropped.
 
 A file holding several components (kohya ``lora_unet_*`` + ``lora_te_*``) becomes one adapter per component: the
 denoiser's is called ``name``, the others ``name_<component>`` (e.g. ``style_text_encoder``).
@@ -38,13 +42,15 @@ from ..components import denoiser_name
 from ..errors import DifftuneError, bad_value
 from ..loading import FOREIGN_LOADERS, check_name_free, component_of, modules_of
 from ..methods import verbs as core
+from ..methods.diff import DiffConfig
 from ..methods.krona import layer_dims
 from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules
+from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules, module_paths
 from .krona import inject_factors
+from .ldm import LDM_PREFIX
 from .updates import Dense, Hadamard, Kron, LowRank, Update, read_file
 
 
@@ -109,28 +115,35 @@ def _load_foreign(obj: Any, path: str | Path, name: str, weight: float, componen
 
 
 def resolve_modules(module: nn.Module, comp: str, fmt: str, keys: list[str], path: Any) -> dict[str, str]:
-    """{file key: module name in ``module``}; keys naming no module are an error listing them."""
-    if fmt == "kohya":
-        prefixes = {next((p for p in KOHYA_COMPONENTS if k.startswith(p + "_")), k.split("_", 1)[0]) for k in keys}
+    """{file key: module name in ``module``}; keys naming no module are an error listing them.
+
+    kohya keys (``lora_unet_<path with _>``) are looked up among the model's kohya names; module paths (diffusers/peft
+    keys, ComfyUI's ``diffusion_model.<path>``) among its paths. Both know a UNet's LDM names and a CLIP text
+    encoder's paths with and without ``text_model`` (`kohya.module_paths`).
+    """
+    kohya = [k for k in keys if fmt == "kohya" and not k.startswith(LDM_PREFIX)]
+    out = {}
+    if kohya:
+        prefixes = {next((p for p in KOHYA_COMPONENTS if k.startswith(p + "_")), k.split("_", 1)[0]) for k in kohya}
         prefix = sorted(prefixes)[0] if len(prefixes) == 1 else ("lora_unet" if comp in ("", "unet") else "lora_te")
         if prefix not in KOHYA_COMPONENTS:  # e.g. LyCORIS's own "lycoris_" prefix: the denoiser
             prefix = next(iter(prefixes))
-        return match_modules(module, keys, prefix, source=path)
-    known = {canonical_name(n): canonical_name(n) for n, _ in module.named_modules() if n}
-    # transformers 5 dropped CLIPTextModel's `text_model` level; files written before still carry it
-    legacy = type(module).__name__ == "CLIPTextModel" and "text_model" not in module._modules
-    out, unknown = {}, []
+        out.update(match_modules(module, kohya, prefix, source=path))
+    known = module_paths(module) if len(out) < len(keys) else {}
+    unknown = []
     for k in keys:
-        path_k = k.removeprefix("text_model.") if legacy else k
-        if path_k in known:
-            out[k] = known[path_k]
+        if k in out:
+            continue
+        p = k.removeprefix(LDM_PREFIX) if fmt == "kohya" else k
+        if p in known:
+            out[k] = known[p]
         else:
             unknown.append(k)
     if unknown:
         raise DifftuneError(f"{len(unknown)} module(s) in {str(path)!r} are not in this {type(module).__name__}"
                             f"{f' ({comp})' if comp else ''}, e.g. {unknown[:3]}; was it made for another base "
                             "model or component?")
-    return out
+    return {k: out[k] for k in keys}
 
 
 def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict[str, Update], name: str,
@@ -144,22 +157,64 @@ def load_updates(obj: Any, module: nn.Module, comp: str, fmt: str, updates: dict
     if kinds <= {"LowRank", "Hadamard"}:  # one method per component: a LoHa is exactly a rank-r² LoRA
         lora = {m: u.as_low_rank() if isinstance(u, Hadamard) else u for m, u in by_module.items()}
         return _load_lora(obj, module, comp, lora, name, weight, path)
-    if kinds <= {"Kron", "Dense"}:
+    if "Kron" in kinds and kinds <= {"Kron", "Dense"} and all(_plain_diff(module, m, u) for m, u in by_module.items()):
         factors = {m: _kron_factors(m, u, base_layer(module, m, needed_by="LoKr/full modules"), path)
-                   for m, u in by_module.items()}
+                   for m, u in by_module.items()}  # a weight diff on a Linear/Conv2d is 1 ⊗ diff
         return inject_factors(obj, module, comp, factors, name, weight, layout="canonical", path=path)
-    raise DifftuneError(f"{str(path)!r} mixes low-rank (LoRA/LoHa/DoRA) and Kronecker/full modules in one component; "
-                        "difftune gives one component one method; split the file by module kind")
+    # full diffs alone, or any mix with bias/norm diffs: one `diff` adapter holding each module's dense ΔW
+    return _load_diff(obj, module, comp, by_module, name, weight, path)
+
+
+def _plain_diff(module: nn.Module, name: str, update: Update) -> bool:
+    """Whether ``update`` is a Kronecker product, or a weight-only diff of a Linear/Conv2d (a 1 ⊗ diff)."""
+    if isinstance(update, Kron):
+        return True
+    if not isinstance(update, Dense) or update.norm or set(update.params) != {"weight"}:
+        return False
+    try:
+        base_layer(module, name)
+    except DifftuneError:
+        return False
+    return True
+
+
+def _load_diff(obj: Any, module: nn.Module, comp: str, updates: dict[str, Update], name: str, weight: float,
+               path: Any) -> str:
+    """One ``diff`` adapter: each module's dense Δ per parameter (LoRA/LoHa/LoKr modules multiplied out in fp32)."""
+    dora = sorted(m for m, u in updates.items() if isinstance(u, LowRank) and u.magnitude is not None)
+    if dora:
+        raise DifftuneError(f"{str(path)!r}: DoRA modules (e.g. {dora[0]}) beside full/norm diffs in one component; "
+                            "a DoRA's ΔW depends on the base weights, so it cannot join the dense diff adapter the "
+                            "other modules need. Split the file (DoRA modules alone import as a DoRA LoRA)")
+    deltas = {m: u.delta() for m, u in updates.items()}
+    params = [p for p in ("weight", "bias") if any(p in d for d in deltas.values())]
+    params += sorted({p for d in deltas.values() for p in d} - set(params))
+    config = DiffConfig(target_modules=_targets(module, updates), params=params)
+
+    def fill(layer: str, adapter: Any) -> None:
+        delta = deltas[layer]
+        missing = sorted(set(delta) - set(adapter.pnames))
+        if missing:
+            raise DifftuneError(f"{str(path)!r}: {layer}: the file changes {missing}, which this "
+                                f"{type(base_layer(module, layer, kinds=(nn.Module,))).__name__} does not have")
+        for p in adapter.pnames:
+            dst = adapter.diff(p)
+            value = delta.get(p)
+            if value is None:  # another module of the file changes this parameter, this one does not
+                dst.zero_()
+            elif value.numel() != dst.numel():
+                raise DifftuneError(f"{str(path)!r}: {layer}: Δ{p} has shape {tuple(value.shape)}, the layer's {p} "
+                                    f"{tuple(dst.shape)}")
+            else:
+                dst.copy_(value.reshape(dst.shape).to(dst.dtype))
+
+    return fill_injected(obj, module, comp, config, name, weight, fill)
 
 
 def _kron_factors(module: str, update: Kron | Dense, layer: nn.Module, path: Any) -> tuple[Tensor, Tensor]:
     """(A, B) with A ⊗ B = the update's ΔW for ``layer`` (a full diff is A = [[1]], B = diff)."""
     d_out, d_in, kernel = layer_dims(layer)
-    if isinstance(update, Dense):
-        extra = sorted(set(update.params) - {"weight"})
-        if update.norm or extra:
-            raise DifftuneError(f"{str(path)!r}: {module}: bias/norm differences (diff_b, w_norm, b_norm) have no "
-                                "difftune adapter form; only weight diffs import")
+    if isinstance(update, Dense):  # a weight-only diff (`_plain_diff`)
         w1, w2 = torch.ones(1, 1), update.params["weight"].float()
     else:
         w1, w2 = update.w1.float(), update.w2.float()

@@ -42,6 +42,7 @@ __all__ = [
     "kohya_names",
     "kohya_prefix",
     "match_modules",
+    "module_paths",
     "read_safetensors",
     "safetensors_keys",
 ]
@@ -109,25 +110,43 @@ def _unadapted_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[st
 
 
 def kohya_names(model: nn.Module, prefix: str) -> dict[str, str]:
-    """{kohya name: module name} for every submodule of ``model`` (unadapted names).
-
-    For a transformers ≥ 5 ``CLIPTextModel`` each module has two kohya names: its own path and kohya's, which keeps
-    the ``text_model`` level that transformers 4 had.
+    """{kohya name: module name} for every submodule of ``model`` (unadapted names), each under every spelling of
+    its path that `module_paths` knows (a UNet's LDM names, a CLIP text encoder's path with and without
+    ``text_model``).
 
     Raises:
         DifftuneError: two modules get the same kohya name (``a_b.c`` and ``a.b_c``), so no file can tell them apart.
     """
-    # transformers 5 folded CLIPTextModel's `text_model` wrapper into the class, but kohya files keep the transformers
-    # 4 path (lora_te_text_model_encoder_layers_0_self_attn_q_proj): accept that spelling as well.
-    legacy = type(model).__name__ == "CLIPTextModel" and "text_model" not in model._modules
     names: dict[str, str] = {}
-    for module_name, _ in _unadapted_modules(model):
-        for path in (module_name, f"text_model.{module_name}") if legacy else (module_name,):
-            key = kohya_name(path, prefix)
-            if names.setdefault(key, module_name) != module_name:
-                raise DifftuneError(f"modules {names[key]!r} and {module_name!r} of this {type(model).__name__} have "
-                                    f"the same kohya name {key!r}; a kohya file cannot address them")
+    for path, module_name in module_paths(model).items():
+        key = kohya_name(path, prefix)
+        if names.setdefault(key, module_name) != module_name:
+            raise DifftuneError(f"modules {names[key]!r} and {module_name!r} of this {type(model).__name__} have "
+                                f"the same kohya name {key!r}; a kohya file cannot address them")
     return names
+
+
+def module_paths(model: nn.Module) -> dict[str, str]:
+    """{path: module name} for every submodule of ``model`` (unadapted names) under each spelling files use.
+
+    * its own path;
+    * for a diffusers ``UNet2DConditionModel``, its LDM path (`difftune.interop.ldm`: ``input_blocks.4.1.proj_in``),
+      as kohya's SDXL scripts and ComfyUI write it;
+    * for a CLIP text encoder, the path with transformers 4's ``text_model`` level when the model has none
+      (transformers 5 folded it into ``CLIPTextModel``; kohya files keep ``lora_te_text_model_encoder_...``) and
+      without it when the model has one (files written from a transformers 5 ``CLIPTextModel``).
+    """
+    from .ldm import ldm_names
+
+    own = [name for name, _ in _unadapted_modules(model)]
+    paths = {name: name for name in own}
+    paths.update(ldm_names(model, own))
+    if type(model).__name__.startswith("CLIPTextModel"):
+        if "text_model" in model._modules:
+            paths.update({n.removeprefix("text_model."): n for n in own if n.startswith("text_model.")})
+        else:
+            paths.update({f"text_model.{n}": n for n in own})
+    return paths
 
 
 def match_modules(model: nn.Module, names: Iterable[str], prefix: str, source: Any = "the file") -> dict[str, str]:

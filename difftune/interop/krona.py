@@ -16,7 +16,8 @@ Import injects a ``krona`` adapter with the same ΔW into a model or pipeline (t
 it in difftune's format; ``difftune import-krona`` does both without loading any base weights):
 
 * `load_lokr`: LoKr files with full or low-rank (``_a``/``_b``) factors; low-rank factors are multiplied out and
-  alpha/dim folded into A. Tucker (``lokr_t2``), DoRA and "diff" modules have no Kronecker-factor form and are refused.
+  alpha/dim folded into A, a Tucker w2 (``lokr_t2``) rebuilt. DoRA and "diff" modules have no Kronecker-factor form
+  and are refused.
 * `load_official_krona`: checkpoints of the official code (IBM/DiffuseKronA), diffusers-LoRA-style keys
   ``unet.<attention>.processor.to_{q,k,v,out}_lora.{down,up}.weight`` with down = Aᵀ (a2, a1) and up = B (b1, b2).
   That code computes a row-permuted P (A ⊗ B) (its output p·a1 + q is Kronecker row q·b1 + p), which no canonical
@@ -54,6 +55,7 @@ from .kohya import (
     read_safetensors,
     safetensors_keys,
 )
+from .layouts import untucker
 
 FORMATS = ("lokr", "diff")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -299,10 +301,12 @@ def _base_layer(module: nn.Module, name: str) -> nn.Module:
 
 
 def _lokr_factors(key: str, parts: dict[str, Tensor], layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """(A, B) with s·A⊗B = the LoKr module's ΔW: low-rank factors multiplied out, alpha/dim folded into A."""
-    extra = sorted(set(parts) - set(LOKR_KEYS))
+    """(A, B) with s·A⊗B = the LoKr module's ΔW: low-rank factors multiplied out, alpha/dim folded into A (a Tucker
+    w2, ``lokr_t2``, is rebuilt densely with its α / r: `layouts.untucker`)."""
+    extra = sorted(set(parts) - set(LOKR_KEYS) - {"lokr_t2"})
+    parts = untucker(key, parts) if not extra else parts
     if extra:
-        why = {"lokr_t2": "Tucker-decomposed w2", "lokr_t1": "Tucker-decomposed w1", "dora_scale": "DoRA",
+        why = {"lokr_t1": "Tucker-decomposed w1", "dora_scale": "DoRA",
                "diff": "a full ΔW module", "lora_down.weight": "a LoRA module"}
         kinds = sorted({why.get(e, f"unknown key {e!r}") for e in extra})
         raise DifftuneError(f"{key}: {', '.join(kinds)} has no Kronecker-factor form; only LoKr modules with "

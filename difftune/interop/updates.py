@@ -28,6 +28,8 @@ from torch import Tensor
 
 from ..errors import DifftuneError, bad_value
 from .kohya import KOHYA_COMPONENTS, group_by_module, read_safetensors
+from .layouts import attn_procs_key, is_attn_procs_key, path_groups, untucker
+from .ldm import LDM_COMPONENT, LDM_PREFIX
 
 #: Components whose name leads a diffusers/peft key (``unet.down_blocks...lora_A.weight``).
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "prior")
@@ -36,9 +38,10 @@ LOHA_PARTS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
 LOKR_PARTS = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
 DENSE_PARTS = {"diff": "weight", "diff_b": "bias", "w_norm": "weight", "b_norm": "bias"}
 #: Parts we recognise but cannot represent, and why (the error names them instead of calling them unknown).
-REFUSED_PARTS = {"hada_t1": "Tucker-decomposed LoHa", "hada_t2": "Tucker-decomposed LoHa",
-                 "lokr_t1": "Tucker-decomposed LoKr", "lokr_t2": "Tucker-decomposed LoKr",
-                 "lora_mid.weight": "Tucker-decomposed LoCon", "scalar": "LyCORIS use_scalar",
+#: (Tucker cores, ``hada_t1``/``hada_t2``/``lokr_t2``/``lora_mid.weight``, are folded into plain forms by
+#: `layouts.untucker`.)
+TUCKER_PARTS = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
+REFUSED_PARTS = {"lokr_t1": "a Tucker core on LoKr's w1 (LyCORIS never writes one)", "scalar": "LyCORIS use_scalar",
                  "oft_blocks": "OFT", "oft_diag": "OFT", "weight": "a whole replaced weight (not a difference)"}
 
 
@@ -202,6 +205,8 @@ def _kohya_update(key: str, parts: dict[str, Tensor]) -> Update:
     if refused:
         raise DifftuneError(f"{key}: {', '.join(sorted(set(refused)))} has no difftune representation; "
                             "LoRA/LoCon (DoRA included), LoHa, LoKr and full (diff) modules import")
+    parts = untucker(key, parts)
+    names = set(parts)
     if names <= LORA_PARTS and {"lora_down.weight", "lora_up.weight"} <= names:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         r = int(down.shape[0])
@@ -275,9 +280,12 @@ DIFFUSERS_PARTS = {".lora_A.weight": "lora_A.weight", ".lora_B.weight": "lora_B.
 
 
 def detect_format(keys: list[str]) -> str:
-    """"diffusers" (``lora_A``/``lora_B`` keys, peft's names, or diffusers' ``lora.down``/``lora.up``) or "kohya"
-    (``<prefix>_<module>.<part>`` keys)."""
-    if any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora.down.weight", ".lora.up.weight")) for k in keys):
+    """"diffusers" (``lora_A``/``lora_B`` keys, peft's names, diffusers' ``lora.down``/``lora.up`` or its old
+    attention-processor keys) or "kohya" (``<prefix>_<module>.<part>`` keys, and ComfyUI's generic
+    ``diffusion_model.<LDM path>.<part>``, whatever the part's spelling)."""
+    keys = [k for k in keys if not k.startswith(LDM_PREFIX)]
+    if any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora.down.weight", ".lora.up.weight"))
+           or is_attn_procs_key(k) for k in keys):
         return "diffusers"
     return "kohya"
 
@@ -298,8 +306,13 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
     if fmt == "diffusers":
         return fmt, _read_diffusers(tensors, _lora_config(path), path)
     out: dict[str, dict[str, Update]] = {}
-    for key, parts in group_by_module(tensors).items():
-        component = next((c for p, c in KOHYA_COMPONENTS.items() if key.startswith(p + "_")), "")
+    generic = {k: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}  # ComfyUI's, module paths with dots
+    parts_known = LORA_PARTS | LOHA_PARTS | LOKR_PARTS | TUCKER_PARTS | set(DENSE_PARTS) | set(REFUSED_PARTS)
+    groups = {**group_by_module({k: v for k, v in tensors.items() if k not in generic}),
+              **path_groups(generic, parts_known)}
+    for key, parts in groups.items():
+        component = LDM_COMPONENT if key.startswith(LDM_PREFIX) else \
+            next((c for p, c in KOHYA_COMPONENTS.items() if key.startswith(p + "_")), "")
         out.setdefault(component, {})[key] = _kohya_update(key, parts)
     return fmt, out
 
@@ -331,7 +344,7 @@ def _read_diffusers(tensors: dict[str, Tensor], config: dict, path: object) -> d
     groups: dict[tuple[str, str], dict[str, Tensor]] = {}
     odd = []
     for key, value in tensors.items():
-        k = key.removeprefix("base_model.model.")
+        k = attn_procs_key(key.removeprefix("base_model.model."))  # diffusers ≤ 0.20's keys → peft's
         for ending, part in DIFFUSERS_PARTS.items():
             if k.endswith(ending):
                 module = k[: -len(ending)]

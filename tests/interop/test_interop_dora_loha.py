@@ -125,21 +125,7 @@ def test_diffusers_export_builds_dora_in_load_lora_weights(dora, tmp_path):
     assert _relative(_out(theirs.unet), _out(pipe.unet)) <= 1e-4
 
 
-@pytest.fixture
-def lycoris_modules(monkeypatch):
-    from lycoris import create_lycoris_from_weights
-    from lycoris.wrapper import LycorisNetwork
-
-    def load(path, model):
-        monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")  # its default names modules "lycoris_<path>"
-        network, _ = create_lycoris_from_weights(1.0, str(path), model)
-        return {m.lora_name: m for m in network.loras}
-
-    return load
-
-
-@torch.no_grad()
-def test_kohya_dora_export_loads_in_lycoris_and_imports_back(dora, tmp_path, lycoris_modules):
+def test_kohya_dora_export_loads_in_lycoris_and_imports_back(dora, tmp_path, lycoris_loader):
     pipe, folder = dora
     report = export_adapter(folder, tmp_path / "dora.safetensors", "kohya")
     assert report.max_error == 0.0
@@ -150,7 +136,7 @@ def test_kohya_dora_export_loads_in_lycoris_and_imports_back(dora, tmp_path, lyc
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["dora_wd"] is True
     base = tiny_unet(0)
-    modules = lycoris_modules(report.path, base)
+    modules = lycoris_loader(report.path, base)
     ours = _dw(pipe.unet, "dora")
     assert len(modules) == len(ours) == 49 and all(m.wd for m in modules.values())  # weight-decomposed (DoRA)
     worst = 0.0
@@ -168,7 +154,7 @@ def test_kohya_dora_export_loads_in_lycoris_and_imports_back(dora, tmp_path, lyc
     assert again.keys() == ours.keys() and all(torch.equal(again[k]["weight"], ours[k]["weight"]) for k in ours)
 
 
-def test_dora_diff_export_is_its_dense_delta(tmp_path, sd_dir, lycoris_modules):
+def test_dora_diff_export_is_its_dense_delta(tmp_path, sd_dir, lycoris_loader):
     """The diff format needs ΔW itself, which for DoRA depends on W0: computed in the base model."""
     from difftune.generation import load_pipeline
 
@@ -178,7 +164,7 @@ def test_dora_diff_export_is_its_dense_delta(tmp_path, sd_dir, lycoris_modules):
     folder = dt.save_adapter(pipe, tmp_path / "dora", name="dora", base_model=str(sd_dir))
     report = export_adapter(folder, tmp_path / "diff.safetensors", "diff")
     assert report.max_error == 0.0
-    modules = lycoris_modules(report.path, load_pipeline(sd_dir, device="cpu").unet)
+    modules = lycoris_loader(report.path, load_pipeline(sd_dir, device="cpu").unet)
     for name, delta in _dw(pipe.unet, "dora").items():
         diff, _ = modules["lora_unet_" + name.replace(".", "_")].get_diff_weight()
         torch.testing.assert_close(diff.reshape(delta["weight"].shape), delta["weight"], atol=1e-6, rtol=0)
@@ -216,14 +202,14 @@ def loha(tmp_path_factory):
 
 
 @torch.no_grad()
-def test_loha_export_loads_in_lycoris_and_imports_as_loha(loha, tmp_path, lycoris_modules):
+def test_loha_export_loads_in_lycoris_and_imports_as_loha(loha, tmp_path, lycoris_loader):
     unet, folder = loha
     report = export_adapter(folder, tmp_path / "loha.safetensors", "loha")
     assert report.max_error == 0.0 and report.modules == 49
     sd = load_file(report.path)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
     assert sd[f"{conv}.hada_w1_b"].shape == (2, 32 * 9) and float(sd[f"{conv}.alpha"]) == 3.0
-    modules = lycoris_modules(report.path, tiny_unet(0))
+    modules = lycoris_loader(report.path, tiny_unet(0))
     ours = _dw(unet, "loha")
     assert len(modules) == 49 and {type(m).__name__ for m in modules.values()} == {"LohaModule"}
     worst = 0.0
@@ -280,7 +266,7 @@ def test_loha_files_of_mixed_ranks_and_with_lora_modules(tmp_path):
 
 
 @torch.no_grad()
-def test_ia3_exports_as_its_dense_delta_from_the_base(tmp_path, sd_dir, lycoris_modules):
+def test_ia3_exports_as_its_dense_delta_from_the_base(tmp_path, sd_dir, lycoris_loader):
     from difftune.generation import load_pipeline
 
     pipe = load_pipeline(sd_dir, device="cpu")
@@ -292,7 +278,7 @@ def test_ia3_exports_as_its_dense_delta_from_the_base(tmp_path, sd_dir, lycoris_
     sd = load_file(report.path)
     assert "lora_unet_mid_block_attentions_0_proj_in.diff_b" in sd  # an output scale changes the bias too
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2.diff_b" not in sd  # an input scale not
-    modules = lycoris_modules(report.path, load_pipeline(sd_dir, device="cpu").unet)
+    modules = lycoris_loader(report.path, load_pipeline(sd_dir, device="cpu").unet)
     for name, delta in _dw(pipe.unet, "ia3").items():
         w, b = modules["lora_unet_" + name.replace(".", "_")].get_diff_weight()
         torch.testing.assert_close(w.reshape(delta["weight"].shape), delta["weight"], atol=1e-6, rtol=0)

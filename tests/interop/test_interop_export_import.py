@@ -43,34 +43,6 @@ def lora_pair(tmp_path_factory):
     return pipe, dt.save_adapter(pipe, tmp / "style", name="style"), dt.save_adapter(pipe, tmp / "te", name="te")
 
 
-@pytest.fixture
-def lycoris_loader(monkeypatch):
-    """lycoris-lora's own loader over a model, reading kohya ``<prefix>_*`` keys as written."""
-    from lycoris import create_lycoris_from_weights
-    from lycoris.wrapper import LycorisNetwork
-
-    def load(path, model, prefix="lora_unet"):
-        monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", prefix)  # its default names modules "lycoris_<path>"
-        network, _ = create_lycoris_from_weights(1.0, str(path), model)
-        return {m.lora_name: m for m in network.loras}
-
-    return load
-
-
-@torch.no_grad()
-def _lycoris_error(modules, ours, prefix="lora_unet"):
-    worst = 0.0
-    for name, delta in ours.items():
-        module = modules[f"{prefix}_{name.replace('.', '_')}"]
-        # LoHa/LoKr: get_weight is what lycoris adds in its forward (their get_diff_weight applies α/r twice)
-        w, b = (module.get_weight(module.shape), None) if type(module).__name__ in ("LohaModule", "LokrModule") \
-            else module.get_diff_weight()
-        worst = max(worst, float((w.reshape(delta["weight"].shape) - delta["weight"]).abs().max()))
-        if "bias" in delta:
-            worst = max(worst, float((b - delta["bias"]).abs().max()))
-    return worst
-
-
 def test_diffusers_export_gives_load_lora_weights_the_same_image(lora_pair, tmp_path):
     pipe, style, te = lora_pair
     report = export_adapter([style, te], tmp_path / "pytorch_lora_weights.safetensors", "diffusers")
@@ -141,7 +113,7 @@ def test_round_trip_gives_identical_delta(lora_pair, tmp_path, fmt):
     assert ours.keys() == back.keys() and all(torch.equal(ours[k]["weight"], back[k]["weight"]) for k in ours)
 
 
-def test_lycoris_loads_every_export(lora_pair, tmp_path, lycoris_loader):
+def test_lycoris_loads_every_export(lora_pair, tmp_path, lycoris_loader, lycoris_error):
     pipe, style, te = lora_pair
     ours = _deltas(pipe.unet, "style")
     for fmt, kind in (("kohya", "LoConModule"), ("diff", "FullModule")):
@@ -149,14 +121,14 @@ def test_lycoris_loads_every_export(lora_pair, tmp_path, lycoris_loader):
         modules = lycoris_loader(report.path, tiny_unet(0))
         assert len(modules) == len(ours) == report.modules == 49
         assert {type(m).__name__ for m in modules.values()} == {kind}
-        assert _lycoris_error(modules, ours) <= 1e-6
+        assert lycoris_error(modules, ours) <= 1e-6
     report = export_adapter(te, tmp_path / "te.safetensors", "kohya")
     te_modules = lycoris_loader(report.path, tiny_sd_pipeline(seed=0).text_encoder.text_model
                                 if hasattr(tiny_sd_pipeline(seed=0).text_encoder, "text_model") else
                                 _wrap_text_model(tiny_sd_pipeline(seed=0).text_encoder), prefix="lora_te")
     assert len(te_modules) == 12
     te_ours = {f"text_model.{k}": v for k, v in _deltas(pipe.text_encoder, "te").items()}
-    assert _lycoris_error(te_modules, te_ours, prefix="lora_te") <= 1e-6
+    assert lycoris_error(te_modules, te_ours, prefix="lora_te") <= 1e-6
     krona = tiny_unet(0)
     dt.inject(krona, dt.KronAConfig(factor_mode="lycoris", target_modules=["to_q", "to_v", "proj_in"]))
     randomize_adapter(krona, "default", seed=3)
@@ -165,7 +137,7 @@ def test_lycoris_loads_every_export(lora_pair, tmp_path, lycoris_loader):
     modules = lycoris_loader(report.path, tiny_unet(0))
     kron = _deltas(krona, "default")
     assert len(modules) == len(kron) == report.modules == 20 and report.max_error <= 1e-6
-    assert _lycoris_error(modules, kron) <= 1e-6
+    assert lycoris_error(modules, kron) <= 1e-6
 
 
 def _wrap_text_model(text_encoder):
@@ -175,7 +147,7 @@ def _wrap_text_model(text_encoder):
     return holder
 
 
-def test_sara_exports_as_diff_and_as_an_svd_lora(tmp_path, sd_dir, lycoris_loader, capsys):
+def test_sara_exports_as_diff_and_as_an_svd_lora(tmp_path, sd_dir, lycoris_loader, lycoris_error, capsys):
     from difftune.cli import main
     from difftune.generation import load_pipeline
 
@@ -192,7 +164,7 @@ def test_sara_exports_as_diff_and_as_an_svd_lora(tmp_path, sd_dir, lycoris_loade
     assert {f"{resnet}_norm1.w_norm", f"{resnet}_conv1.diff_b"} <= set(sd)
     modules = lycoris_loader(report.path, tiny_unet(0))
     assert len(modules) == len(ours) and {type(m).__name__ for m in modules.values()} == {"FullModule", "NormModule"}
-    assert _lycoris_error(modules, ours) <= 1e-6
+    assert lycoris_error(modules, ours) <= 1e-6
     with pytest.raises(dt.DifftuneError, match="--rank R"):
         export_adapter(folder, tmp_path / "x.safetensors", "kohya")
     assert main(["export", str(folder), "--format", "kohya", "--rank", "2", "--out",
@@ -235,7 +207,7 @@ def test_unknown_keys_are_errors(tmp_path, sd, match):
     assert not list(hosts(unet))
 
 
-def test_loha_and_full_imports_match_lycoris(tmp_path, lycoris_loader):
+def test_loha_and_full_imports_match_lycoris(tmp_path, lycoris_loader, lycoris_error):
     g = torch.Generator().manual_seed(0)
     q = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
@@ -250,13 +222,13 @@ def test_loha_and_full_imports_match_lycoris(tmp_path, lycoris_loader):
     save_file(loha, tmp_path / "loha.safetensors")
     full = {f"{q}.diff": torch.randn(64, 64, generator=g), f"{conv}.diff": torch.randn(32, 32, 3, 3, generator=g)}
     save_file(full, tmp_path / "full.safetensors")
-    for path, method in ((tmp_path / "loha.safetensors", "loha"), (tmp_path / "full.safetensors", "krona")):
+    for path, method in ((tmp_path / "loha.safetensors", "loha"), (tmp_path / "full.safetensors", "diff")):
         unet = tiny_unet(0)
         dt.load_adapter(unet, path, name="x")
         assert dt.list_adapters(unet)["x"]["method"] == method
         modules = lycoris_loader(path, tiny_unet(0))
         assert len(modules) == 2
-        assert _lycoris_error(modules, _deltas(unet, "x")) <= 1e-5
+        assert lycoris_error(modules, _deltas(unet, "x")) <= 1e-5
 
 
 def test_imported_lora_combines_with_other_methods(lora_pair, tmp_path, sd_dir):

@@ -31,8 +31,10 @@ def test_names_map_both_ways_on_a_unet():
     assert kohya_name("time_embedding.linear_1", "lora_unet") == "lora_unet_time_embedding_linear_1"
     names = kohya_names(unet, "lora_unet")
     modules = [n for n, _ in unet.named_modules() if n]
-    assert len(names) == len(modules)  # one kohya name per module, none shared
+    assert set(names.values()) == set(modules)  # every module has a name; kohya_names refuses shared ones
     assert all(names[kohya_name(n, "lora_unet")] == n for n in modules)
+    # and its LDM name (kohya's SDXL scripts, ComfyUI): the same module
+    assert names["lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_out_0"] == TO_OUT
     wanted = [TO_OUT_KOHYA, "lora_unet_time_embedding_linear_1", "lora_unet_down_blocks_0_resnets_0_conv1"]
     assert match_modules(unet, wanted, "lora_unet") == {
         TO_OUT_KOHYA: TO_OUT, "lora_unet_time_embedding_linear_1": "time_embedding.linear_1",

@@ -111,6 +111,9 @@ CASES: dict[str, Case] = {
                  inputs={"linear": {"class_labels": torch.tensor([1, 3, 3])}},
                  # SVD-initialised from the base weights: nothing starts at zero
                  smoke=Smoke({"learngenes": 2, "tailors_per_class": 1, "classes": [0, 3]}, "", kinds=("dit",))),
+    # a dense Δ per parameter; on the UNet also its GroupNorm/LayerNorm scales and shifts and the conv biases
+    "diff": Case({}, targets={"unet": ["to_q", "to_out.0", "norm1", "conv1", "proj_in"]},
+                 smoke=Smoke({}, "diff_weight")),
     "krona": Case({"a1": 2, "a2": 2}, smoke=Smoke({"a1": 4, "a2": 4}, "krona_B")),  # 2 divides every tiny width
     "lora": Case({"rank": 2, "alpha": 4.0}, smoke=Smoke({"rank": 2}, "lora_B")),
     "dora": Case({"rank": 2, "alpha": 4.0, "use_dora": True}, method="lora", held=dora_norms_held),
@@ -371,7 +374,8 @@ def check_two_adapters_combine(method: str, kind: str) -> None:
         randomize_adapter(solo.module, "a", seed=1)
         assert_equal(run(method, kind, solo), only_a)
         return
-    _, layer = next(hosts(model.module))
+    # the first Linear/Conv2d (a case may also adapt norms, which have no input width to draw x from)
+    layer = next(h for _, h in hosts(model.module) if isinstance(h.base_layer, (nn.Linear, nn.Conv2d)))
     base = layer.base_layer
     x = torch.randn(5, base.in_features) if isinstance(base, nn.Linear) else torch.randn(1, base.in_channels, 6, 6)
     with torch.no_grad(), inputs(method, kind):
