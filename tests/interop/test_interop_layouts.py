@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import difftune as dt
 from difftune.interop.krona import load_lokr
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import tiny_sd_pipeline, tiny_unet
 
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # Conv2d 32 → 32, 3×3, with bias

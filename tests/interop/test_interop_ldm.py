@@ -18,7 +18,7 @@ import difftune as dt
 from difftune.architectures import build_architecture
 from difftune.interop.importer import import_file
 from difftune.interop.ldm import ldm_names
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 ARCHS = ["sd15", "sd21", "sdxl"]

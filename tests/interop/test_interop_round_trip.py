@@ -18,7 +18,7 @@ from difftune.generation import load_pipeline
 from difftune.interop.export import export_adapter
 from difftune.interop.importer import import_file
 from difftune.methods import METHODS, Site
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter
 
 TARGETS = ["to_q", "to_out.0", "conv1", "proj_in"]

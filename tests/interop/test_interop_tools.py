@@ -14,7 +14,7 @@ import difftune as dt
 from difftune.generation import load_pipeline
 from difftune.interop.export import ExportWarning, describe_report, export_adapter
 from difftune.interop.tools import READERS, diffusers_ldm_problems, resolve_format
-from difftune.methods.model import hosts
+from difftune.methods.verbs import hosts
 from difftune.testing import randomize_adapter, save_tiny_pipeline, tiny_sd_pipeline
 
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
