@@ -24,7 +24,6 @@ import math
 import os
 import struct
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -123,24 +122,23 @@ def check_loaded(model: nn.Module, name: str, where: Any) -> None:
                             "values overflow it. Load it into a float32 model, or the file is damaged")
     batch, inputs = config.probe_inputs(name)
     begin = getattr(part, "begin_call", None)
+    # A part that prepares per-call state (e.g. encodes the control image) does it for the probe; the model's next
+    # call prepares its own (`InputCapture` calls begin_call before any layer runs).
+    begin = begin if any(_probed(a, base) for _, base, a in layers) else None
     with torch.no_grad(), adapter_inputs(**inputs) as view:
-        if begin is not None and any(_probed(a, base) for _, base, a in layers):
-            begin(view)  # a part that prepares per-call state (e.g. encodes the control image) does it for the probe
-        try:
-            for module, base, adapter in layers:
-                try:
-                    changes = _changes(adapter, base, batch)
-                except Exception as e:  # noqa: BLE001 - named as what it is: a method that cannot be probed
-                    raise DifftuneError(
-                        f"adapter {str(where)!r}: its {config.method} layer {module!r} could not be probed after "
-                        f"loading ({type(e).__name__}: {e}). A method whose layers read per-call inputs must name "
-                        "them in `MethodConfig.probe_inputs` (a bug in the method, not in the file)") from e
-                involved = [(f"{module}.", adapter)] + ([(f"{MODEL_KEY}.", part)] if part is not None else [])
-                for what, change, ref in changes:
-                    _judge(what, change, ref, module, involved, where)
-        finally:
-            if begin is not None and any(_probed(a, base) for _, base, a in layers):
-                begin(MappingProxyType({}))  # drop what the part prepared for the probe
+        for i, (module, base, adapter) in enumerate(layers):
+            try:
+                if begin is not None and i == 0:
+                    begin(view)
+                changes = _changes(adapter, base, batch)
+            except Exception as e:  # noqa: BLE001 - named as what it is: a method that cannot be probed
+                raise DifftuneError(
+                    f"adapter {str(where)!r}: its {config.method} layer {module!r} could not be probed after loading "
+                    f"({type(e).__name__}: {e}). A method whose layers read per-call inputs must name them in "
+                    "`MethodConfig.probe_inputs` (a bug in the method, not in the file)") from e
+            involved = [(f"{module}.", adapter)] + ([(f"{MODEL_KEY}.", part)] if part is not None else [])
+            for what, change, ref in changes:
+                _judge(what, change, ref, module, involved, where)
 
 
 def _probed(adapter: Adapter, base: nn.Module) -> bool:

@@ -144,3 +144,22 @@ def test_a_sara_file_converted_to_float16_loads_and_still_knows_its_base(tmp_pat
     other = tiny_unet(1)  # another base: refused for what it is, not as "NaN/inf ... diverged"
     with pytest.raises(DifftuneError, match="differ from those the adapter was trained on"):
         dt.load_adapter(other, path)
+
+
+def test_the_probe_leaves_the_global_rng_alone():
+    """Probe inputs come from their own generator: the check does not shift a seeded run (inject itself draws its
+    initial values from the global generator, as torch's layers do)."""
+    from difftune.adapter_checks import check_loaded
+
+    model = adapted("lora", "unet")
+    state = torch.get_rng_state()
+    check_loaded(model.module, "a", "probe")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_method_that_does_not_declare_its_probe_inputs_is_named(tmp_path, monkeypatch):
+    """CSC's tuners read the control image; without it in `probe_inputs` the load says what the method lacks."""
+    path = dt.save_adapter(adapted("csc", "unet").module, tmp_path / "ad", name="a")
+    default = dt.methods.MethodConfig.probe_inputs
+    monkeypatch.setattr(dt.methods.get_method("csc"), "probe_inputs", default)
+    _refused("csc", "unet", path, "probe_inputs")
