@@ -6,9 +6,14 @@ For each method a real adapter is trained-looking (random values) and saved; eac
 mutation drawn from ``MUTATIONS``: a header field (top level or ``config.<field>``) set to a hostile value or removed
 (lists for strings, 10⁶ ranks, 1e400, NaN, regex bombs, deep nesting, ...), raw header text damage (non-UTF-8 bytes,
 truncation, 10⁵-deep brackets, NaN/Infinity literals), tensor damage (missing/extra keys, shapes, dtypes, NaN values),
-and file damage (truncation, flipped bytes, a huge header length, missing files). The header is damaged in
+and file damage (truncation, flipped bytes, a huge header length, missing files). Issues 29/32 added: module patterns
+with Python >= 3.11 syntax (atomic groups, possessive repeats) and nested repeats; finite but huge values in any
+tensor of any method (one value, a whole tensor, or every tensor just under the per-value limit); header scales and
+sizes of 1e30 / 10⁹; float8 tensors; and safetensors headers of up to 10⁶ empty entries. The header is damaged in
 ``adapter_config.json`` or, for a third of the cases, in the safetensors metadata read when the ``.safetensors`` file
-is loaded alone. Every case runs in a forked child (`fuzz_common.run_forked`) with a 5 s limit and a 4 GiB memory cap.
+is loaded alone. Every case runs in a forked child (`fuzz_common.run_forked`) with a 5 s limit and a 4 GiB memory cap;
+an adapter that loads is then run (the tiny UNet, with the method's per-call inputs), and a NaN/inf output is a bug
+("nan": a clean load must never poison outputs).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fuzz_adapters.py --cases 1600 --seed 0
 """
@@ -31,8 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+from fuzz_common import REGEX_BOMBS, run_forked, summarize  # noqa: E402
 from fuzz_common import cli as fuzz_cli  # noqa: E402
-from fuzz_common import run_forked, summarize  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -49,6 +54,11 @@ HOSTILE = [None, True, False, -1, 0, 1, 3.5, 10**6, 200_000, 10**30, 2**63, -(2*
            ["(a|aa)*b"], ["(x+x+)+y"], ["to_q" * 100], ["["], "lora", "krona", "sara", "full", "nonexistent", "unet",
            ["unet"], "transformer", "vae", "a.b", "_x", "1e400", {"deep": [[[[[[[[[[[]]]]]]]]]]]}]
 RAW_NUMBERS = ["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1" * 5000, "0.0000000001e-400"]
+#: header fields that scale or size what a load allocates or computes (method config fields)
+SIZE_FIELDS = {"alpha": [1e30, -1e30, 1e300], "scale": [-1e30, 1e30], "pre_hint_channels": [10**9, 5000, 2**40],
+               "rank": [10**12], "a1": [10**7], "learngenes": [10**9], "text_length": [10**6], "num_anchors": [10**6],
+               "classes": [[1, 10**9], list(range(5000))], "skips": [[0, 10**8]], "concepts": [["x"] * 2000],
+               "tailors_per_class": [10**8], "down_ratio": [1e30]}
 
 
 def method_cases() -> dict[str, dict]:
@@ -170,11 +180,14 @@ def m_raw_text(rng: random.Random, folder: Path) -> str:
     return f"raw {kind} ({_write_header(folder, data, rng)})"
 
 
+def _read(weights: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(weights), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
 def m_tensors(rng: random.Random, folder: Path) -> str:
     weights = folder / WEIGHTS_NAME
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta, tensors = _read(weights)
     key = rng.choice(sorted(tensors))
     kind = rng.choice(["drop", "extra", "shape", "dtype", "nan", "inf", "rename", "empty", "scalar", "bigrank"])
     t = tensors[key]
@@ -236,7 +249,72 @@ def m_file(rng: random.Random, folder: Path) -> str:
     return f"file {kind}"
 
 
-MUTATIONS = [(m_field, 5), (m_raw_number, 2), (m_raw_text, 2), (m_tensors, 3), (m_file, 2)]
+def m_regex(rng: random.Random, folder: Path) -> str:
+    header = _header(folder)
+    field = rng.choice(["target_modules", "exclude_modules"])
+    header["config"][field] = [rng.choice(REGEX_BOMBS)] + (["to_q"] if field == "target_modules" else [])
+    return f"config.{field}={header['config'][field][0][:20]!r} ({_write_header(folder, json.dumps(header), rng)})"
+
+
+def m_huge(rng: random.Random, folder: Path) -> str:
+    """Finite but huge values: one value or a whole tensor at 1e5..1e38, or every tensor scaled to just under the
+    per-value limit (each value passes it; the loaded adapter's effect must not)."""
+    weights = folder / WEIGHTS_NAME
+    meta, tensors = _read(weights)
+    values = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.numel() and ".sara_base_" not in k)
+    kind = rng.choice(["one", "tensor", "all"])
+    size = 10.0 ** rng.uniform(5, 38) * rng.choice([1, -1])
+    key = rng.choice(values)
+    if kind == "one":
+        t = tensors[key].clone()
+        t.view(-1)[rng.randrange(t.numel())] = size
+        tensors[key] = t
+    elif kind == "tensor":
+        tensors[key] = torch.full_like(tensors[key], size)
+    else:
+        limit = rng.choice([3e4, 9e4, 1e3])
+        tensors = {k: v / v.abs().max() * limit if k in values and v.abs().max() > 0 else v
+                   for k, v in tensors.items()}
+        key, size = "every tensor", limit
+    save_file(tensors, str(weights), metadata=meta)
+    return f"huge {kind} {key[-30:]} {size:.1e}"
+
+
+def m_sizes(rng: random.Random, folder: Path) -> str:
+    header = _header(folder)
+    field = rng.choice(sorted(SIZE_FIELDS))
+    header["config"][field] = rng.choice(SIZE_FIELDS[field])
+    return f"config.{field}={str(header['config'][field])[:20]} ({_write_header(folder, json.dumps(header), rng)})"
+
+
+def m_float8(rng: random.Random, folder: Path) -> str:
+    weights = folder / WEIGHTS_NAME
+    meta, tensors = _read(weights)
+    keys = sorted(k for k, v in tensors.items() if v.is_floating_point())
+    key = rng.choice(keys)
+    tensors[key] = tensors[key].clamp(-400, 400).to(rng.choice([torch.float8_e4m3fn, torch.float8_e5m2]))
+    save_file(tensors, str(weights), metadata=meta)
+    return f"float8 {key[-30:]}"
+
+
+def m_entries(rng: random.Random, folder: Path) -> str:
+    """A safetensors header of many empty tensor entries (the file keeps its difftune metadata)."""
+    weights = folder / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    n = rng.choice([300_000, 1_000_000])
+    head = json.dumps({"__metadata__": meta})[1:-1]
+    body = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+    raw = ("{" + head + "," + body + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return f"entries {n}"
+
+
+MUTATIONS = [(m_field, 5), (m_raw_number, 2), (m_raw_text, 2), (m_tensors, 3), (m_file, 2), (m_regex, 2), (m_huge, 4),
+             (m_sizes, 2), (m_float8, 1), (m_entries, 1)]
+#: the generators issues 29/32 added (`run(..., kinds=NEW)` samples them alone)
+NEW = ["m_regex", "m_huge", "m_sizes", "m_float8", "m_entries"]
 
 
 def make_case(model: torch.nn.Module, path: Path, inputs: dict):
@@ -250,22 +328,31 @@ def make_case(model: torch.nn.Module, path: Path, inputs: dict):
             notes.append("inspect refused")
         target = path / WEIGHTS_NAME if (path / ".alone").exists() else path
         try:
-            dt.load_adapter(model, target)
+            name = dt.load_adapter(model, target)
         except DifftuneError:
             if snapshot(model) != before:
                 return "changed after a failed load"
             raise
+        g = torch.Generator().manual_seed(1)
+        args = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]))
+        with torch.no_grad(), dt.adapter_inputs(**inputs):
+            out = model(*args, encoder_hidden_states=torch.randn(2, 7, 32, generator=g)).sample
+        dt.delete_adapter(model, name)
+        if not bool(torch.isfinite(out).all()):
+            return "nan: the adapter loaded cleanly and the output holds NaN/inf"
         return "loaded; " + ", ".join(notes)
     return case
 
 
-def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False) -> tuple[dict, list[dict]]:
+def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False,
+        kinds: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """``kinds``: only these mutations (names in `MUTATIONS`), e.g. `NEW`."""
     torch.manual_seed(0)
     base = tiny_unet(0)
     bases = make_bases(root, base)
     specs = method_cases()
     rng = random.Random(seed)
-    funcs, weights = zip(*MUTATIONS, strict=True)
+    funcs, weights = zip(*[(f, w) for f, w in MUTATIONS if kinds is None or f.__name__ in kinds], strict=True)
     rows = []
     for i in range(cases):
         method = sorted(bases)[i % len(bases)]

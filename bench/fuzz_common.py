@@ -2,8 +2,10 @@
 (tests/test_reliability.py): run one case in a forked child with a wall-clock limit and an address-space cap,
 and classify what happened.
 
-A case is a function returning a short string (its outcome: "ok", or "refused" when it raised a `DifftuneError`);
-anything else it raises is a bug ("error: <type>: <message>"); a child that uses more than ``timeout`` seconds of CPU
+A case is a function returning a short string (its outcome: "ok", or "refused" when it raised a `DifftuneError`;
+a string starting "changed", "nan" or "accepted" reports a bug the case detected itself: a failed load that changed
+the model, a clean load whose output is NaN/inf, a hostile value that was accepted); anything else it raises is a bug
+("error: <type>: <message>"); a child that uses more than ``timeout`` seconds of CPU
 (RLIMIT_CPU, so a busy shared machine does not turn a slow case into a "hang") or is still running after
 ``wall_factor`` × ``timeout`` seconds of wall time (a case blocked without computing) is a hang; a child killed by
 another signal (the memory cap hit in C code, a segfault) is a crash.
@@ -25,7 +27,12 @@ from pathlib import Path
 
 from difftune.errors import DifftuneError
 
-OUTCOMES = ("ok", "refused", "error", "hang", "crash", "changed")
+#: module patterns that hang a backtracking matcher, in every syntax Python >= 3.11 parses (issue 29: the atomic group
+#: passed the guard)
+REGEX_BOMBS = ["(?>(.*.*)*Z)", "(?>.*)*Z", "x(?>(a+)+)y", "(.*.*)*+Z", "(a|aa)++b", "(?:x+)*+y", "(.*)*+", "a{1,9}+",
+               "(?>(a|aa)*)b", "((?>a*))*b", "(x+x+)+y", "(?=.*)(.*)*", r"(\w+\s?)*$", ".*" * 40 + "Z"]
+OUTCOMES = ("ok", "refused", "error", "hang", "crash", "changed", "nan", "accepted")
+BAD = ("error", "hang", "crash", "changed", "nan", "accepted")
 
 
 def run_forked(case: Callable[[], str], timeout: float = 5.0, memory_gb: float = 4.0, wall_factor: float = 12.0
@@ -49,8 +56,9 @@ def run_forked(case: Callable[[], str], timeout: float = 5.0, memory_gb: float =
             except BaseException as e:  # noqa: BLE001 - the point is to classify every other exception as a bug
                 tb = traceback.format_exc(limit=-3)
                 out = ("error", f"{type(e).__name__}: {str(e)[:200]} | {tb[-600:]}")
-            if out[0] == "ok" and out[1].startswith("changed"):
-                out = ("changed", out[1])
+            for bug in ("changed", "nan", "accepted"):
+                if out[0] == "ok" and out[1].startswith(bug):
+                    out = (bug, out[1])
             os.write(write, json.dumps(out).encode()[:60000])
         finally:
             os.close(write)
@@ -94,7 +102,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def cli(run: Callable[..., tuple[dict, list[dict]]], description: str, argv: list[str] | None = None) -> int:
     """The fuzzers' command line: ``run(cases, seed, timeout, root, verbose)``; prints the summary; exit 1 on any
-    error, hang, crash or changed model."""
+    bad outcome (`BAD`)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--cases", type=int, default=1600)
     ap.add_argument("--seed", type=int, default=0)
@@ -107,5 +115,5 @@ def cli(run: Callable[..., tuple[dict, list[dict]]], description: str, argv: lis
         summary, _ = run(args.cases, args.seed, args.timeout, Path(tmp), args.verbose)
     summary["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=2))
-    bad = summary["error"] + summary["hang"] + summary["crash"] + summary["changed"]
+    bad = sum(summary[k] for k in BAD)
     return 0 if bad == 0 else 1

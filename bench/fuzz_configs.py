@@ -8,6 +8,11 @@ a value (any key, method fields included) replaced by a hostile YAML scalar or n
 ``target_modules``, ...);
 structural damage (duplicate keys, anchors/aliases and an alias bomb, merge keys, 10⁵-deep nesting, non-string and
 complex keys, non-UTF-8 bytes, truncation, flipped bytes, a 2 MB file, a top-level list); hostile ``--set`` overrides.
+Issues 29/32 added: module patterns in Python >= 3.11 syntax (atomic groups, possessive repeats) in
+``target_modules``/``exclude_modules`` of the file or ``--set method={...}``; integers of 30 to 4,301 digits; method
+sizes that would allocate terabytes (``pre_hint_channels: 1000000000``); and training settings that used to fail only
+later (``data.resolution=1000000``, a path as ``model.variant``, ``data.caption_ext=/``, ...). Those three kinds must
+be refused: a config that builds with one of them is a bug ("accepted").
 Each case runs in a forked child (`fuzz_common.run_forked`) with a 5 s limit and a 4 GiB memory cap.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/fuzz_configs.py --cases 1600 --seed 0
@@ -27,8 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+from fuzz_common import REGEX_BOMBS, run_forked, summarize  # noqa: E402
 from fuzz_common import cli as fuzz_cli  # noqa: E402
-from fuzz_common import run_forked, summarize  # noqa: E402
 
 import difftune as dt  # noqa: E402
 from difftune.config import load_config  # noqa: E402
@@ -85,6 +90,22 @@ SCALARS = [".nan", ".NaN", ".inf", "-.inf", "1e400", "-1e400", "1" * 400, "nan",
            '"' + "x" * 100_000 + '"', "{a: 1}", "[to_q, 1]", "-0.0", "4294967296", "18446744073709551617",
            "!!float 1e5", "!!int 12", "!!str 3", "full", "lora", "krona", "sara", '"  "', "/", ".", "|\n    multi\n"]
 OVERRIDE_KEYS = KEYS + ["a..b", "", "train.max_steps.x", "method", "train", "=", "method.name.x", " "]
+#: (method, field, value) sizes that would allocate without bound or overflow outputs: each must be refused
+HUGE_SIZES = [("csc", "pre_hint_channels", 10**9), ("csc", "pre_hint_channels", 5000), ("lora", "rank", 10**9),
+              ("lora", "alpha", 1e30), ("krona", "scale", -1e30), ("krona", "a1", 10**7), ("spm", "alpha", 1e30),
+              ("spm", "text_length", 10**6), ("spm", "num_anchors", 10**7), ("kind", "learngenes", 10**9),
+              ("kind", "classes", [1, 10**9]), ("kind", "tailors_per_class", 10**8), ("scedit", "skips", [0, 10**8]),
+              ("sara", "rank_min_dim", 2**40), ("spm", "concepts", ["x"] * 2000)]
+#: training settings that passed the config and failed later (MemoryError, ValueError): each must be refused
+BAD_SETTINGS = [("data.resolution", "1000000"), ("data.resolution", "4104"), ("data.resolution", "1024000"),
+                ("validation.num_inference_steps", "2147483648"), ("validation.num_inference_steps", "100000"),
+                ("model.variant", "../../../etc/passwd"), ("model.variant", "/etc/passwd"), ("model.variant", "a/b"),
+                ("data.caption_ext", "/"), ("data.caption_ext", "../x"), ("data.caption_ext", "txt"),
+                ("model.component", "../unet"), ("train.batch_size", "1000000000"), ("data.repeats", "10000000000"),
+                ("data.num_workers", "100000"), ("validation.seeds", "[-1]"),
+                ("validation.seeds", "[18446744073709551616]"),
+                ("train.max_steps", "10000000000000"), ("validation.guidance_scale", "1e30"),
+                ("validation.class_labels", "[-1]"), ("adapter_name", "a.b")]
 
 
 def set_value(text: str, key: str, value: str) -> str:
@@ -180,30 +201,67 @@ def m_override(rng: random.Random, text: str) -> tuple[str, list[str], str]:
     return text, sets, f"--set {' '.join(s[:20] for s in sets)}"
 
 
-MUTATIONS = [(m_value, 5), (m_structure, 4), (m_override, 2)]
+def m_regex(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    field, bomb = rng.choice(["target_modules", "exclude_modules"]), json.dumps(rng.choice(REGEX_BOMBS))
+    if rng.random() < 0.5:
+        return set_value(text, f"method.{field}", f"[{bomb}]"), [], f"must refuse: method.{field}={bomb[:20]}"
+    method = f"{{name: lora, target_modules: [to_q], {field}: [{bomb}]}}"
+    return text, [f"method={method}"], f"must refuse: --set method={{{field}: {bomb[:20]}}}"
 
 
-def make_case(path: Path, sets: list[str], model: torch.nn.Module):
+def m_bigint(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    key, digits = rng.choice(KEYS), rng.choice([30, 41, 400, 4300, 4301, 10_000])
+    value = rng.choice(["", "-"]) + "9" * digits
+    if rng.random() < 0.5:
+        return set_value(text, key, value), [], f"{key}=<{digits} digits>"
+    return text, [f"{key}={value}"], f"--set {key}=<{digits} digits>"
+
+
+def m_size(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    method, field, value = rng.choice(HUGE_SIZES)
+    label = f"must refuse: {method}.{field}={value!s:.20}"
+    return text, [f"method={json.dumps({'name': method, field: value})}"], label
+
+
+def m_setting(rng: random.Random, text: str) -> tuple[str, list[str], str]:
+    key, value = rng.choice(BAD_SETTINGS)
+    if rng.random() < 0.5:
+        return set_value(text, key, json.dumps(value) if "/" in value or value == "a.b" else value), [], \
+            f"must refuse: {key}={value[:20]}"
+    return text, [f"{key}={value}"], f"must refuse: --set {key}={value[:20]}"
+
+
+MUTATIONS = [(m_value, 5), (m_structure, 4), (m_override, 2), (m_regex, 2), (m_bigint, 1), (m_size, 2),
+             (m_setting, 2)]
+#: the generators issues 29/32 added (`run(..., kinds=NEW)` samples them alone)
+NEW = ["m_regex", "m_bigint", "m_size", "m_setting"]
+
+
+def make_case(path: Path, sets: list[str], model: torch.nn.Module, must_refuse: bool = False):
     def case() -> str:
         cfg = load_config(TrainConfig, path, sets)
+        if must_refuse:
+            return "accepted: a value that must be refused built a config"
         dt.inject(model, cfg.method_config(), name="fuzz")  # what `difftune train` does first with the patterns
         return "built and injected"
     return case
 
 
-def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False) -> tuple[dict, list[dict]]:
+def run(cases: int, seed: int, timeout: float, root: Path, verbose: bool = False,
+        kinds: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """``kinds``: only these mutations (names in `MUTATIONS`), e.g. `NEW`."""
     torch.manual_seed(0)
     model = tiny_unet(0)
     base = BASE.format(model=root / "model", data=root / "images", out=root / "out")
     rng = random.Random(seed)
-    funcs, weights = zip(*MUTATIONS, strict=True)
+    funcs, weights = zip(*[(f, w) for f, w in MUTATIONS if kinds is None or f.__name__ in kinds], strict=True)
     rows = []
     for i in range(cases):
         mutate = rng.choices(funcs, weights)[0]
         text, sets, label = mutate(rng, base)
         path = root / f"case-{i}.yaml"
         path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-        outcome, detail, seconds = run_forked(make_case(path, sets, model), timeout)
+        outcome, detail, seconds = run_forked(make_case(path, sets, model, label.startswith("must refuse")), timeout)
         row = {"i": i, "kind": mutate.__name__, "mutation": label[:80], "outcome": outcome, "s": round(seconds, 3),
                "detail": detail[:400]}
         rows.append(row)

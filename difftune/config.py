@@ -4,7 +4,9 @@ Every field of a config dataclass is annotated; `from_dict` walks nested datacla
 values of the wrong type, naming the dotted key (``train.max_steps``), the value, the expected type and the known
 keys. Only PyYAML's safe loader is used, hardened (`_StrictLoader`): a config is at most ``MAX_CONFIG_BYTES`` of UTF-8,
 nested at most ``MAX_DEPTH`` deep, with string keys, no duplicate keys (YAML says last wins; a typo'd copy of a key
-would silently override the first) and no anchors/aliases (an ~800-byte alias bomb expands to gigabytes).
+would silently override the first) and no anchors/aliases (an ~800-byte alias bomb expands to gigabytes). Integers
+are at most ``MAX_INT_DIGITS`` digits when read (a 4,301-digit one made PyYAML raise Python's own ValueError) and fit
+in 64 bits when checked against an ``int`` field: no setting counts beyond that.
 Non-finite numbers (``.nan``, ``.inf``) are refused for every float field: no training hyperparameter means them
 (``null`` turns options off). Every problem is a `DifftuneError`.
 """
@@ -28,6 +30,7 @@ T = TypeVar("T")
 
 MAX_CONFIG_BYTES = 1 << 20  #: 1 MiB; real configs are a few hundred bytes
 MAX_DEPTH = 32  #: nesting of mappings/lists; the deepest real config is 3
+MAX_INT_DIGITS = 40  #: far past any 64-bit setting, far below Python's 4,300-digit conversion limit
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -63,7 +66,33 @@ class _StrictLoader(yaml.SafeLoader):
                 raise DifftuneError(f"duplicate key {key!r}{_where(key_node)} (first{_where(seen[key])}); YAML would "
                                     "silently keep only the last one: remove one of them")
             seen[key] = key_node
+        where = self._paths.get(id(node), "")
+        for key_node, value_node in node.value:  # the dotted key of each value, for errors raised while building it
+            self._paths[id(value_node)] = f"{where}.{key_node.value}" if where else str(key_node.value)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node: Any, deep: bool = False) -> Any:
+        where = self._paths.get(id(node), "")
+        for i, item in enumerate(node.value):
+            self._paths[id(item)] = f"{where}[{i}]"
+        return super().construct_sequence(node, deep=deep)
+
+    @property
+    def _paths(self) -> dict[int, str]:
+        if "_key_paths" not in self.__dict__:
+            self._key_paths: dict[int, str] = {}
+        return self._key_paths
+
+    def construct_yaml_int(self, node: Any) -> int:
+        digits = len(str(node.value).replace("_", "").lstrip("+-"))  # hex digits too (0xfff...: no limit in int())
+        if digits > MAX_INT_DIGITS:
+            key = self._paths.get(id(node))
+            raise DifftuneError(f"{f'`{key}`: ' if key else ''}an integer of {digits:,} digits{_where(node)}; no "
+                                f"setting takes more than {MAX_INT_DIGITS} (64-bit numbers have at most 20)")
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def _where(mark_holder: Any) -> str:
@@ -147,6 +176,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong
+        if not -(2**63) <= value < 2**63:
+            raise DifftuneError(f"`{key}` must be a 64-bit integer, got one of {len(str(abs(value))):,} digits; no "
+                                "setting counts that far")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -221,6 +253,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise DifftuneError(f"{e}; quote the value") from e
         if isinstance(value, str) and _looks_like_float(value):  # YAML 1.1 reads "1e-4" as a string
             value = float(value)
+        elif isinstance(value, (dict, list)):  # also inside `--set method={name: krona, scale: 1e-2}`
+            value = _floats(value)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

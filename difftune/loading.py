@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import serialization
+from .adapter_checks import check_safetensors_header
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods import verbs
@@ -109,9 +110,10 @@ def _is_foreign(path: str | Path) -> bool:
     if not (p.is_file() and p.suffix == ".safetensors"):
         return False
     try:
+        check_safetensors_header(p)  # a header too large to parse cheaply: read_header refuses it, naming the file
         with safe_open(str(p), framework="pt") as f:
             return serialization.METADATA_KEY not in (f.metadata() or {})
-    except (SafetensorError, OSError):  # unreadable: read_header reports it, naming the file
+    except (SafetensorError, OSError, DifftuneError):  # unreadable or too large: read_header reports it
         return False
 
 

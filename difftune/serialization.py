@@ -14,10 +14,13 @@ Hostile files (issue 17): everything read is bounded and checked before the mode
 most ``MAX_HEADER_BYTES`` of UTF-8, nested at most ``MAX_JSON_DEPTH``, without NaN/Infinity/overflowing numbers; every
 header field has its type checked (`read_header`); patterns in the config must pass `targeting.check_pattern`; the
 method's `MethodConfig.check_saved` compares the header's sizes (LoRA's rank) with the saved tensors' shapes before
-`inject` allocates anything; saved values must be finite. A method without `check_saved` is still covered: `inject`
-runs under `_AllocationGuard`, which refuses any single tensor allocation larger than the file's tensors plus the
-largest base tensor, before it happens (a header claiming rank 10⁶ fails in microseconds, not after 3 GB). Any failure
-is a `DifftuneError` and leaves the model as it was.
+`inject` allocates anything. A method without `check_saved` is still covered: `inject` runs under
+`adapter_checks.AllocationGuard`, which refuses any single tensor allocation larger than the file's tensors plus the
+largest base tensor, before it happens (a header claiming rank 10⁶ fails in microseconds, not after 3 GB). The
+safetensors header is bounded before it is parsed, tensors must have a dtype difftune writes, saved values must be
+finite and sane, and once loaded no layer may change by more than `adapter_checks.MAX_GAIN` times its size (issue 29:
+finite but huge values loaded cleanly and gave NaN outputs). Any failure is a `DifftuneError` and leaves the model as
+it was.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
+from .adapter_checks import AllocationGuard, check_dtype, check_loaded, check_safetensors_header, check_values
 from .errors import DifftuneError
 from .fileio import atomic_write
 from .methods.base import check_adapter_name, check_weight, get_method
@@ -58,42 +61,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "difftune"
 MAX_HEADER_BYTES = 1 << 20  #: real headers are ~1 KB
 MAX_JSON_DEPTH = 32
-
-
-_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
-              torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full}
-
-
-class _AllocationGuard(TorchFunctionMode):
-    """Refuse any factory allocation (``torch.empty/zeros/...``, ``Tensor.new_*``) of more than ``limit`` values.
-
-    Loading an adapter allocates its state in `inject` from sizes read from the file's header. The header's sizes must
-    agree with the tensors (`MethodConfig.check_saved`), but a method that does not implement that check must not
-    allocate whatever a hostile header asks for either: no adapter tensor is larger than all the file's tensors
-    together plus the largest tensor of the base model (what a method may derive from the base, e.g. a mask).
-    """
-
-    def __init__(self, limit: int, path: Any) -> None:
-        super().__init__()
-        self.limit, self.path = limit, path
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func in _FACTORIES:
-            shape_args = args[1:] if func.__name__.startswith("new_") else args
-            if func in (torch.full, torch.Tensor.new_full):
-                shape_args = shape_args[:1]
-            if func is torch.randint:
-                shape_args = shape_args[-1:] if shape_args else ()
-            size = kwargs.get("size", shape_args[0] if len(shape_args) == 1 else shape_args)
-            dims = list(size) if isinstance(size, (tuple, list, torch.Size)) else [size]
-            if all(isinstance(d, int) for d in dims):
-                numel = math.prod(dims)
-                if numel > self.limit:
-                    raise DifftuneError(f"adapter {str(self.path)!r}: its header asks for a tensor of shape "
-                                        f"{tuple(dims)} ({numel:,} values), more than the file and the base model "
-                                        f"could need ({self.limit:,}); the header is damaged (e.g. its rank)")
-        return func(*args, **kwargs)
 
 
 def _finite_float(text: str) -> float:
@@ -134,6 +101,7 @@ def metadata_header(weights: Path, missing_hint: str) -> Any:
 
     A file that cannot be read, or has no such key (``missing_hint`` says what it probably is), is a `DifftuneError`.
     """
+    check_safetensors_header(weights)
     try:
         with safe_open(str(weights), framework="pt") as f:
             meta = f.metadata() or {}
@@ -296,11 +264,13 @@ def config_from_header(header: dict[str, Any], path: Any) -> Any:
 
 def read_tensors(path: str | Path) -> dict[str, Tensor]:
     weights = _weights_path(path)
+    check_safetensors_header(weights)
     try:
         out = {}
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 out[key] = f.get_tensor(key)
+                check_dtype(key, out[key], weights)
         return out
     except (SafetensorError, OSError, RuntimeError) as e:
         raise DifftuneError(f"{weights} could not be read as safetensors ({e}); it is corrupt or truncated") from e
@@ -335,18 +305,16 @@ def load_adapter_file(
     except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:  # tensors of shapes it never writes
         raise DifftuneError(f"adapter {str(path)!r}: its tensors are malformed ({type(e).__name__}: {e}); the file "
                             "is damaged") from None
-    nonfinite = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise DifftuneError(f"adapter {str(path)!r} holds NaN/inf values in {len(nonfinite)} tensor(s) (first: "
-                            f"{nonfinite[:3]}); it is damaged or its training diverged")
+    check_values(tensors, config, path)
     limit = sum(t.numel() for t in tensors.values()) + max((p.numel() for p in model.parameters()), default=0) + 4096
     try:
-        with _AllocationGuard(limit, path):
+        with AllocationGuard(limit, path):
             inject(model, config, name=name, weight=weight, freeze_base=False)
     except DifftuneError as e:
         raise DifftuneError(f"adapter {str(path)!r} (made for {base}) does not fit this model: {e}") from e
     try:
         _copy_in(model, name, tensors, path, base, header.get("target_fingerprint"))
+        check_loaded(model, name, path)  # what the values do: no layer's change may be non-finite or huge
     except BaseException:
         remove(model, name)
         raise

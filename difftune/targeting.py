@@ -9,8 +9,12 @@ Bounded work (issue 17): patterns come from configs and from adapter files anyon
 regexes whose matching is provably cheap on module names, and refuses the rest before anything is compiled:
 
 * at most ``MAX_PATTERN_LENGTH`` characters;
-* no repetition inside a repeated part (``(a+)*``, ``(.*.*)*``: exponential), no alternation inside one (``(a|ab)*``),
-  no back-references or lookarounds;
+* only the constructs below, checked against a list of what is allowed (so syntax a newer Python adds is refused,
+  not skipped): characters, classes, ``.``, anchors, groups, alternation and greedy or lazy repeats. Back-references,
+  lookarounds, conditionals, atomic groups ``(?>...)`` and possessive repeats (``*+``, ``++``, ``?+``, ``{m,n}+``,
+  Python >= 3.11) are refused: no module name needs them, and an atomic group hides the repeats inside it from
+  a checker that does not know it (issue 29: ``(?>(.*.*)*Z)`` hung);
+* no repetition inside a repeated part (``(a+)*``, ``(.*.*)*``: exponential), no alternation inside one (``(a|ab)*``);
 * at most ``MAX_UNBOUNDED`` variable repeats (``*``, ``+``, ``{m,}``, ``{m,n>1}``), and two of them never adjacent:
   a literal character or a character class must stand between (``.*.*`` splits a name in n² ways; ``.*\\..*`` only
   at its dots).
@@ -53,9 +57,14 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _sre  # type: ignore[no-redef]
     import sre_parse as _sre_parse  # type: ignore[no-redef]
 
-_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT}
+_CHARACTERS = {_sre.LITERAL, _sre.NOT_LITERAL, _sre.IN}  #: one given character: a separator between repeats
+#: Everything else the parser can produce is refused; these get a name in the message.
 _REFUSED = {_sre.GROUPREF: "a back-reference", _sre.GROUPREF_EXISTS: "a conditional group",
             _sre.ASSERT: "a lookaround", _sre.ASSERT_NOT: "a lookaround"}
+if hasattr(_sre, "ATOMIC_GROUP"):  # Python >= 3.11
+    _REFUSED[_sre.ATOMIC_GROUP] = "an atomic group '(?>...)'"
+    _REFUSED[_sre.POSSESSIVE_REPEAT] = "a possessive repeat ('*+', '++', '?+', '{m,n}+')"
 
 
 class _Unsafe(Exception):
@@ -79,6 +88,8 @@ def _walk(items: Any, in_repeat: bool, count: list[int]) -> bool:
     for op, av in items:
         if op in _REFUSED:
             raise _Unsafe(f"it uses {_REFUSED[op]}")
+        if op not in _ALLOWED:
+            raise _Unsafe(f"it uses a regex construct module patterns do not support ({op})")
         if op in _REPEATS:
             lo, hi, body = av
             if in_repeat:
@@ -107,9 +118,13 @@ def _walk(items: Any, in_repeat: bool, count: list[int]) -> bool:
             if open_repeat and starts:
                 raise _Unsafe("two variable repeats are adjacent; put a literal between them")
             open_repeat = any(ends) or (open_repeat and any(not _has_separator(alt) for alt in av[1]))
-        elif op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL):
+        elif op in _CHARACTERS:
             open_repeat = False
+        # ANY and AT (anchors) neither repeat nor separate: '.*..*' is still two adjacent repeats
     return open_repeat
+
+
+_ALLOWED = {*_REPEATS, *_CHARACTERS, _sre.SUBPATTERN, _sre.BRANCH, _sre.ANY, _sre.AT}
 
 
 def _starts_variable(items: Any) -> bool:
@@ -120,16 +135,16 @@ def _starts_variable(items: Any) -> bool:
             return _starts_variable(av[-1])
         if op == _sre.BRANCH:
             return any(_starts_variable(alt) for alt in av[1])
-        if op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL):
+        if op in _CHARACTERS:
             return False
     return False
 
 
 def _has_separator(items: Any) -> bool:
-    return any(op in (_sre.LITERAL, _sre.IN, _sre.NOT_LITERAL) for op, _ in items)
+    return any(op in _CHARACTERS for op, _ in items)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)  # bounded: patterns also come from files anyone can write
 def _regex(pattern: str) -> re.Pattern[str]:
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise DifftuneError(f"module pattern {pattern[:40]!r}... is {len(pattern)} characters, over the "

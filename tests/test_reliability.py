@@ -471,3 +471,20 @@ def test_config_fuzzer_sample(tmp_path):
     bad = [r for r in rows if r["outcome"] not in ("ok", "refused")]
     assert not bad, bad[:3]
     assert summary["refused"] > 0 and summary["ok"] > 0
+
+
+def test_adapter_fuzzer_sample_of_the_issue_29_and_32_generators(tmp_path):
+    """Regex forms, huge values per method (a NaN/inf output after a clean load counts as a bug), huge scales and
+    sizes, float8 tensors and 10⁶-entry headers: each refused (or loaded with finite outputs) within the limit."""
+    summary, rows = fuzz_adapters.run(28, seed=29, timeout=10.0, root=tmp_path, kinds=fuzz_adapters.NEW)
+    bad = [r for r in rows if r["outcome"] not in ("ok", "refused")]
+    assert not bad, bad[:3]
+    assert all(summary["by_mutation"][k] for k in fuzz_adapters.NEW) and summary["refused"] > 0
+
+
+def test_config_fuzzer_sample_of_the_issue_29_and_32_generators(tmp_path):
+    """Regex forms in configs and `--set`, huge integers, sizes and training settings: each must be refused."""
+    summary, rows = fuzz_configs.run(32, seed=29, timeout=10.0, root=tmp_path, kinds=fuzz_configs.NEW)
+    bad = [r for r in rows if r["outcome"] not in ("ok", "refused")]
+    assert not bad, bad[:3]
+    assert all(summary["by_mutation"][k] for k in fuzz_configs.NEW)

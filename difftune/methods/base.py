@@ -31,11 +31,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import numbers
+import types
 import typing
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +51,14 @@ from .context import current_inputs
 METHODS: Registry[type[MethodConfig]] = Registry(
     "method", hint="Was the adapter written by a newer difftune, or is the method name misspelled?",
     entry_points="difftune.methods")
+
+# Bounds every method config obeys, checked before anything is allocated (a config from YAML, `--set` or a file's
+# header is user input; ``pre_hint_channels: 1000000000`` asked for 3.4 TB): no rank, channel count, dimension, count
+# or class id of a supported model reaches MAX_SIZE, no list (patterns, classes, concepts) MAX_ITEMS items, and no
+# factor scaling an adapter's output (LoRA α, KronA s, SPM α) MAX_SCALE, beyond which fp16/fp32 outputs overflow.
+MAX_SIZE = 1 << 16
+MAX_ITEMS = 4096
+MAX_SCALE = 1e6
 
 
 def register_method(name: str):
@@ -128,6 +137,10 @@ class MethodConfig(abc.ABC):
     method: ClassVar[str] = ""
     #: False for training-only methods (``full``) that add no adapter and save a whole model instead.
     is_adapter: ClassVar[bool] = True
+    #: Name prefixes of saved tensors that are statistics the method checks itself in `Adapter.adopt` (e.g. SaRA's
+    #: base fingerprints), not values any output is computed from: the loader does not require them to be finite
+    #: or small (a count overflows to inf in a file whose tensors were converted to float16).
+    saved_statistics: ClassVar[tuple[str, ...]] = ()
 
     @property
     def trains_whole_model(self) -> bool:
@@ -141,6 +154,9 @@ class MethodConfig(abc.ABC):
             if isinstance(value, str):  # one pattern given bare: accept it as a one-item list
                 value = [value]
                 setattr(self, name, value)
+            if isinstance(value, list) and len(value) > MAX_ITEMS:  # before each pattern is parsed
+                raise bad_value(name, f"a list of {len(value):,} patterns", f"at most {MAX_ITEMS:,} patterns",
+                                "A regex selects many modules at once, e.g. r'.*attn2\\.to_[kv]'.")
             if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
                 raise bad_value(name, value, "a list of non-empty module-name patterns", "e.g. ['to_q', 'to_v'].")
             for p in value:  # refuse regexes whose matching could hang (targeting.check_pattern) before any use
@@ -183,6 +199,12 @@ class MethodConfig(abc.ABC):
         follow from the base layer alone, which `make_adapter` checks)."""
         return None
 
+    def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
+        """(batch size, per-call inputs) under which the loader probes adapter ``name``'s layers after loading it
+        (`difftune.adapter_checks.check_loaded`): what its layers read from `Adapter.inputs` (class labels, a control
+        image), so that every value that can reach an output is probed. Default: four items, no inputs."""
+        return 4, {}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -211,10 +233,28 @@ class MethodConfig(abc.ABC):
                 raise bad_value(f.name, value, "a finite number")
             if hint is int and not isinstance(value, int):
                 raise bad_value(f.name, value, "an integer")
+            if hint is int and not -MAX_SIZE <= value <= MAX_SIZE:
+                raise bad_value(f.name, value, f"an integer of magnitude at most {MAX_SIZE:,}",
+                                "No rank, channel count, dimension or count of a supported model is larger.")
+            if typing.get_origin(hint) is list or typing.get_origin(hint) in (Union, types.UnionType) and any(
+                    typing.get_origin(a) is list for a in typing.get_args(hint)):
+                self._check_list(f.name, value, hint)
             if hint is bool and not isinstance(value, bool):
                 raise bad_value(f.name, value, "true or false")
             if hint is str and not isinstance(value, str):
                 raise bad_value(f.name, value, "a string")
+
+    def _check_list(self, name: str, value: Any, hint: Any) -> None:
+        """A list field: at most MAX_ITEMS items, and integer items (class ids, skip indices) within MAX_SIZE."""
+        if not isinstance(value, list):
+            return  # None where allowed; a non-list is the method's own check (it names the expected form)
+        if len(value) > MAX_ITEMS:
+            raise bad_value(name, f"a list of {len(value):,} items", f"at most {MAX_ITEMS:,} items")
+        if "int" in str(hint):
+            big = [v for v in value if isinstance(v, int) and not -MAX_SIZE <= v <= MAX_SIZE]
+            if big:
+                raise bad_value(name, big[:3], f"integers of magnitude at most {MAX_SIZE:,}",
+                                "No class id, index or size of a supported model is larger.")
 
 
 class Adapter(nn.Module):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DifftuneError, bad_value
-from .base import Adapter, MethodConfig, Site, register_method
+from .base import MAX_SCALE, Adapter, MethodConfig, Site, register_method
 from .plugin import TrainerPlugin, register_plugin
 
 FACTOR_MODES = ("fixed", "lycoris")
@@ -80,8 +80,9 @@ class KronAConfig(MethodConfig):
             if getattr(self, name) < 1:
                 raise bad_value(name, getattr(self, name), "an integer >= 1",
                                 "The paper's default is a1=64, a2=8; each must divide the layers' dimensions.")
-        if not math.isfinite(self.scale) or self.scale == 0:
-            raise bad_value("scale", self.scale, "a finite, non-zero number", "s in ΔW = s·A⊗B; 1.0 by default.")
+        if not math.isfinite(self.scale) or self.scale == 0 or abs(self.scale) > MAX_SCALE:
+            raise bad_value("scale", self.scale, f"a non-zero number of magnitude at most {MAX_SCALE:g}",
+                            "s in ΔW = s·A⊗B; 1.0 by default.")
         if self.factor_mode not in FACTOR_MODES:
             raise bad_value("factor_mode", self.factor_mode, f"one of {FACTOR_MODES}",
                             "'fixed' uses a1/a2 everywhere; 'lycoris' picks LyCORIS's split per layer.")

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import bad_value
-from .base import Adapter, MethodConfig, Site, apply_weight, register_method
+from .base import MAX_SCALE, Adapter, MethodConfig, Site, apply_weight, register_method
 
 INITS = ("default", "gaussian")
 MAX_RANK = 1 << 16  #: wider than any layer of the supported models; a bigger rank is a typo, not a setting
-MAX_ALPHA = 1e6  #: α/r scales ΔW; beyond this no trained adapter is meant and fp16/fp32 outputs overflow
+MAX_ALPHA = MAX_SCALE  #: α/r scales ΔW; beyond this no trained adapter is meant and fp16/fp32 outputs overflow
 
 
 @register_method("lora")

@@ -2,18 +2,24 @@
 
 Names follow the diffusers training scripts where one exists (``max_grad_norm``, ``snr_gamma``, ``noise_offset``,
 ``checkpoints_total_limit``, ``resume_from_checkpoint``) so users find what they know.
+
+Every field is checked when the config is read, with an error naming its key: types (`difftune.config`), and here
+ranges (``data.resolution=1000000`` ran out of memory in the first batch, ``validation.num_inference_steps=2147483648``
+failed in the scheduler) and shapes (``model.variant`` becomes part of a file name, so ``../../etc/passwd`` is refused;
+``data.caption_ext`` is a suffix such as ``.txt``, not ``/``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import DifftuneError, bad_value
-from ..methods.base import MethodConfig, get_method
+from ..methods.base import MethodConfig, check_adapter_name, get_method
 
 
 def check_finite(obj: Any, section: str) -> None:
@@ -30,6 +36,30 @@ def check_finite(obj: Any, section: str) -> None:
                 raise bad_value(f"{section}.{f.name}", value, "a finite number",
                                 "no setting means NaN or infinity; null turns an optional setting off")
 
+
+def check_range(key: str, value: int | float, low: float, high: float, hint: str = "") -> None:
+    """Refuse ``value`` outside [low, high], naming ``key``."""
+    if not low <= value <= high:
+        kind = "a number" if isinstance(low, float) or isinstance(high, float) else "an integer"
+        raise bad_value(key, value, f"{kind} in [{low:_}, {high:_}]", hint)
+
+
+def check_name(key: str, value: str | None, pattern: re.Pattern[str], expected: str, hint: str = "") -> None:
+    """Refuse a string that does not match ``pattern`` (a name that becomes part of a file name or attribute)."""
+    if value is not None and not pattern.fullmatch(value):
+        raise bad_value(key, value, expected, hint)
+
+
+#: a diffusers weight variant (``fp16``, ``non_ema``): it becomes part of file names, so never a path
+VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+#: a pipeline component (``unet``, ``transformer``, ``vae``): an attribute name
+COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: a caption file suffix (``.txt``, ``.caption``, ``.tags.txt``)
+SUFFIX = re.compile(r"(\.[A-Za-z0-9_-]+)+")
+MAX_RESOLUTION = 4096  #: SDXL trains at 1024; one 4096² image is 200 MB as float32
+MAX_STEPS = 10**9
+MAX_BATCH = 4096  #: per process
+MAX_INFERENCE_STEPS = 1000  #: the schedulers' training timesteps: no sampler takes more steps
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -52,6 +82,9 @@ class ModelConfig:
                             "model.architecture for an untrained reference architecture)",
                             "e.g. model.path=sd-mini (a shipped reference model) or a folder written by "
                             "save_pretrained")
+        check_name("model.variant", self.variant, VARIANT, "a weight variant name such as 'fp16'",
+                   "The variant names files (diffusion_pytorch_model.<variant>.safetensors); it is not a path.")
+        check_name("model.component", self.component, COMPONENT, "a pipeline component name such as 'unet'")
 
 
 IMAGE_KINDS = ("captions", "dreambooth", "classes", "control")
@@ -103,12 +136,13 @@ class DataConfig:
             raise bad_value("data.class_path", self.class_path, "unset unless data.kind is 'dreambooth'")
         if not 0 <= self.label_dropout < 1:
             raise bad_value("data.label_dropout", self.label_dropout, "in [0, 1)")
-        if self.resolution < 8 or self.resolution % 8:
-            raise bad_value("data.resolution", self.resolution, "a positive multiple of 8")
-        if self.repeats < 1:
-            raise bad_value("data.repeats", self.repeats, "an integer >= 1")
-        if self.num_workers < 0:
-            raise bad_value("data.num_workers", self.num_workers, "an integer >= 0")
+        if not 8 <= self.resolution <= MAX_RESOLUTION or self.resolution % 8:
+            raise bad_value("data.resolution", self.resolution, f"a multiple of 8 in [8, {MAX_RESOLUTION}]",
+                            "SD1.x trains at 512, SDXL at 1024.")
+        check_range("data.repeats", self.repeats, 1, 10_000, "Each image is seen `repeats` times per epoch.")
+        check_range("data.num_workers", self.num_workers, 0, 256)
+        check_name("data.caption_ext", self.caption_ext, SUFFIX, "a file suffix such as '.txt'",
+                   "Captions are read from <image name><caption_ext> beside each image.")
         if self.prior_loss_weight < 0:
             raise bad_value("data.prior_loss_weight", self.prior_loss_weight, "a number >= 0")
         if self.cache_latents and (self.random_flip or not self.center_crop):
@@ -152,6 +186,7 @@ class DataConfig:
             if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
                 raise bad_value("data.num_samples", self.num_samples, "an integer >= 1 with data.kind 'none'",
                                 "the number of items (indices) per epoch, e.g. 64")
+            check_range("data.num_samples", self.num_samples, 1, 1 << 24, "An epoch is shuffled as a whole.")
         if self.cache_text_embeddings and self.kind == "none":
             raise bad_value("data.cache_text_embeddings", True, "false with data.kind 'none' (no captions)")
 
@@ -192,6 +227,8 @@ class ScheduleConfig:
             raise bad_value("schedule.warmup_steps" if self.warmup_steps < 0 else "schedule.num_cycles",
                             self.warmup_steps if self.warmup_steps < 0 else self.num_cycles, "a non-negative integer"
                             if self.warmup_steps < 0 else "an integer >= 1")
+        check_range("schedule.warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_range("schedule.num_cycles", self.num_cycles, 1, MAX_STEPS)
 
 
 @dataclass
@@ -213,9 +250,9 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "train")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise bad_value(f"train.{name}", getattr(self, name), "an integer >= 1")
+        for name, most in (("max_steps", MAX_STEPS), ("batch_size", MAX_BATCH),
+                           ("gradient_accumulation_steps", MAX_BATCH)):
+            check_range(f"train.{name}", getattr(self, name), 1, most)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise bad_value("train.max_grad_norm", self.max_grad_norm, "a positive number or null")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -250,6 +287,15 @@ class ValidationConfig:
             raise bad_value("validation.num_inference_steps" if self.seeds else "validation.seeds",
                             self.num_inference_steps if self.seeds else self.seeds,
                             "an integer >= 1" if self.seeds else "at least one seed")
+        check_range("validation.num_inference_steps", self.num_inference_steps, 1, MAX_INFERENCE_STEPS,
+                    "Samplers take 20-50 steps; the schedulers have 1000 timesteps.")
+        check_range("validation.every_steps", self.every_steps, 0, MAX_STEPS)
+        if self.guidance_scale is not None:
+            check_range("validation.guidance_scale", self.guidance_scale, 0.0, 1000.0, "CFG scales are 1-15.")
+        for name, values in (("seeds", self.seeds), ("class_labels", self.class_labels)):
+            bad = [v for v in values if not 0 <= v < 2**32]
+            if bad:
+                raise bad_value(f"validation.{name}", values, "integers in [0, 2**32)", f"{bad[:3]} are not")
 
 
 @dataclass
@@ -263,6 +309,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.checkpointing_steps < 0:
             raise bad_value("checkpointing.checkpointing_steps", self.checkpointing_steps, "an integer >= 0 (0: off)")
+        check_range("checkpointing.checkpointing_steps", self.checkpointing_steps, 0, MAX_STEPS)
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise bad_value("checkpointing.checkpoints_total_limit", self.checkpoints_total_limit,
                             "an integer >= 1, or null to keep every checkpoint")
@@ -293,6 +340,10 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32 - 64:
             # numpy's seed is 32-bit; each process seeds seed + its index
             raise bad_value("seed", self.seed, "an integer in [0, 2**32 - 64)")
+        try:
+            check_adapter_name(self.adapter_name)
+        except DifftuneError as e:
+            raise DifftuneError(str(e).replace("`name`", "`adapter_name`", 1)) from None
         method = self.method_config()  # validate now, with keys named method.<field>
         if self.model.from_scratch and not method.trains_whole_model:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",

@@ -40,6 +40,9 @@ class ClassGateConfig(MethodConfig):
         c = model.config
         return GateTable(c.num_embeds_ada_norm, c.num_attention_heads * c.attention_head_dim)
 
+    def probe_inputs(self, name: str) -> tuple[int, dict]:
+        return 2, {"class_labels": torch.tensor([4, 9])}  # what its layers read: the loader probes them with it
+
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         return ClassGateAdapter(self) if isinstance(base_layer, nn.Linear) else None
 

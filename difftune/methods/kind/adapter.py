@@ -88,6 +88,10 @@ class KINDConfig(MethodConfig):
     def trains_whole_model(self) -> bool:
         return self.train_base
 
+    def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
+        # one item per class (its tailor group) plus one of no class (learngenes only)
+        return len(self.classes) + 1, {"class_labels": torch.tensor([*self.classes, -1])}
+
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         if isinstance(base_layer, nn.Embedding):
             return KINDClassRows(base_layer, self) if self.class_embeddings else None

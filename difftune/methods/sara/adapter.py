@@ -37,6 +37,9 @@ class SaRAConfig(MethodConfig):
     rank_min_dim: int = 64
     progressive_fraction: float | None = 0.5
 
+    #: (numel, Σ W0², Σ W0) per parameter: checked in `SaRAAdapter.adopt`; a count overflows float16
+    saved_statistics = ("sara_base_",)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.rank_weight, int) and not isinstance(self.rank_weight, bool):
@@ -102,12 +105,18 @@ def _fingerprint(param: Tensor) -> Tensor:
 
 def _check_base(name: str, saved: Tensor, param: Tensor, mask: Tensor, threshold: float) -> None:
     here = _fingerprint(param)
-    if int(saved[0]) != int(here[0]):
-        raise DifftuneError(f"`{name}` has {int(here[0]):,} entries, the adapter's mask {int(saved[0]):,}")
+    # A file whose tensors were converted to float16/bfloat16 holds a rounded fingerprint, and a count or sum beyond
+    # 65,504 became inf there: compare within the file's rounding and skip what overflowed (the mask's size, checked
+    # by `adopt`, and the θ test below still tell the base apart).
+    rounding = 0.0 if saved.dtype == torch.float64 else torch.finfo(saved.dtype).eps
+    saved = saved.double()
+    n_saved, n_here = float(saved[0]), float(here[0])
+    if math.isfinite(n_saved) and abs(n_saved - n_here) > rounding * n_here:
+        raise DifftuneError(f"`{name}` has {int(n_here):,} entries, the adapter's mask {n_saved:,.0f}")
     # An fp16/bf16 copy of the same base differs by rounding only: at most 2·2^-8 relative in Σ W0², and it moves no
     # entry clearly across θ. Another checkpoint moves many (the energy test alone catches other initializations).
     scale = max(float(saved[1]), 1e-30)
-    energy = abs(float(here[1]) - float(saved[1])) / scale
+    energy = abs(float(here[1]) - float(saved[1])) / scale if math.isfinite(float(saved[1])) else 0.0
     magnitude = param.detach().abs().reshape(-1).float()
     # Rounding to fp16/bf16 moves a value by < 0.4 %: only entries clearly on the other side of θ count as flips.
     clear = (magnitude - threshold).abs() > 1e-2 * threshold
@@ -195,6 +204,16 @@ class SaRAAdapter(Adapter):
         setattr(self, f"sara_delta_{pname}", delta)
         self._synced.pop(pname, None)
         self._dense.pop(pname, None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
+        # `model.half()` casts every floating buffer: the base fingerprints must stay float64 (a count of 73,728
+        # entries is inf in float16, and a file saved after the cast could never be checked against its base).
+        fingerprints = {k: b for k, b in self._buffers.items() if k.startswith("sara_base_") and b is not None}
+        super()._apply(fn, recurse)
+        for k, b in fingerprints.items():
+            if self._buffers[k].dtype != b.dtype:
+                self._buffers[k] = b.to(self._buffers[k].device)
+        return self
 
     def delta_vector(self, pname: str) -> nn.Parameter:
         """Δ for parameter ``pname``: (|M|,) fp32."""

@@ -58,6 +58,8 @@ from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
 
 UP_RESNETS = r"up_blocks\.\d+\.resnets\.\d+"
+#: P beyond this is a typo (SD uses 256, SDXL 320); each hint conv holds P·C·k² weights
+MAX_HINT_CHANNELS = 4096
 
 
 def encoder_skips(config: Any) -> list[tuple[int, bool]]:
@@ -190,9 +192,16 @@ class CSCConfig(MethodConfig):
         super().__post_init__()
         if self.hint_kernel not in (1, 3):
             raise bad_value("hint_kernel", self.hint_kernel, "1 or 3", "3 as released by scepter; 1 is ~4× smaller.")
-        if self.pre_hint_channels < 1 or not 0 < self.pre_hint_ratio <= 8:
+        if not 1 <= self.pre_hint_channels <= MAX_HINT_CHANNELS or not 0 < self.pre_hint_ratio <= 8:
             raise bad_value("pre_hint_channels/pre_hint_ratio", (self.pre_hint_channels, self.pre_hint_ratio),
-                            "channels >= 1 and a ratio in (0, 8]", "SD: 256 and 1.0; SDXL: 320 and 2.0.")
+                            f"channels in [1, {MAX_HINT_CHANNELS}] and a ratio in (0, 8]",
+                            "SD: 256 and 1.0; SDXL: 320 and 2.0.")
+
+    def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
+        # an 8x8 control image for a 1x1 latent: the hint encoder's three stride-2 convs bring every hint to 1x1, the
+        # size of the loader's probe of each tuner
+        control = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        return 1, {"control": {name: control}, "sample": torch.zeros(1, 4, 1, 1)}
 
     def make_model_part(self, model: nn.Module) -> nn.Module:
         if not hasattr(model, "up_blocks") or not hasattr(getattr(model, "config", None), "block_out_channels"):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import DifftuneError, bad_value
-from ..base import Adapter, MethodConfig, Site, register_method
+from ..base import MAX_SCALE, MAX_SIZE, Adapter, MethodConfig, Site, register_method
 
 #: Every Linear/Conv2d of the transformer blocks: UNet Transformer2DModels ("attentions.N") and DiT/PixArt blocks.
 TARGETS = [r".*attentions\.\d+\.proj_(in|out)", r".*transformer_blocks\.\d+\.attn[12]\.to_(q|k|v|out\.0)",
@@ -106,8 +106,9 @@ class SPMConfig(MethodConfig):
         self.check_types()
         if self.rank < 1:
             raise bad_value("rank", self.rank, "an integer >= 1", "SPM's membrane is rank 1.")
-        if self.alpha <= 0:
-            raise bad_value("alpha", self.alpha, "a positive number", "The official value is 1.0.")
+        if not 0 < self.alpha <= MAX_SCALE:  # α/r scales ΔW: a 1e30 α loads as NaN outputs
+            raise bad_value("alpha", self.alpha, f"a positive number up to {MAX_SCALE:g}",
+                            "The official value is 1.0.")
         for name in ("concepts", "surrogates", "anchors"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -120,9 +121,13 @@ class SPMConfig(MethodConfig):
         for name, allowed in (("matching", MATCHING), ("gamma_mode", GAMMA_MODES), ("action", ACTIONS)):
             if getattr(self, name) not in allowed:
                 raise bad_value(name, getattr(self, name), f"one of {allowed}")
-        for name in ("text_length", "num_anchors", "sampling_steps"):
-            if getattr(self, name) < 1:
-                raise bad_value(name, getattr(self, name), "an integer >= 1")
+        for name, most in (("text_length", 1024), ("num_anchors", 1024), ("sampling_steps", 1000)):
+            if not 1 <= getattr(self, name) <= most:  # a text length, a batch of anchors per step, DDIM steps
+                raise bad_value(name, getattr(self, name), f"an integer in [1, {most}]")
+        if len(self.concepts) * self.text_length > MAX_SIZE:  # the part stores E(c): concepts × L × D values
+            raise bad_value("concepts", f"{len(self.concepts)} concepts of text_length {self.text_length}",
+                            f"at most {MAX_SIZE:,} stored embedding rows (concepts × text_length)",
+                            "One SPM erases a few concepts; train several SPMs for more.")
         if self.la_strength < 0 or self.sampling_guidance < 0:
             raise bad_value("la_strength/sampling_guidance", (self.la_strength, self.sampling_guidance),
                             "non-negative numbers")
@@ -137,6 +142,10 @@ class SPMConfig(MethodConfig):
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
+            width = max(base_layer.weight.shape[0], math.prod(base_layer.weight.shape[1:]))
+            if self.rank > width:  # U D would hold more values than a dense ΔW: refused before allocating
+                raise bad_value("rank", self.rank, f"at most max(d_out, d_in) = {width} for this layer",
+                                "SPM's membrane is rank 1.")
             return SPMAdapter(base_layer, self)
         return None
 
