@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 
 import difftune as dt
 from difftune.config import load_config
+from difftune.counting import inspect_adapter
 from difftune.errors import DifftuneError
-from difftune.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME, inspect_adapter
+from difftune.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
 from difftune.targeting import check_pattern, find_targets
 from difftune.testing import tiny_unet
 from difftune.train import TrainConfig
