@@ -136,6 +136,10 @@ class SPMConfig(MethodConfig):
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
+        # the loader's probe sees the membrane at full strength: each concept as a prompt (γ = 1 under the token rule)
+        return 4, {"prompt": [self.concepts[i % len(self.concepts)] if self.concepts else "" for i in range(4)]}
+
     def make_model_part(self, model: nn.Module) -> nn.Module | None:
         width = text_width(model)
         return SPMPart(self, width) if width else None
