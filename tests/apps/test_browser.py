@@ -1,11 +1,13 @@
 """The studio in a real browser: Debian Chromium driven by Playwright (never `playwright install`).
 
-Loads the page, enables two adapters with different weights, clicks Generate and finds the image in the gallery.
-The screenshot is a test artifact (path printed; also copied to docs/studio.png when STUDIO_SCREENSHOT_DOCS=1).
+Loads the page, enables adapters with different weights, clicks Generate and finds the image in the gallery; adds an
+adapter that sorts first and checks that Refresh, a reload and the filter keep every tick on its adapter. The
+screenshot is a test artifact (path printed; also copied to docs/studio.png when STUDIO_SCREENSHOT_DOCS=1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,53 +19,124 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+ROWS = 24
+
+
+@contextlib.contextmanager
+def _page(url: str, width: int = 1400, height: int = 1000):
+    """A fresh Chromium page on the studio (skips where Chromium or python playwright is missing)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing and could not be installed (make test runs apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM),
+                                                   headless=True, args=ARGS,
+                                                   viewport={"width": width, "height": height})
+        try:
+            page = ctx.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            yield page
+        finally:
+            ctx.close()
 
 
 def _row(page, key: str, timeout: float = 30.0) -> int:
     """The index of the adapter row whose checkbox is labelled ``key`` (polled: a loaded machine renders slowly)."""
     deadline = time.monotonic() + timeout
     while True:
-        for i in range(24):
+        for i in range(ROWS):
             box = page.locator(f"#adapter-enable-{i}")
             if box.count() and box.is_visible() and key in box.inner_text():
                 return i
         if time.monotonic() > deadline:
-            labels = [page.locator(f"#adapter-enable-{i}").inner_text() for i in range(24)
-                      if page.locator(f"#adapter-enable-{i}").count()]
-            raise AssertionError(f"no adapter row for {key!r}; rows: {labels}")
+            raise AssertionError(f"no adapter row for {key!r}; rows: {list(_rows(page))}")
         time.sleep(0.5)
 
 
+def _rows(page) -> dict[str, tuple[bool, float]]:
+    """The visible rows: the first line of each row's label (its key) -> (ticked, weight)."""
+    out = {}
+    for i in range(ROWS):
+        box = page.locator(f"#adapter-enable-{i}")
+        if box.count() and box.is_visible():
+            key = box.inner_text().strip().split("\n")[0].strip()
+            out[key] = (box.locator("input[type=checkbox]").is_checked(),
+                        float(page.locator(f"#adapter-weight-{i} input[type=number]").input_value()))
+    return out
+
+
+def _tick(page, key: str, weight: str) -> None:
+    i = _row(page, key)
+    page.locator(f"#adapter-enable-{i} input[type=checkbox]").check()
+    number = page.locator(f"#adapter-weight-{i} input[type=number]")
+    number.fill(weight)
+    number.press("Enter")
+
+
+def _generate(page) -> str:
+    """Click Generate and return the new infotext."""
+    page.evaluate("document.querySelector('#infotext textarea').value = ''")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Steps:')", timeout=60_000)
+    return page.locator("#infotext textarea").input_value()
+
+
+def _poll(check, page, timeout: float = 30.0):
+    """``check()``'s value once it is truthy (a loaded machine renders slowly)."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; rows: {_rows(page)}")
+        time.sleep(0.5)
+    return got
+
+
 def test_enable_two_adapters_and_generate(served, studio_files, tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing and could not be installed (make test runs apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
     keys = studio_files[2]
     shots = tmp_path_factory.mktemp("browser")
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM),
-                                                   headless=True, args=ARGS, viewport={"width": 1400, "height": 1000})
-        try:
-            page = ctx.new_page()
-            page.goto(served[1], wait_until="domcontentloaded")
-            page.wait_for_selector("#generate", timeout=60_000)
-            for key, weight in ((keys["style"], "0.8"), (keys["subject"], "-0.5")):
-                i = _row(page, key)
-                page.locator(f"#adapter-enable-{i} input[type=checkbox]").check()
-                number = page.locator(f"#adapter-weight-{i} input[type=number]")
-                number.fill(weight)
-                number.press("Enter")
-            page.locator("#prompt textarea").fill("a handwritten digit seven")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            page.wait_for_function("document.querySelector('#infotext textarea').value.includes('<adapter:')",
-                                   timeout=30_000)
-            text = page.locator("#infotext textarea").input_value()
-            shot = page.screenshot(path=str(shots / "studio.png"), full_page=True)
-        finally:
-            ctx.close()
+    with _page(served[1]) as page:
+        for key, weight in ((keys["style"], "0.8"), (keys["subject"], "-0.5")):
+            _tick(page, key, weight)
+        page.locator("#prompt textarea").fill("a handwritten digit seven")
+        text = _generate(page)
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        shot = page.screenshot(path=str(shots / "studio.png"), full_page=True)
     print(f"studio screenshot: {shots / 'studio.png'}")
     assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['subject']}:-0.5>" in text
     assert len(shot) > 10_000
     if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
         shutil.copy(shots / "studio.png", Path(__file__).resolve().parents[2] / "docs" / "studio.png")
+
+
+def test_refresh_keeps_each_selection_on_its_adapter(served, studio_files):
+    """Issue 28: ticks and weights stayed on row positions, so an adapter that sorts first took them over."""
+    root, keys = studio_files[1], studio_files[2]
+    first = root / "aaa-first"  # a LoRA (a copy of labs/style) whose key sorts before every other
+    with _page(served[1]) as page:
+        _tick(page, keys["style"], "0.8")
+        _tick(page, keys["erase"], "0.4")
+        shutil.copytree(root / keys["style"], first)
+        try:
+            page.click("#refresh")
+            _row(page, "aaa-first")
+            rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"]) == (True, 0.8)), None), page)
+            assert rows["aaa-first"] == (False, 1.0) and rows[keys["erase"]] == (True, 0.4)
+            assert all(not on for key, (on, _) in rows.items() if key not in (keys["style"], keys["erase"]))
+            # rows are grouped by method: a header above the first row of each group
+            groups = [page.locator(f"#adapter-group-{i}").inner_text().strip() for i in range(ROWS)
+                      if page.locator(f"#adapter-group-{i}").is_visible()]
+            assert groups == sorted(groups) and {"lora", "spm", "krona", "csc"} <= set(groups)
+            # the filter hides rows, not selections: Generate still uses the hidden LoRA
+            page.locator("#adapter-filter textarea").fill("spm")
+            _poll(lambda: list(_rows(page)) == [keys["erase"]], page)
+            assert _rows(page)[keys["erase"]] == (True, 0.4)
+            text = _generate(page)
+            assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['erase']}:0.4>" in text
+            assert "aaa-first" not in text
+            # a reload lists the folder as it is now (a fresh session: nothing ticked)
+            page.reload(wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            _row(page, "aaa-first")
+        finally:
+            shutil.rmtree(first)
