@@ -21,6 +21,14 @@ from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
 
 MAX_ROWS = rows.MAX_ROWS
+#: the result gallery grows with its image (Gradio's fixed height scrolled a cropped band of it) and an image never
+#: grows past the window's height; object-fit "contain" shows it whole at its aspect ratio
+CSS = """#gallery .grid-wrap { height: auto !important; max-height: none !important; }
+#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }"""
+#: Ctrl+Enter (Cmd+Enter) anywhere on the page clicks Generate
+KEYS_JS = """() => { document.addEventListener("keydown", (e) => {
+  if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
+    const b = document.getElementById("generate"); if (b) { e.preventDefault(); b.click(); } } }); }"""
 
 
 def _errors(fn: Any, root: Path) -> Any:
@@ -34,6 +42,16 @@ def _errors(fn: Any, root: Path) -> Any:
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__
     return wrapped
+
+
+def _path(item: Any) -> str:
+    """A gallery item as a callback gets it: (path, caption), a path, or a dict holding one."""
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):
+        item = item.get("image", item)
+        item = item.get("path", "") if isinstance(item, dict) else item
+    return str(item)
 
 
 def build_demo(studio: Studio) -> gr.Blocks:
@@ -54,8 +72,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             f" (A/B model: {studio.compare_slot.label})" if studio.compare_slot else "") +
             f"\nAdapters folder: `{studio.root.name}`")  # its name: the page must not show server paths
         mix_box = gr.Textbox(visible=False, label="mix (JSON)")
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340):  # the controls; the result beside them (below on a phone)
                 prompt = gr.Textbox(label="Prompt", value="" if slot.kind == "dit" else "a handwritten digit seven",
                                     visible=slot.kind != "dit", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
@@ -75,15 +93,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler")
                     batch = gr.Slider(1, lim.max_batch, value=1, step=1, label="Batch")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id="seed")
                     randomize = gr.Checkbox(value=False, label="Randomise seed")
                     used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
+                    reuse_btn = gr.Button("♻ Reuse seed", size="sm", elem_id="reuse-seed")
                 with gr.Row():
-                    gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    gen_btn = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", elem_id="cancel")
-                gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
-                info = gr.Textbox(label="Parameters (infotext) and notes", lines=4, elem_id="infotext")
-            with gr.Column(scale=2):
+                status = gr.Markdown("ready", elem_id="status")
                 with gr.Tab("Adapters"):
                     fused = gr.Checkbox(value=False, label="Fused (bake weight-space adapters into the weights)")
                     with gr.Row():
@@ -141,6 +158,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     read_text = gr.Textbox(label="parameters", lines=4)
                     read_json = gr.JSON(label="parsed")
                     send_btn = gr.Button("Send to Generate")
+            with gr.Column(scale=6, min_width=340):
+                # the whole image at its aspect ratio ("contain", never cropped), high enough to fill the screen
+                gallery = gr.Gallery(label="Images", columns=1, object_fit="contain",
+                                     elem_id="gallery", format="png")
+                info = gr.Textbox(label="Parameters (infotext) and notes", lines=4, elem_id="infotext")
+                history = gr.Gallery(label="History of this session (click to recall)", columns=6, height=170,
+                                     object_fit="contain", allow_preview=False, elem_id="history", format="png")
+                history_state = gr.State([])
+                jobs_state = gr.State(0)
 
         gen_inputs = [prompt, negative, steps, guidance, width, height, sampler, batch, seed, randomize, mix_box,
                       fused, transport, control, extractor, control_scale, class_label]
@@ -169,6 +195,23 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 return gr.skip(), gr.skip(), str(e), gr.skip()
             text = "\n\n".join([r.infotexts[0], *r.notes]) if r.infotexts else "\n".join(r.notes)
             return [str(p) for p in r.images], r.seed, text, r.condition
+
+        def busy(jobs: int) -> str:
+            return "ready" if jobs <= 0 else (f"⏳ busy: {jobs} job(s) running or waiting (each one's place in the "
+                                              "queue shows on the images)")
+
+        def enqueue(jobs: int, *row_values: Any) -> tuple:
+            """A Generate click: the mix, and one more job of this page in the queue."""
+            return (*collect(*row_values), jobs + 1, busy(jobs + 1))
+
+        def finished(jobs: int) -> tuple[int, str]:
+            return max(jobs - 1, 0), busy(jobs - 1)
+
+        def remember(hist: list[dict[str, Any]], images: Any, seed: Any, text: str) -> tuple[list, list]:
+            """The new images at the end of this session's history, with their infotext for recall."""
+            hist = [*hist, *[{"path": _path(item), "caption": f"#{len(hist) + i + 1} · seed {seed}",
+                              "text": (text or "").split("\n\n")[0]} for i, item in enumerate(images or [])]]
+            return hist, [(h["path"], h["caption"]) for h in hist]
 
         @errors
         def compare(*args: Any) -> tuple:
@@ -235,10 +278,25 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         row_outputs = [ids_state, selection_state, row_summary, *headers, *groups, *enables, *weights, bundle_pick]
         redraw_inputs = [library_json, query, ids_state, selection_state, *enables, *weights]
-        gen_event = gen_btn.click(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
-                                  queue=False).then(
+        # every click queues one job (Gradio's default "once" dropped a click while a job ran), one job at a time
+        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize]
+
+        def recall(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
+            """A history image back in the result view, its settings back in the controls."""
+            entry = hist[evt.index]
+            return [[entry["path"]], entry["text"], *send_to_generate(parse_infotext(entry["text"]))]
+
+        gen_event = gen_btn.click(enqueue, [jobs_state, *row_inputs], [mix_box, selection_state, jobs_state, status],
+                                  api_visibility="private", queue=False, trigger_mode="multiple").then(
             generate, gen_inputs, [gallery, used_seed, info, condition], api_name="generate",
-            concurrency_id="model", concurrency_limit=1)
+            concurrency_id="model", concurrency_limit=1, trigger_mode="multiple")
+        gen_event.then(finished, jobs_state, [jobs_state, status], api_visibility="private", queue=False)
+        gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
+                          api_visibility="private", queue=False)
+        history.select(recall, history_state, [gallery, info, *recall_outputs], api_visibility="private",
+                       queue=False)
+        reuse_btn.click(lambda s: (s, False), used_seed, [seed, randomize], api_visibility="private", queue=False)
+        cancel_btn.click(lambda: (0, busy(0)), None, [jobs_state, status], api_visibility="private", queue=False)
         ab_event = ab_btn.click(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
                                 queue=False).then(
             compare, [*gen_inputs, ab_mode], [img_a, img_b, ab_info], api_name="compare",
@@ -257,9 +315,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         load_btn.click(load_mix, bundle_pick, [mix_box, fused, mix_msg], api_name="load_mix").then(
             mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
         read_btn.click(read_parameters, png, [read_text, read_json], api_name="read_parameters")
-        send_btn.click(send_to_generate, read_json,
-                       [prompt, negative, steps, guidance, width, height, sampler, seed, randomize],
-                       api_visibility="private")
+        send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -269,7 +325,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, blo
     demo = build_demo(studio)
     studio.out.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                allowed_paths=[str(studio.out)], show_error=True)
+                allowed_paths=[str(studio.out)], show_error=True, js=KEYS_JS, css=CSS)
     return demo
 
 

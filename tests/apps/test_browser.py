@@ -140,3 +140,57 @@ def test_refresh_keeps_each_selection_on_its_adapter(served, studio_files):
             _row(page, "aaa-first")
         finally:
             shutil.rmtree(first)
+
+
+def _number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_two_quick_clicks_give_two_images_in_order(served):
+    """Issue 28: a second Generate while one ran was dropped; now it queues (Ctrl+Enter is the second click), the
+    page says it is busy, the history holds both in click order and a click on one recalls its settings."""
+    with _page(served[1], 1280, 800) as page:
+        _number(page, "steps", "120")  # long enough that the second click lands while the first job runs
+        _number(page, "seed", "1")
+        page.click("#generate")
+        _poll(lambda: "busy" in page.locator("#status").inner_text(), page)
+        _number(page, "seed", "2")
+        page.locator("#prompt textarea").focus()  # (Enter on the focused "randomise" box would tick it)
+        page.keyboard.press("Control+Enter")
+        _poll(lambda: page.locator("#history img").count() == 2, page, timeout=90)
+        captions = page.locator("#history").inner_text()
+        assert captions.index("#1 · seed 1") < captions.index("#2 · seed 2")
+        _poll(lambda: page.locator("#status").inner_text().strip() == "ready", page)
+        page.locator("#history img").first.click()
+        _poll(lambda: page.locator("#seed input[type=number]").input_value() == "1", page)
+        # reuse seed: the seed used goes back into the seed box
+        _number(page, "seed", "5")
+        page.click("#reuse-seed")
+        _poll(lambda: page.locator("#seed input[type=number]").input_value() == "2", page)
+
+
+def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
+    """Issue 28: at 1280 px the gallery showed a cropped band of the image, below the fold."""
+    shots = tmp_path_factory.mktemp("layout")
+    with _page(served[1], 1280, 800) as page:
+        _generate(page)
+        img = page.locator("#gallery img").first
+        img.wait_for(timeout=60_000)
+        box = img.bounding_box()
+        fit = img.evaluate("e => getComputedStyle(e).objectFit")
+        frame = page.locator("#gallery .grid-wrap").bounding_box()  # what the gallery shows (it scrolls inside)
+        page.screenshot(path=str(shots / "studio.png"))
+    with _page(served[1], 390, 844) as phone:
+        _generate(phone)
+        phone.locator("#gallery img").first.wait_for(timeout=60_000)
+        phone.locator("#gallery").scroll_into_view_if_needed()
+        phone.screenshot(path=str(shots / "studio-phone.png"))
+    assert fit in ("contain", "scale-down"), fit  # never "cover": the whole image at its aspect ratio
+    assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 800
+    assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]  # not clipped
+    assert box["width"] >= 300 and box["height"] >= 300  # large, not a thumbnail
+    if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
+        for name in ("studio.png", "studio-phone.png"):
+            shutil.copy(shots / name, Path(__file__).resolve().parents[2] / "docs" / name)
