@@ -121,8 +121,8 @@ def mix(selection: Selection) -> list[dict[str, Any]]:
 
 
 def from_mix(listing: list[dict[str, Any]], items: list[dict[str, Any]]) -> tuple[Selection, list[str]]:
-    """A selection holding exactly ``items`` ({key, weight}), each mapped to the listed adapter of that key; keys
-    not listed are named in the notes (press Refresh)."""
+    """A selection holding exactly ``items`` ({key, weight, optional hash}: a saved mix, or an image's infotext),
+    each mapped to the listed adapter of that key; keys not listed, and hashes that differ, are named in the notes."""
     by_key = {e["key"]: e for e in adapters(listing)}
     selection, notes = {}, []
     for item in items:
@@ -130,5 +130,8 @@ def from_mix(listing: list[dict[str, Any]], items: list[dict[str, Any]]) -> tupl
         if e is None:
             notes.append(f"{item['key']} is not in the listing; press 'Refresh folder'")
             continue
+        if item.get("hash") and item["hash"] != e.get("sha256"):
+            notes.append(f"{item['key']} changed since (hash {item['hash']} → {e.get('sha256', '')}): the current "
+                         "file is ticked")
         selection[identity(e)] = [True, float(item["weight"])]
     return selection, notes

@@ -245,6 +245,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
             selection, notes = rows.from_mix(listing, json.loads(mix) if mix else [])
             return draw(listing, q, selection, notes)
 
+        def infotext_to_rows(listing: list[dict[str, Any]], q: str, parsed: Any) -> list[Any]:
+            """The rows ticked as an image's infotext says (its adapters and weights replace the selection)."""
+            parsed = parse_infotext(parsed) if isinstance(parsed, str) else parsed
+            items = parsed.get("adapters", []) if isinstance(parsed, dict) else []
+            return mix_to_rows(listing, q, json.dumps(items))
+
         @errors
         def save_mix(name: str, mix: str, fu: bool, how: str) -> tuple[str, list[dict[str, Any]]]:
             """Save the mix (merged LoRA or bundle); returns (message, the folder's new listing)."""
@@ -294,7 +300,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
                           api_visibility="private", queue=False)
         history.select(recall, history_state, [gallery, info, *recall_outputs], api_visibility="private",
-                       queue=False)
+                       queue=False).then(infotext_to_rows, [library_json, query, info], row_outputs,
+                                         api_visibility="private", queue=False)
         reuse_btn.click(lambda s: (s, False), used_seed, [seed, randomize], api_visibility="private", queue=False)
         cancel_btn.click(lambda: (0, busy(0)), None, [jobs_state, status], api_visibility="private", queue=False)
         ab_event = ab_btn.click(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
@@ -315,7 +322,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         load_btn.click(load_mix, bundle_pick, [mix_box, fused, mix_msg], api_name="load_mix").then(
             mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
         read_btn.click(read_parameters, png, [read_text, read_json], api_name="read_parameters")
-        send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private")
+        send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private").then(
+            infotext_to_rows, [library_json, query, read_json], row_outputs, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -54,16 +54,23 @@ def _row(page, key: str, timeout: float = 30.0) -> int:
         time.sleep(0.5)
 
 
+ROWS_JS = """(n) => {
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const box = document.getElementById(`adapter-enable-${i}`);
+    if (!box || box.offsetParent === null) continue;  // hidden slot
+    const weight = document.querySelector(`#adapter-weight-${i} input[type=number]`);
+    out.push([box.innerText.trim().split("\\n")[0].trim(), box.querySelector("input[type=checkbox]").checked,
+              parseFloat(weight.value)]);
+  }
+  return out;
+}"""
+
+
 def _rows(page) -> dict[str, tuple[bool, float]]:
-    """The visible rows: the first line of each row's label (its key) -> (ticked, weight)."""
-    out = {}
-    for i in range(ROWS):
-        box = page.locator(f"#adapter-enable-{i}")
-        if box.count() and box.is_visible():
-            key = box.inner_text().strip().split("\n")[0].strip()
-            out[key] = (box.locator("input[type=checkbox]").is_checked(),
-                        float(page.locator(f"#adapter-weight-{i} input[type=number]").input_value()))
-    return out
+    """The visible rows: the first line of each row's label (its key) -> (ticked, weight), read in one go (a redraw
+    between separate reads would mix two states)."""
+    return {key: (on, w) for key, on, w in page.evaluate(ROWS_JS, ROWS)}
 
 
 def _tick(page, key: str, weight: str) -> None:
@@ -194,3 +201,19 @@ def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
     if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
         for name in ("studio.png", "studio-phone.png"):
             shutil.copy(shots / name, Path(__file__).resolve().parents[2] / "docs" / name)
+
+
+def test_recall_restores_every_adapter_with_its_weight(served, studio_files):
+    """Issue 28: recall restored the prompt and settings but not the adapters."""
+    keys = studio_files[2]
+    want = {keys["style"]: 0.8, keys["subject"]: -0.5, keys["erase"]: 0.4}
+    with _page(served[1]) as page:
+        for key, weight in want.items():
+            _tick(page, key, str(weight))
+        _generate(page)
+        _poll(lambda: page.locator("#history img").count() == 1, page)
+        page.locator(f"#adapter-enable-{_row(page, keys['style'])} input[type=checkbox]").uncheck()
+        _tick(page, keys["edges"], "0.3")
+        page.locator("#history img").first.click()
+        rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"], (0,))[0]), None), page)
+    assert {k: w for k, (on, w) in rows.items() if on} == want

@@ -68,3 +68,9 @@ def test_a_loaded_mix_replaces_the_selection():
     selection, notes = rows.from_mix(LISTING, [{"key": "labs/edges", "weight": 0.3}, {"key": "gone", "weight": 1}])
     assert selection == {"labs/edges#33": [True, 0.3]}
     assert notes == ["gone is not in the listing; press 'Refresh folder'"]
+
+
+def test_an_infotext_hash_that_differs_is_named():
+    selection, notes = rows.from_mix(LISTING, [{"key": "labs/style", "weight": 0.8, "hash": "ff"}])
+    assert selection == {"labs/style#11": [True, 0.8]}
+    assert notes == ["labs/style changed since (hash ff → 11): the current file is ticked"]
