@@ -189,10 +189,12 @@ def scan(root: str | Path) -> list[Entry]:
 
 @dataclass(frozen=True)
 class MixItem:
-    """One adapter of a mix: its key in the folder and its weight w (output = base + Σ w_i δ_i)."""
+    """One adapter of a mix: its key in the folder and its weight w (output = base + Σ w_i δ_i); ``sha256``, when
+    given, is the hash the adapter was selected with (the engine refuses a file that changed since)."""
 
     key: str
     weight: float
+    sha256: str = ""
 
 
 MAX_WEIGHT = 2.0  #: the sliders' range is [-MAX_WEIGHT, MAX_WEIGHT]
@@ -217,10 +219,13 @@ def check_mix(items: Any) -> list[MixItem]:
             raise bad_value("key of a mix item", clip(key), "an adapter key (text)")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not -MAX_WEIGHT <= w <= MAX_WEIGHT:
             raise bad_value(f"weight of {clip(key)!r}", clip(w), f"a number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+        digest = item.get("sha256", "")
+        if not isinstance(digest, str) or not _SHA.match(digest):
+            raise bad_value(f"sha256 of {clip(key)!r}", clip(digest), "the hex digest prefix the listing shows")
         if key in seen:
             raise bad_value("mix", clip(key), "each adapter once", "Give one weight per adapter.")
         seen.add(key)
-        out.append(MixItem(key, float(w)))
+        out.append(MixItem(key, float(w), digest))
     return out
 
 
@@ -295,7 +300,8 @@ def read_bundle(root: Path, key: str) -> dict[str, Any]:
         digest = file_hash(root, path / WEIGHTS_NAME, item.key)
         if saved and digest != saved:
             notes.append(f"{item.key} changed since the mix was saved (hash {saved} → {digest})")
-    return {"items": items, "fused": data["fused"], "notes": notes}
+    # the mix as it loads now (the notes say what changed), not bound to the hashes it was saved with
+    return {"items": [MixItem(i.key, i.weight) for i in items], "fused": data["fused"], "notes": notes}
 
 
 _SHA = re.compile(r"^[0-9a-f]{0,64}$")

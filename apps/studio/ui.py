@@ -15,12 +15,20 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import library
+from . import library, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
 
-MAX_ROWS = 24  #: adapter rows shown (the folder's first MAX_ROWS entries that are adapters)
+MAX_ROWS = rows.MAX_ROWS
+#: the result gallery grows with its image (Gradio's fixed height scrolled a cropped band of it) and an image never
+#: grows past the window's height; object-fit "contain" shows it whole at its aspect ratio
+CSS = """#gallery .grid-wrap { height: auto !important; max-height: none !important; }
+#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }"""
+#: Ctrl+Enter (Cmd+Enter) anywhere on the page clicks Generate
+KEYS_JS = """() => { document.addEventListener("keydown", (e) => {
+  if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
+    const b = document.getElementById("generate"); if (b) { e.preventDefault(); b.click(); } } }); }"""
 
 
 def _errors(fn: Any, root: Path) -> Any:
@@ -36,66 +44,88 @@ def _errors(fn: Any, root: Path) -> Any:
     return wrapped
 
 
+def _path(item: Any) -> str:
+    """A gallery item as a callback gets it: (path, caption), a path, or a dict holding one."""
+    if isinstance(item, (list, tuple)):
+        item = item[0]
+    if isinstance(item, dict):
+        item = item.get("image", item)
+        item = item.get("path", "") if isinstance(item, dict) else item
+    return str(item)
+
+
 def build_demo(studio: Studio) -> gr.Blocks:
     slot = studio.main
     default_size, size_step, fixed = slot.size_rule()
     classes = slot.class_choices()
+    family = slot.defaults()  # steps and guidance where the model's pipeline starts
     lim = studio.limits
-    rows: list[tuple[Any, Any, Any]] = []
-    row_keys: list[str] = []
+    headers, groups, enables, weights = [], [], [], []
     errors = functools.partial(_errors, root=studio.root)
 
-    def adapter_entries() -> list[library.Entry]:
-        return [e for e in studio.entries() if e.kind == "adapter"][:MAX_ROWS]
+    def list_adapters() -> list[dict[str, Any]]:
+        """Every adapter and bundle of the folder with its badges."""
+        return [e.to_dict() for e in studio.entries()]
 
     with gr.Blocks(title="difftune studio") as demo:
         gr.Markdown(f"## difftune studio — {slot.label}" + (
             f" (A/B model: {studio.compare_slot.label})" if studio.compare_slot else "") +
             f"\nAdapters folder: `{studio.root.name}`")  # its name: the page must not show server paths
         mix_box = gr.Textbox(visible=False, label="mix (JSON)")
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340):  # the controls; the result beside them (below on a phone)
                 prompt = gr.Textbox(label="Prompt", value="" if slot.kind == "dit" else "a handwritten digit seven",
                                     visible=slot.kind != "dit", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
                 class_label = gr.Dropdown(choices=classes, value=classes[0][1] if slot.kind == "dit" else None,
                                           label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes))
                 with gr.Row():
-                    steps = gr.Slider(1, lim.max_steps, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0, lim.max_guidance, value=4.0, step=0.5, label="Guidance (CFG)")
+                    steps = gr.Slider(1, lim.max_steps, value=min(family["steps"], lim.max_steps), step=1,
+                                      label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, lim.max_guidance, value=min(family["guidance"], lim.max_guidance),
+                                         step=0.5, label="Guidance (CFG)")
                 with gr.Row():
                     width = gr.Slider(size_step, lim.max_size, value=default_size, step=size_step, label="Width",
-                                      interactive=not fixed)
+                                      interactive=not fixed, elem_id="width")
                     height = gr.Slider(size_step, lim.max_size, value=default_size, step=size_step, label="Height",
-                                       interactive=not fixed)
+                                       interactive=not fixed, elem_id="height")
                 with gr.Row():
                     sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler")
                     batch = gr.Slider(1, lim.max_batch, value=1, step=1, label="Batch")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
+                    seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id="seed")
                     randomize = gr.Checkbox(value=False, label="Randomise seed")
                     used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
+                    reuse_btn = gr.Button("♻ Reuse seed", size="sm", elem_id="reuse-seed")
                 with gr.Row():
-                    gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    gen_btn = gr.Button("Generate (Ctrl+Enter)", variant="primary", elem_id="generate")
                     cancel_btn = gr.Button("Cancel", elem_id="cancel")
-                gallery = gr.Gallery(label="Images", columns=4, height=320, elem_id="gallery", format="png")
-                info = gr.Textbox(label="Parameters (infotext) and notes", lines=4, elem_id="infotext")
-            with gr.Column(scale=2):
+                status = gr.Markdown("ready", elem_id="status")
                 with gr.Tab("Adapters"):
                     fused = gr.Checkbox(value=False, label="Fused (bake weight-space adapters into the weights)")
-                    refresh = gr.Button("Refresh folder", size="sm")
-                    library_json = gr.JSON(label="library", visible=False)
-                    entries = adapter_entries()
-                    for i in range(MAX_ROWS):
-                        e = entries[i] if i < len(entries) else None
-                        with gr.Group(visible=e is not None) as group:
-                            enable = gr.Checkbox(value=False, label=e.key if e else "", elem_id=f"adapter-enable-{i}",
-                                                 info=e.badges() if e else "", interactive=not (e and e.error))
-                            weight = gr.Slider(-library.MAX_WEIGHT, library.MAX_WEIGHT, value=1.0, step=0.05,
-                                               label="weight", elem_id=f"adapter-weight-{i}")
-                        rows.append((group, enable, weight))
-                        row_keys.append(e.key if e else "")
-                    keys_state = gr.State(row_keys)
+                    with gr.Row():
+                        refresh = gr.Button("Refresh folder", size="sm", scale=0, min_width=130,
+                                            elem_id="refresh")
+                        query = gr.Textbox(placeholder="filter: key, method, base …", show_label=False,
+                                           container=False, elem_id="adapter-filter")
+                    listing = list_adapters()
+                    library_json = gr.JSON(listing, label="library", visible=False)
+                    slots, summary = rows.layout(listing, "", {})
+                    row_summary = gr.Markdown(summary, elem_id="adapter-summary")
+                    # fixed slots; which adapter each shows is `ids_state`, the ticks and weights live in
+                    # `selection_state` by adapter identity (rows.py): a redraw never leaves a tick on a slot
+                    for i, sl in enumerate(slots):
+                        headers.append(gr.Markdown(sl.header, visible=bool(sl.header), elem_id=f"adapter-group-{i}"))
+                        with gr.Group(visible=bool(sl.ident)) as group:
+                            enables.append(gr.Checkbox(value=False, label=sl.label, elem_id=f"adapter-enable-{i}",
+                                                       info=sl.info, interactive=sl.usable))
+                            weights.append(gr.Slider(-library.MAX_WEIGHT, library.MAX_WEIGHT, value=1.0, step=0.05,
+                                                     label="weight", elem_id=f"adapter-weight-{i}"))
+                        groups.append(group)
+                    # in the page, not a gr.State: a State lives on the server and may already hold a newer
+                    # redraw's slots than the tick values an event sends; the page sends both as it shows them
+                    ids_state = gr.JSON([sl.ident for sl in slots], visible=False)
+                    selection_state = gr.State({})
                     with gr.Row():
                         mix_name = gr.Textbox(label="Mix name", value="my-mix")
                         save_as = gr.Radio(["auto", "merged", "bundle"], value="auto", label="Save as")
@@ -128,6 +158,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     read_text = gr.Textbox(label="parameters", lines=4)
                     read_json = gr.JSON(label="parsed")
                     send_btn = gr.Button("Send to Generate")
+            with gr.Column(scale=6, min_width=340):
+                # the whole image at its aspect ratio ("contain", never cropped), high enough to fill the screen
+                gallery = gr.Gallery(label="Images", columns=1, object_fit="contain",
+                                     elem_id="gallery", format="png")
+                info = gr.Textbox(label="Parameters (infotext) and notes", lines=4, elem_id="infotext")
+                history = gr.Gallery(label="History of this session (click to recall)", columns=6, height=170,
+                                     object_fit="contain", allow_preview=False, elem_id="history", format="png")
+                history_state = gr.State([])
+                jobs_state = gr.State(0)
 
         gen_inputs = [prompt, negative, steps, guidance, width, height, sampler, batch, seed, randomize, mix_box,
                       fused, transport, control, extractor, control_scale, class_label]
@@ -139,11 +178,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                            extractor=ex or "none", control_scale=cs if ctrl is not None else None,
                            class_label=cl)
 
-        def collect(keys: list[str], *values: Any) -> str:
-            enables, weights = values[:MAX_ROWS], values[MAX_ROWS:]
-            return json.dumps([{"key": k, "weight": float(w)} for k, on, w in zip(keys, enables, weights) if k and on])
+        def collect(ids: list[str], selection: rows.Selection, *values: Any) -> tuple[str, rows.Selection]:
+            """The mix (JSON) from the selection with the slots' values folded in by identity."""
+            selection = rows.merge(selection, ids, values[:MAX_ROWS], values[MAX_ROWS:])
+            return json.dumps(rows.mix(selection)), selection
 
-        row_inputs = [keys_state] + [r[1] for r in rows] + [r[2] for r in rows]
+        row_inputs = [ids_state, selection_state, *enables, *weights]
 
         @errors
         def generate(*args: Any, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's idiom)
@@ -156,6 +196,23 @@ def build_demo(studio: Studio) -> gr.Blocks:
             text = "\n\n".join([r.infotexts[0], *r.notes]) if r.infotexts else "\n".join(r.notes)
             return [str(p) for p in r.images], r.seed, text, r.condition
 
+        def busy(jobs: int) -> str:
+            return "ready" if jobs <= 0 else (f"⏳ busy: {jobs} job(s) running or waiting (each one's place in the "
+                                              "queue shows on the images)")
+
+        def enqueue(jobs: int, *row_values: Any) -> tuple:
+            """A Generate click: the mix, and one more job of this page in the queue."""
+            return (*collect(*row_values), jobs + 1, busy(jobs + 1))
+
+        def finished(jobs: int) -> tuple[int, str]:
+            return max(jobs - 1, 0), busy(jobs - 1)
+
+        def remember(hist: list[dict[str, Any]], images: Any, seed: Any, text: str) -> tuple[list, list]:
+            """The new images at the end of this session's history, with their infotext for recall."""
+            hist = [*hist, *[{"path": _path(item), "caption": f"#{len(hist) + i + 1} · seed {seed}",
+                              "text": (text or "").split("\n\n")[0]} for i, item in enumerate(images or [])]]
+            return hist, [(h["path"], h["caption"]) for h in hist]
+
         @errors
         def compare(*args: Any) -> tuple:
             """A/B at one seed; returns (image A, image B, description)."""
@@ -165,18 +222,34 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     f"A: {slot.label}, B: {studio.compare_slot.label if studio.compare_slot else ''}")
             return str(a.images[0]), str(b.images[0]), f"{what} · seed {a.seed}\n" + "\n".join(a.notes + b.notes)
 
-        def list_adapters() -> list[dict[str, Any]]:
-            """Every adapter and bundle of the folder with its badges."""
-            return [e.to_dict() for e in studio.entries()]
-
-        def show_rows(listing: list[dict[str, Any]]) -> list[Any]:
-            adapters = [e for e in listing if e["kind"] == "adapter"][:MAX_ROWS]
-            keys = [e["key"] for e in adapters] + [""] * (MAX_ROWS - len(adapters))
-            groups = [gr.update(visible=bool(k)) for k in keys]
-            enables = [gr.update(label=e["key"], info=e["badges"], interactive=not e["error"]) for e in adapters]
-            enables += [gr.update(label="", value=False)] * (MAX_ROWS - len(adapters))
+        def draw(listing: list[dict[str, Any]], q: str, selection: rows.Selection, notes: list[str]) -> list[Any]:
+            slots, summary = rows.layout(listing, q, selection)
+            summary += "".join(f"\n- {n}" for n in notes)
             bundle_keys = [e["key"] for e in listing if e["kind"] == "bundle"]
-            return [keys, *groups, *enables, gr.update(choices=bundle_keys)]
+            return [[sl.ident for sl in slots], selection, summary,
+                    *[gr.update(value=sl.header, visible=bool(sl.header)) for sl in slots],
+                    *[gr.update(visible=bool(sl.ident)) for sl in slots],
+                    *[gr.update(label=sl.label, info=sl.info, interactive=sl.usable, value=sl.enabled)
+                      for sl in slots],
+                    *[gr.update(value=sl.weight) for sl in slots], gr.update(choices=bundle_keys)]
+
+        def redraw(listing: list[dict[str, Any]], q: str, ids: list[str], selection: rows.Selection,
+                   *values: Any) -> list[Any]:
+            """The rows for ``listing`` and the filter ``q``, the slots' values first folded into the selection."""
+            selection = rows.merge(selection, ids, values[:MAX_ROWS], values[MAX_ROWS:])
+            selection, notes = rows.prune(selection, listing)
+            return draw(listing, q, selection, notes)
+
+        def mix_to_rows(listing: list[dict[str, Any]], q: str, mix: str) -> list[Any]:
+            """The rows showing a loaded mix (it replaces the selection)."""
+            selection, notes = rows.from_mix(listing, json.loads(mix) if mix else [])
+            return draw(listing, q, selection, notes)
+
+        def infotext_to_rows(listing: list[dict[str, Any]], q: str, parsed: Any) -> list[Any]:
+            """The rows ticked as an image's infotext says (its adapters and weights replace the selection)."""
+            parsed = parse_infotext(parsed) if isinstance(parsed, str) else parsed
+            items = parsed.get("adapters", []) if isinstance(parsed, dict) else []
+            return mix_to_rows(listing, q, json.dumps(items))
 
         @errors
         def save_mix(name: str, mix: str, fu: bool, how: str) -> tuple[str, list[dict[str, Any]]]:
@@ -190,11 +263,6 @@ def build_demo(studio: Studio) -> gr.Blocks:
             got = studio.load_mix(key)
             mix = json.dumps([{"key": i.key, "weight": i.weight} for i in got["items"]])
             return mix, got["fused"], "\n".join(got["notes"]) or f"loaded {key}"
-
-        def mix_to_rows(mix: str, keys: list[str]) -> list[Any]:
-            weights = {i.key: i.weight for i in library.parse_mix(mix)}
-            return ([gr.update(value=k in weights) for k in keys] +
-                    [gr.update(value=weights[k]) if k in weights else gr.update() for k in keys])
 
         @errors
         def read_parameters(file: Any) -> tuple[str, dict[str, Any]]:
@@ -214,28 +282,48 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     p["Sampler"] if p.get("Sampler") in slot.samplers else gr.skip(),
                     num(p.get("Seed", "")) if num(p.get("Seed", "")) is not None else gr.skip(), False]
 
-        gen_event = gen_btn.click(collect, row_inputs, mix_box, api_visibility="private", queue=False).then(
+        row_outputs = [ids_state, selection_state, row_summary, *headers, *groups, *enables, *weights, bundle_pick]
+        redraw_inputs = [library_json, query, ids_state, selection_state, *enables, *weights]
+        # every click queues one job (Gradio's default "once" dropped a click while a job ran), one job at a time
+        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize]
+
+        def recall(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
+            """A history image back in the result view, its settings back in the controls."""
+            entry = hist[evt.index]
+            return [[entry["path"]], entry["text"], *send_to_generate(parse_infotext(entry["text"]))]
+
+        gen_event = gen_btn.click(enqueue, [jobs_state, *row_inputs], [mix_box, selection_state, jobs_state, status],
+                                  api_visibility="private", queue=False, trigger_mode="multiple").then(
             generate, gen_inputs, [gallery, used_seed, info, condition], api_name="generate",
-            concurrency_id="model", concurrency_limit=1)
-        ab_event = ab_btn.click(collect, row_inputs, mix_box, api_visibility="private", queue=False).then(
+            concurrency_id="model", concurrency_limit=1, trigger_mode="multiple")
+        gen_event.then(finished, jobs_state, [jobs_state, status], api_visibility="private", queue=False)
+        gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
+                          api_visibility="private", queue=False)
+        history.select(recall, history_state, [gallery, info, *recall_outputs], api_visibility="private",
+                       queue=False).then(infotext_to_rows, [library_json, query, info], row_outputs,
+                                         api_visibility="private", queue=False)
+        reuse_btn.click(lambda s: (s, False), used_seed, [seed, randomize], api_visibility="private", queue=False)
+        cancel_btn.click(lambda: (0, busy(0)), None, [jobs_state, status], api_visibility="private", queue=False)
+        ab_event = ab_btn.click(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
+                                queue=False).then(
             compare, [*gen_inputs, ab_mode], [img_a, img_b, ab_info], api_name="compare",
             concurrency_id="model", concurrency_limit=1)
         cancel_btn.click(studio.cancel, None, None, api_name="cancel", queue=False, cancels=[gen_event, ab_event])
+        # the rows are drawn again from the folder on every page load and Refresh, the selection carried by identity
+        demo.load(lambda: list_adapters(), None, library_json, api_visibility="private", queue=False).then(
+            redraw, redraw_inputs, row_outputs, api_visibility="private", queue=False)
         refresh.click(list_adapters, None, library_json, api_name="list_adapters").then(
-            show_rows, library_json, [keys_state, *[r[0] for r in rows], *[r[1] for r in rows], bundle_pick],
-            api_visibility="private")
-        save_btn.click(collect, row_inputs, mix_box, api_visibility="private", queue=False).then(
+            redraw, redraw_inputs, row_outputs, api_visibility="private", queue=False)
+        query.change(redraw, redraw_inputs, row_outputs, api_visibility="private", queue=False)
+        save_btn.click(collect, row_inputs, [mix_box, selection_state], api_visibility="private", queue=False).then(
             save_mix, [mix_name, mix_box, fused, save_as], [mix_msg, library_json], api_name="save_mix",
             concurrency_id="model", concurrency_limit=1).then(
-            show_rows, library_json, [keys_state, *[r[0] for r in rows], *[r[1] for r in rows], bundle_pick],
-            api_visibility="private")
+            redraw, redraw_inputs, row_outputs, api_visibility="private", queue=False)
         load_btn.click(load_mix, bundle_pick, [mix_box, fused, mix_msg], api_name="load_mix").then(
-            mix_to_rows, [mix_box, keys_state], [r[1] for r in rows] + [r[2] for r in rows],
-            api_visibility="private")
+            mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
         read_btn.click(read_parameters, png, [read_text, read_json], api_name="read_parameters")
-        send_btn.click(send_to_generate, read_json,
-                       [prompt, negative, steps, guidance, width, height, sampler, seed, randomize],
-                       api_visibility="private")
+        send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private").then(
+            infotext_to_rows, [library_json, query, read_json], row_outputs, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -245,7 +333,7 @@ def launch(studio: Studio, host: str = "127.0.0.1", port: int | None = None, blo
     demo = build_demo(studio)
     studio.out.mkdir(parents=True, exist_ok=True)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                allowed_paths=[str(studio.out)], show_error=True)
+                allowed_paths=[str(studio.out)], show_error=True, js=KEYS_JS, css=CSS)
     return demo
 
 

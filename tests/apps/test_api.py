@@ -163,3 +163,21 @@ def test_api_bounds_hostile_inputs(client, tmp_path_factory):
     assert "mix" in msg and len(msg) < 400
     msg = _message(lambda: _gen(client, [{"key": "/etc/passwd", "weight": 1.0}]))
     assert str(tmp_path_factory.getbasetemp()) not in msg
+
+
+def test_dit_mini_png_size_equals_the_size_shown(tmp_path):
+    """Issue 28: dit-mini's VAE scales by 4, not the 8 once assumed: the size the sliders and the infotext show is
+    the PNG's size; steps and guidance start at the DiT pipeline's own defaults."""
+    from apps.studio import Request, Studio
+    from apps.studio.ui import build_demo
+    from difftune.zoo import path
+
+    st = Studio(path("dit-mini"), tmp_path / "adapters", out=tmp_path / "out")
+    shown = {c["props"]["elem_id"]: c["props"]["value"] for c in build_demo(st).config["components"]
+             if c.get("props", {}).get("elem_id") in ("width", "height", "steps")}
+    r = st.generate(Request(steps=2, class_label=7))
+    with Image.open(r.images[0]) as img:
+        size = img.size
+    assert size == (shown["width"], shown["height"]) == (32, 32)
+    assert "Size: 32x32" in r.infotexts[0]
+    assert st.main.defaults() == {"steps": 50, "guidance": 4.0} and shown["steps"] == 50

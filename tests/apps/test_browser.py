@@ -1,11 +1,13 @@
 """The studio in a real browser: Debian Chromium driven by Playwright (never `playwright install`).
 
-Loads the page, enables two adapters with different weights, clicks Generate and finds the image in the gallery.
-The screenshot is a test artifact (path printed; also copied to docs/studio.png when STUDIO_SCREENSHOT_DOCS=1).
+Loads the page, enables adapters with different weights, clicks Generate and finds the image in the gallery; adds an
+adapter that sorts first and checks that Refresh, a reload and the filter keep every tick on its adapter. The
+screenshot is a test artifact (path printed; also copied to docs/studio.png when STUDIO_SCREENSHOT_DOCS=1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,53 +19,201 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+ROWS = 24
+
+
+@contextlib.contextmanager
+def _page(url: str, width: int = 1400, height: int = 1000):
+    """A fresh Chromium page on the studio (skips where Chromium or python playwright is missing)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing and could not be installed (make test runs apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM),
+                                                   headless=True, args=ARGS,
+                                                   viewport={"width": width, "height": height})
+        try:
+            page = ctx.new_page()
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            yield page
+        finally:
+            ctx.close()
 
 
 def _row(page, key: str, timeout: float = 30.0) -> int:
     """The index of the adapter row whose checkbox is labelled ``key`` (polled: a loaded machine renders slowly)."""
     deadline = time.monotonic() + timeout
     while True:
-        for i in range(24):
+        for i in range(ROWS):
             box = page.locator(f"#adapter-enable-{i}")
             if box.count() and box.is_visible() and key in box.inner_text():
                 return i
         if time.monotonic() > deadline:
-            labels = [page.locator(f"#adapter-enable-{i}").inner_text() for i in range(24)
-                      if page.locator(f"#adapter-enable-{i}").count()]
-            raise AssertionError(f"no adapter row for {key!r}; rows: {labels}")
+            raise AssertionError(f"no adapter row for {key!r}; rows: {list(_rows(page))}")
         time.sleep(0.5)
 
 
+ROWS_JS = """(n) => {
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const box = document.getElementById(`adapter-enable-${i}`);
+    if (!box || box.offsetParent === null) continue;  // hidden slot
+    const weight = document.querySelector(`#adapter-weight-${i} input[type=number]`);
+    out.push([box.innerText.trim().split("\\n")[0].trim(), box.querySelector("input[type=checkbox]").checked,
+              parseFloat(weight.value)]);
+  }
+  return out;
+}"""
+
+
+def _rows(page) -> dict[str, tuple[bool, float]]:
+    """The visible rows: the first line of each row's label (its key) -> (ticked, weight), read in one go (a redraw
+    between separate reads would mix two states)."""
+    return {key: (on, w) for key, on, w in page.evaluate(ROWS_JS, ROWS)}
+
+
+def _tick(page, key: str, weight: str) -> None:
+    i = _row(page, key)
+    page.locator(f"#adapter-enable-{i} input[type=checkbox]").check()
+    number = page.locator(f"#adapter-weight-{i} input[type=number]")
+    number.fill(weight)
+    number.press("Enter")
+
+
+def _generate(page) -> str:
+    """Click Generate and return the new infotext."""
+    page.evaluate("document.querySelector('#infotext textarea').value = ''")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Steps:')", timeout=60_000)
+    return page.locator("#infotext textarea").input_value()
+
+
+def _poll(check, page, timeout: float = 30.0):
+    """``check()``'s value once it is truthy (a loaded machine renders slowly)."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; rows: {_rows(page)}")
+        time.sleep(0.5)
+    return got
+
+
 def test_enable_two_adapters_and_generate(served, studio_files, tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing and could not be installed (make test runs apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed (dev extra)")
     keys = studio_files[2]
     shots = tmp_path_factory.mktemp("browser")
-    with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="chromium-"), executable_path=str(CHROMIUM),
-                                                   headless=True, args=ARGS, viewport={"width": 1400, "height": 1000})
-        try:
-            page = ctx.new_page()
-            page.goto(served[1], wait_until="domcontentloaded")
-            page.wait_for_selector("#generate", timeout=60_000)
-            for key, weight in ((keys["style"], "0.8"), (keys["subject"], "-0.5")):
-                i = _row(page, key)
-                page.locator(f"#adapter-enable-{i} input[type=checkbox]").check()
-                number = page.locator(f"#adapter-weight-{i} input[type=number]")
-                number.fill(weight)
-                number.press("Enter")
-            page.locator("#prompt textarea").fill("a handwritten digit seven")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            page.wait_for_function("document.querySelector('#infotext textarea').value.includes('<adapter:')",
-                                   timeout=30_000)
-            text = page.locator("#infotext textarea").input_value()
-            shot = page.screenshot(path=str(shots / "studio.png"), full_page=True)
-        finally:
-            ctx.close()
+    with _page(served[1]) as page:
+        for key, weight in ((keys["style"], "0.8"), (keys["subject"], "-0.5")):
+            _tick(page, key, weight)
+        page.locator("#prompt textarea").fill("a handwritten digit seven")
+        text = _generate(page)
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        shot = page.screenshot(path=str(shots / "studio.png"), full_page=True)
     print(f"studio screenshot: {shots / 'studio.png'}")
     assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['subject']}:-0.5>" in text
     assert len(shot) > 10_000
     if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
         shutil.copy(shots / "studio.png", Path(__file__).resolve().parents[2] / "docs" / "studio.png")
+
+
+def test_refresh_keeps_each_selection_on_its_adapter(served, studio_files):
+    """Issue 28: ticks and weights stayed on row positions, so an adapter that sorts first took them over."""
+    root, keys = studio_files[1], studio_files[2]
+    first = root / "aaa-first"  # a LoRA (a copy of labs/style) whose key sorts before every other
+    with _page(served[1]) as page:
+        _tick(page, keys["style"], "0.8")
+        _tick(page, keys["erase"], "0.4")
+        shutil.copytree(root / keys["style"], first)
+        try:
+            page.click("#refresh")
+            _row(page, "aaa-first")
+            rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"]) == (True, 0.8)), None), page)
+            assert rows["aaa-first"] == (False, 1.0) and rows[keys["erase"]] == (True, 0.4)
+            assert all(not on for key, (on, _) in rows.items() if key not in (keys["style"], keys["erase"]))
+            # rows are grouped by method: a header above the first row of each group
+            groups = [page.locator(f"#adapter-group-{i}").inner_text().strip() for i in range(ROWS)
+                      if page.locator(f"#adapter-group-{i}").is_visible()]
+            assert groups == sorted(groups) and {"lora", "spm", "krona", "csc"} <= set(groups)
+            # the filter hides rows, not selections: Generate still uses the hidden LoRA
+            page.locator("#adapter-filter textarea").fill("spm")
+            _poll(lambda: list(_rows(page)) == [keys["erase"]], page)
+            assert _rows(page)[keys["erase"]] == (True, 0.4)
+            text = _generate(page)
+            assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['erase']}:0.4>" in text
+            assert "aaa-first" not in text
+            # a reload lists the folder as it is now (a fresh session: nothing ticked)
+            page.reload(wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60_000)
+            _row(page, "aaa-first")
+        finally:
+            shutil.rmtree(first)
+
+
+def _number(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_two_quick_clicks_give_two_images_in_order(served):
+    """Issue 28: a second Generate while one ran was dropped; now it queues (Ctrl+Enter is the second click), the
+    page says it is busy, the history holds both in click order and a click on one recalls its settings."""
+    with _page(served[1], 1280, 800) as page:
+        _number(page, "steps", "120")  # long enough that the second click lands while the first job runs
+        _number(page, "seed", "1")
+        page.click("#generate")
+        _poll(lambda: "busy" in page.locator("#status").inner_text(), page)
+        _number(page, "seed", "2")
+        page.locator("#prompt textarea").focus()  # (Enter on the focused "randomise" box would tick it)
+        page.keyboard.press("Control+Enter")
+        _poll(lambda: page.locator("#history img").count() == 2, page, timeout=90)
+        captions = page.locator("#history").inner_text()
+        assert captions.index("#1 · seed 1") < captions.index("#2 · seed 2")
+        _poll(lambda: page.locator("#status").inner_text().strip() == "ready", page)
+        page.locator("#history img").first.click()
+        _poll(lambda: page.locator("#seed input[type=number]").input_value() == "1", page)
+        # reuse seed: the seed used goes back into the seed box
+        _number(page, "seed", "5")
+        page.click("#reuse-seed")
+        _poll(lambda: page.locator("#seed input[type=number]").input_value() == "2", page)
+
+
+def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
+    """Issue 28: at 1280 px the gallery showed a cropped band of the image, below the fold."""
+    shots = tmp_path_factory.mktemp("layout")
+    with _page(served[1], 1280, 800) as page:
+        _generate(page)
+        img = page.locator("#gallery img").first
+        img.wait_for(timeout=60_000)
+        box = img.bounding_box()
+        fit = img.evaluate("e => getComputedStyle(e).objectFit")
+        frame = page.locator("#gallery .grid-wrap").bounding_box()  # what the gallery shows (it scrolls inside)
+        page.screenshot(path=str(shots / "studio.png"))
+    with _page(served[1], 390, 844) as phone:
+        _generate(phone)
+        phone.locator("#gallery img").first.wait_for(timeout=60_000)
+        phone.locator("#gallery").scroll_into_view_if_needed()
+        phone.screenshot(path=str(shots / "studio-phone.png"))
+    assert fit in ("contain", "scale-down"), fit  # never "cover": the whole image at its aspect ratio
+    assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 800
+    assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]  # not clipped
+    assert box["width"] >= 300 and box["height"] >= 300  # large, not a thumbnail
+    if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
+        for name in ("studio.png", "studio-phone.png"):
+            shutil.copy(shots / name, Path(__file__).resolve().parents[2] / "docs" / name)
+
+
+def test_recall_restores_every_adapter_with_its_weight(served, studio_files):
+    """Issue 28: recall restored the prompt and settings but not the adapters."""
+    keys = studio_files[2]
+    want = {keys["style"]: 0.8, keys["subject"]: -0.5, keys["erase"]: 0.4}
+    with _page(served[1]) as page:
+        for key, weight in want.items():
+            _tick(page, key, str(weight))
+        _generate(page)
+        _poll(lambda: page.locator("#history img").count() == 1, page)
+        page.locator(f"#adapter-enable-{_row(page, keys['style'])} input[type=checkbox]").uncheck()
+        _tick(page, keys["edges"], "0.3")
+        page.locator("#history img").first.click()
+        rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"], (0,))[0]), None), page)
+    assert {k: w for k, (on, w) in rows.items() if on} == want

@@ -324,3 +324,14 @@ def test_studio_fuzzer_sample(tmp_path):
     bad = [r for r in rows if r["outcome"] not in ("ok", "refused")]
     assert not bad, bad[:3]
     assert summary["refused"] > 0 and summary["ok"] > 0 and all(summary["by_kind"].values())
+
+
+def test_a_mix_selected_with_another_hash_is_refused(studio, studio_files):
+    """Issue 28: Generate runs the adapter a row showed, never a file rewritten since the listing."""
+    key = studio_files[2]["style"]
+    digest = next(e.sha256 for e in studio.entries() if e.key == key)
+    studio.generate(Request(prompt="a cat", steps=1, mix=[MixItem(key, 0.5, digest)]))
+    with pytest.raises(DifftuneError, match="changed on disk since the folder was listed"):
+        studio.generate(Request(prompt="a cat", steps=1, mix=[MixItem(key, 0.5, "0" * 12)]))
+    with pytest.raises(DifftuneError, match="sha256"):
+        library.parse_mix(json.dumps([{"key": key, "weight": 1, "sha256": "../x"}]))
