@@ -1,5 +1,5 @@
-"""Tiny random diffusion pipelines built from configs in code (SD, SDXL, DiT, PixArt), for `difftune demo` and the
-tests (`difftune.testing` re-exports them).
+"""Tiny random diffusion pipelines built from configs in code (SD, SDXL, DiT, PixArt; SD3 and Flux in `tiny_mmdit`),
+for `difftune demo` and the tests (`difftune.testing` re-exports them).
 
 Nothing here touches the Hugging Face Hub. Tokenizers are written to local folders (`difftune.zoo.tokenizers`), and
 every model is built from a config with seeded random weights, so the same seed always gives identical weights. Each
@@ -48,7 +48,7 @@ __all__ = ["PIPELINE_KINDS", "randomize_adapter", "save_tiny_pipeline", "tiny_di
            "tiny_pixart_pipeline", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_unet"]
 
 #: Pipeline kinds accepted by :func:`save_tiny_pipeline`.
-PIPELINE_KINDS: tuple[str, ...] = ("sd", "sdxl", "dit", "pixart")
+PIPELINE_KINDS: tuple[str, ...] = ("sd", "sdxl", "dit", "pixart", "sd3", "flux")
 
 _MIN_TEXT_VOCAB = 1000
 _M = TypeVar("_M", bound=torch.nn.Module)
@@ -339,7 +339,7 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     """Build a tiny pipeline and save it so that ``DiffusionPipeline.from_pretrained(path)`` loads it offline.
 
     Args:
-        kind: One of ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixart"``.
+        kind: One of ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"`` (`difftune.zoo.tiny_mmdit`).
         path: Folder to save into (``model_index.json`` plus one subfolder per component).
         seed: Seed for every component's random weights.
 
@@ -349,11 +349,14 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     Raises:
         ValueError: If ``kind`` is not a known pipeline kind.
     """
-    if kind not in _BUILDERS:
+    from .tiny_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline  # imports this module's helpers
+
+    builders = {**_BUILDERS, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+    if kind not in builders:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(PIPELINE_KINDS)}")
     folder = Path(path)
     with tempfile.TemporaryDirectory(prefix="difftune-tok-") as tokenizer_dir:
-        pipeline = _BUILDERS[kind](tokenizer_dir, seed)
+        pipeline = builders[kind](tokenizer_dir, seed)
         pipeline.save_pretrained(str(folder))
     return folder
 
