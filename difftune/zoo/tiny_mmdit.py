@@ -31,7 +31,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .tiny import _clip_text_config, _load_tokenizer, _seeded
+from .parts import clip_text_config, load_tokenizer, seeded
 from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 __all__ = ["tiny_flux_pipeline", "tiny_sd3_pipeline"]
@@ -66,8 +66,8 @@ def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
 
 def _tokenizers(tokenizer_dir: str | Path | None) -> tuple[CLIPTokenizer, T5Tokenizer]:
     base = None if tokenizer_dir is None else Path(tokenizer_dir)
-    clip = _load_tokenizer(None if base is None else base / "clip", write_clip_tokenizer, CLIPTokenizer)
-    t5 = _load_tokenizer(None if base is None else base / "t5", write_t5_tokenizer, T5Tokenizer)
+    clip = load_tokenizer(None if base is None else base / "clip", write_clip_tokenizer, CLIPTokenizer)
+    t5 = load_tokenizer(None if base is None else base / "t5", write_t5_tokenizer, T5Tokenizer)
     return clip, t5  # type: ignore[return-value]
 
 
@@ -86,16 +86,16 @@ def tiny_sd3_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0) ->
     """
     clip_tok, t5_tok = _tokenizers(tokenizer_dir)
     with torch.random.fork_rng(devices=[]):
-        transformer = _seeded(seed, lambda: SD3Transformer2DModel(
+        transformer = seeded(seed, lambda: SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
             pos_embed_max_size=16,
         ))
-        vae = _seeded(seed, lambda: _tiny_vae16(1.5305, 0.0609))  # SD3's VAE scaling and shift
-        config = _clip_text_config(clip_tok, projection_dim=32)
-        text_encoder = _seeded(seed, lambda: CLIPTextModelWithProjection(config))
-        text_encoder_2 = _seeded(seed + 1, lambda: CLIPTextModelWithProjection(config))
-        text_encoder_3 = _seeded(seed, lambda: _t5(t5_tok, 64))
+        vae = seeded(seed, lambda: _tiny_vae16(1.5305, 0.0609))  # SD3's VAE scaling and shift
+        config = clip_text_config(clip_tok, projection_dim=32)
+        text_encoder = seeded(seed, lambda: CLIPTextModelWithProjection(config))
+        text_encoder_2 = seeded(seed + 1, lambda: CLIPTextModelWithProjection(config))
+        text_encoder_3 = seeded(seed, lambda: _t5(t5_tok, 64))
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
@@ -118,14 +118,14 @@ def tiny_flux_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0, g
     """
     clip_tok, t5_tok = _tokenizers(tokenizer_dir)
     with torch.random.fork_rng(devices=[]):
-        transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+        transformer = seeded(seed, lambda: FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance,
             axes_dims_rope=(4, 6, 6),
         ))
-        vae = _seeded(seed, lambda: _tiny_vae16(0.3611, 0.1159))  # Flux's VAE scaling and shift
-        text_encoder = _seeded(seed, lambda: CLIPTextModel(_clip_text_config(clip_tok)))
-        text_encoder_2 = _seeded(seed, lambda: _t5(t5_tok, 32))
+        vae = seeded(seed, lambda: _tiny_vae16(0.3611, 0.1159))  # Flux's VAE scaling and shift
+        text_encoder = seeded(seed, lambda: CLIPTextModel(clip_text_config(clip_tok)))
+        text_encoder_2 = seeded(seed, lambda: _t5(t5_tok, 32))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
