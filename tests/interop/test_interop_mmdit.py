@@ -48,3 +48,25 @@ def test_load_adapter_and_diffusers_export_give_the_same_image(kind, tmp_path):
     theirs = build()
     theirs.load_lora_weights(str(out))
     np.testing.assert_allclose(_image(theirs), ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_generate_cli_with_an_adapter(kind, tmp_path):
+    from PIL import Image
+
+    from difftune.generation import generate
+    from difftune.testing import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(kind, tmp_path / kind)
+    pipe = BUILDERS[kind]()
+    inject(pipe.transformer, method_config("lora", {"rank": 2}, pipe.transformer), name="t")
+    randomize_adapter(pipe.transformer, "t", seed=0, std=0.3)
+    dt.save_adapter(pipe, tmp_path / "adapter", "t")
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32",
+            "--device", "cpu", "--seed", "5"]
+    assert main([*args, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "base.png")]) == 0
+    with_adapter = np.asarray(Image.open(tmp_path / "a.png"), dtype=np.int16)
+    expected = np.asarray(generate(pipe, prompt="a cat", seed=5, steps=2, height=32, width=32)[0], dtype=np.int16)
+    assert np.abs(with_adapter - expected).max() <= 1  # the same image, up to uint8 rounding
+    assert np.abs(with_adapter - np.asarray(Image.open(tmp_path / "base.png"), dtype=np.int16)).max() > 10
