@@ -164,10 +164,11 @@ def test_lora_loss_decreases_on_a_fixed_batch(mmdit, tmp_path, kind):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_resume_is_bit_exact(mmdit, tmp_path, kind):
+@pytest.mark.parametrize("kind,cache", [("sd3", False), ("flux", False), ("flux", True)])
+def test_resume_is_bit_exact(mmdit, tmp_path, kind, cache):
+    flag = str(cache).lower()  # cached: the T5/CLIP embeddings and VAE posteriors computed once before training
     sets = ["train.max_steps=4", "checkpointing.checkpointing_steps=2", "method.dropout=0.1",
-            "train.loss_weighting=cosmap"]
+            f"data.cache_text_embeddings={flag}", f"data.cache_latents={flag}", "train.loss_weighting=cosmap"]
     full = main(_cfg(mmdit, tmp_path / "a", kind, *sets))
     (tmp_path / "b" / "out" / "checkpoints").mkdir(parents=True)
     src = tmp_path / "a" / "out" / "checkpoints" / "checkpoint-2"
