@@ -18,6 +18,10 @@ Parameter counts on diffusers 0.42 (``tests/test_architectures.py`` checks each 
 - ``dit-xl2``: DiT-XL/2 256 px (``facebook/DiT-XL-2-256``), 749,826,464 (674,834,720)
 - ``pixart-512``: PixArt-α XL/2 512 px, 610,856,096
 - ``pixart-1024``: PixArt-α XL/2 1024-MS, 611,349,152
+- ``sd3-medium``: Stable Diffusion 3 Medium MMDiT, 2,028,328,000 (the published 2B)
+- ``sd35-large``: Stable Diffusion 3.5 Large MMDiT, 8,056,627,520 (the published 8.1B)
+- ``flux-dev``: FLUX.1 [dev] transformer, 11,901,408,320 (the published 12B)
+- ``flux-schnell``: FLUX.1 [schnell] transformer, 11,891,178,560 (dev without the guidance embedder)
 
 diffusers' DiT gives every block its own copy of the timestep and class embedders (``norm1.emb``), where the
 original DiT shares one; the counts in parentheses are without those copies, the figures of the DiT paper (which
@@ -40,6 +44,9 @@ from .errors import bad_value
 
 __all__ = [
     "ARCHITECTURES",
+    "ATTENTION_TARGETS",
+    "FLUX_SINGLE_TARGETS",
+    "JOINT_TARGETS",
     "Architecture",
     "build_architecture",
     "build_on_meta",
@@ -47,9 +54,12 @@ __all__ = [
     "dit_b2_config",
     "dit_l2_config",
     "dit_xl2_config",
+    "flux_transformer_config",
+    "mmdit_default_targets",
     "pixart_alpha_config",
     "sd15_unet_config",
     "sd21_unet_config",
+    "sd3_transformer_config",
     "sdxl_unet_config",
 ]
 
@@ -189,6 +199,79 @@ def pixart_alpha_config(resolution: int = 1024) -> dict[str, Any]:
     }
 
 
+def sd3_transformer_config(large: bool = False) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` config of SD3 Medium (24 joint blocks of width 1536 = 24 heads × 64), or with
+    ``large`` of SD3.5 Large (38 blocks of width 2432 = 38 heads × 64, RMS-normed q/k).
+
+    Both take 16-channel latents in 2×2 patches, the three text encoders' 4096-wide sequence (CLIP-L and CLIP-G
+    padded, then T5-XXL) and their 2048-wide pooled embeddings (768 + 1280).
+    """
+    width = 38 if large else 24
+    config: dict[str, Any] = {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": width,
+        "attention_head_dim": 64,
+        "num_attention_heads": width,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 64 * width,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+    }
+    if large:
+        config.update(qk_norm="rms_norm", dual_attention_layers=())
+    return config
+
+
+def flux_transformer_config(guidance: bool = True) -> dict[str, Any]:
+    """The ``FluxTransformer2DModel`` config of FLUX.1: 19 joint (double) and 38 single blocks of width 3072 (24
+    heads × 128) over 2×2-packed 16-channel latents (64 inputs), T5-XXL (4096) and CLIP-L pooled (768).
+
+    ``guidance`` adds the embedder of the distilled guidance scale ([dev]); [schnell] has none.
+    """
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": guidance,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+#: The default targets of LoRA, LoHa and KronA: the attention projections of a UNet or DiT.
+ATTENTION_TARGETS: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+#: The default adapter targets of an MMDiT (`mmdit_default_targets`): in each joint block the image stream's
+#: attention (q, k, v, out) and feed-forward, and the same for the context (text) stream (``add_*_proj``,
+#: ``to_add_out``, ``ff_context``), the layers diffusers' DreamBooth LoRA scripts for SD3 and Flux adapt.
+JOINT_TARGETS: tuple[str, ...] = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+#: Flux's single blocks add their linears: q, k, v (matched above), the MLP input and the fused output projection.
+#: A regex, because a bare ``proj_out`` would also match the model's final projection.
+FLUX_SINGLE_TARGETS: tuple[str, ...] = (r"single_transformer_blocks\.\d+\.proj_(mlp|out)",)
+
+
+def mmdit_default_targets(model: nn.Module) -> list[str] | None:
+    """The default ``target_modules`` for an SD3 or Flux transformer (`JOINT_TARGETS`, plus `FLUX_SINGLE_TARGETS`
+    for Flux), or None for other denoisers (their methods' own defaults apply)."""
+    kind = type(model).__name__
+    if kind == "SD3Transformer2DModel":
+        return list(JOINT_TARGETS)
+    if kind == "FluxTransformer2DModel":
+        return list(JOINT_TARGETS + FLUX_SINGLE_TARGETS)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
@@ -218,6 +301,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dit-xl2": Architecture("DiT-XL/2 (256 px)", "DiTTransformer2DModel", dit_xl2_config),
     "pixart-512": Architecture("PixArt-α XL/2 512 px", "PixArtTransformer2DModel", lambda: pixart_alpha_config(512)),
     "pixart-1024": Architecture("PixArt-α XL/2 1024-MS", "PixArtTransformer2DModel", pixart_alpha_config),
+    "sd3-medium": Architecture("Stable Diffusion 3 Medium MMDiT", "SD3Transformer2DModel", sd3_transformer_config),
+    "sd35-large": Architecture("Stable Diffusion 3.5 Large MMDiT", "SD3Transformer2DModel",
+                               lambda: sd3_transformer_config(large=True)),
+    "flux-dev": Architecture("FLUX.1 [dev] transformer", "FluxTransformer2DModel", flux_transformer_config),
+    "flux-schnell": Architecture("FLUX.1 [schnell] transformer", "FluxTransformer2DModel",
+                                 lambda: flux_transformer_config(guidance=False)),
 }
 
 

@@ -16,8 +16,13 @@ def denoiser_name(components: Iterable[str]) -> str | None:
 
 
 def pipeline_kind(pipe: Any) -> str:
-    """``"dit"``, ``"pixart"``, ``"sdxl"``, ``"sd"`` (SD 1.x/2.x-like: one CLIP text encoder) or ``"other"``."""
+    """``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"``, ``"sdxl"``, ``"sd"`` (SD 1.x/2.x-like: one CLIP text encoder)
+    or ``"other"``."""
     name = type(pipe).__name__
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
     if "DiT" in name:
         return "dit"
     if "PixArt" in name:

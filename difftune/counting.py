@@ -8,13 +8,18 @@ by value (SaRA) need the real weights: pass a local pipeline folder instead.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from .architectures import ARCHITECTURES as _REGISTRY
-from .architectures import build_architecture  # noqa: F401 (kept importable from here, where it used to live)
+from .architectures import (
+    ATTENTION_TARGETS,
+    build_architecture,  # noqa: F401 (kept importable from here, where it used to live)
+    mmdit_default_targets,
+)
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
 from .methods.base import MethodConfig, get_method
@@ -48,10 +53,19 @@ def count_trainable(config: MethodConfig, model: nn.Module) -> dict[str, Any]:
             "fraction": trainable / total if total else 0.0}
 
 
-def method_config(name: str, fields: dict[str, Any]) -> MethodConfig:
+def method_config(name: str, fields: dict[str, Any], model: nn.Module | None = None) -> MethodConfig:
+    """Method ``name``'s config from ``fields``. On an SD3/Flux transformer (``model``), a method whose default
+    targets are the attention projections (LoRA, LoHa, KronA) targets the MMDiT defaults instead
+    (`difftune.architectures.mmdit_default_targets`) unless ``fields`` names ``target_modules``."""
     cls = get_method(name)
     if not cls.is_adapter:
         raise DifftuneError(f"method {name!r} adds no adapter; nothing to count")
+    targets = mmdit_default_targets(model) if model is not None else None
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    field = defaults.get("target_modules")
+    if targets and "target_modules" not in fields and field is not None \
+            and field.default_factory is not dataclasses.MISSING and field.default_factory() == ATTENTION_TARGETS:
+        fields = {**fields, "target_modules": targets}
     return cls.from_dict(fields)
 
 

@@ -1,7 +1,9 @@
-"""How each pipeline family conditions its denoiser: text (SD, SDXL, PixArt) or class labels (DiT).
+"""How each pipeline family conditions its denoiser: text (SD, SDXL, PixArt, SD3, Flux) or class labels (DiT).
 
 A family turns a batch's captions or class labels into the keyword arguments of the denoiser's forward, and knows its
 null condition (the empty prompt, or DiT's null class) for label dropout. The trainer knows no family by name.
+SD3 and Flux (``flow = True``) train by flow matching (`difftune.train.flow`) and call their transformer themselves
+(`FlowFamily.predict`): Flux on 2×2-packed latents with position ids and a guidance value.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Family:
     """Text-conditioned by default; subclasses override `encode` and `denoiser_kwargs`."""
 
     conditioning = "text"
+    flow = False  #: trained by flow matching (rectified flow, velocity target) instead of DDPM noise prediction
 
     def __init__(self, pipe: Any, denoiser: nn.Module) -> None:
         self.pipe = pipe
@@ -54,6 +57,9 @@ class Family:
 
     def prepare_training(self) -> None:
         """Turn off behaviour that would fight the trainer's own choices (see `DiTFamily`)."""
+
+    def configure(self, train: Any) -> None:
+        """Read the family's settings from the run's ``train`` section (see `FlowFamily`)."""
 
 
 class SDXLFamily(Family):
@@ -128,8 +134,76 @@ class DiTFamily(Family):
                 module.dropout_prob = 0.0
 
 
+class FlowFamily(Family):
+    """SD3 and Flux: MMDiT transformers trained by flow matching, prompts encoded by the pipeline's own
+    ``encode_prompt`` (CLIP pooled embeddings plus the T5 sequence)."""
+
+    flow = True
+    max_sequence_length = 77  #: T5 tokens per prompt (``train.max_sequence_length``)
+    density = "logit_normal"  #: timestep density when ``train.timestep_density`` is null
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    def configure(self, train: Any) -> None:
+        if train.max_sequence_length is not None:
+            self.max_sequence_length = train.max_sequence_length
+        self.guidance_scale = float(train.guidance_scale)
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """``model``'s velocity for x_t ``noisy`` (B, C, h, w) at ``timesteps`` (σ · 1000, float)."""
+        return model(hidden_states=noisy, timestep=timesteps, return_dict=False, **kwargs)[0]
+
+
+class SD3Family(FlowFamily):
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        with self._grad():
+            states, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        return {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
+
+
+class FluxFamily(FlowFamily):
+    max_sequence_length = 512
+    density = "uniform"  # diffusers' Flux script: weighting_scheme "none"
+    guidance_scale = 3.5
+
+    def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
+        with self._grad():
+            states, pooled, _ = self.pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                                        max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+        b, _, h, w = latents.shape
+        states, ids = cond["encoder_hidden_states"], type(self.pipe)._prepare_latent_image_ids
+        kwargs = {"encoder_hidden_states": states, "pooled_projections": cond["pooled_projections"],
+                  # position ids as FluxPipeline makes them: (row, column) of each 2×2 patch, zeros for the text
+                  "img_ids": ids(b, h // 2, w // 2, latents.device, states.dtype),
+                  "txt_ids": torch.zeros(states.shape[1], 3, device=latents.device, dtype=states.dtype),
+                  "guidance": None}
+        if self.denoiser.config.guidance_embeds:  # [dev]: the distilled guidance scale is an input
+            kwargs["guidance"] = torch.full((b,), self.guidance_scale, device=latents.device, dtype=torch.float32)
+        return kwargs
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        # Flux takes packed 2×2 patches and σ in [0, 1] (its pipeline divides the scheduler's timesteps by 1000)
+        b, c, h, w = noisy.shape
+        cls, scale = type(self.pipe), self.pipe.vae_scale_factor
+        packed = cls._pack_latents(noisy, b, c, h, w)
+        out = model(hidden_states=packed, timestep=timesteps / 1000, return_dict=False, **kwargs)[0]
+        return cls._unpack_latents(out, h * scale, w * scale, scale)
+
+
 def family_for(pipe: Any, denoiser: nn.Module) -> Family:
-    families = {"dit": DiTFamily, "pixart": PixArtFamily, "sdxl": SDXLFamily, "sd": Family}
+    families = {"dit": DiTFamily, "pixart": PixArtFamily, "sdxl": SDXLFamily, "sd": Family, "sd3": SD3Family,
+                "flux": FluxFamily}
     kind = pipeline_kind(pipe)
     if any(denoiser is getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")):
         # model.component: text_encoder trains an encoder through the loss of the pipeline's (frozen) denoiser

@@ -1,10 +1,10 @@
 """Tiny offline diffusion models and pipelines for tests (the configs of real ones: `difftune.architectures`).
 
 The builders live in production modules, because `difftune demo` and the shipped sd-mini use them too:
-`difftune.zoo.tiny` (tiny seeded SD, SDXL, DiT and PixArt pipelines, `randomize_adapter`) and
-`difftune.zoo.tokenizers` (the offline CLIP and T5 tokenizer writers). This module gathers them for tests under
-one name; no production module imports it. ``build_on_meta``, ``sd15_unet_config``, ``sdxl_unet_config`` and
-``dit_xl2_config`` are re-exported from `difftune.architectures` so that older imports keep working.
+`difftune.zoo.tiny` (tiny seeded SD, SDXL, DiT and PixArt pipelines, `randomize_adapter`), `difftune.zoo.tiny_mmdit`
+(SD3 and Flux) and `difftune.zoo.tokenizers` (the offline CLIP and T5 tokenizer writers). This module gathers them for
+tests under one name; no production module imports it. ``build_on_meta``, ``sd15_unet_config``, ``sdxl_unet_config``
+and ``dit_xl2_config`` are re-exported from `difftune.architectures` so that older imports keep working.
 
 Example:
     >>> pipe = tiny_sd_pipeline()
@@ -25,6 +25,7 @@ from .zoo.tiny import (
     tiny_sdxl_pipeline,
     tiny_unet,
 )
+from .zoo.tiny_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
 from .zoo.tokenizers import DEFAULT_WORDS, write_clip_tokenizer, write_t5_tokenizer
 
 __all__ = [
@@ -38,7 +39,9 @@ __all__ = [
     "sdxl_unet_config",
     "tiny_dit",
     "tiny_dit_pipeline",
+    "tiny_flux_pipeline",
     "tiny_pixart_pipeline",
+    "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_unet",

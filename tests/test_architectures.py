@@ -22,6 +22,12 @@ PARAMETERS = {
     "dit-xl2": 749_826_464,
     "pixart-512": 610_856_096,
     "pixart-1024": 611_349_152,
+    # The published totals: SD3 Medium "2B" (2,028,328,000 in stabilityai's model card tooling), SD3.5 Large "8.1B",
+    # FLUX.1 "12B" (11,901,408,320 for [dev]); [schnell] lacks [dev]'s guidance embedder (2 linears 256→3072→3072).
+    "sd3-medium": 2_028_328_000,
+    "sd35-large": 8_056_627_520,
+    "flux-dev": 11_901_408_320,
+    "flux-schnell": 11_901_408_320 - (256 * 3072 + 3072) - (3072 * 3072 + 3072),
 }
 
 

@@ -53,13 +53,15 @@ def _inspect_method(args: argparse.Namespace) -> int:
     from ..architectures import build_architecture
     from ..config import apply_overrides
     from ..counting import ARCHITECTURES, count_trainable, load_denoiser, method_config
+    from ..methods.base import get_method
 
     if (args.architecture is None) == (args.model is None):
         raise bad_value("--architecture/--model", None, "exactly one of them with --method",
                         f"--architecture {'|'.join(ARCHITECTURES)} builds shapes only; --model loads a local pipeline")
     fields = apply_overrides({}, args.set or [])
-    config = method_config(args.method, fields)
+    get_method(args.method)  # an unknown method is refused before a model is built
     model = build_architecture(args.architecture) if args.architecture else load_denoiser(args.model, args.component)
+    config = method_config(args.method, fields, model)
     info = count_trainable(config, model)
     info["model"] = args.architecture or str(args.model)
     if args.method == "kind":  # trainable = learngenes (if trained) + fresh tailors; cost of one component index

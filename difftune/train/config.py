@@ -247,9 +247,22 @@ class TrainLoopConfig:
     ema_decay: float = 0.9999
     attention: Literal["sdpa", "xformers"] = "sdpa"
     find_unused_parameters: bool = False  #: DDP option for multi-GPU runs with partially used adapters
+    # Flow matching (SD3, Flux; difftune.train.flow). Defaults are those of diffusers' DreamBooth LoRA scripts.
+    timestep_density: Literal["logit_normal", "mode", "uniform"] | None = None  #: null: SD3 logit_normal, Flux uniform
+    logit_mean: float = 0.0  #: logit_normal density: mean of the normal before the sigmoid
+    logit_std: float = 1.0  #: logit_normal density: its std
+    mode_scale: float = 1.29  #: mode density: its scale
+    loss_weighting: Literal["sigma_sqrt", "cosmap", "none"] = "none"  #: per-sample weight of the flow loss
+    guidance_scale: float = 3.5  #: the guidance value Flux [dev]'s guidance embedding is fed while training
+    max_sequence_length: int | None = None  #: T5 tokens per prompt; null: SD3 77, Flux 512
 
     def __post_init__(self) -> None:
         check_finite(self, "train")
+        if self.logit_std <= 0:
+            raise bad_value("train.logit_std", self.logit_std, "a positive number")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 4096:
+            raise bad_value("train.max_sequence_length", self.max_sequence_length, "an integer in [1, 4096] or null",
+                            "SD3 was trained with 77 (256 in its pipeline), Flux with 512")
         for name, most in (("max_steps", MAX_STEPS), ("batch_size", MAX_BATCH),
                            ("gradient_accumulation_steps", MAX_BATCH)):
             check_range(f"train.{name}", getattr(self, name), 1, most)

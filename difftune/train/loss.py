@@ -133,7 +133,8 @@ class StepInputs:
 
     @property
     def noise_scheduler(self) -> Any:
-        """The DDPM training scheduler (``add_noise``, ``config.num_train_timesteps``, ...)."""
+        """The training scheduler: DDPM (``add_noise``, ``config.num_train_timesteps``, ...), for SD3/Flux a
+        `FlowMatchEulerDiscreteScheduler` (``sigmas``, ``timesteps``)."""
         return self.frozen.noise_scheduler
 
     @property
@@ -166,8 +167,13 @@ class StepInputs:
         return self.noised(latents, self.family.denoiser_kwargs(cond, latents))
 
     def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
-        """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t."""
+        """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t; for SD3 and
+        Flux the flow-matching draw (`difftune.train.flow`: σ from train.timestep_density, velocity target)."""
         sched, cfg = self.noise_scheduler, self.config
+        if self.family.flow:
+            from .flow import flow_noised
+
+            return flow_noised(sched, cfg.train, self.family, latents, kwargs)  # type: ignore[arg-type]
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-free, as in _latents
         if cfg.train.noise_offset:
             noise = noise + cfg.train.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
@@ -179,7 +185,9 @@ class StepInputs:
 
     @property
     def prediction_type(self) -> str:
-        """"epsilon" or "v_prediction": what the denoiser predicts in training."""
+        """"epsilon" or "v_prediction": what the denoiser predicts in training ("flow" for SD3/Flux: ε − x0)."""
+        if self.family.flow:
+            return "flow"
         return self.config.model.prediction_type or self.noise_scheduler.config.prediction_type
 
     def prompt_kwargs(self, captions: list[str], latents: Tensor) -> dict[str, Any]:
@@ -200,6 +208,8 @@ class StepInputs:
         if getattr(model, "module", model) is self.denoiser and self.denoiser is not self.family.denoiser:
             model = self.family.denoiser  # a trained text encoder: the frozen denoiser predicts, gradients reach it
         with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=on):
+            if self.family.flow:  # SD3/Flux: the family calls its transformer (Flux packs latents, takes σ)
+                return self.family.predict(model, noisy, timesteps, kwargs).float()  # type: ignore[attr-defined]
             if "timestep" in _forward_params(model):
                 out = model(noisy, timestep=timesteps, **kwargs)
             else:
@@ -211,9 +221,14 @@ class StepInputs:
 
     def loss(self, pred: Tensor, noised: Noised) -> Tensor:
         """The default loss of prediction ``pred`` on ``noised``: MSE to the target, Min-SNR weighted when
-        ``train.snr_gamma`` is set."""
+        ``train.snr_gamma`` is set (flow matching: weighted by train.loss_weighting)."""
         from diffusers.training_utils import compute_snr
 
+        if self.family.flow:
+            from .flow import flow_loss
+
+            return flow_loss(pred, noised, self.config.train.loss_weighting,
+                             int(self.noise_scheduler.config.num_train_timesteps))
         gamma = self.config.train.snr_gamma
         if gamma is None:
             return F.mse_loss(pred.float(), noised.target.float())

@@ -52,6 +52,7 @@ from .checkpoints import (
     weights_digest,
 )
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
+from .flow import configure_family
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
@@ -157,7 +158,7 @@ def load_frozen_parts(cfg: TrainConfig, accelerator: Any) -> tuple[Any, str, nn.
 def setup(cfg: TrainConfig) -> Run:
     """Build the run: pipeline, plugin, trainable parameters, data, optimizer, LR schedule, EMA; seed the RNGs."""
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
 
@@ -179,6 +180,7 @@ def setup(cfg: TrainConfig) -> Run:
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
     family.prepare_training()
+    configure_family(cfg, family)
     set_attention(cfg, denoiser)
     trained = plugin.prepare(pipe, denoiser)
     if trained is not denoiser:
@@ -213,7 +215,8 @@ def setup(cfg: TrainConfig) -> Run:
     ema = EMAModel(params, decay=cfg.train.ema_decay) if cfg.train.ema else None
     # Models were built from the same seed on every rank; from here on each rank draws its own noise and timesteps.
     set_seed(cfg.seed + accelerator.process_index)
-    frozen = Frozen(pipe, family, DDPMScheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
+    train_scheduler = FlowMatchEulerDiscreteScheduler if family.flow else DDPMScheduler  # a copy: never stepped
+    frozen = Frozen(pipe, family, train_scheduler.from_config(pipe.scheduler.config), weight_dtype, {}, {})
     if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
         fill_caches(cfg, frozen, dataset, accelerator.device)
     return Run(cfg, accelerator, pipe, component, family, plugin, denoiser, params, model, optimizer, lr_scheduler,
@@ -237,6 +240,7 @@ def adopt_student(cfg: TrainConfig, accelerator: Any, plugin: TrainerPlugin, pip
     pipe.register_modules(**{component: student.to(accelerator.device)})
     family = family_for(pipe, student)
     family.prepare_training()
+    configure_family(cfg, family)
     set_attention(cfg, student)
     return family
 

@@ -1,5 +1,5 @@
-"""Tiny random diffusion pipelines built from configs in code (SD, SDXL, DiT, PixArt), for `difftune demo` and the
-tests (`difftune.testing` re-exports them).
+"""Tiny random diffusion pipelines built from configs in code (SD, SDXL, DiT, PixArt; SD3 and Flux in `tiny_mmdit`),
+for `difftune demo` and the tests (`difftune.testing` re-exports them).
 
 Nothing here touches the Hugging Face Hub. Tokenizers are written to local folders (`difftune.zoo.tokenizers`), and
 every model is built from a config with seeded random weights, so the same seed always gives identical weights. Each
@@ -15,7 +15,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -32,43 +31,22 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
-    PreTrainedTokenizerBase,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
+from .parts import clip_text_config, load_tokenizer, seeded
 from .tokenizers import write_clip_tokenizer, write_t5_tokenizer
 
 __all__ = ["PIPELINE_KINDS", "randomize_adapter", "save_tiny_pipeline", "tiny_dit", "tiny_dit_pipeline",
            "tiny_pixart_pipeline", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_unet"]
 
 #: Pipeline kinds accepted by :func:`save_tiny_pipeline`.
-PIPELINE_KINDS: tuple[str, ...] = ("sd", "sdxl", "dit", "pixart")
-
-_MIN_TEXT_VOCAB = 1000
-_M = TypeVar("_M", bound=torch.nn.Module)
-
-
-def _load_tokenizer(
-    tokenizer_dir: str | Path | None, writer: Callable[[Path], Path], cls: type[PreTrainedTokenizerBase]
-) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from ``tokenizer_dir``, writing the default one there first if the folder has none."""
-    folder = Path(tempfile.mkdtemp(prefix="difftune-tok-") if tokenizer_dir is None else tokenizer_dir)
-    if not (folder / "tokenizer_config.json").is_file():
-        writer(folder)
-    return cls.from_pretrained(str(folder))
-
-
-def _seeded(seed: int, build: Callable[[], _M]) -> _M:
-    """Seed torch, build one component and put it in eval mode (as ``from_pretrained`` would)."""
-    torch.manual_seed(seed)
-    return build().eval()
-
+PIPELINE_KINDS: tuple[str, ...] = ("sd", "sdxl", "dit", "pixart", "sd3", "flux")
 
 def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     """Build a 2-level VAE (scale factor 2, 4 latent channels, ~0.66M parameters)."""
@@ -86,23 +64,6 @@ def _tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     )
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer, **kwargs: Any) -> CLIPTextConfig:
-    """Return a tiny CLIP text config whose vocabulary and special ids match ``tokenizer``."""
-    return CLIPTextConfig(
-        vocab_size=max(_MIN_TEXT_VOCAB, len(tokenizer)),
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
-
-
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:
     """Build a tiny SD1.x-like UNet (~1M parameters, 16x16 latents, cross-attention at the lower resolution).
 
@@ -114,7 +75,7 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionMo
         The UNet, in eval mode.
     """
     with torch.random.fork_rng(devices=[]):
-        return _seeded(
+        return seeded(
             seed,
             lambda: UNet2DConditionModel(
                 sample_size=16,
@@ -141,7 +102,7 @@ def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
         The transformer, in eval mode.
     """
     with torch.random.fork_rng(devices=[]):
-        return _seeded(
+        return seeded(
             seed,
             lambda: DiTTransformer2DModel(
                 sample_size=16,
@@ -171,11 +132,11 @@ def tiny_sd_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0) -> 
     Returns:
         The pipeline, on CPU, with no safety checker.
     """
-    tokenizer = _load_tokenizer(tokenizer_dir, write_clip_tokenizer, CLIPTokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir, write_clip_tokenizer, CLIPTokenizer)
     with torch.random.fork_rng(devices=[]):
         unet = tiny_unet(seed, cross_attention_dim=32)
-        vae = _seeded(seed, _tiny_vae)
-        text_encoder = _seeded(seed, lambda: CLIPTextModel(_clip_text_config(tokenizer)))
+        vae = seeded(seed, _tiny_vae)
+        text_encoder = seeded(seed, lambda: CLIPTextModel(clip_text_config(tokenizer)))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -207,9 +168,9 @@ def tiny_sdxl_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0) -
     Returns:
         The pipeline, on CPU, without the invisible watermarker.
     """
-    tokenizer = _load_tokenizer(tokenizer_dir, write_clip_tokenizer, CLIPTokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir, write_clip_tokenizer, CLIPTokenizer)
     with torch.random.fork_rng(devices=[]):
-        unet = _seeded(
+        unet = seeded(
             seed,
             lambda: UNet2DConditionModel(
                 sample_size=16,
@@ -229,10 +190,10 @@ def tiny_sdxl_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0) -
                 norm_num_groups=32,
             ),
         )
-        vae = _seeded(seed, lambda: _tiny_vae(scaling_factor=0.13025))
-        text_encoder = _seeded(seed, lambda: CLIPTextModel(_clip_text_config(tokenizer)))
-        text_config_2 = _clip_text_config(tokenizer, projection_dim=32, hidden_act="gelu")
-        text_encoder_2 = _seeded(seed, lambda: CLIPTextModelWithProjection(text_config_2))
+        vae = seeded(seed, lambda: _tiny_vae(scaling_factor=0.13025))
+        text_encoder = seeded(seed, lambda: CLIPTextModel(clip_text_config(tokenizer)))
+        text_config_2 = clip_text_config(tokenizer, projection_dim=32, hidden_act="gelu")
+        text_encoder_2 = seeded(seed, lambda: CLIPTextModelWithProjection(text_config_2))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -265,7 +226,7 @@ def tiny_dit_pipeline(seed: int = 0) -> DiTPipeline:
     """
     with torch.random.fork_rng(devices=[]):
         transformer = tiny_dit(seed)
-        vae = _seeded(seed, _tiny_vae)
+        vae = seeded(seed, _tiny_vae)
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
 
@@ -284,7 +245,7 @@ def tiny_pixart_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0)
     Returns:
         The pipeline, on CPU.
     """
-    tokenizer = _load_tokenizer(tokenizer_dir, write_t5_tokenizer, T5Tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir, write_t5_tokenizer, T5Tokenizer)
     t5_config = T5Config(
         vocab_size=len(tokenizer),
         d_model=32,
@@ -299,7 +260,7 @@ def tiny_pixart_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0)
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
-        transformer = _seeded(
+        transformer = seeded(
             seed,
             lambda: PixArtTransformer2DModel(
                 sample_size=16,
@@ -319,8 +280,8 @@ def tiny_pixart_pipeline(tokenizer_dir: str | Path | None = None, seed: int = 0)
                 norm_eps=1e-6,
             ),
         )
-        vae = _seeded(seed, _tiny_vae)
-        text_encoder = _seeded(seed, lambda: T5EncoderModel(t5_config))
+        vae = seeded(seed, _tiny_vae)
+        text_encoder = seeded(seed, lambda: T5EncoderModel(t5_config))
     scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
     return PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
@@ -339,7 +300,7 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     """Build a tiny pipeline and save it so that ``DiffusionPipeline.from_pretrained(path)`` loads it offline.
 
     Args:
-        kind: One of ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixart"``.
+        kind: One of ``"sd"``, ``"sdxl"``, ``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"`` (`difftune.zoo.tiny_mmdit`).
         path: Folder to save into (``model_index.json`` plus one subfolder per component).
         seed: Seed for every component's random weights.
 
@@ -349,11 +310,14 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0) -> Path:
     Raises:
         ValueError: If ``kind`` is not a known pipeline kind.
     """
-    if kind not in _BUILDERS:
+    from .tiny_mmdit import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    builders = {**_BUILDERS, "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+    if kind not in builders:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(PIPELINE_KINDS)}")
     folder = Path(path)
     with tempfile.TemporaryDirectory(prefix="difftune-tok-") as tokenizer_dir:
-        pipeline = _BUILDERS[kind](tokenizer_dir, seed)
+        pipeline = builders[kind](tokenizer_dir, seed)
         pipeline.save_pretrained(str(folder))
     return folder
 
