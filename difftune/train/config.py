@@ -86,9 +86,23 @@ class DataConfig:
     #: each augmented image (difftune.methods.scedit: canny, sobel, outline, skeleton), or ``condition_path``
     condition: str | None = None
     condition_path: str | None = None  #: kind control: folder of condition images named as the images in ``path``
+    #: aspect-ratio buckets (kinds captions and classes): each image trains at the bucket nearest its aspect ratio,
+    #: area about resolution², resized without stretching and the excess cropped; a batch holds one bucket
+    buckets: bool = False
+    bucket_min_size: int = 256  #: shortest bucket side (pixels)
+    bucket_max_size: int = 1024  #: longest bucket side (pixels)
+    bucket_step: int = 64  #: bucket sides are multiples of this (a multiple of 8 and of the VAE's scale factor)
+    bucket_max_crop: float = 0.25  #: the most of a side an image's crop may cut; an image needing more is refused
+    #: kohya-style tags (kinds captions and control; captions are comma-separated tags): shuffle the tags after the
+    #: first ``keep_tokens`` each epoch, and drop each of those with probability ``caption_tag_dropout``
+    shuffle_caption: bool = False
+    keep_tokens: int = 0  #: the first N tags (e.g. the trigger word) stay in place and are never dropped
+    caption_tag_dropout: float = 0.0  #: per-tag drop probability (whole captions: label_dropout)
 
     def __post_init__(self) -> None:
         check_finite(self, "data")
+        self._check_buckets()
+        self._check_captions()
         if self.kind in DATA_FREE_KINDS:
             self._check_data_free()
         else:
@@ -114,6 +128,43 @@ class DataConfig:
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
                             "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
+
+    def _check_buckets(self) -> None:
+        for key in ("bucket_min_size", "bucket_max_size", "bucket_step"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+                raise bad_value(f"data.{key}", value, "a positive multiple of 8")
+        if self.bucket_min_size > self.bucket_max_size:
+            raise bad_value("data.bucket_min_size", self.bucket_min_size,
+                            f"at most data.bucket_max_size ({self.bucket_max_size})")
+        if not 0 <= self.bucket_max_crop < 1:
+            raise bad_value("data.bucket_max_crop", self.bucket_max_crop, "in [0, 1)")
+        if not self.buckets:
+            return
+        if self.kind not in ("captions", "classes"):
+            raise bad_value("data.buckets", True, f"false with data.kind {self.kind!r}",
+                            "buckets work with data.kind captions and classes")
+        if not self.bucket_min_size <= self.resolution <= self.bucket_max_size:
+            raise bad_value("data.resolution", self.resolution, f"within [data.bucket_min_size, "
+                            f"data.bucket_max_size] = [{self.bucket_min_size}, {self.bucket_max_size}] with "
+                            "data.buckets on", "the target area is resolution²; the square bucket has this side")
+
+    def _check_captions(self) -> None:
+        if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int) or self.keep_tokens < 0:
+            raise bad_value("data.keep_tokens", self.keep_tokens, "an integer >= 0")
+        if not 0 <= self.caption_tag_dropout < 1:
+            raise bad_value("data.caption_tag_dropout", self.caption_tag_dropout, "in [0, 1)")
+        if not (self.shuffle_caption or self.caption_tag_dropout):
+            return
+        key = "data.shuffle_caption" if self.shuffle_caption else "data.caption_tag_dropout"
+        value = self.shuffle_caption or self.caption_tag_dropout
+        if self.kind not in ("captions", "control"):
+            raise bad_value(key, value, f"off with data.kind {self.kind!r}",
+                            "tag handling applies to captions read from files (data.kind captions or control)")
+        if self.cache_text_embeddings:
+            raise bad_value(key, value, "off with data.cache_text_embeddings",
+                            "every epoch makes new captions; cached embeddings would hold each variant (as kohya, "
+                            "turn one of the two off)")
 
     def _check_images(self) -> None:
         if not self.path:
@@ -158,15 +209,21 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    #: prodigy / schedulefree_adamw: optional packages (``pip install difftune[optimizers]``)
+    name: Literal["adamw", "adamw8bit", "sgd", "prodigy", "schedulefree_adamw"] = "adamw"
     lr: float | None = None  #: None: the method's default (1e-4; SaRA: 1e-3·exp(−350θ))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
     scale_lr: bool = False  #: multiply lr by batch_size × gradient_accumulation_steps × processes
+    #: YAML key ``class``: any ``torch.optim.Optimizer`` by import path ("torch.optim.RAdam"), built with ``lr`` and
+    #: ``kwargs`` only (betas, eps, weight_decay go in ``kwargs``); replaces ``name``
+    class_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  #: extra constructor arguments (e.g. prodigy's d_coef)
 
     def __post_init__(self) -> None:
         check_finite(self, "optimizer")
+        self._check_extra()
         if self.lr is not None and self.lr <= 0:
             raise bad_value("optimizer.lr", self.lr, "a positive number")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -175,6 +232,24 @@ class OptimizerConfig:
             raise bad_value("optimizer.eps" if self.eps <= 0 else "optimizer.weight_decay",
                             self.eps if self.eps <= 0 else self.weight_decay,
                             "a positive number" if self.eps <= 0 else "a number >= 0")
+
+
+    def _check_extra(self) -> None:
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise bad_value("optimizer.kwargs", self.kwargs, "a mapping of argument names to values")
+        if "params" in self.kwargs or "lr" in self.kwargs:
+            raise bad_value("optimizer.kwargs", self.kwargs, "no 'params' or 'lr' (the trainer passes them)",
+                            "set the learning rate with optimizer.lr")
+        if self.class_ is not None:
+            if not isinstance(self.class_, str) or "." not in self.class_.strip(".") or " " in self.class_:
+                raise bad_value("optimizer.class", self.class_, "an import path 'package.module.Class'",
+                                "e.g. torch.optim.RAdam")
+            if self.name != "adamw":
+                raise bad_value("optimizer.name", self.name, "left out when optimizer.class is set",
+                                "optimizer.class replaces optimizer.name")
+        if self.name == "prodigy" and self.lr is None:
+            raise bad_value("optimizer.lr", None, "set with optimizer.name prodigy",
+                            "Prodigy estimates the step size itself; its lr is a multiplier: use 1.0")
 
 
 @dataclass

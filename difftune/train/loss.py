@@ -163,7 +163,10 @@ class StepInputs:
         latents = _latents(self.frozen, pixels, keys)
         drop = torch.rand(latents.shape[0]) < self.config.data.label_dropout
         cond = _condition(self.frozen, self.batch, prefix, drop, self.device, self.config.data.cache_text_embeddings)
-        return self.noised(latents, self.family.denoiser_kwargs(cond, latents))
+        geometry = None
+        if f"{prefix}original_size" in self.batch:  # each image's true size and crop (SDXL's time_ids)
+            geometry = (self.batch[f"{prefix}original_size"], self.batch[f"{prefix}crop_top_left"])
+        return self.noised(latents, self.family.denoiser_kwargs(cond, latents, geometry))
 
     def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
         """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t."""
