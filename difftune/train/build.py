@@ -23,7 +23,7 @@ from .buckets import BucketBatchSampler, describe, make_buckets
 from .captions import CaptionOptions
 from .config import TrainConfig
 from .control import ControlFolder
-from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
+from .data import CaptionFolder, ClassFolder, DreamBoothDataset, check_dir, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
 
 
@@ -120,7 +120,7 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
         want = "'classes'" if family.conditioning == "class" else "'captions' or 'dreambooth'"
         raise bad_value("data.kind", d.kind, f"{want} for {type(family.pipe).__name__}")
     if d.kind == "classes":
-        return _bucketed(cfg, family, ClassFolder(d.path, **common))
+        return _masked(cfg, _bucketed(cfg, family, ClassFolder(d.path, **common)))
     if d.kind == "dreambooth":
         return DreamBoothDataset(d.path, d.instance_prompt, class_root=d.class_path, class_prompt=d.class_prompt,
                                  **common)
@@ -128,8 +128,8 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
         dataset = ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path,
                                 caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
     else:
-        dataset = _bucketed(cfg, family, CaptionFolder(d.path, caption_ext=d.caption_ext,
-                                                       default_caption=d.default_caption, **common))
+        dataset = _masked(cfg, _bucketed(cfg, family, CaptionFolder(d.path, caption_ext=d.caption_ext,
+                                                                    default_caption=d.default_caption, **common)))
     dataset.caption_options = CaptionOptions(d.shuffle_caption, d.keep_tokens, d.caption_tag_dropout)
     return dataset
 
@@ -148,6 +148,13 @@ def _bucketed(cfg: TrainConfig, family: Family, dataset: Any) -> Any:
                         "the VAE's latent scale is measured on same-sized images")
     buckets = make_buckets(d.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step)
     dataset.use_buckets(buckets, d.bucket_max_crop, dataset.root)
+    return dataset
+
+
+def _masked(cfg: TrainConfig, dataset: Any) -> Any:
+    """``dataset`` with a loss mask per image when ``data.masks`` names a folder (`difftune.train.masks`)."""
+    if cfg.data.masks:
+        dataset.use_masks(check_dir(cfg.data.masks, "data.masks"), dataset.root)
     return dataset
 
 

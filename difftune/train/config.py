@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ..errors import DifftuneError, bad_value
 from ..methods.base import MethodConfig, get_method
+from .valconfig import ValidationLossConfig
 
 
 def check_finite(obj: Any, section: str) -> None:
@@ -98,11 +99,17 @@ class DataConfig:
     shuffle_caption: bool = False
     keep_tokens: int = 0  #: the first N tags (e.g. the trigger word) stay in place and are never dropped
     caption_tag_dropout: float = 0.0  #: per-tag drop probability (whole captions: label_dropout)
+    #: masked loss (kinds captions and classes): a folder of grayscale masks named as the images in ``path``, each of
+    #: its image's size (white: train, black: ignored); the loss is weighted by it in latent space
+    masks: str | None = None
 
     def __post_init__(self) -> None:
         check_finite(self, "data")
         self._check_buckets()
         self._check_captions()
+        if self.masks and self.kind not in ("captions", "classes"):
+            raise bad_value("data.masks", self.masks, f"unset with data.kind {self.kind!r}",
+                            "masks weight the loss of data.kind captions and classes")
         if self.kind in DATA_FREE_KINDS:
             self._check_data_free()
         else:
@@ -316,6 +323,7 @@ class ValidationConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = 4.0  #: the evaluation's default (difftune.eval); null: the pipeline's own
     at_start: bool = True  #: also write a step-0 grid before training (the baseline; not on resume)
+    loss: ValidationLossConfig = field(default_factory=ValidationLossConfig)  #: held-out loss (train/valloss.py)
 
     def __post_init__(self) -> None:
         check_finite(self, "validation")

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from ..errors import DifftuneError, bad_value
 from .buckets import assign
 from .captions import CaptionOptions, process_caption, read_metadata
+from .masks import find_masks, mask_item
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -167,12 +168,17 @@ class ImageDataset(Dataset):
         self.buckets: list[tuple[int, int]] | None = None  #: (width, height) of each bucket, after `use_buckets`
         self.bucket_of: list[int] | None = None  #: each item's bucket index, after `use_buckets`
         self.caption_options = CaptionOptions()  #: kohya-style tag handling (`difftune.train.captions`)
+        self.masks: dict[Path, Path] | None = None  #: each image's loss mask, after `use_masks`
 
     def use_buckets(self, buckets: Sequence[tuple[int, int]], max_crop: float, root: Path) -> None:
         """Give each item the bucket nearest its image's aspect ratio (`difftune.train.buckets.assign`: raises a
         `DifftuneError` naming ``data.buckets`` for an image that fits none)."""
         self.bucket_of = assign([r["path"] for r in self.records], buckets, max_crop, root)
         self.buckets = list(buckets)
+
+    def use_masks(self, mask_root: Path, root: Path) -> None:
+        """Give each item its image's mask (``"mask"``: (1, H, W) in [0, 1]; `difftune.train.masks`)."""
+        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -208,6 +214,9 @@ class ImageDataset(Dataset):
         record = self.records[index]
         item = self.augmented(index, record["path"], self.rng(index))
         item.update((k, v) for k, v in record.items() if k != "path")
+        if self.masks is not None:  # the image's resize, crop and flip: the item's generator replayed
+            mask = self.augmented(index, self.masks[record["path"]], self.rng(index))
+            item["mask"] = mask_item(mask["pixel_values"])
         if "caption" in item and self.caption_options.active:  # a stream of its own: the pixels stay as they were
             rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             item["caption"] = process_caption(item["caption"], self.caption_options, rng)

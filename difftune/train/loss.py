@@ -20,6 +20,7 @@ from ..errors import DifftuneError, bad_value
 from ..families import Family
 from ..methods.plugin import Noised
 from .config import TrainConfig
+from .masks import latent_mask
 
 
 @dataclass
@@ -166,7 +167,9 @@ class StepInputs:
         geometry = None
         if f"{prefix}original_size" in self.batch:  # each image's true size and crop (SDXL's time_ids)
             geometry = (self.batch[f"{prefix}original_size"], self.batch[f"{prefix}crop_top_left"])
-        return self.noised(latents, self.family.denoiser_kwargs(cond, latents, geometry))
+        noised = self.noised(latents, self.family.denoiser_kwargs(cond, latents, geometry))
+        noised.mask = latent_mask(self.batch, latents) if prefix == "" else None
+        return noised
 
     def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
         """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t."""
@@ -218,11 +221,16 @@ class StepInputs:
         from diffusers.training_utils import compute_snr
 
         gamma = self.config.train.snr_gamma
-        if gamma is None:
+        if gamma is None and noised.mask is None:
             return F.mse_loss(pred.float(), noised.target.float())
+        err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
+        if noised.mask is not None:  # data.masks: masked latents add nothing (kohya's masked_loss: a plain mean)
+            err = err * noised.mask
+        if gamma is None:
+            return err.mean()
         snr = compute_snr(self.noise_scheduler, noised.timesteps)
         weights = torch.clamp(snr, max=gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
-        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_sample = err.mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 
     def default_loss(self) -> Tensor:

@@ -51,6 +51,7 @@ from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
 from .optimizers import build_optimizer, eval_mode, eval_weights, train_mode
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
+from .valloss import report_validation_loss
 
 logger = logging.getLogger("difftune.train")
 
@@ -323,6 +324,7 @@ def _validate(run: Run, step: int, result: Path | None = None) -> Path | None:
     target = Path(run.cfg.output_dir) / "validation"
     with eval_weights(run.optimizer, run.denoiser), saving(run.cfg, f"writing the validation grid of step {step}",
                                                            target, result):
+        report_validation_loss(run.cfg, run.accelerator, run.frozen, run.denoiser, step)
         return validate(run.cfg, run.accelerator, run.pipe, run.family, run.denoiser, step, run.frozen.weight_dtype)
 
 

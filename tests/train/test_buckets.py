@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import difftune as dt
 from difftune.config import load_config
@@ -134,31 +133,16 @@ def test_sdxl_time_ids_carry_each_images_true_size_and_crop(photos, tmp_path, mo
     assert len(checked) >= 6 and any(ids[2] or ids[3] for _, t in seen for ids in t.tolist())  # real crops
 
 
-def test_resume_is_bit_exact_with_buckets(photos, tmp_path, capsys):
-    # 5 batches per epoch; checkpoint at step 3, random crops and flips
+def test_resume_is_bit_exact_with_buckets(photos, stop_and_resume):
+    # 5 batches per epoch; checkpoint at step 3 (mid-epoch), random crops and flips
     sets = ["train.max_steps=7", "checkpointing.checkpointing_steps=3", "data.center_crop=false",
             "data.random_flip=true"]
-    full_run = main(_cfg(photos, tmp_path / "a" / "out", "sd", *sets))
-    ckpts = tmp_path / "b" / "out" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (tmp_path / "a" / "out" / "checkpoints" / "checkpoint-3").rename(ckpts / "checkpoint-3")
-    torch.manual_seed(1234)
-    resumed = main(_cfg(photos, tmp_path / "b" / "out", "sd", *sets, "checkpointing.resume_from_checkpoint=latest"))
-    digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
-    assert len(digests) == 2 and digests[0] == digests[1], digests
-    a, b = load_file(full_run / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    stop_and_resume(lambda out, *more: _cfg(photos, out, "sd", *sets, *more), 3)
 
 
-def test_resume_is_bit_exact_with_buckets_and_cached_latents(photos, tmp_path, capsys):
+def test_resume_is_bit_exact_with_buckets_and_cached_latents(photos, stop_and_resume):
     sets = ["train.max_steps=4", "checkpointing.checkpointing_steps=2", "data.cache_latents=true"]
-    main(_cfg(photos, tmp_path / "a" / "out", "sd", *sets))
-    ckpts = tmp_path / "b" / "out" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (tmp_path / "a" / "out" / "checkpoints" / "checkpoint-2").rename(ckpts / "checkpoint-2")
-    main(_cfg(photos, tmp_path / "b" / "out", "sd", *sets, "checkpointing.resume_from_checkpoint=latest"))
-    digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
-    assert len(digests) == 2 and digests[0] == digests[1], digests
+    stop_and_resume(lambda out, *more: _cfg(photos, out, "sd", *sets, *more), 2)
 
 
 def test_an_image_that_fits_no_bucket_is_refused(photos, tmp_path):
@@ -176,3 +160,22 @@ def test_an_image_that_fits_no_bucket_is_refused(photos, tmp_path):
 def test_bad_bucket_settings_name_the_key(photos, tmp_path, sets, key):
     with pytest.raises(dt.DifftuneError, match=re.escape(f"`{key}`")):
         _cfg(photos, tmp_path / "out", "sd", *sets)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prodigyopt") is None,
+                    reason="prodigyopt not installed (difftune[optimizers])")
+def test_the_photos_recipe_trains_through_difftune_train(photos, tmp_path, capsys):
+    """configs/lora/sd15-photos.yaml as shipped (buckets, caption tags, Prodigy, validation loss) on the tiny SD."""
+    from difftune.cli import main as cli_main
+
+    sets = [f"model.path={photos['sd']}", f"data.path={photos['photos']}", f"validation.loss.path={photos['photos']}",
+            f"output_dir={tmp_path / 'out'}", "data.resolution=32", "data.bucket_min_size=16",
+            "data.bucket_max_size=64", "data.bucket_step=8", "train.max_steps=2", "train.mixed_precision=no",
+            "validation.num_inference_steps=2", "validation.seeds=[0]", "logging.report_to=none", "data.repeats=1"]
+    assert cli_main(["train", str(REPO / "configs" / "lora" / "sd15-photos.yaml"),
+                     *[a for s in sets for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "[difftune] buckets: 8 image(s) in 3 of" in out and "validation loss (step 2)" in out
+    saved = load_config(TrainConfig, tmp_path / "out" / "config.yaml")
+    assert saved.optimizer.name == "prodigy" and saved.data.shuffle_caption and saved.data.buckets
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

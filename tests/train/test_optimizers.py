@@ -34,29 +34,19 @@ def _cfg(tiny, out: Path, *sets: str) -> TrainConfig:
         *sets])
 
 
-def _resume_is_exact(tiny, tmp_path, capsys, sets: list[str]) -> dict[str, torch.Tensor]:
+def _resume_is_exact(tiny, stop_and_resume, sets: list[str]) -> dict[str, torch.Tensor]:
     """Train 4 steps straight and 2 + 2 resumed from the step-2 checkpoint; the results must be equal."""
     sets = [*sets, "train.max_steps=4", "checkpointing.checkpointing_steps=2"]
-    full = main(_cfg(tiny, tmp_path / "a" / "out", *sets))
-    ckpts = tmp_path / "b" / "out" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (tmp_path / "a" / "out" / "checkpoints" / "checkpoint-2").rename(ckpts / "checkpoint-2")
-    torch.manual_seed(99)
-    resumed = main(_cfg(tiny, tmp_path / "b" / "out", *sets, "checkpointing.resume_from_checkpoint=latest"))
-    digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
-    assert len(digests) == 2 and digests[0] == digests[1], digests
-    a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return a
+    return stop_and_resume(lambda out, *more: _cfg(tiny, out, *sets, *more), 2)
 
 
 def _plain(tiny, tmp_path) -> dict[str, torch.Tensor]:
     return load_file(main(_cfg(tiny, tmp_path / "plain" / "out", "train.max_steps=4")) / "adapter_model.safetensors")
 
 
-def test_any_torch_optimizer_by_class_trains_and_resumes_exactly(tiny, tmp_path, capsys):
+def test_any_torch_optimizer_by_class_trains_and_resumes_exactly(tiny, tmp_path, stop_and_resume):
     sets = ["optimizer.class=torch.optim.RAdam", "optimizer.kwargs={betas: [0.8, 0.99], decoupled_weight_decay: true}"]
-    result = _resume_is_exact(tiny, tmp_path, capsys, sets)
+    result = _resume_is_exact(tiny, stop_and_resume, sets)
     plain = _plain(tiny, tmp_path)
     assert any(not torch.equal(result[k], plain[k]) for k in plain)  # RAdam really was used, not AdamW
     saved = load_config(TrainConfig, tmp_path / "a" / "out" / "config.yaml")  # written back under the key `class`
@@ -64,14 +54,14 @@ def test_any_torch_optimizer_by_class_trains_and_resumes_exactly(tiny, tmp_path,
 
 
 @needs_prodigy
-def test_prodigy_trains_and_resumes_exactly(tiny, tmp_path, capsys):
-    result = _resume_is_exact(tiny, tmp_path, capsys, ["optimizer.name=prodigy", "optimizer.lr=1.0",
+def test_prodigy_trains_and_resumes_exactly(tiny, tmp_path, stop_and_resume):
+    result = _resume_is_exact(tiny, stop_and_resume, ["optimizer.name=prodigy", "optimizer.lr=1.0",
                                                         "optimizer.kwargs={d_coef: 2.0}"])
     assert any(not torch.equal(result[k], v) for k, v in _plain(tiny, tmp_path).items())
 
 
 @needs_schedulefree
-def test_schedulefree_trains_resumes_exactly_and_saves_its_eval_weights(tiny, tmp_path, capsys, monkeypatch):
+def test_schedulefree_trains_resumes_exactly_and_saves_its_eval_weights(tiny, stop_and_resume, monkeypatch):
     import schedulefree
 
     modes = []
@@ -84,7 +74,7 @@ def test_schedulefree_trains_resumes_exactly_and_saves_its_eval_weights(tiny, tm
         self.param_groups[0]["train_mode"]) or eval_(self))
     sets = ["optimizer.name=schedulefree_adamw", "optimizer.lr=1e-2", "validation.every_steps=1",
             "validation.prompts=[a photo of a cat]", "validation.at_start=false"]
-    _resume_is_exact(tiny, tmp_path, capsys, sets)
+    _resume_is_exact(tiny, stop_and_resume, sets)
     assert modes and all(modes)  # every step ran in train mode, also right after each validation
     assert evals.count(True) >= 4  # validations and the final save switched to the evaluation weights
 
