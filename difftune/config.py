@@ -14,6 +14,7 @@ Non-finite numbers (``.nan``, ``.inf``) are refused for every float field: no tr
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -213,6 +214,8 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     odd = [k for k in data if not isinstance(k, str)]
     if odd:
         raise DifftuneError(f"`{where}`: keys must be strings, got {odd[:5]!r}; quote them")
+    # a key that is a Python keyword (optimizer.class) is the field with a trailing underscore (class_)
+    data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         keys = ", ".join(f"`{prefix + '.' if prefix else ''}{k}`" for k in unknown)
@@ -229,7 +232,8 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """A dataclass (or nested structure of them) as plain YAML-able data."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return {f.name.removesuffix("_") if keyword.iskeyword(f.name.removesuffix("_")) else f.name:
+                to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -49,7 +49,11 @@ class Family:
         with self._grad():
             return {"encoder_hidden_states": enc(ids)[0]}
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
+        """The denoiser's keyword arguments for ``latents``. ``geometry``: each image's original (height, width)
+        and crop (top, left), both (B, 2), for families that condition on them (SDXL); None: square, uncropped
+        images at the latents' size."""
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}
 
     def null_labels(self, labels: Tensor) -> Tensor:
@@ -74,12 +78,18 @@ class SDXLFamily(Family):
             pooled = out[0]
         return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
         b, _, h, w = latents.shape
         scale = self.pipe.vae_scale_factor
-        # (original size, crop top-left, target size): square, uncropped images at the training resolution
-        time_ids = torch.tensor([h * scale, w * scale, 0, 0, h * scale, w * scale], device=latents.device)
-        time_ids = time_ids.to(cond["text_embeds"].dtype).repeat(b, 1)
+        target = torch.tensor([[h * scale, w * scale]] * b)
+        if geometry is None:  # no image behind the latents: a square, uncropped image at their size
+            original, crop = target, torch.zeros(b, 2, dtype=torch.long)
+        else:
+            original, crop = geometry
+        # SDXL's micro-conditioning, per image: (original height, width, crop top, left, target height, width)
+        time_ids = torch.cat([original.cpu(), crop.cpu(), target], dim=1)
+        time_ids = time_ids.to(latents.device, cond["text_embeds"].dtype)
         return {"encoder_hidden_states": cond["encoder_hidden_states"],
                 "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
 
@@ -94,7 +104,8 @@ class PixArtFamily(Family):
             states = self.pipe.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
         b, _, h, w = latents.shape
         extra: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         if getattr(self.denoiser, "use_additional_conditions", False):
@@ -119,7 +130,8 @@ class DiTFamily(Family):
     def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
         raise DifftuneError("DiT is class-conditional: use data.kind 'classes' (one folder per class)")
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
         return {"class_labels": cond["class_labels"]}
 
     def null_labels(self, labels: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ class Noised:
     noisy: Tensor  #: x_t = add_noise(x0, ε, t)
     target: Tensor  #: what the default loss regresses: ε, or the velocity for v-prediction
     kwargs: dict[str, Any]  #: the denoiser's conditioning keyword arguments (text states, class labels, ...)
+    mask: Tensor | None = None  #: (B, 1, h, w) loss weights in latent space (``data.masks``), else None
 
 
 class TrainingStep(Protocol):

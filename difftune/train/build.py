@@ -19,10 +19,11 @@ from torch import nn
 from ..components import DENOISERS
 from ..errors import bad_value
 from ..families import Family
-from ..methods.plugin import TrainerPlugin
+from .buckets import BucketBatchSampler, describe, make_buckets
+from .captions import CaptionOptions
 from .config import TrainConfig
 from .control import ControlFolder
-from .data import CaptionFolder, ClassFolder, DreamBoothDataset, collate
+from .data import CaptionFolder, ClassFolder, DreamBoothDataset, check_dir, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
 
 
@@ -119,35 +120,42 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
         want = "'classes'" if family.conditioning == "class" else "'captions' or 'dreambooth'"
         raise bad_value("data.kind", d.kind, f"{want} for {type(family.pipe).__name__}")
     if d.kind == "classes":
-        return ClassFolder(d.path, **common)
+        return _masked(cfg, _bucketed(cfg, family, ClassFolder(d.path, **common)))
     if d.kind == "dreambooth":
         return DreamBoothDataset(d.path, d.instance_prompt, class_root=d.class_path, class_prompt=d.class_prompt,
                                  **common)
     if d.kind == "control":
-        return ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path,
-                             caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
-    return CaptionFolder(d.path, caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
+        dataset = ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path,
+                                caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
+    else:
+        dataset = _masked(cfg, _bucketed(cfg, family, CaptionFolder(d.path, caption_ext=d.caption_ext,
+                                                                    default_caption=d.default_caption, **common)))
+    dataset.caption_options = CaptionOptions(d.shuffle_caption, d.keep_tokens, d.caption_tag_dropout)
+    return dataset
 
 
-def build_optimizer(cfg: TrainConfig, plugin: TrainerPlugin, params: list[nn.Parameter], lr: float) -> Any:
-    """The plugin's own optimizer if it makes one, else ``cfg.optimizer``'s."""
-    own = plugin.make_optimizer(params, cfg.optimizer, lr)
-    if own is not None:
-        return own
-    o = cfg.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=o.weight_decay)
-    if o.name == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise bad_value("optimizer.name", "adamw8bit", "'adamw' on a machine without CUDA",
-                            "8-bit Adam (bitsandbytes) runs on CUDA GPUs only")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise bad_value("optimizer.name", "adamw8bit", "usable only with bitsandbytes installed",
-                            "pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+def _bucketed(cfg: TrainConfig, family: Family, dataset: Any) -> Any:
+    """``dataset`` with aspect-ratio buckets when ``data.buckets`` is on (`difftune.train.buckets`)."""
+    d = cfg.data
+    if not d.buckets:
+        return dataset
+    scale = int(getattr(family.pipe, "vae_scale_factor", 8))
+    if d.bucket_step % scale:
+        raise bad_value("data.bucket_step", d.bucket_step, f"a multiple of the VAE's scale factor {scale}",
+                        "each bucket's latents must have whole sides")
+    if cfg.train.objective == "autoencode":
+        raise bad_value("data.buckets", True, "false with train.objective autoencode",
+                        "the VAE's latent scale is measured on same-sized images")
+    buckets = make_buckets(d.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step)
+    dataset.use_buckets(buckets, d.bucket_max_crop, dataset.root)
+    return dataset
+
+
+def _masked(cfg: TrainConfig, dataset: Any) -> Any:
+    """``dataset`` with a loss mask per image when ``data.masks`` names a folder (`difftune.train.masks`)."""
+    if cfg.data.masks:
+        dataset.use_masks(check_dir(cfg.data.masks, "data.masks"), dataset.root)
+    return dataset
 
 
 def set_attention(cfg: TrainConfig, denoiser: nn.Module) -> None:
@@ -184,9 +192,18 @@ class EpochBatchSampler:
 
 
 
-def build_loader(cfg: TrainConfig, dataset: Any, num_processes: int, rank: int) -> tuple[Any, EpochBatchSampler]:
-    """This process's data loader and its batch sampler (call ``sampler.set_epoch`` before each epoch)."""
-    sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, num_processes, rank, cfg.seed)
+def build_loader(cfg: TrainConfig, dataset: Any, num_processes: int,
+                 rank: int) -> tuple[Any, EpochBatchSampler | BucketBatchSampler]:
+    """This process's data loader and its batch sampler (call ``sampler.set_epoch`` before each epoch); with
+    buckets, each batch holds one bucket, and the main process prints the bucket statistics."""
+    sampler: EpochBatchSampler | BucketBatchSampler
+    if getattr(dataset, "bucket_of", None) is not None:
+        sampler = BucketBatchSampler(dataset.bucket_of, cfg.train.batch_size, num_processes, rank, cfg.seed)
+        if rank == 0:
+            print(f"[difftune] buckets: {describe(dataset.buckets, dataset.bucket_of)}; "
+                  f"{sampler.n_batches} batch(es) per epoch", flush=True)
+    else:
+        sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, num_processes, rank, cfg.seed)
     # A generator of its own: otherwise each new iterator draws its worker seed from the global RNG, and a run
     # resumed mid-epoch would draw it once more than the uninterrupted run (noise and timesteps would shift).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,

@@ -44,7 +44,10 @@ def fill_caches(cfg: TrainConfig, frozen: Frozen, dataset: Any, device: torch.de
 def _fill_latents(frozen: Frozen, dataset: Any, chunk: int, num_workers: int, seed: int) -> None:
     n = len(dataset)
     logger.info("caching the VAE posterior of %d item(s)", n)
-    chunks = [[(i + k) % n for k in range(chunk)] for i in range(0, n, chunk)]
+    # with buckets, a chunk holds one bucket's items (a VAE call takes one image size), wrapping within the bucket
+    of = getattr(dataset, "bucket_of", None) or [0] * n
+    groups = [[i for i in range(n) if of[i] == b] for b in sorted(set(of))]
+    chunks = [[g[(i + k) % len(g)] for k in range(chunk)] for g in groups for i in range(0, len(g), chunk)]
     # its own generator: the global RNG is not touched (a DataLoader iterator draws a seed from it otherwise)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers,
                                          generator=torch.Generator().manual_seed(seed))

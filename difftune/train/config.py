@@ -11,57 +11,26 @@ failed in the scheduler) and shapes (``model.variant`` becomes part of a file na
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import DifftuneError, bad_value
 from ..methods.base import MethodConfig, check_adapter_name, get_method
-
-
-def check_finite(obj: Any, section: str) -> None:
-    """Refuse NaN/inf in every float field of config dataclass ``obj`` (a comparison such as ``lr <= 0`` lets NaN
-    through; a NaN ``max_grad_norm`` or ``noise_offset`` trains a NaN adapter). Also covers ``list[float]`` fields."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        if "float" not in str(hints.get(f.name)):
-            continue
-        value = getattr(obj, f.name)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for v in items:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise bad_value(f"{section}.{f.name}", value, "a finite number",
-                                "no setting means NaN or infinity; null turns an optional setting off")
-
-
-def check_range(key: str, value: int | float, low: float, high: float, hint: str = "") -> None:
-    """Refuse ``value`` outside [low, high], naming ``key``."""
-    if not low <= value <= high:
-        kind = "a number" if isinstance(low, float) or isinstance(high, float) else "an integer"
-        raise bad_value(key, value, f"{kind} in [{low:_}, {high:_}]", hint)
-
-
-def check_name(key: str, value: str | None, pattern: re.Pattern[str], expected: str, hint: str = "") -> None:
-    """Refuse a string that does not match ``pattern`` (a name that becomes part of a file name or attribute)."""
-    if value is not None and not pattern.fullmatch(value):
-        raise bad_value(key, value, expected, hint)
-
-
-#: a diffusers weight variant (``fp16``, ``non_ema``): it becomes part of file names, so never a path
-VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
-#: a pipeline component (``unet``, ``transformer``, ``vae``): an attribute name
-COMPONENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-#: a caption file suffix (``.txt``, ``.caption``, ``.tags.txt``)
-SUFFIX = re.compile(r"(\.[A-Za-z0-9_-]+)+")
-MAX_RESOLUTION = 4096  #: SDXL trains at 1024; one 4096² image is 200 MB as float32
-MAX_STEPS = 10**9
-MAX_BATCH = 4096  #: per process
-MAX_INFERENCE_STEPS = 1000  #: the schedulers' training timesteps: no sampler takes more steps
-
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+from .checks import (  # noqa: F401 (re-exported: the bounds are part of this module's API)
+    COMPONENT,
+    MAX_BATCH,
+    MAX_INFERENCE_STEPS,
+    MAX_RESOLUTION,
+    MAX_STEPS,
+    SCHEDULES,
+    SUFFIX,
+    VARIANT,
+    check_finite,
+    check_name,
+    check_range,
+)
+from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
+from .valconfig import ValidationLossConfig
 
 
 @dataclass
@@ -87,121 +56,23 @@ class ModelConfig:
         check_name("model.component", self.component, COMPONENT, "a pipeline component name such as 'unet'")
 
 
-IMAGE_KINDS = ("captions", "dreambooth", "classes", "control")
-DATA_FREE_KINDS = ("prompts", "none")  #: for methods whose trainer plugin has its own objective (no images)
-
-
-@dataclass
-class DataConfig:
-    #: captions / dreambooth / classes: image folders at ``path``. prompts: captions only (``prompts`` and/or
-    #: ``prompts_file``); none: indices only (``num_samples`` per epoch). The data-free kinds serve methods whose
-    #: trainer plugin defines its own objective (e.g. data-free concept erasing).
-    kind: Literal["captions", "dreambooth", "classes", "prompts", "none", "control"] = "captions"
-    path: str = ""  #: image folder (captions: .txt beside each image or metadata.jsonl; classes: one folder per class)
-    prompts: list[str] = field(default_factory=list)  #: kind prompts: the captions, in order
-    prompts_file: str | None = None  #: kind prompts: a UTF-8 text file, one caption per line (blank lines skipped)
-    num_samples: int | None = None  #: kind none: items per epoch (each item is its index)
-    instance_prompt: str | None = None  #: DreamBooth: the prompt for every instance image ("a photo of sks dog")
-    class_path: str | None = None  #: DreamBooth prior preservation: folder of class images
-    class_prompt: str | None = None  #: DreamBooth prior preservation: their prompt ("a photo of a dog")
-    prior_loss_weight: float = 1.0  #: weight of the prior-preservation loss
-    default_caption: str | None = None  #: caption for images that have none
-    caption_ext: str = ".txt"
-    resolution: int = 512  #: images are resized (shorter side) and cropped to this size (data-free: sampled at it)
-    center_crop: bool = True  #: center crop (else random crop)
-    random_flip: bool = False  #: random horizontal flip
-    repeats: int = 1  #: repeat the dataset this many times per epoch
-    label_dropout: float = 0.0  #: probability of replacing a caption by "" (class by the null class), for CFG
-    cache_latents: bool = False  #: encode every image with the VAE once (needs center crop and no flip)
-    cache_text_embeddings: bool = False  #: encode every caption once
-    num_workers: int = 0  #: dataloader workers
-    #: kind control (captioned images with a condition image each, for SCEdit's CSC-Tuner): an extractor applied to
-    #: each augmented image (difftune.methods.scedit: canny, sobel, outline, skeleton), or ``condition_path``
-    condition: str | None = None
-    condition_path: str | None = None  #: kind control: folder of condition images named as the images in ``path``
-
-    def __post_init__(self) -> None:
-        check_finite(self, "data")
-        if self.kind in DATA_FREE_KINDS:
-            self._check_data_free()
-        else:
-            self._check_images()
-        if (self.condition or self.condition_path) and self.kind != "control":
-            raise bad_value("data.condition", self.condition or self.condition_path, "unset unless data.kind is "
-                            "'control'", "data.kind: control pairs each image with a condition image")
-        if self.kind == "control" and not (self.condition or self.condition_path):
-            raise bad_value("data.condition", None, "an extractor name or data.condition_path with data.kind "
-                            "'control'", "e.g. condition: canny")
-        if self.class_path and self.kind != "dreambooth":
-            raise bad_value("data.class_path", self.class_path, "unset unless data.kind is 'dreambooth'")
-        if not 0 <= self.label_dropout < 1:
-            raise bad_value("data.label_dropout", self.label_dropout, "in [0, 1)")
-        if not 8 <= self.resolution <= MAX_RESOLUTION or self.resolution % 8:
-            raise bad_value("data.resolution", self.resolution, f"a multiple of 8 in [8, {MAX_RESOLUTION}]",
-                            "SD1.x trains at 512, SDXL at 1024.")
-        check_range("data.repeats", self.repeats, 1, 10_000, "Each image is seen `repeats` times per epoch.")
-        check_range("data.num_workers", self.num_workers, 0, 256)
-        check_name("data.caption_ext", self.caption_ext, SUFFIX, "a file suffix such as '.txt'",
-                   "Captions are read from <image name><caption_ext> beside each image.")
-        if self.prior_loss_weight < 0:
-            raise bad_value("data.prior_loss_weight", self.prior_loss_weight, "a number >= 0")
-        if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
-                            "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
-
-    def _check_images(self) -> None:
-        if not self.path:
-            raise bad_value("data.path", self.path, "an image folder",
-                            "data-free training (data.kind: prompts or none) is for methods with their own objective")
-        for key in ("prompts", "prompts_file", "num_samples"):
-            if getattr(self, key):
-                raise bad_value(f"data.{key}", getattr(self, key), "unset unless data.kind is 'prompts' or 'none'",
-                                f"data.kind is {self.kind!r}, which reads images from data.path")
-        if self.kind == "dreambooth" and not self.instance_prompt:
-            raise bad_value("data.instance_prompt", self.instance_prompt, "a prompt for DreamBooth instance images",
-                            "e.g. 'a photo of sks dog'")
-
-    def _check_data_free(self) -> None:
-        # Image options would be silently ignored: refuse them, naming the key.
-        image_only = {"path": "", "instance_prompt": None, "class_prompt": None, "default_caption": None,
-                      "random_flip": False, "cache_latents": False, "label_dropout": 0.0}
-        for key, unset in image_only.items():
-            if getattr(self, key) != unset:
-                raise bad_value(f"data.{key}", getattr(self, key), f"unset with data.kind {self.kind!r} (no images)",
-                                "the method's objective makes its own inputs; image options do not apply")
-        if self.kind == "prompts":
-            if self.num_samples is not None:
-                raise bad_value("data.num_samples", self.num_samples, "unset with data.kind 'prompts'",
-                                "an epoch is every prompt once (times data.repeats)")
-            if not isinstance(self.prompts, list) or not all(isinstance(p, str) for p in self.prompts):
-                raise bad_value("data.prompts", self.prompts, "a list of strings")
-            if not self.prompts and not self.prompts_file:
-                raise bad_value("data.prompts", self.prompts, "at least one prompt with data.kind 'prompts'",
-                                "set data.prompts: [...] and/or data.prompts_file (one prompt per line)")
-        else:
-            for key in ("prompts", "prompts_file"):
-                if getattr(self, key):
-                    raise bad_value(f"data.{key}", getattr(self, key), "unset with data.kind 'none'",
-                                    "use data.kind: prompts to iterate over prompts")
-            if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
-                raise bad_value("data.num_samples", self.num_samples, "an integer >= 1 with data.kind 'none'",
-                                "the number of items (indices) per epoch, e.g. 64")
-            check_range("data.num_samples", self.num_samples, 1, 1 << 24, "An epoch is shuffled as a whole.")
-        if self.cache_text_embeddings and self.kind == "none":
-            raise bad_value("data.cache_text_embeddings", True, "false with data.kind 'none' (no captions)")
-
-
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    #: prodigy / schedulefree_adamw: optional packages (``pip install difftune[optimizers]``)
+    name: Literal["adamw", "adamw8bit", "sgd", "prodigy", "schedulefree_adamw"] = "adamw"
     lr: float | None = None  #: None: the method's default (1e-4; SaRA: 1e-3·exp(−350θ))
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
     scale_lr: bool = False  #: multiply lr by batch_size × gradient_accumulation_steps × processes
+    #: YAML key ``class``: any ``torch.optim.Optimizer`` by import path ("torch.optim.RAdam"), built with ``lr`` and
+    #: ``kwargs`` only (betas, eps, weight_decay go in ``kwargs``); replaces ``name``
+    class_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  #: extra constructor arguments (e.g. prodigy's d_coef)
 
     def __post_init__(self) -> None:
         check_finite(self, "optimizer")
+        self._check_extra()
         if self.lr is not None and self.lr <= 0:
             raise bad_value("optimizer.lr", self.lr, "a positive number")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -210,6 +81,24 @@ class OptimizerConfig:
             raise bad_value("optimizer.eps" if self.eps <= 0 else "optimizer.weight_decay",
                             self.eps if self.eps <= 0 else self.weight_decay,
                             "a positive number" if self.eps <= 0 else "a number >= 0")
+
+
+    def _check_extra(self) -> None:
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise bad_value("optimizer.kwargs", self.kwargs, "a mapping of argument names to values")
+        if "params" in self.kwargs or "lr" in self.kwargs:
+            raise bad_value("optimizer.kwargs", self.kwargs, "no 'params' or 'lr' (the trainer passes them)",
+                            "set the learning rate with optimizer.lr")
+        if self.class_ is not None:
+            if not isinstance(self.class_, str) or "." not in self.class_.strip(".") or " " in self.class_:
+                raise bad_value("optimizer.class", self.class_, "an import path 'package.module.Class'",
+                                "e.g. torch.optim.RAdam")
+            if self.name != "adamw":
+                raise bad_value("optimizer.name", self.name, "left out when optimizer.class is set",
+                                "optimizer.class replaces optimizer.name")
+        if self.name == "prodigy" and self.lr is None:
+            raise bad_value("optimizer.lr", None, "set with optimizer.name prodigy",
+                            "Prodigy estimates the step size itself; its lr is a multiplier: use 1.0")
 
 
 @dataclass
@@ -291,6 +180,7 @@ class ValidationConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = 4.0  #: the evaluation's default (difftune.eval); null: the pipeline's own
     at_start: bool = True  #: also write a step-0 grid before training (the baseline; not on resume)
+    loss: ValidationLossConfig = field(default_factory=ValidationLossConfig)  #: held-out loss (train/valloss.py)
 
     def __post_init__(self) -> None:
         check_finite(self, "validation")

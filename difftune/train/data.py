@@ -8,7 +8,6 @@ dataset the workers use: with ``persistent_workers`` the workers keep the epoch 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -22,6 +21,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..errors import DifftuneError, bad_value
+from .buckets import assign
+from .captions import CaptionOptions, process_caption, read_metadata
+from .masks import find_masks, mask_item
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -30,34 +32,40 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 def preprocess(
     image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
 ) -> torch.Tensor:
-    """Turn a PIL image into a square training tensor.
+    """A PIL image as a float32 ``(3, resolution, resolution)`` tensor in ``[-1, 1]``: `preprocess_geometry` at a
+    square size, without the geometry."""
+    return preprocess_geometry(image, (resolution, resolution), center_crop, random_flip, rng)[0]
 
-    Args:
-        image: Any PIL image; converted to RGB.
-        resolution: Side of the output; the shorter side is resized to it (Lanczos), then the image is cropped.
-        center_crop: Crop the center; otherwise crop at offsets drawn from ``rng``.
-        random_flip: Flip horizontally with probability 0.5, drawn from ``rng`` (after the crop offsets).
-        rng: The generator all randomness comes from.
+
+def preprocess_geometry(
+    image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Resize ``image`` (any mode; converted to RGB), keeping its aspect ratio, to just cover ``size`` = (width,
+    height) (Lanczos); crop the center, else at offsets drawn from ``rng``; then flip horizontally with probability
+    0.5 when ``random_flip``, drawn from ``rng`` after the offsets.
 
     Returns:
-        A float32 tensor of shape ``(3, resolution, resolution)`` with values in ``[-1, 1]``.
+        The float32 tensor ``(3, height, width)`` in ``[-1, 1]`` and the geometry SDXL conditions on:
+        ``(original height, original width, crop top, crop left)``, the crop's offsets in the resized image
+        (measured from the right edge when flipped, so they describe the flipped image the model sees).
     """
     image = image.convert("RGB")
-    w, h = image.size
-    if min(w, h) != resolution:
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
-        w, h = size
+    out_w, out_h = size
+    orig_w, orig_h = image.size
+    scale = max(out_w / orig_w, out_h / orig_h)
+    w, h = max(out_w, round(orig_w * scale)), max(out_h, round(orig_h * scale))
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.Resampling.LANCZOS)
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - out_w) // 2, (h - out_h) // 2
     else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = int(rng.integers(0, w - out_w + 1)), int(rng.integers(0, h - out_h + 1))
+    image = image.crop((left, top, left + out_w, top + out_h))
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = w - left - out_w
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), (orig_h, orig_w, top, left)
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -137,7 +145,9 @@ def _readable(paths: list[Path], root: Path, field: str) -> list[Path]:
 class ImageDataset(Dataset):
     """A list of records ``{"path": Path, **fields}`` turned into augmented tensors.
 
-    ``item i`` is ``{"pixel_values": Tensor(3, res, res), **fields, "index": i}``.
+    ``item i`` is ``{"pixel_values": Tensor(3, res, res), **fields, "index": i, "original_size": (h, w),
+    "crop_top_left": (top, left)}`` (the last two LongTensors: the geometry SDXL's ``time_ids`` carry). After
+    `use_buckets`, item i's pixels have its bucket's shape instead.
     """
 
     def __init__(
@@ -155,6 +165,20 @@ class ImageDataset(Dataset):
         self.center_crop, self.random_flip = bool(center_crop), bool(random_flip)
         self.records = list(records) * self.repeats
         self.epoch = 0
+        self.buckets: list[tuple[int, int]] | None = None  #: (width, height) of each bucket, after `use_buckets`
+        self.bucket_of: list[int] | None = None  #: each item's bucket index, after `use_buckets`
+        self.caption_options = CaptionOptions()  #: kohya-style tag handling (`difftune.train.captions`)
+        self.masks: dict[Path, Path] | None = None  #: each image's loss mask, after `use_masks`
+
+    def use_buckets(self, buckets: Sequence[tuple[int, int]], max_crop: float, root: Path) -> None:
+        """Give each item the bucket nearest its image's aspect ratio (`difftune.train.buckets.assign`: raises a
+        `DifftuneError` naming ``data.buckets`` for an image that fits none)."""
+        self.bucket_of = assign([r["path"] for r in self.records], buckets, max_crop, root)
+        self.buckets = list(buckets)
+
+    def use_masks(self, mask_root: Path, root: Path) -> None:
+        """Give each item its image's mask (``"mask"``: (1, H, W) in [0, 1]; `difftune.train.masks`)."""
+        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -172,39 +196,32 @@ class ImageDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def pixels(self, path: Path, rng: np.random.Generator) -> torch.Tensor:
-        """Load and augment one image."""
+        """Load and augment one image (at the square resolution)."""
         return preprocess(_load_image(path), self.resolution, self.center_crop, self.random_flip, rng)
+
+    def augmented(self, index: int, path: Path, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Item ``index``'s image at its size (its bucket's, else the square resolution) and its geometry."""
+        size = (self.resolution,) * 2 if self.bucket_of is None else self.buckets[self.bucket_of[index]]
+        pixels, (h, w, top, left) = preprocess_geometry(_load_image(path), size, self.center_crop,
+                                                        self.random_flip, rng)
+        return {"pixel_values": pixels, "original_size": torch.tensor([h, w]),
+                "crop_top_left": torch.tensor([top, left])}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} item(s)")
         index %= len(self)
         record = self.records[index]
-        item = {"pixel_values": self.pixels(record["path"], self.rng(index))}
+        item = self.augmented(index, record["path"], self.rng(index))
         item.update((k, v) for k, v in record.items() if k != "path")
+        if self.masks is not None:  # the image's resize, crop and flip: the item's generator replayed
+            mask = self.augmented(index, self.masks[record["path"]], self.rng(index))
+            item["mask"] = mask_item(mask["pixel_values"])
+        if "caption" in item and self.caption_options.active:  # a stream of its own: the pixels stay as they were
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            item["caption"] = process_caption(item["caption"], self.caption_options, rng)
         item["index"] = index
         return item
-
-
-def _read_metadata(path: Path) -> dict[str, str]:
-    """``{relative file name: caption}`` from a ``metadata.jsonl``."""
-    captions = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DifftuneError(f"{path}, line {n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise DifftuneError(f'{path}, line {n}: expected an object with a "file_name" string, got {line[:80]!r}')
-        text = row.get("text", row.get("caption"))
-        if text is None:
-            continue
-        if not isinstance(text, str):
-            raise DifftuneError(f'{path}, line {n}: "text"/"caption" must be a string, got {text!r}')
-        captions[Path(row["file_name"]).as_posix().removeprefix("./")] = text
-    return captions
 
 
 class CaptionFolder(ImageDataset):
@@ -228,7 +245,7 @@ class CaptionFolder(ImageDataset):
         self.root = check_dir(root, field)
         paths = _readable(find_images(self.root), self.root, field)
         meta_path = self.root / "metadata.jsonl"
-        meta = _read_metadata(meta_path) if meta_path.is_file() else {}
+        meta = read_metadata(meta_path) if meta_path.is_file() else {}
         ext = caption_ext if caption_ext.startswith(".") else f".{caption_ext}"
         records, missing = [], []
         for p in paths:
@@ -343,12 +360,14 @@ class DreamBoothDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} item(s)")
         index %= len(self)
         rng = self.instances.rng(index)  # one stream per item: instance draws first, then the class image
-        inst = self.instances.records[index % len(self.instances)]
-        item = {"pixel_values": self.instances.pixels(inst["path"], rng), "caption": inst["caption"], "index": index}
+        i = index % len(self.instances)
+        item = {**self.instances.augmented(i, self.instances.records[i]["path"], rng),
+                "caption": self.instances.records[i]["caption"], "index": index}
         if self.classes is not None:
-            cls = self.classes.records[index % len(self.classes)]
-            item["class_pixel_values"] = self.classes.pixels(cls["path"], rng)
-            item["class_caption"] = cls["caption"]
+            c = index % len(self.classes)
+            item.update((f"class_{k}", v) for k, v in self.classes.augmented(c, self.classes.records[c]["path"],
+                                                                             rng).items())
+            item["class_caption"] = self.classes.records[c]["caption"]
         return item
 
 

@@ -20,6 +20,7 @@ from ..errors import DifftuneError, bad_value
 from ..families import Family
 from ..methods.plugin import Noised
 from .config import TrainConfig
+from .masks import latent_mask
 
 
 @dataclass
@@ -164,7 +165,12 @@ class StepInputs:
         latents = _latents(self.frozen, pixels, keys)
         drop = torch.rand(latents.shape[0]) < self.config.data.label_dropout
         cond = _condition(self.frozen, self.batch, prefix, drop, self.device, self.config.data.cache_text_embeddings)
-        return self.noised(latents, self.family.denoiser_kwargs(cond, latents))
+        geometry = None
+        if f"{prefix}original_size" in self.batch:  # each image's true size and crop (SDXL's time_ids)
+            geometry = (self.batch[f"{prefix}original_size"], self.batch[f"{prefix}crop_top_left"])
+        noised = self.noised(latents, self.family.denoiser_kwargs(cond, latents, geometry))
+        noised.mask = latent_mask(self.batch, latents) if prefix == "" else None
+        return noised
 
     def noised(self, latents: Tensor, kwargs: dict[str, Any]) -> Noised:
         """Noise given x0 ``latents`` as the default loss does: ε (plus the noise offset), t uniform, x_t; for SD3 and
@@ -230,11 +236,16 @@ class StepInputs:
             return flow_loss(pred, noised, self.config.train.loss_weighting,
                              int(self.noise_scheduler.config.num_train_timesteps))
         gamma = self.config.train.snr_gamma
-        if gamma is None:
+        if gamma is None and noised.mask is None:
             return F.mse_loss(pred.float(), noised.target.float())
+        err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
+        if noised.mask is not None:  # data.masks: masked latents add nothing (kohya's masked_loss: a plain mean)
+            err = err * noised.mask
+        if gamma is None:
+            return err.mean()
         snr = compute_snr(self.noise_scheduler, noised.timesteps)
         weights = torch.clamp(snr, max=gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
-        per_sample = F.mse_loss(pred.float(), noised.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_sample = err.mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 
     def default_loss(self) -> Tensor:

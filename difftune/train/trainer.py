@@ -33,14 +33,7 @@ from ..errors import DifftuneError, bad_value
 from ..families import Family, family_for
 from ..methods.plugin import TrainerPlugin, check_trained_tensors_are_kept, plugin_for
 from ..methods.verbs import refresh
-from .build import (
-    build_accelerator,
-    build_dataset,
-    build_loader,
-    build_optimizer,
-    load_training_pipeline,
-    set_attention,
-)
+from .build import build_accelerator, build_dataset, build_loader, load_training_pipeline, set_attention
 from .cache import fill_caches
 from .checkpoints import (
     check_finite_tensors,
@@ -56,8 +49,10 @@ from .flow import configure_family
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
+from .optimizers import build_optimizer, eval_mode, eval_weights, train_mode
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
+from .valloss import report_validation_loss
 
 logger = logging.getLogger("difftune.train")
 
@@ -254,6 +249,7 @@ def train_loop(run: Run, write_state: Callable[[Path], None], interrupt: Interru
     bar = tqdm(total=cfg.train.max_steps, initial=run.progress["step"], desc="training",
                disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
     run.model.train()
+    train_mode(run.optimizer)  # schedule-free optimizers train on their own weight sequence (optimizers.py)
     _loop(run, write_state, interrupt, bar)
     bar.close()
 
@@ -330,7 +326,9 @@ def _interrupted(cfg: TrainConfig, signum: int, step: int, main_process: bool) -
 def _validate(run: Run, step: int, result: Path | None = None) -> Path | None:
     """The validation grid of ``step`` (main process), as a save step (`saving`)."""
     target = Path(run.cfg.output_dir) / "validation"
-    with saving(run.cfg, f"writing the validation grid of step {step}", target, result):
+    with eval_weights(run.optimizer, run.denoiser), saving(run.cfg, f"writing the validation grid of step {step}",
+                                                           target, result):
+        report_validation_loss(run.cfg, run.accelerator, run.frozen, run.denoiser, step)
         return validate(run.cfg, run.accelerator, run.pipe, run.family, run.denoiser, step, run.frozen.weight_dtype)
 
 
@@ -365,6 +363,7 @@ def finish(run: Run, interrupt: InterruptFlag) -> Path:
     if run.ema is not None:
         run.ema.copy_to(run.params)  # the EMA weights are the result
         refresh(run.denoiser)  # copy_to writes through .data, which adapters holding merged values cannot see
+    eval_mode(run.optimizer, run.denoiser)  # schedule-free: the evaluation weights are the result
     method = plugin.config
     trained = plugin.checkpoint_tensors(run.denoiser)
     check_finite_tensors(trained, "the result")

@@ -34,3 +34,31 @@ def tiny(tmp_path_factory):
         _images(root / "classes" / label, 3, int(label) + 10)
     paths["classes"] = root / "classes"
     return paths
+
+
+@pytest.fixture
+def stop_and_resume(tmp_path, capsys):
+    """``run(make, step)``: train ``make(out)`` straight through, then resume a fresh folder holding only its
+    checkpoint-``step`` (from another global RNG state); the two final digests and saved adapters must be equal.
+    ``make(out, *sets)`` builds the run's config. Returns the adapter's tensors."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from difftune.train import main
+
+    def run(make, step: int) -> dict:
+        full = main(make(tmp_path / "a" / "out"))
+        ckpts = tmp_path / "b" / "out" / "checkpoints"
+        ckpts.mkdir(parents=True)
+        (tmp_path / "a" / "out" / "checkpoints" / f"checkpoint-{step}").rename(ckpts / f"checkpoint-{step}")
+        torch.manual_seed(1234)  # the resumed process starts from some other RNG state
+        resumed = main(make(tmp_path / "b" / "out", "checkpointing.resume_from_checkpoint=latest"))
+        digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
+        assert len(digests) == 2 and digests[0] == digests[1], digests
+        a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return a
+
+    return run
