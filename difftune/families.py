@@ -177,7 +177,8 @@ class SD3Family(FlowFamily):
                 max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:  # MMDiT: unused
         return {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")}
 
 
@@ -192,7 +193,8 @@ class FluxFamily(FlowFamily):
                                                         max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
-    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor) -> dict[str, Any]:
+    def denoiser_kwargs(self, cond: dict[str, Tensor], latents: Tensor,
+                        geometry: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:  # MMDiT: unused
         b, _, h, w = latents.shape
         states, ids = cond["encoder_hidden_states"], type(self.pipe)._prepare_latent_image_ids
         kwargs = {"encoder_hidden_states": states, "pooled_projections": cond["pooled_projections"],
