@@ -208,6 +208,9 @@ class SaRAAdapter(Adapter):
     def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
         # `model.half()` casts every floating buffer: the base fingerprints must stay float64 (a count of 73,728
         # entries is inf in float16, and a file saved after the cast could never be checked against its base).
+        # model.to(...) / .half() reach every submodule through here: unfused copies of the old device or dtype must
+        # not stay either (offloading a model to the CPU has to free its GPU memory)
+        self._dense.clear()
         fingerprints = {k: b for k, b in self._buffers.items() if k.startswith("sara_base_") and b is not None}
         super()._apply(fn, recurse)
         for k, b in fingerprints.items():
@@ -340,12 +343,6 @@ class SaRAAdapter(Adapter):
     def clear_cache(self) -> None:
         """Drop the unfused dense copies (rebuilt at the next forward that needs them)."""
         self._dense.clear()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
-        # model.to(...) / .half() reach every submodule through here: copies of the old device or dtype must not stay
-        # (offloading a model to the CPU has to free its GPU memory)
-        self._dense.clear()
-        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles of the adapter leave the dense copies behind (they follow the layer they were made for)
