@@ -7,11 +7,11 @@ silently poison outputs (issues 17, 29, 32). `difftune.serialization` calls thes
 2. `check_dtype` as each tensor is read: only the dtypes difftune writes (float8 has no ``isfinite`` on the CPU).
 3. `check_values` before `inject`: floating values are finite and at most ``MAX_VALUE`` in magnitude.
 4. `check_loaded` after the values are in the model: each adapted layer's change is finite in the model's dtype and at
-   most ``MAX_GAIN`` times the base layer's own size, measured by a probe through the layer (a Linear, Conv2d or
-   Embedding base is run with and without the adapter on random inputs; any other base has the adapter's input
-   rewrite probed) with the per-call inputs the method asks for (`MethodConfig.probe_inputs`: class labels, a control
-   image), or, for sparse and other weight-space adapters the probe cannot run, by their Δ. Finite but huge values
-   (a 1e30 ``lora_B``, an SPM ``alpha`` of 1e30) loaded cleanly before and turned the output into NaN.
+   most ``MAX_GAIN`` times the base layer's own size, measured on random inputs: ΔW·x for weight-space adapters
+   (through their own ``delta``, never materializing ΔW), the adapter's output or input rewrite for the others, with
+   the per-call inputs the method asks for (`MethodConfig.probe_inputs`: class labels, a control image), and the Δ
+   entries of sparse adapters (`_route`). Finite but huge values (a 1e30 ``lora_B``, an SPM ``alpha`` of 1e30)
+   loaded cleanly before and turned the output into NaN.
 
 A trained adapter changes a layer by a fraction of its size; ``MAX_GAIN`` = 1000 leaves three orders of magnitude of
 room and keeps every output finite (a chain of such layers stays far below the float32 range).
@@ -124,7 +124,7 @@ def check_loaded(model: nn.Module, name: str, where: Any) -> None:
     begin = getattr(part, "begin_call", None)
     # A part that prepares per-call state (e.g. encodes the control image) does it for the probe; the model's next
     # call prepares its own (`InputCapture` calls begin_call before any layer runs).
-    begin = begin if any(_probed(a, base) for _, base, a in layers) else None
+    begin = begin if any(_route(a, base) == "probe" for _, base, a in layers) else None
     with torch.no_grad(), adapter_inputs(**inputs) as view:
         for i, (module, base, adapter) in enumerate(layers):
             try:
@@ -141,12 +141,19 @@ def check_loaded(model: nn.Module, name: str, where: Any) -> None:
                 _judge(what, change, ref, module, involved, where)
 
 
-def _probed(adapter: Adapter, base: nn.Module) -> bool:
-    """Whether the layer is judged by a probe through it (else by the adapter's Δ): every adapter on a layer the
-    probe can run, except sparse ones (their Δ entries are at hand; a probe would copy the whole weight)."""
+def _route(adapter: Adapter, base: nn.Module) -> str:
+    """How a layer is judged. "delta x": a weight-space adapter on a layer the probe can run, by ΔW·x through its
+    own `Adapter.delta` (what fusing it adds: SPM's per-prompt γ only scales it down); "sparse": by its Δ entries (a
+    probe would copy the whole weight); "delta": by its dense Δ; "probe": through its forward and input rewrite,
+    which may read per-call inputs (`MethodConfig.probe_inputs`)."""
     params = {p for p, _ in base.named_parameters(recurse=False)}
-    by_delta = adapter.mergeable and all(p in params for p in adapter.merge_params())
-    return not by_delta or (_runnable(base) and not adapter.sparse)
+    if adapter.mergeable and adapter.sparse and all(p in params for p in adapter.merge_params()):
+        return "sparse"
+    if adapter.mergeable and _runnable(base):
+        return "delta x"
+    if adapter.mergeable and all(p in params for p in adapter.merge_params()):
+        return "delta"
+    return "probe"
 
 
 def _changes(adapter: Adapter, base: nn.Module, batch: int) -> list[tuple[str, Tensor | float, Tensor | float]]:
@@ -155,17 +162,19 @@ def _changes(adapter: Adapter, base: nn.Module, batch: int) -> list[tuple[str, T
     A probe costs a few rows through the adapter's own `Adapter.delta` (LoRA: x·A·B, never ΔW), so loading stays
     cheap; its inputs are drawn fresh each time, so no file can be made to hide its values from them.
     """
-    if not _probed(adapter, base):
-        if adapter.sparse:  # its floating parameters are its Δ entries: RMS over the whole parameters
-            numel = sum(getattr(base, p).numel() for p in adapter.merge_params())
-            delta_sq = sum(_rms(p) ** 2 * p.numel() for p in adapter.parameters() if p.is_floating_point())
-            ref_sq = sum(_rms(_sample(getattr(base, p))) ** 2 * getattr(base, p).numel()
-                         for p in adapter.merge_params())
-            return [("Δ", math.sqrt(delta_sq / max(numel, 1)), math.sqrt(ref_sq / max(numel, 1)))]
+    route = _route(adapter, base)
+    if route == "sparse":  # its floating parameters are its Δ entries: RMS over the whole parameters
+        numel = sum(getattr(base, p).numel() for p in adapter.merge_params())
+        delta_sq = sum(_rms(p) ** 2 * p.numel() for p in adapter.parameters() if p.is_floating_point())
+        ref_sq = sum(_rms(_sample(getattr(base, p))) ** 2 * getattr(base, p).numel() for p in adapter.merge_params())
+        return [("Δ", math.sqrt(delta_sq / max(numel, 1)), math.sqrt(ref_sq / max(numel, 1)))]
+    if route == "delta":
         return [(f"Δ{p}", d, getattr(base, p).detach()) for p, d in adapter.delta_params().items()]
     x = _probe_input(base, batch)
     if x is None:
         return []
+    if route == "delta x":
+        return [("ΔW·x", adapter.delta(x, base), _output_rms(base))]
     x1 = adapter.pre_forward(x, 1.0)
     if not _runnable(base):
         return [("input rewrite", x1 - x, x)]  # e.g. a skip tuner on a resnet's input
