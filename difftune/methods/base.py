@@ -55,7 +55,8 @@ METHODS: Registry[type[MethodConfig]] = Registry(
 # Bounds every method config obeys, checked before anything is allocated (a config from YAML, `--set` or a file's
 # header is user input; ``pre_hint_channels: 1000000000`` asked for 3.4 TB): no rank, channel count, dimension, count
 # or class id of a supported model reaches MAX_SIZE, no list (patterns, classes, concepts) MAX_ITEMS items, and no
-# factor scaling an adapter's output (LoRA α, KronA s, SPM α) MAX_SCALE, beyond which fp16/fp32 outputs overflow.
+# factor scaling an adapter's output (LoRA α, KronA s, SPM α) MAX_SCALE: no trained adapter means more, and a 1e30
+# scale loaded cleanly and gave NaN outputs (issue 29).
 MAX_SIZE = 1 << 16
 MAX_ITEMS = 4096
 MAX_SCALE = 1e6

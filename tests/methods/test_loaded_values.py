@@ -163,3 +163,19 @@ def test_a_method_that_does_not_declare_its_probe_inputs_is_named(tmp_path, monk
     default = dt.methods.MethodConfig.probe_inputs
     monkeypatch.setattr(dt.methods.get_method("csc"), "probe_inputs", default)
     _refused("csc", "unet", path, "probe_inputs")
+
+
+def test_an_spm_with_facilitated_transport_is_judged_by_its_full_membrane(tmp_path):
+    """Its output is γ·ΔW·x with γ from the prompt; the load probes the membrane at full strength (its probe inputs),
+    so huge membrane values are refused, naming them."""
+    model = tiny_unet(0)
+    dt.inject(model, dt.methods.get_method("spm").from_dict({"concepts": ["cat"]}), name="s")
+    randomize_adapter(model, "s", seed=1)
+    path = dt.save_adapter(model, tmp_path / "s", "s")
+    dt.load_adapter(tiny_unet(0), path)
+    tensors = load_file(path / WEIGHTS_NAME)
+    up = sorted(k for k in tensors if k.endswith("spm_up"))
+    save_file({**tensors, **{k: torch.full_like(tensors[k], MAX_VALUE / 2) for k in up}}, path / WEIGHTS_NAME,
+              metadata={"format": "pt"})
+    with pytest.raises(DifftuneError, match="spm_up"):
+        dt.load_adapter(tiny_unet(0), path)
