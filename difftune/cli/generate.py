@@ -17,7 +17,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     specs = [parse_adapter_spec(s) for s in args.adapter or []]
     controls = [parse_control_spec(s) for s in args.control or []]
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, revision=args.revision, config=args.config)
     aliases: dict[str, str] = {}  # --control may name an adapter by its --adapter path, folder/file name or adapterN
     for i, (path, weight) in enumerate(specs):
         name = load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..generation import load_pipeline
     from ..loading import load_adapter
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, revision=args.revision, config=args.config)
     for i, spec in enumerate(args.adapter or []):
         path, weight = parse_adapter_spec(spec)
         load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
@@ -86,9 +86,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("generate", help="generate an image with a local diffusers pipeline and adapters")
+def add_model_arguments(s: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    """``--model`` (+ ``--revision``, ``--config``): a base model as `difftune.basemodel.resolve_model` takes it."""
+    s.add_argument("--model", required=required, default=default,
+                   help="base model: a diffusers pipeline folder, a shipped model (sd-mini, dit-mini), a Hub repo id "
+                        "(org/name; the cache when HF_HUB_OFFLINE=1) or a single-file .safetensors checkpoint"
+                        + (f" (default: {default})" if default else ""))
+    s.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
+    s.add_argument("--config", default=None, help="with a single-file checkpoint: the pipeline folder or Hub repo id "
+                                                  "holding its configs")
+
+
+@command("generate", help="generate an image with a diffusers pipeline and adapters")
 def _generate_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    add_model_arguments(s)
     s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]", help="adapter to load; repeatable")
     s.add_argument("--control", action="append", metavar="IMAGE[:ADAPTER[:SCALE]]",
                    help="control image for a CSC (SCEdit) adapter, named as in --adapter, with its scale; repeatable")
@@ -106,7 +117,7 @@ def _generate_arguments(s: argparse.ArgumentParser) -> None:
 
 @command("eval", help="generate digits with a reference model (+ adapters) and judge them")
 def _eval_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", required=True, help="local pipeline folder (e.g. difftune/assets/sd-mini)")
+    add_model_arguments(s)
     s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]")
     s.add_argument("--digits", default="0-8", help="intended digits: '0-8' or '1,3,9'")
     s.add_argument("--n", type=int, default=20, help="samples per digit")

@@ -11,6 +11,7 @@ failed in the scheduler) and shapes (``model.variant`` becomes part of a file na
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,12 +33,21 @@ from .checks import (  # noqa: F401 (re-exported: the bounds are part of this mo
 from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
 from .valconfig import ValidationLossConfig
 
+#: a Hub revision: a branch, tag or commit (``main``, ``v1.0``, ``refs/pr/3``); it names a file under the cache's
+#: refs/ folder, so no ``..`` and no leading ``/``
+REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]*")
+
 
 @dataclass
 class ModelConfig:
-    #: a local diffusers pipeline folder (``model_index.json`` inside), or a shipped reference model's name
-    #: (``sd-mini``, ``dit-mini``: difftune/assets, found from any working directory)
+    #: the base model, named as users name it (`difftune.basemodel`): a local diffusers pipeline folder, a shipped
+    #: reference model (``sd-mini``, ``dit-mini``), a Hugging Face Hub repo id (``org/name``; the cache is used
+    #: when ``HF_HUB_OFFLINE=1``) or a single-file checkpoint (original LDM layout, ``.safetensors``)
     path: str = ""
+    revision: str | None = None  #: with a Hub repo id: the branch, tag or commit to load (default: main)
+    #: with a single-file checkpoint: the pipeline folder or Hub repo id whose configs describe it (default: the
+    #: reference repo of the architecture diffusers recognises in the file)
+    config: str | None = None
     architecture: str | None = None  #: build an untrained reference pipeline instead (difftune.zoo: sd-mini, dit-mini)
     vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
@@ -47,12 +57,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if bool(self.path) == bool(self.architecture):
-            raise bad_value("model.path", self.path, "a local diffusers pipeline folder (or, instead, "
-                            "model.architecture for an untrained reference architecture)",
-                            "e.g. model.path=sd-mini (a shipped reference model) or a folder written by "
-                            "save_pretrained")
+            raise bad_value("model.path", self.path, "a pipeline folder, a shipped model, a Hub repo id or a "
+                            ".safetensors checkpoint (or, instead, model.architecture for an untrained reference "
+                            "architecture)", "e.g. model.path=sd-mini (a shipped reference model) or "
+                            "stabilityai/stable-diffusion-xl-base-1.0")
         check_name("model.variant", self.variant, VARIANT, "a weight variant name such as 'fp16'",
                    "The variant names files (diffusion_pytorch_model.<variant>.safetensors); it is not a path.")
+        check_name("model.revision", self.revision, REVISION, "a branch, tag or commit of the Hub repo",
+                   "e.g. main or a 40-character commit hash")
         check_name("model.component", self.component, COMPONENT, "a pipeline component name such as 'unet'")
 
 
