@@ -29,6 +29,9 @@ import torch
 
 from .errors import DifftuneError, bad_value
 
+#: The shipped reference models (difftune.zoo), found by name from any working directory.
+ASSETS = Path(__file__).resolve().parent / "assets"
+MODELS = ("sd-mini", "dit-mini")
 #: File suffixes taken as single-file checkpoints.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: The names errors give the four settings: the training config's keys, and the CLI's flags (`CLI_KEYS`).
@@ -55,8 +58,6 @@ def hub_repo_id(name: str) -> str | None:
     """``name`` if it names a Hub repo (``org/name``) rather than a local path or a shipped model, else None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .zoo import MODELS
-
     if not isinstance(name, str) or name in MODELS or name.count("/") != 1 or Path(name).exists():
         return None
     try:
@@ -71,8 +72,6 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None, config: 
     """Find the base model ``name`` names (see the module docstring). ``revision`` applies to a Hub id, ``config``
     to a single-file checkpoint, ``variant`` (weight file names such as ``fp16``) to what is downloaded; errors name
     the settings as ``keys`` does."""
-    from .zoo import ASSETS, MODELS
-
     key, config_key = keys["path"], keys["config"]
 
     text = str(name) if isinstance(name, os.PathLike) else name
