@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .control import ControlFolder
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, check_dir, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
+from .tracking import check_trackers
 
 
 def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
@@ -52,7 +53,7 @@ def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False),
-        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        log_with=check_trackers(cfg.logging.report_to),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=cfg.train.find_unused_parameters or partially_used)],

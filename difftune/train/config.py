@@ -31,6 +31,7 @@ from .checks import (  # noqa: F401 (re-exported: the bounds are part of this mo
     check_range,
 )
 from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
+from .tracking import tracker_names
 from .valconfig import ValidationLossConfig
 
 #: a Hub revision: a branch, tag or commit (``main``, ``v1.0``, ``refs/pr/3``); it names a file under the cache's
@@ -179,8 +180,39 @@ class TrainLoopConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    #: any tracker accelerate supports (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab,
+    #: trackio), several separated by commas, "all" (every installed one) or "none"; the validation grid goes to
+    #: each tracker that takes images (train/tracking.py)
+    report_to: str = "tensorboard"
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        tracker_names(self.report_to)  # names only: whether the packages are installed is checked when a run starts
+
+
+@dataclass
+class HubConfig:
+    """Upload the finished run's folder (adapter or pipeline, model card, config, grids; not the checkpoints) to a
+    Hugging Face Hub repo (train/hub.py). The token is read from HF_TOKEN or ``hf auth login``, never from here."""
+
+    push: bool = False
+    repo_id: str | None = None  #: "user/name" or "org/name"; created when it does not exist
+    private: bool = False  #: create the repo private
+    token: str | None = None  #: refused when set: config.yaml is written into the result and uploaded with it
+
+    def __post_init__(self) -> None:
+        if self.token is not None:
+            raise bad_value("hub.token", "<hidden>", "left out", "the token is read from the HF_TOKEN environment "
+                            "variable or `hf auth login`; config.yaml is saved with the result and uploaded")
+        if self.repo_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError as e:
+                raise bad_value("hub.repo_id", self.repo_id, "a Hub repo id 'user/name'", str(e)) from None
+        if self.push and not self.repo_id:
+            raise bad_value("hub.repo_id", self.repo_id, "set with hub.push: true", "e.g. hub.repo_id: me/my-lora")
 
 
 @dataclass
@@ -239,6 +271,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     adapter_name: str = "default"
