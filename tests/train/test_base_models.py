@@ -99,6 +99,11 @@ def test_training_from_a_hub_id_records_the_repo_id(cfg, offline_cache, tmp_path
     from huggingface_hub import ModelCard
 
     assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == REPO_ID  # the Hub's base_model field
+    from difftune.cli import main as cli_main
+
+    png = tmp_path / "x.png"  # no --model: the base the adapter records, resolved from the cache again
+    assert cli_main(["generate", "--adapter", str(result), "--prompt", "a 3", "--steps", "2", "--out", str(png)]) == 0
+    assert png.is_file()
 
 
 def test_single_file_checkpoint_loads_bit_identically(single_file):
