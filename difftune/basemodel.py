@@ -120,7 +120,8 @@ def _hub_folder(repo_id: str, revision: str | None, variant: str | None, key: st
         except LocalEntryNotFoundError:
             raise DifftuneError(
                 f"`{key}` names the Hub repo {where}, which is not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it. Hint: download it once "
+                f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids downloading it (nor is there a local "
+                f"folder {repo_id} under {Path.cwd()}). Hint: download it once "
                 f"online (`hf download {repo_id}`), point HF_HUB_CACHE at the cache that holds it, or name a local "
                 "folder") from None
     from diffusers import DiffusionPipeline

@@ -48,10 +48,16 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:10]
 
 
+#: how errors name the base model's settings: the app takes a Hub id at its main revision, and a single-file
+#: checkpoint with the configs diffusers infers for it (`difftune generate` has --revision and --config)
+STUDIO_KEYS = {"path": "--model", "revision": "--model's revision (main: the app has no --revision)",
+               "config": "--model's configs (inferred: the app has no --config)", "variant": "--model's variant"}
+
+
 def load_model(path: str | Path, base: str | Path | None = None, device: str | None = None) -> tuple[Any, str]:
     """(pipeline, model hash) for a base model (a pipeline folder, shipped name, Hub id or single-file checkpoint:
     `difftune.basemodel.resolve_model`), or a compressed denoiser loaded onto ``base``."""
-    from difftune.basemodel import CLI_KEYS, resolve_model
+    from difftune.basemodel import resolve_model
     from difftune.generation import load_pipeline
 
     folder = Path(path)
@@ -63,7 +69,7 @@ def load_model(path: str | Path, base: str | Path | None = None, device: str | N
         files = [folder / "model.safetensors"]
     else:
         try:
-            model = resolve_model(path, keys=CLI_KEYS)
+            model = resolve_model(path, keys=STUDIO_KEYS)
         except DifftuneError as e:
             raise bad_value("--model/--compare", str(path), "a base model (a pipeline folder, a shipped model, a Hub "
                             "repo id or a .safetensors checkpoint) or a compressed model folder (model.safetensors, "

@@ -179,3 +179,14 @@ def test_shipped_configs_name_base_models_the_resolver_finds():
     bad = {str(c.relative_to(REPO)): p for c, p in named.items()
            if p and p not in MODELS and not p.startswith("outputs/") and not hub_repo_id(p)}
     assert not bad and sum(bool(hub_repo_id(p)) for p in named.values()) >= 10, bad
+
+
+def test_the_studio_takes_a_hub_id_and_a_single_file(offline_cache, single_file):
+    from apps.studio.models import load_model
+
+    pipe, digest = load_model(REPO_ID, device="cpu")
+    assert pipe.name_or_path == REPO_ID and digest
+    # a checkpoint's configs are the reference repo diffusers infers (SD 1.5 here), not in this cache
+    with pytest.raises(dt.DifftuneError, match=r"`--model's configs \(inferred: the app has no --config\)` names the "
+                                               r"Hub repo '[^']*stable-diffusion-v1-5[^']*', which is not in the"):
+        load_model(single_file, device="cpu")
