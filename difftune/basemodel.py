@@ -193,9 +193,10 @@ def _as_safetensors(path: Path) -> Iterator[Path]:
 
 
 def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torch.dtype = torch.float32,
-                       *, key: str = "model.path") -> Any:
+                       *, keys: dict[str, str] = MODEL_KEYS) -> Any:
     """The diffusers pipeline of ``model`` (see `resolve_model`), on the CPU; its ``name_or_path`` is ``model.name``
     so that adapters saved from it record the name the user gave (a Hub id, not the cache folder)."""
+    key = keys["path"]
     import diffusers
     from diffusers import DiffusionPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
@@ -215,7 +216,7 @@ def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torc
         except (KeyError, RuntimeError, ValueError, OSError, SingleFileComponentError) as e:
             raise DifftuneError(
                 f"`{key}` {model.name!r} could not be loaded with the configs of {str(model.folder)!r} "
-                f"({type(e).__name__}: {str(e)[:300]}). Hint: model.config must name the pipeline the checkpoint "
-                "was made from (same architecture and sizes)") from e
+                f"({type(e).__name__}: {str(e)[:300]}). Hint: {keys['config']} must name the pipeline the "
+                "checkpoint was made from (same architecture and sizes)") from e
     pipe.register_to_config(_name_or_path=model.name)
     return pipe

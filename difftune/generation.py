@@ -27,7 +27,7 @@ def load_pipeline(path: str | Path | BaseModel, device: str | None = None, dtype
     (with the pipeline configs of ``config``): see `difftune.basemodel.resolve_model`. Errors name the settings as
     ``keys`` does (the CLI's ``--model``, ``--revision``, ``--config`` by default)."""
     model = path if isinstance(path, BaseModel) else resolve_model(path, revision, config, variant, keys=keys)
-    pipe = load_base_pipeline(model, variant=variant, dtype=dtype, key=keys["path"])
+    pipe = load_base_pipeline(model, variant=variant, dtype=dtype, keys=keys)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 

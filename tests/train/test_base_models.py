@@ -136,6 +136,12 @@ def test_ckpt_is_read_only_when_it_is_safetensors_inside(cfg, single_file, tmp_p
         main(cfg(tmp_path / "out", f"model.path={pickled}", "model.config=sd-mini"))
 
 
+def test_single_file_with_configs_of_another_model_is_an_error(tiny, single_file):
+    with pytest.raises(dt.DifftuneError, match=r"`--model` '.*sd-mini.safetensors' could not be loaded with the "
+                                               r"configs of .*Hint: --config must name the pipeline"):
+        load_pipeline(single_file, device="cpu", config=str(tiny["sd"]))
+
+
 def test_single_file_without_config_offline_names_model_config(cfg, single_file, offline_cache, tmp_path):
     # diffusers recognises an SD1 checkpoint; its reference configs are not in this cache
     with pytest.raises(dt.DifftuneError, match=r"`model.config` names the Hub repo '[^']*stable-diffusion-v1-5[^']*'"
