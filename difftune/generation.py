@@ -1,4 +1,5 @@
-"""Load a diffusers pipeline from a local folder and generate with it; shared by the CLI and the app."""
+"""Load a diffusers pipeline (a folder, a shipped model, a Hub id or a single-file checkpoint) and generate with it;
+shared by the CLI and the app."""
 
 from __future__ import annotations
 
@@ -9,25 +10,24 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .basemodel import CLI_KEYS, BaseModel, load_base_pipeline, resolve_model
 from .components import pipeline_kind
-from .errors import DifftuneError, bad_value
+from .errors import bad_value
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32) -> Any:
-    """``DiffusionPipeline.from_pretrained`` on a local folder, in fp32 on CPU unless told otherwise."""
-    from diffusers import DiffusionPipeline
-
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        raise DifftuneError(
-            f"`--model` {str(path)!r} is not a diffusers pipeline folder (no model_index.json). Hint: pass a folder "
-            "written by pipe.save_pretrained(); difftune loads local folders only"
-        )
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
+def load_pipeline(path: str | Path | BaseModel, device: str | None = None, dtype: torch.dtype = torch.float32, *,
+                  revision: str | None = None, config: str | None = None, variant: str | None = None,
+                  keys: dict[str, str] = CLI_KEYS) -> Any:
+    """A diffusers pipeline, in fp32 on CPU unless told otherwise, from a local folder, a shipped model name
+    (``sd-mini``), a Hub repo id (at ``revision``; the cache when ``HF_HUB_OFFLINE=1``) or a single-file checkpoint
+    (with the pipeline configs of ``config``): see `difftune.basemodel.resolve_model`. Errors name the settings as
+    ``keys`` does (the CLI's ``--model``, ``--revision``, ``--config`` by default)."""
+    model = path if isinstance(path, BaseModel) else resolve_model(path, revision, config, variant, keys=keys)
+    pipe = load_base_pipeline(model, variant=variant, dtype=dtype, keys=keys)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
 

@@ -48,24 +48,36 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:10]
 
 
+#: how errors name the base model's settings: the app takes a Hub id at its main revision, and a single-file
+#: checkpoint with the configs diffusers infers for it (`difftune generate` has --revision and --config)
+STUDIO_KEYS = {"path": "--model", "revision": "--model's revision (main: the app has no --revision)",
+               "config": "--model's configs (inferred: the app has no --config)", "variant": "--model's variant"}
+
+
 def load_model(path: str | Path, base: str | Path | None = None, device: str | None = None) -> tuple[Any, str]:
-    """(pipeline, model hash) for a diffusers pipeline folder, or a compressed denoiser loaded onto ``base``."""
+    """(pipeline, model hash) for a base model (a pipeline folder, shipped name, Hub id or single-file checkpoint:
+    `difftune.basemodel.resolve_model`), or a compressed denoiser loaded onto ``base``."""
+    from difftune.basemodel import resolve_model
     from difftune.generation import load_pipeline
 
     folder = Path(path)
-    if (folder / "model_index.json").is_file():
-        pipe = load_pipeline(folder, device=device)
-        den = denoiser_name(pipe.components) or ""
-        files = sorted((folder / den).glob("*.safetensors"))
-    elif (folder / "model.safetensors").is_file() and base is not None:
+    if (folder / "model.safetensors").is_file() and base is not None:
         from difftune.compress import load_compressed_pipeline
 
         pipe = load_compressed_pipeline(base, folder, device=device or "cpu")
         pipe.set_progress_bar_config(disable=True)
         files = [folder / "model.safetensors"]
     else:
-        raise bad_value("--model/--compare", str(path), "a diffusers pipeline folder (model_index.json) or a "
-                        "compressed model folder (model.safetensors, with --model as its base)")
+        try:
+            model = resolve_model(path, keys=STUDIO_KEYS)
+        except DifftuneError as e:
+            raise bad_value("--model/--compare", str(path), "a base model (a pipeline folder, a shipped model, a Hub "
+                            "repo id or a .safetensors checkpoint) or a compressed model folder (model.safetensors, "
+                            "with --model as its base)", str(e)) from None
+        pipe = load_pipeline(model, device=device)
+        den = denoiser_name(pipe.components) or ""
+        files = [model.file] if model.file else sorted((model.folder / den).glob("*.safetensors"))
+        folder = model.folder
     from difftune.zoo import path as zoo_path
 
     if pipeline_kind(pipe) == "dit" and Path(base or folder).resolve() == zoo_path("dit-mini").resolve():

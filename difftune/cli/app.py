@@ -38,7 +38,8 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 @command("app", help="the studio: a Gradio app to generate with and combine adapters")
 def _app_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", default=None, help="local pipeline folder (default: the shipped sd-mini)")
+    s.add_argument("--model", default=None, help="base model: a pipeline folder, a shipped model, a Hub repo id or a "
+                                                 ".safetensors checkpoint (default: the shipped sd-mini)")
     s.add_argument("--adapters", default="outputs", help="adapters folder, read recursively (default: outputs/, "
                                                          "where quickstart and the labs write)")
     s.add_argument("--compare", default=None, help="a second model for A/B: a BK student pipeline folder or a "

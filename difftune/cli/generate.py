@@ -7,8 +7,28 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import bad_value
+from ..errors import DifftuneError, bad_value
 from .commands import command, parse_adapter_spec, parse_control_spec
+
+
+def model_of(args: argparse.Namespace) -> str:
+    """``--model``, or else the base model the first ``--adapter`` records (the name it was trained from: a Hub id,
+    a shipped model, a folder or a checkpoint file), resolved as ``--model`` would be."""
+    if args.model:
+        return args.model
+    from ..serialization import read_header
+
+    if not args.adapter:
+        raise bad_value("--model", None, "given (or an --adapter that records its base model)", "e.g. --model sd-mini")
+    path = parse_adapter_spec(args.adapter[0])[0]
+    try:
+        base = read_header(path).get("base_model")
+    except DifftuneError as e:
+        raise bad_value("--model", None, f"given: the base of {path!r} cannot be read from it ({e})") from e
+    if not base:
+        raise bad_value("--model", None, f"given: {path!r} records no base model")
+    print(f"--model {base} (the base model {path} records)")
+    return str(base)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -17,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     specs = [parse_adapter_spec(s) for s in args.adapter or []]
     controls = [parse_control_spec(s) for s in args.control or []]
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(model_of(args), device=args.device, revision=args.revision, config=args.config)
     aliases: dict[str, str] = {}  # --control may name an adapter by its --adapter path, folder/file name or adapterN
     for i, (path, weight) in enumerate(specs):
         name = load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
@@ -67,7 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..generation import load_pipeline
     from ..loading import load_adapter
 
-    pipe = load_pipeline(args.model, device=args.device)
+    model = model_of(args)
+    pipe = load_pipeline(model, device=args.device, revision=args.revision, config=args.config)
     for i, spec in enumerate(args.adapter or []):
         path, weight = parse_adapter_spec(spec)
         load_adapter(pipe, path, name=f"adapter{i}", weight=weight)
@@ -77,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     images, labels = generate_digits(pipe, digits, args.n, prompt=args.prompt, seed=args.seed, steps=args.steps,
                                      guidance=args.guidance)
     metrics = evaluate(images, labels)
-    metrics.update(model=str(args.model), adapters=args.adapter or [], prompt=args.prompt, guidance=args.guidance,
+    metrics.update(model=model, adapters=args.adapter or [], prompt=args.prompt, guidance=args.guidance,
                    steps=args.steps, seed=args.seed)
     out = write_report(args.out, metrics, images, rows=len(digits))
     print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "fd", "fd_floor", "n_floor", "ink", "diversity")},
@@ -86,9 +107,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("generate", help="generate an image with a local diffusers pipeline and adapters")
+def add_model_arguments(s: argparse.ArgumentParser) -> None:
+    """``--model`` (+ ``--revision``, ``--config``): a base model as `difftune.basemodel.resolve_model` takes it."""
+    s.add_argument("--model", default=None,
+                   help="base model: a diffusers pipeline folder, a shipped model (sd-mini, dit-mini), a Hub repo id "
+                        "(org/name; the cache when HF_HUB_OFFLINE=1) or a single-file .safetensors checkpoint "
+                        "(default: the base model the first --adapter records)")
+    s.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit")
+    s.add_argument("--config", default=None, help="with a single-file checkpoint: the pipeline folder or Hub repo id "
+                                                  "holding its configs")
+
+
+@command("generate", help="generate an image with a diffusers pipeline and adapters")
 def _generate_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    add_model_arguments(s)
     s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]", help="adapter to load; repeatable")
     s.add_argument("--control", action="append", metavar="IMAGE[:ADAPTER[:SCALE]]",
                    help="control image for a CSC (SCEdit) adapter, named as in --adapter, with its scale; repeatable")
@@ -106,7 +138,7 @@ def _generate_arguments(s: argparse.ArgumentParser) -> None:
 
 @command("eval", help="generate digits with a reference model (+ adapters) and judge them")
 def _eval_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", required=True, help="local pipeline folder (e.g. difftune/assets/sd-mini)")
+    add_model_arguments(s)
     s.add_argument("--adapter", action="append", metavar="PATH[:WEIGHT]")
     s.add_argument("--digits", default="0-8", help="intended digits: '0-8' or '1,3,9'")
     s.add_argument("--n", type=int, default=20, help="samples per digit")

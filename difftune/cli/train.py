@@ -32,3 +32,18 @@ def _train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in output_dir (same as --set overwrite=true)")
     s.set_defaults(func=cmd_train)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from ..train.hub import push_folder
+
+    print(f"pushed {args.folder} to {args.repo_id}: {push_folder(args.folder, args.repo_id, private=args.private)}")
+    return 0
+
+
+@command("push", help="upload a finished run's folder to a Hugging Face Hub repo (what hub.push does at the end)")
+def _push_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("folder", help="a run's output_dir (adapter or pipeline, README.md model card, config.yaml)")
+    s.add_argument("repo_id", help="the Hub repo, user/name (created when it does not exist)")
+    s.add_argument("--private", action="store_true", help="create the repo private")
+    s.set_defaults(func=cmd_push)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..basemodel import BaseModel, load_base_pipeline, resolve_model
 from ..components import DENOISERS
 from ..errors import bad_value
 from ..families import Family
@@ -25,6 +26,7 @@ from .config import TrainConfig
 from .control import ControlFolder
 from .data import CaptionFolder, ClassFolder, DreamBoothDataset, check_dir, collate
 from .sources import IndexDataset, PromptDataset, read_prompts
+from .tracking import check_trackers
 
 
 def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
@@ -51,7 +53,7 @@ def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.gradient_accumulation_steps, sync_with_dataloader=False),
-        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        log_with=check_trackers(cfg.logging.report_to),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(
             find_unused_parameters=cfg.train.find_unused_parameters or partially_used)],
@@ -60,15 +62,12 @@ def build_accelerator(cfg: TrainConfig, partially_used: bool = False) -> Any:
 
 def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
     """The pipeline (fp32, CPU), the denoiser's component name and the denoiser."""
-    from diffusers import DiffusionPipeline
-
     if cfg.model.architecture:
         from ..zoo.architectures import build
 
         pipe = build(cfg.model.architecture, seed=cfg.seed, vae_from=cfg.model.vae_from)
     else:
-        folder = resolve_model_path(cfg.model.path)
-        pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
+        pipe = load_base_pipeline(resolve_base_model(cfg), variant=cfg.model.variant, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     default = ["vae"] if cfg.train.objective == "autoencode" else list(DENOISERS)
     names = [cfg.model.component] if cfg.model.component else default
@@ -81,20 +80,11 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
     raise bad_value("model.component", cfg.model.component, "a torch component of the pipeline (unet/transformer)")
 
 
-def resolve_model_path(path: str) -> Path:
-    """``model.path`` as a pipeline folder: an existing folder as given, else a shipped reference model's name
-    (``sd-mini``, ``dit-mini``: difftune/assets), so shipped configs work from any working directory."""
-    from ..zoo import ASSETS, MODELS
-
-    folder = Path(path)
-    if (folder / "model_index.json").is_file():
-        return folder
-    if path in MODELS:
-        return ASSETS / path
-    raise bad_value("model.path", path, "a local diffusers pipeline folder with model_index.json, or a shipped "
-                    f"reference model: {', '.join(MODELS)}",
-                    f"e.g. model.path: sd-mini; {ASSETS} holds the shipped models; save your own with "
-                    "pipe.save_pretrained(folder)")
+def resolve_base_model(cfg: TrainConfig) -> BaseModel:
+    """``model.path`` (with ``model.revision``, ``model.config``, ``model.variant``) resolved: a pipeline folder, a
+    single-file checkpoint, a shipped model or a Hub repo id (`difftune.basemodel.resolve_model`)."""
+    m = cfg.model
+    return resolve_model(m.path, revision=m.revision, config=m.config, variant=m.variant)
 
 
 def _reinitialized(pipe: Any, name: str, module: nn.Module, seed: int) -> nn.Module:

@@ -11,6 +11,7 @@ failed in the scheduler) and shapes (``model.variant`` becomes part of a file na
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,14 +31,24 @@ from .checks import (  # noqa: F401 (re-exported: the bounds are part of this mo
     check_range,
 )
 from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
+from .tracking import tracker_names
 from .valconfig import ValidationLossConfig
+
+#: a Hub revision: a branch, tag or commit (``main``, ``v1.0``, ``refs/pr/3``); it names a file under the cache's
+#: refs/ folder, so no ``..`` and no leading ``/``
+REVISION = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]*")
 
 
 @dataclass
 class ModelConfig:
-    #: a local diffusers pipeline folder (``model_index.json`` inside), or a shipped reference model's name
-    #: (``sd-mini``, ``dit-mini``: difftune/assets, found from any working directory)
+    #: the base model, named as users name it (`difftune.basemodel`): a local diffusers pipeline folder, a shipped
+    #: reference model (``sd-mini``, ``dit-mini``), a Hugging Face Hub repo id (``org/name``; the cache is used
+    #: when ``HF_HUB_OFFLINE=1``) or a single-file checkpoint (original LDM layout, ``.safetensors``)
     path: str = ""
+    revision: str | None = None  #: with a Hub repo id: the branch, tag or commit to load (default: main)
+    #: with a single-file checkpoint: the pipeline folder or Hub repo id whose configs describe it (default: the
+    #: reference repo of the architecture diffusers recognises in the file)
+    config: str | None = None
     architecture: str | None = None  #: build an untrained reference pipeline instead (difftune.zoo: sd-mini, dit-mini)
     vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
@@ -47,12 +58,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if bool(self.path) == bool(self.architecture):
-            raise bad_value("model.path", self.path, "a local diffusers pipeline folder (or, instead, "
-                            "model.architecture for an untrained reference architecture)",
-                            "e.g. model.path=sd-mini (a shipped reference model) or a folder written by "
-                            "save_pretrained")
+            raise bad_value("model.path", self.path, "a pipeline folder, a shipped model, a Hub repo id or a "
+                            ".safetensors checkpoint (or, instead, model.architecture for an untrained reference "
+                            "architecture)", "e.g. model.path=sd-mini (a shipped reference model) or "
+                            "stabilityai/stable-diffusion-xl-base-1.0")
         check_name("model.variant", self.variant, VARIANT, "a weight variant name such as 'fp16'",
                    "The variant names files (diffusion_pytorch_model.<variant>.safetensors); it is not a path.")
+        check_name("model.revision", self.revision, REVISION, "a branch, tag or commit of the Hub repo",
+                   "e.g. main or a 40-character commit hash")
         check_name("model.component", self.component, COMPONENT, "a pipeline component name such as 'unet'")
 
 
@@ -167,8 +180,39 @@ class TrainLoopConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    #: any tracker accelerate supports (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab,
+    #: trackio), several separated by commas, "all" (every installed one) or "none"; the validation grid goes to
+    #: each tracker that takes images (train/tracking.py)
+    report_to: str = "tensorboard"
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        tracker_names(self.report_to)  # names only: whether the packages are installed is checked when a run starts
+
+
+@dataclass
+class HubConfig:
+    """Upload the finished run's folder (adapter or pipeline, model card, config, grids; not the checkpoints) to a
+    Hugging Face Hub repo (train/hub.py). The token is read from HF_TOKEN or ``hf auth login``, never from here."""
+
+    push: bool = False
+    repo_id: str | None = None  #: "user/name" or "org/name"; created when it does not exist
+    private: bool = False  #: create the repo private
+    token: str | None = None  #: refused when set: config.yaml is written into the result and uploaded with it
+
+    def __post_init__(self) -> None:
+        if self.token is not None:
+            raise bad_value("hub.token", "<hidden>", "left out", "the token is read from the HF_TOKEN environment "
+                            "variable or `hf auth login`; config.yaml is saved with the result and uploaded")
+        if self.repo_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.repo_id)
+            except HFValidationError as e:
+                raise bad_value("hub.repo_id", self.repo_id, "a Hub repo id 'user/name'", str(e)) from None
+        if self.push and not self.repo_id:
+            raise bad_value("hub.repo_id", self.repo_id, "set with hub.push: true", "e.g. hub.repo_id: me/my-lora")
 
 
 @dataclass
@@ -227,6 +271,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     adapter_name: str = "default"

@@ -14,6 +14,7 @@ from ..config import to_dict
 from ..families import Family
 from ..fileio import atomic_write
 from .config import TrainConfig
+from .tracking import log_grid
 
 
 def say(message: str) -> None:
@@ -50,11 +51,7 @@ def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, deno
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     say(f"validation grid (step {step}): {path}")
-    if cfg.logging.report_to == "tensorboard":
-        import numpy as np
-
-        accelerator.get_tracker("tensorboard").log_images({"validation": np.asarray(grid)[None]}, step,
-                                                          dataformats="NHWC")
+    log_grid(accelerator, grid, step)  # to every tracker of logging.report_to that takes images
     return path
 
 
@@ -93,29 +90,38 @@ def labelled_grid(rows: list[list[Any]], labels: list[str], title: str | None = 
 
 
 def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress: dict[str, Any], digest: str) -> Path:
-    """``OUTPUT_DIR/README.md``: base, method, steps, digest, how to load the result, the grid, the config."""
+    """``OUTPUT_DIR/README.md``, a Hugging Face model card (huggingface_hub's ``ModelCard``): its metadata names the
+    base model's Hub repo id when it has one; the text gives the base, method, steps, digest, how to load the result,
+    the grid and the config."""
     import yaml
+    from huggingface_hub import ModelCard, ModelCardData
 
-    m = cfg.method_config()
+    from ..basemodel import hub_repo_id
+
+    m, base = cfg.method_config(), cfg.model.path
+    data = ModelCardData(base_model=hub_repo_id(base), library_name="difftune", tags=["difftune", m.method])
+    at = f" (revision {cfg.model.revision})" if cfg.model.revision else ""
+    at += f" (configs: {cfg.model.config})" if cfg.model.config else ""
     lines = [
-        "---", f"base_model: {cfg.model.path}", "library_name: difftune", f"tags: [difftune, {m.method}]", "---", "",
         f"# {m.method} trained with difftune", "",
-        f"- base model: `{cfg.model.path}` (component: {cfg.model.component or 'auto'})",
+        f"- base model: `{base}`{at} (component: {cfg.model.component or 'auto'})",
         f"- method: `{m.method}`; optimizer steps: {progress['step']}; trainable-weights digest: `{digest}`",
         f"- result: `{result.name}/`",
     ]
     if progress.get("resumed"):
         lines.append(f"- resumed from {progress['resumed']}")
     if m.is_adapter:
+        options = "".join(f", {k}={v!r}" for k, v in (("revision", cfg.model.revision), ("config", cfg.model.config))
+                          if v)
         lines += ["", "Load it into a diffusers pipeline:", "", "```python", "import difftune as dt",
-                  "from diffusers import DiffusionPipeline", "",
-                  f"pipe = DiffusionPipeline.from_pretrained({cfg.model.path!r})",
+                  "from difftune.generation import load_pipeline", "",
+                  f"pipe = load_pipeline({base!r}{options})  # a folder, shipped model, Hub id or checkpoint file",
                   f"dt.load_adapter(pipe, {str(result)!r}, weight=1.0)", "```"]
     if grid is not None:
         lines += ["", "## Validation samples", "", f"![samples]({grid.relative_to(Path(cfg.output_dir))})"]
     lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```"]
-    return atomic_write(Path(cfg.output_dir) / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-
+    card = ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+    return atomic_write(Path(cfg.output_dir) / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
 
 
 def flat_hparams(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

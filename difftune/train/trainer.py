@@ -46,6 +46,7 @@ from .checkpoints import (
 )
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .flow import configure_family
+from .hub import push_folder
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
@@ -388,6 +389,8 @@ def finish(run: Run, interrupt: InterruptFlag) -> Path:
         print(f"[difftune] saved {result}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if cfg.hub.push and accelerator.is_main_process and interrupt.signum is None:
+        say(f"pushed to {cfg.hub.repo_id}: {push_folder(out, cfg.hub.repo_id, cfg.hub.private)}")
     if interrupt.signum is not None:
         if accelerator.is_main_process:
             say(f"interrupted during the final save, which was finished first: the result {result} is complete"

@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..basemodel import ASSETS, MODELS  # noqa: F401 (defined beside the resolver that finds them by name)
 from ..errors import bad_value
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MODELS = ("sd-mini", "dit-mini")
 
 
 def path(name: str) -> Path:

@@ -122,20 +122,20 @@ def test_a_finished_output_dir_is_refused_unless_overwrite_or_resume(tiny, tmp_p
 
 
 def test_shipped_model_names_resolve_from_any_folder(tmp_path, monkeypatch):
-    from difftune.train.build import resolve_model_path
+    from difftune.basemodel import resolve_model
     from difftune.zoo import path as zoo_path
 
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_path("sd-mini") == zoo_path("sd-mini")
-    assert resolve_model_path("dit-mini") == zoo_path("dit-mini")
+    assert resolve_model("sd-mini").folder == zoo_path("sd-mini")
+    assert resolve_model("dit-mini").folder == zoo_path("dit-mini")
     with pytest.raises(dt.DifftuneError, match=r"model.path.*sd-mini, dit-mini"):
-        resolve_model_path("difftune/assets/sd-mini")  # relative to a folder that is not the repository
+        resolve_model("difftune/assets/sd-mini")  # relative to a folder that is not the repository
     shipped = [c for c in sorted((REPO / "configs").glob("*/sd-mini*.yaml")) if c.parent.name != "zoo"]
     assert len(shipped) >= 6  # configs/zoo builds the reference models themselves (model.architecture)
     for config in shipped:
         cfg = load_config(TrainConfig, config)
         assert cfg.model.path == "sd-mini", config
-        assert resolve_model_path(cfg.model.path).is_dir()
+        assert resolve_model(cfg.model.path).folder.is_dir()
 
 
 def test_sd_mini_trains_by_name_from_another_folder(tiny, tmp_path, monkeypatch, capsys):
