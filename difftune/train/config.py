@@ -30,7 +30,7 @@ from .checks import (  # noqa: F401 (re-exported: the bounds are part of this mo
     check_range,
 )
 from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
-from .valconfig import ValidationLossConfig
+from .valconfig import ValidationLossConfig, ValidationPrompt, read_prompts
 
 
 @dataclass
@@ -132,6 +132,11 @@ class TrainLoopConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  #: frozen weights in this dtype; trainable stay fp32
     snr_gamma: float | None = None  #: Min-SNR loss weighting γ (5.0 recommended), diffusers' compute_snr
     noise_offset: float = 0.0
+    #: rescale the betas to zero terminal SNR (Lin et al. 2024) and sample from the last timestep (trailing);
+    #: needs v-prediction (model.prediction_type: v_prediction); `difftune.train.objectives`
+    zero_terminal_snr: bool = False
+    #: kohya's debiased-estimation loss weight 1/√SNR (v-prediction: 1/(SNR+1)); times Min-SNR's when both are set
+    debiased_estimation: bool = False
     ema: bool = False  #: keep an EMA of the trainable parameters (diffusers EMAModel); saved instead of raw weights
     ema_decay: float = 0.9999
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -174,7 +179,10 @@ class LoggingConfig:
 @dataclass
 class ValidationConfig:
     every_steps: int = 0  #: 0: only at the end (when prompts or class labels are given)
-    prompts: list[str] = field(default_factory=list)
+    #: a prompt string, or a mapping {prompt, negative_prompt, width, height, steps, guidance_scale, seed}
+    #: (`valconfig.ValidationPrompt`: its null settings take this section's)
+    prompts: list[str | dict[str, Any] | ValidationPrompt] = field(default_factory=list)
+    negative_prompt: str | None = None  #: for every prompt that names none
     class_labels: list[int] = field(default_factory=list)  #: class-conditional models
     seeds: list[int] = field(default_factory=lambda: [0])  #: one image per (prompt, seed)
     num_inference_steps: int = 25
@@ -184,6 +192,7 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "validation")
+        self.prompts = read_prompts(self.prompts)  # type: ignore[assignment]
         if self.every_steps < 0:
             raise bad_value("validation.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
         if self.num_inference_steps < 1 or not self.seeds:
