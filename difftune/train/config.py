@@ -42,6 +42,8 @@ class ModelConfig:
     vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
     component: str | None = None  #: the denoiser to train: "unet" or "transformer" (default: whichever exists)
+    #: also train the method's adapter in the text encoders: true (all) or a list such as [text_encoder] (textenc.py)
+    train_text_encoder: bool | list[str] = False
     from_scratch: bool = False  #: re-initialize the denoiser from its config (the ``full`` method only)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  #: override the scheduler's target
 
@@ -137,6 +139,8 @@ class TrainLoopConfig:
     zero_terminal_snr: bool = False
     #: kohya's debiased-estimation loss weight 1/√SNR (v-prediction: 1/(SNR+1)); times Min-SNR's when both are set
     debiased_estimation: bool = False
+    text_encoder_lr: float | None = None  #: with model.train_text_encoder: the encoders' lr (null: optimizer.lr)
+    text_encoder_targets: list[str] | None = None  #: modules adapted in the text encoders (null: kohya's for CLIP)
     ema: bool = False  #: keep an EMA of the trainable parameters (diffusers EMAModel); saved instead of raw weights
     ema_decay: float = 0.9999
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -162,6 +166,8 @@ class TrainLoopConfig:
             check_range(f"train.{name}", getattr(self, name), 1, most)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise bad_value("train.max_grad_norm", self.max_grad_norm, "a positive number or null")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise bad_value("train.text_encoder_lr", self.text_encoder_lr, "a positive number or null")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise bad_value("train.snr_gamma", self.snr_gamma, "a positive number or null")
         if not 0 < self.ema_decay < 1:
@@ -261,6 +267,14 @@ class TrainConfig:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",
                             "training from scratch needs every weight trainable: method.name: full (or kind with "
                             "train_base: true)")
+        te = self.model.train_text_encoder
+        for key in ("text_encoder_lr", "text_encoder_targets"):
+            if not te and getattr(self.train, key) is not None:
+                raise bad_value(f"train.{key}", getattr(self.train, key), "null unless model.train_text_encoder is "
+                                "set", "it applies to the text encoders' adapters")
+        if te and (self.model.component or "").startswith("text_encoder"):
+            raise bad_value("model.train_text_encoder", te, f"false with model.component {self.model.component!r}",
+                            "model.component: text_encoder trains that encoder alone")
         if self.train.objective == "autoencode" and self.data.kind in DATA_FREE_KINDS:
             raise bad_value("train.objective", "autoencode", f"'denoise' with data.kind {self.data.kind!r}",
                             "the VAE trains on images: data.kind captions or classes with data.path")

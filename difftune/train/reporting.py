@@ -126,6 +126,10 @@ def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress
                   "from diffusers import DiffusionPipeline", "",
                   f"pipe = DiffusionPipeline.from_pretrained({cfg.model.path!r})",
                   f"dt.load_adapter(pipe, {str(result)!r}, weight=1.0)"]
+        # model.train_text_encoder: one adapter per text encoder beside the denoiser's (textenc.py)
+        lines += [f"dt.load_adapter(pipe, {str(p)!r}, weight=1.0)"
+                  for p in sorted(result.parent.glob(f"{result.name}_text_encoder*"))
+                  if p.is_dir() and cfg.model.train_text_encoder]
         if changes_scheduler(cfg):  # trained with another prediction type / schedule than the base's (objectives.py)
             out = str(result.parent)
             lines += ["# the run's scheduler (prediction type, zero terminal SNR): sample with it",

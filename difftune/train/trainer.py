@@ -53,6 +53,7 @@ from .objectives import configure_scheduler, with_scheduler
 from .optimizers import build_optimizer, eval_mode, eval_weights, train_mode
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
+from .textenc import joint_plugin
 from .valloss import report_validation_loss
 
 logger = logging.getLogger("difftune.train")
@@ -172,6 +173,7 @@ def setup(cfg: TrainConfig) -> Run:
                              resuming=bool(cfg.checkpointing.resume_from_checkpoint))
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
+    plugin = joint_plugin(cfg, plugin, pipe, accelerator.num_processes)  # model.train_text_encoder (textenc.py)
     family = family_for(pipe, denoiser)
     family.prepare_training()
     configure_family(cfg, family)
