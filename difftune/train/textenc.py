@@ -12,8 +12,12 @@ The text encoders' adapters are named ``<adapter_name>_<component>`` (adapter na
 `difftune.load_adapter` requires). The encoders stay in eval mode like the rest of the frozen pipeline, so an
 adapter dropout applies in the denoiser only. Methods whose trainer plugin does more than inject an adapter (their own
 ``prepare``, objective, optimizer or saved tensors: SaRA, KIND, SPM, SCEdit, BK, full) train the denoiser only and are
-refused, as are class-conditional pipelines (no text encoder) and multi-process runs (the encoders are not part of
-the DDP-wrapped module, so their gradients would not be averaged across processes).
+refused, as are class-conditional pipelines (no text encoder).
+
+Under DDP the encoders are not part of the DDP-wrapped denoiser, so DDP does not average their gradients: each
+encoder adapter parameter gets a gradient hook that averages each backward pass's contribution over the processes
+(an all-reduce on a process group of its own, so it never interleaves with DDP's). The accumulated gradient is then the
+mean over processes, as DDP's is, and every replica applies the same update.
 """
 
 from __future__ import annotations
@@ -66,19 +70,15 @@ def joint_plugin(cfg: Any, plugin: TrainerPlugin, pipe: Any, num_processes: int)
         raise bad_value("model.train_text_encoder", cfg.model.train_text_encoder, f"false with method {method!r}",
                         f"{method!r} trains the denoiser its own way ({', '.join(own) or 'no adapter'}); methods "
                         "that only inject an adapter (lora, loha, krona, ia3, diff) also train in text encoders")
-    if num_processes > 1:
-        raise bad_value("model.train_text_encoder", cfg.model.train_text_encoder, "false in a multi-process run",
-                        "the text encoders' gradients would not be averaged across processes; train them with "
-                        "one process")
-    return JointPlugin(plugin, text_encoders(cfg, pipe), cfg)
+    return JointPlugin(plugin, text_encoders(cfg, pipe), cfg, num_processes)
 
 
 class JointPlugin(TrainerPlugin):
     """``inner``'s training of the denoiser, plus the same method's adapter in each of ``encoders``."""
 
-    def __init__(self, inner: TrainerPlugin, encoders: dict[str, nn.Module], cfg: Any) -> None:
+    def __init__(self, inner: TrainerPlugin, encoders: dict[str, nn.Module], cfg: Any, num_processes: int = 1) -> None:
         super().__init__(inner.config, inner.name)
-        self.inner, self.encoders, self.cfg = inner, encoders, cfg
+        self.inner, self.encoders, self.cfg, self.num_processes = inner, encoders, cfg, num_processes
         self.partially_used = inner.partially_used
 
     def names(self) -> dict[str, str]:
@@ -102,6 +102,10 @@ class JointPlugin(TrainerPlugin):
             except DifftuneError as e:  # say which setting chose those targets
                 raise DifftuneError(f"model.train_text_encoder: {component} with `train.text_encoder_targets` "
                                     f"{list(found)}{'' if targets else ' (the default)'}: {e}") from e
+        for p in self.encoder_parameters():  # trainable values stay fp32 under mixed precision, as the denoiser's
+            p.data = p.data.float()
+        if self.num_processes > 1:
+            average_gradients(self.encoder_parameters())
         return trained
 
     def encoder_parameters(self) -> list[nn.Parameter]:
@@ -149,3 +153,20 @@ class JointPlugin(TrainerPlugin):
             save_adapter_file(enc, Path(path).parent / f"{Path(path).name}_{c}", name=self.names()[c],
                               base_model=base_model, component=c)
         return written
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Have each backward pass's gradient of ``params`` averaged over the processes (parameters outside the
+    DDP-wrapped module), on a gloo/NCCL group of their own. Called on every process, in the same order."""
+    import torch.distributed as dist
+
+    group = dist.new_group()  # a collective: every process creates it here, in the same order
+    world = dist.get_world_size()
+
+    def average(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad / world
+
+    for p in params:
+        p.register_hook(average)
