@@ -54,9 +54,9 @@ def text_encoders(cfg: Any, pipe: Any) -> dict[str, nn.Module]:
     if want is True:
         return present
     unknown = [n for n in want if n not in present]
-    if unknown or not want:
+    if unknown:
         raise bad_value("model.train_text_encoder", want, f"true or a list of the pipeline's text encoders "
-                        f"{sorted(present)}", f"{unknown} are not among them" if unknown else "")
+                        f"{sorted(present)}", f"{unknown} are not among them")
     return {n: present[n] for n in want}
 
 
