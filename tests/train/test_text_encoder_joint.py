@@ -79,6 +79,28 @@ def test_one_run_trains_the_denoiser_and_each_text_encoder(fams, tmp_path, monke
     assert not any(id(p) in encoder_params for p in groups[0]["params"])
 
 
+@pytest.mark.parametrize("kind,encoders", [("sd3", ["text_encoder", "text_encoder_2", "text_encoder_3"]),
+                                           ("flux", ["text_encoder", "text_encoder_2"])])
+def test_flow_matching_families_train_their_clip_and_t5_encoders(tmp_path, kind, encoders):
+    model = save_tiny_pipeline(kind, tmp_path / kind)
+    _images(tmp_path / "images")
+    main(load_config(TrainConfig, REPO / "configs" / "debug" / f"tiny_{kind}.yaml", [
+        f"model.path={model}", f"data.path={tmp_path / 'images'}", f"output_dir={tmp_path / 'out'}", *JOINT]))
+    for enc in encoders:  # every encoder's adapter trained: the loss reaches each (SD3: both pooled CLIPs and T5)
+        tensors = _trained(tmp_path / "out" / f"adapter_{enc}")
+        assert all(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_B")), enc
+
+
+def _images(folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["a cat", "a red car"][i % 2])
+
+
 def test_the_two_adapters_export_together_and_load_as_trained(fams, tmp_path):
     out = tmp_path / "out"
     main(_cfg(fams, "sd", out, *JOINT, "train.max_steps=3"))
