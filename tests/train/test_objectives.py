@@ -112,6 +112,18 @@ def test_every_objective_setting_through_difftune_train(fams, tmp_path, monkeypa
     assert grid.size[0] > 2 * 48  # rows of different sizes: the wide row sets the width (enlarged 2x)
 
 
+def test_a_saved_pipeline_carries_the_zero_terminal_snr_scheduler(fams, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    result = main(_cfg(fams, "sd", out, "method={name: full}", *OBJECTIVE[:3], "train.max_steps=1",
+                       "validation.prompts=[]"))
+    sched = DiffusionPipeline.from_pretrained(result).scheduler.config
+    assert sched.rescale_betas_zero_snr and sched.timestep_spacing == "trailing"
+    assert sched.prediction_type == "v_prediction"
+    assert not (out / "scheduler").exists()  # the pipeline holds it; the folder is for adapters only
+
+
 def test_zero_terminal_snr_needs_v_prediction_and_a_rescalable_scheduler(fams, tmp_path):
     with pytest.raises(dt.DifftuneError, match=r"`train.zero_terminal_snr`.*'epsilon'.*v_prediction"):
         main(_cfg(fams, "sd", tmp_path / "out", "train.zero_terminal_snr=true"))
