@@ -140,7 +140,7 @@ class TrainLoopConfig:
     #: kohya's debiased-estimation loss weight 1/√SNR (v-prediction: 1/(SNR+1)); times Min-SNR's when both are set
     debiased_estimation: bool = False
     text_encoder_lr: float | None = None  #: with model.train_text_encoder: the encoders' lr (null: optimizer.lr)
-    text_encoder_targets: list[str] | None = None  #: modules adapted in the text encoders (null: kohya's for CLIP)
+    text_encoder_targets: list[str] | None = None  #: modules adapted in the encoders (null: textenc.DEFAULT_TARGETS)
     ema: bool = False  #: keep an EMA of the trainable parameters (diffusers EMAModel); saved instead of raw weights
     ema_decay: float = 0.9999
     attention: Literal["sdpa", "xformers"] = "sdpa"
