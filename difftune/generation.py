@@ -43,8 +43,10 @@ def generate(
     width: int | None = None,
     num_images: int = 1,
     adapter_inputs: Mapping[str, Any] | None = None,
+    negative_prompt: str | None = None,
 ) -> list[Image.Image]:
-    """Images from ``pipe``: text pipelines take ``prompt``, class-conditional DiT takes ``class_label``.
+    """Images from ``pipe``: text pipelines take ``prompt`` (and ``negative_prompt``, what guidance steers away
+    from), class-conditional DiT takes ``class_label``.
 
     ``adapter_inputs`` are per-call inputs for the loaded adapters (see `difftune.adapter_inputs`), given per prompt
     and expanded to the guidance batch as the difftune pipelines do.
@@ -59,11 +61,16 @@ def generate(
     if kind == "dit":
         if class_label is None:
             raise bad_value("class_label", class_label, "an integer class id for a class-conditional DiT pipeline")
+        if negative_prompt is not None:
+            raise bad_value("negative_prompt", negative_prompt, "null for a class-conditional DiT pipeline",
+                            "DiT guides away from its null class; it takes no text")
         kwargs["class_labels"] = [int(class_label)] * num_images
     else:
         if prompt is None:
             raise bad_value("prompt", prompt, "a text prompt for a text-to-image pipeline")
         kwargs.update(prompt=prompt, num_images_per_prompt=num_images, height=height, width=width)
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = negative_prompt
         if kind == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
     from .pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs

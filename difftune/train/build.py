@@ -136,6 +136,10 @@ def _bucketed(cfg: TrainConfig, family: Family, dataset: Any) -> Any:
     if cfg.train.objective == "autoencode":
         raise bad_value("data.buckets", True, "false with train.objective autoencode",
                         "the VAE's latent scale is measured on same-sized images")
+    if type(family.denoiser).__name__ == "DiTTransformer2DModel":
+        raise bad_value("data.buckets", True, "false for a DiT transformer",
+                        "diffusers' DiTTransformer2DModel unpatchifies square latents only (it takes the side as the "
+                        "square root of the token count); train it on square images at data.resolution")
     buckets = make_buckets(d.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step)
     dataset.use_buckets(buckets, d.bucket_max_crop, dataset.root)
     return dataset

@@ -32,7 +32,7 @@ from .checks import (  # noqa: F401 (re-exported: the bounds are part of this mo
 )
 from .dataconfig import DATA_FREE_KINDS, IMAGE_KINDS, DataConfig  # noqa: F401
 from .tracking import tracker_names
-from .valconfig import ValidationLossConfig
+from .valconfig import ValidationLossConfig, ValidationPrompt, read_prompts
 
 #: a Hub revision: a branch, tag or commit (``main``, ``v1.0``, ``refs/pr/3``); it names a file under the cache's
 #: refs/ folder, so no ``..`` and no leading ``/``
@@ -53,6 +53,8 @@ class ModelConfig:
     vae_from: str | None = None  #: with ``architecture``: take the trained VAE from this pipeline folder
     variant: str | None = None  #: weight variant to load, e.g. "fp16"
     component: str | None = None  #: the denoiser to train: "unet" or "transformer" (default: whichever exists)
+    #: also train the method's adapter in the text encoders: true (all) or a list such as [text_encoder] (textenc.py)
+    train_text_encoder: bool | list[str] = False
     from_scratch: bool = False  #: re-initialize the denoiser from its config (the ``full`` method only)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  #: override the scheduler's target
 
@@ -145,6 +147,13 @@ class TrainLoopConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  #: frozen weights in this dtype; trainable stay fp32
     snr_gamma: float | None = None  #: Min-SNR loss weighting γ (5.0 recommended), diffusers' compute_snr
     noise_offset: float = 0.0
+    #: rescale the betas to zero terminal SNR (Lin et al. 2024) and sample from the last timestep (trailing);
+    #: needs v-prediction (model.prediction_type: v_prediction); `difftune.train.objectives`
+    zero_terminal_snr: bool = False
+    #: kohya's debiased-estimation loss weight 1/√SNR (v-prediction: 1/(SNR+1)); times Min-SNR's when both are set
+    debiased_estimation: bool = False
+    text_encoder_lr: float | None = None  #: with model.train_text_encoder: the encoders' lr (null: optimizer.lr)
+    text_encoder_targets: list[str] | None = None  #: modules adapted in the encoders (null: textenc.DEFAULT_TARGETS)
     ema: bool = False  #: keep an EMA of the trainable parameters (diffusers EMAModel); saved instead of raw weights
     ema_decay: float = 0.9999
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -170,6 +179,8 @@ class TrainLoopConfig:
             check_range(f"train.{name}", getattr(self, name), 1, most)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise bad_value("train.max_grad_norm", self.max_grad_norm, "a positive number or null")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise bad_value("train.text_encoder_lr", self.text_encoder_lr, "a positive number or null")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise bad_value("train.snr_gamma", self.snr_gamma, "a positive number or null")
         if not 0 < self.ema_decay < 1:
@@ -218,7 +229,10 @@ class HubConfig:
 @dataclass
 class ValidationConfig:
     every_steps: int = 0  #: 0: only at the end (when prompts or class labels are given)
-    prompts: list[str] = field(default_factory=list)
+    #: a prompt string, or a mapping {prompt, negative_prompt, width, height, steps, guidance_scale, seed}
+    #: (`valconfig.ValidationPrompt`: its null settings take this section's)
+    prompts: list[str | dict[str, Any] | ValidationPrompt] = field(default_factory=list)
+    negative_prompt: str | None = None  #: for every prompt that names none
     class_labels: list[int] = field(default_factory=list)  #: class-conditional models
     seeds: list[int] = field(default_factory=lambda: [0])  #: one image per (prompt, seed)
     num_inference_steps: int = 25
@@ -228,6 +242,7 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "validation")
+        self.prompts = read_prompts(self.prompts)  # type: ignore[assignment]
         if self.every_steps < 0:
             raise bad_value("validation.every_steps", self.every_steps, "an integer >= 0 (0: only at the end)")
         if self.num_inference_steps < 1 or not self.seeds:
@@ -297,6 +312,14 @@ class TrainConfig:
             raise bad_value("model.from_scratch", True, f"false with the adapter method {method.method!r}",
                             "training from scratch needs every weight trainable: method.name: full (or kind with "
                             "train_base: true)")
+        te = self.model.train_text_encoder
+        for key in ("text_encoder_lr", "text_encoder_targets"):
+            if not te and getattr(self.train, key) is not None:
+                raise bad_value(f"train.{key}", getattr(self.train, key), "null unless model.train_text_encoder is "
+                                "set", "it applies to the text encoders' adapters")
+        if te and (self.model.component or "").startswith("text_encoder"):
+            raise bad_value("model.train_text_encoder", te, f"false with model.component {self.model.component!r}",
+                            "model.component: text_encoder trains that encoder alone")
         if self.train.objective == "autoencode" and self.data.kind in DATA_FREE_KINDS:
             raise bad_value("train.objective", "autoencode", f"'denoise' with data.kind {self.data.kind!r}",
                             "the VAE trains on images: data.kind captions or classes with data.path")

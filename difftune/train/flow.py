@@ -37,6 +37,9 @@ def configure_family(cfg: Any, family: Family) -> None:
         raise bad_value("train.snr_gamma", cfg.train.snr_gamma, "null for a flow-matching pipeline", hint)
     if cfg.train.noise_offset:
         raise bad_value("train.noise_offset", cfg.train.noise_offset, "0 for a flow-matching pipeline", hint)
+    for key in ("zero_terminal_snr", "debiased_estimation"):  # both reshape the DDPM noise schedule's SNR
+        if getattr(cfg.train, key):
+            raise bad_value(f"train.{key}", True, "false for a flow-matching pipeline", hint)
     if cfg.model.prediction_type is not None:
         raise bad_value("model.prediction_type", cfg.model.prediction_type, "null for a flow-matching pipeline", hint)
 

@@ -21,6 +21,7 @@ from ..families import Family
 from ..methods.plugin import Noised
 from .config import TrainConfig
 from .masks import latent_mask
+from .objectives import snr_weights
 
 
 @dataclass
@@ -226,25 +227,24 @@ class StepInputs:
         return pred.float()
 
     def loss(self, pred: Tensor, noised: Noised) -> Tensor:
-        """The default loss of prediction ``pred`` on ``noised``: MSE to the target, Min-SNR weighted when
-        ``train.snr_gamma`` is set (flow matching: weighted by train.loss_weighting)."""
-        from diffusers.training_utils import compute_snr
-
+        """The default loss of prediction ``pred`` on ``noised``: MSE to the target, weighted per sample by Min-SNR
+        (``train.snr_gamma``) and/or debiased estimation (``train.debiased_estimation``; `objectives.snr_weights`);
+        flow matching: weighted by train.loss_weighting."""
         if self.family.flow:
             from .flow import flow_loss
 
             return flow_loss(pred, noised, self.config.train.loss_weighting,
                              int(self.noise_scheduler.config.num_train_timesteps))
-        gamma = self.config.train.snr_gamma
-        if gamma is None and noised.mask is None:
+        train = self.config.train
+        weights = snr_weights(self.noise_scheduler, noised.timesteps, self.prediction_type, train.snr_gamma,
+                              train.debiased_estimation)
+        if weights is None and noised.mask is None:
             return F.mse_loss(pred.float(), noised.target.float())
         err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
         if noised.mask is not None:  # data.masks: masked latents add nothing (kohya's masked_loss: a plain mean)
             err = err * noised.mask
-        if gamma is None:
+        if weights is None:
             return err.mean()
-        snr = compute_snr(self.noise_scheduler, noised.timesteps)
-        weights = torch.clamp(snr, max=gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
         per_sample = err.mean(dim=(1, 2, 3))
         return (per_sample * weights).mean()
 

@@ -54,7 +54,7 @@ def optimizer_class(path: str, key: str = "optimizer.class", package: str | None
     return cls
 
 
-def _construct(cls: type, params: list[nn.Parameter], kwargs: dict[str, Any], key: str) -> Any:
+def _construct(cls: type, params: list[Any], kwargs: dict[str, Any], key: str) -> Any:
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as e:  # an unknown keyword or a value the optimizer refuses
@@ -65,8 +65,11 @@ def _construct(cls: type, params: list[nn.Parameter], kwargs: dict[str, Any], ke
 def build_optimizer(cfg: TrainConfig, plugin: TrainerPlugin, params: list[nn.Parameter], lr: float) -> Any:
     """The plugin's own optimizer if it makes one, else ``cfg.optimizer``'s."""
     own = plugin.make_optimizer(params, cfg.optimizer, lr)
-    if own is not None:
-        return own
+    return own if own is not None else default_optimizer(cfg, params, lr)
+
+
+def default_optimizer(cfg: TrainConfig, params: list[Any], lr: float) -> Any:
+    """``cfg.optimizer``'s optimizer over ``params`` (parameters, or parameter groups whose own ``lr`` wins)."""
     o = cfg.optimizer
     if o.class_:
         return _construct(optimizer_class(o.class_), params, {"lr": lr, **o.kwargs}, "optimizer.kwargs")

@@ -14,7 +14,9 @@ from ..config import to_dict
 from ..families import Family
 from ..fileio import atomic_write
 from .config import TrainConfig
+from .objectives import changes_scheduler
 from .tracking import log_grid
+from .valconfig import resolve_prompt
 
 
 def say(message: str) -> None:
@@ -31,22 +33,25 @@ def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, deno
     from ..generation import generate
 
     v = cfg.validation
-    conds = v.class_labels if family.conditioning == "class" else v.prompts
-    if not conds:
+    # (generate's keyword arguments, seeds, row label) per row
+    if family.conditioning == "class":
+        jobs = [({"class_label": c, "steps": v.num_inference_steps, "guidance": v.guidance_scale}, list(v.seeds),
+                 f"class {c}") for c in v.class_labels]
+    else:
+        jobs = [_prompt_job(item, v) for item in v.prompts]
+    if not jobs:
         return None
     was_training = denoiser.training
     denoiser.eval()
     rows = []
     autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
     with autocast:
-        for c in conds:
-            kw = {"class_label": c} if family.conditioning == "class" else {"prompt": c}
-            rows.append([generate(pipe, seed=s, steps=v.num_inference_steps, guidance=v.guidance_scale, **kw)[0]
-                         for s in v.seeds])
+        for kw, seeds, _ in jobs:
+            rows.append([generate(pipe, seed=s, **kw)[0] for s in seeds])
     denoiser.train(was_training)
-    labels = [f"class {c}" if family.conditioning == "class" else str(c) for c in conds]
     # tiles of tiny models (32 px) are enlarged to at least 64 px so the grid can be read next to its labels
-    grid = labelled_grid(rows, labels, f"step {step}", scale=max(1, 64 // rows[0][0].size[0]))
+    smallest = min(row[0].size[0] for row in rows)
+    grid = labelled_grid(rows, [label for _, _, label in jobs], f"step {step}", scale=max(1, 64 // smallest))
     path = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
@@ -55,14 +60,23 @@ def validate(cfg: TrainConfig, accelerator: Any, pipe: Any, family: Family, deno
     return path
 
 
+def _prompt_job(item: Any, v: Any) -> tuple[dict[str, Any], list[int], str]:
+    """One validation prompt's `generate` arguments, seeds and row label (``validation.prompts`` item ``item``)."""
+    p, seeds = resolve_prompt(item, v)
+    kw = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "steps": p.steps, "guidance": p.guidance_scale,
+          "width": p.width, "height": p.height}
+    label = p.prompt if p.negative_prompt is None else f"{p.prompt} (not: {p.negative_prompt})"
+    return kw, seeds, label
+
+
 def labelled_grid(rows: list[list[Any]], labels: list[str], title: str | None = None, scale: int = 1) -> Any:
-    """``rows`` of equal-size images side by side, each row preceded by its label (PIL's default font), under an
-    optional title line; tiles are enlarged ``scale`` times (nearest) so that 32-pixel samples stay visible."""
+    """``rows`` of images side by side (equal-size within a row; rows may differ, e.g. per-prompt sizes), each row
+    preceded by its label (PIL's default font), under an optional title line; tiles are enlarged ``scale`` times
+    (nearest) so that 32-pixel samples stay visible."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    w, h = rows[0][0].size
-    w, h = w * scale, h * scale
+    tiles = [(row[0].size[0] * scale, row[0].size[1] * scale) for row in rows]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def size(text: str) -> tuple[int, int]:
@@ -71,15 +85,16 @@ def labelled_grid(rows: list[list[Any]], labels: list[str], title: str | None = 
 
     pad = 4
     label_w = max(size(t)[0] for t in labels) + 2 * pad
-    row_h = max(h, max(size(t)[1] for t in labels) + 2 * pad)
+    text_h = max(size(t)[1] for t in labels) + 2 * pad
+    row_hs = [max(h, text_h) for _, h in tiles]
     title_h = size(title)[1] + 2 * pad if title else 0
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_w + w * cols, title_h + row_h * len(rows)), "white")
+    width = max(w * len(row) for (w, _), row in zip(tiles, rows))
+    grid = Image.new("RGB", (label_w + width, title_h + sum(row_hs)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((pad, pad), title, fill="black", font=font)
-    for r, (row, text) in enumerate(zip(rows, labels)):
-        y = title_h + r * row_h
+    for r, (row, text, (w, h)) in enumerate(zip(rows, labels, tiles)):
+        y, row_h = title_h + sum(row_hs[:r]), row_hs[r]
         draw.text((pad, y + (row_h - size(text)[1]) // 2), text, fill="black", font=font)
         for c, img in enumerate(row):
             tile = img.convert("RGB")
@@ -116,7 +131,16 @@ def write_model_card(cfg: TrainConfig, result: Path, grid: Path | None, progress
         lines += ["", "Load it into a diffusers pipeline:", "", "```python", "import difftune as dt",
                   "from difftune.generation import load_pipeline", "",
                   f"pipe = load_pipeline({base!r}{options})  # a folder, shipped model, Hub id or checkpoint file",
-                  f"dt.load_adapter(pipe, {str(result)!r}, weight=1.0)", "```"]
+                  f"dt.load_adapter(pipe, {str(result)!r}, weight=1.0)"]
+        # model.train_text_encoder: one adapter per text encoder beside the denoiser's (textenc.py)
+        lines += [f"dt.load_adapter(pipe, {str(p)!r}, weight=1.0)"
+                  for p in sorted(result.parent.glob(f"{result.name}_text_encoder*"))
+                  if p.is_dir() and cfg.model.train_text_encoder]
+        if changes_scheduler(cfg):  # trained with another prediction type / schedule than the base's (objectives.py)
+            out = str(result.parent)
+            lines += ["# the run's scheduler (prediction type, zero terminal SNR): sample with it",
+                      f"pipe.scheduler = pipe.scheduler.from_pretrained({out!r}, subfolder='scheduler')"]
+        lines += ["```"]
     if grid is not None:
         lines += ["", "## Validation samples", "", f"![samples]({grid.relative_to(Path(cfg.output_dir))})"]
     lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```"]

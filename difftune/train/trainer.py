@@ -7,9 +7,8 @@ module (a distillation student) trains that module, in the pipeline, with the or
 (`adopt_student`).
 
 What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the result's
-safe save and the message of a failed write from `saving.py`, the validation grid and model card from
-`reporting.py`; conditioning from the pipeline family (`difftune.families`), data from `data.py` (images) and
-`sources.py` (data-free).
+safe save and a failed write's message from `saving.py`, the validation grid and model card from `reporting.py`;
+conditioning from the pipeline family (`difftune.families`), data from `data.py` (images) / `sources.py` (data-free).
 
 Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
 and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable
@@ -50,9 +49,11 @@ from .hub import push_folder
 from .interrupt import InterruptFlag, TrainingInterrupted
 from .lock import check_unfinished, hold_output_dir, release_output_dir
 from .loss import AutoencoderLoss, Frozen, StepInputs, set_latent_scale
+from .objectives import configure_scheduler, with_scheduler
 from .optimizers import build_optimizer, eval_mode, eval_weights, train_mode
 from .reporting import flat_hparams, say, validate, write_model_card
 from .saving import resume_command, save_result, saving
+from .textenc import joint_plugin
 from .valloss import report_validation_loss
 
 logger = logging.getLogger("difftune.train")
@@ -135,8 +136,6 @@ def load_frozen_parts(cfg: TrainConfig, accelerator: Any) -> tuple[Any, str, nn.
     the module itself, and the weight dtype."""
     pipe, component, denoiser = load_training_pipeline(cfg)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if cfg.model.prediction_type:  # validation samples and a saved pipeline must use the trained parameterization
-        pipe.scheduler.register_to_config(prediction_type=cfg.model.prediction_type)
     for name, module in pipe.components.items():
         if isinstance(module, nn.Module):
             if name == "vae" and weight_dtype == torch.float16 and getattr(module.config, "force_upcast", False):
@@ -174,9 +173,11 @@ def setup(cfg: TrainConfig) -> Run:
                              resuming=bool(cfg.checkpointing.resume_from_checkpoint))
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
+    plugin = joint_plugin(cfg, plugin, pipe, accelerator.num_processes)  # model.train_text_encoder (textenc.py)
     family = family_for(pipe, denoiser)
     family.prepare_training()
     configure_family(cfg, family)
+    configure_scheduler(cfg, pipe)  # prediction type, zero terminal SNR: the training scheduler copies it below
     set_attention(cfg, denoiser)
     trained = plugin.prepare(pipe, denoiser)
     if trained is not denoiser:
@@ -379,8 +380,8 @@ def finish(run: Run, interrupt: InterruptFlag) -> Path:
                 module.to(torch.float32)
     if accelerator.is_main_process:
         with saving(cfg, f"saving the result {result}", result):  # whole or not at all (`save_result`)
-            result = save_result(out, result.name, lambda path: plugin.save_trained(
-                pipe, run.denoiser, path, cfg.model.path, run.component))
+            result = save_result(out, result.name, with_scheduler(cfg, pipe, lambda path: plugin.save_trained(
+                pipe, run.denoiser, path, cfg.model.path, run.component)))  # the run's scheduler beside an adapter
         interrupt.abandon = f"(the result {result} is saved; the model card is not written)"
         skipped = interrupt.signum is not None  # the user wants to stop: the grid (minutes on a big model) can wait
         grid = None if skipped else _validate(run, run.progress["step"], result)

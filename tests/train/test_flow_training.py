@@ -181,7 +181,8 @@ def test_resume_is_bit_exact(mmdit, tmp_path, kind, cache):
     assert not all(torch.equal(a[k], v) for k, v in load_file(other / "adapter_model.safetensors").items())
 
 
-@pytest.mark.parametrize("setting", ["train.snr_gamma=5", "train.noise_offset=0.1", "model.prediction_type=epsilon"])
+@pytest.mark.parametrize("setting", ["train.snr_gamma=5", "train.noise_offset=0.1", "model.prediction_type=epsilon",
+                                     "train.zero_terminal_snr=true", "train.debiased_estimation=true"])
 def test_ddpm_settings_are_refused(mmdit, tmp_path, setting):
     with pytest.raises(dt.DifftuneError, match=rf"`{setting.split('=')[0]}`.*flow-matching"):
         main(_cfg(mmdit, tmp_path, "sd3", setting))
