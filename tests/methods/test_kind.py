@@ -134,8 +134,8 @@ def test_an_items_output_does_not_depend_on_the_other_classes_in_its_batch():
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 if func in (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, F.linear):
                     seen.add(args[0].shape[-1])
-                elif func in (torch.baddbmm, torch.addmm):  # input + mat1 @ mat2: mat1's last dim is reduced
-                    seen.add(args[1].shape[-1])
+                elif func in (torch.baddbmm, torch.addmm, torch.Tensor.baddbmm_, torch.Tensor.addmm_):
+                    seen.add(args[1].shape[-1])  # input + mat1 @ mat2: mat1's last dim is reduced
                 return func(*args, **(kwargs or {}))
 
         with torch.no_grad(), dt.adapter_inputs(class_labels=torch.tensor(labels)), Spy():

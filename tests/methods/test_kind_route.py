@@ -163,3 +163,30 @@ def test_under_autocast_the_output_has_the_base_layers_dtype():
         plain = model(x)
     assert got.dtype == base.dtype == torch.bfloat16 and plain.dtype == torch.float32
     torch.testing.assert_close(got.float(), plain, atol=0.1, rtol=0.05)  # bf16 rounding of the same function
+
+
+def test_gradients_through_the_in_place_tailors_and_folded_bias_match_the_dense_weights():
+    # the training route: learngenes (fresh output), then tailors and bias added into it in place; the reference
+    # differentiates x_i W_{y_i}ᵀ + b built from the same factors (`dense_weight`), per item
+    model, a = _layer()
+    bias = model.proj.base_layer.bias
+    bias.requires_grad_(True)
+    labels = [5, 9, 2, 5]
+    x = torch.randn(4, 7, 24, requires_grad=True)
+    params = [x, bias, *a.learngene_parameters(), *a.tailor_parameters(2), *a.tailor_parameters(5)]
+    in_place: list[bool] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.baddbmm_, torch.baddbmm):
+                in_place.append(func is torch.Tensor.baddbmm_)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.randn(4, 7, 40)
+    with dt.adapter_inputs(class_labels=torch.tensor(labels)), Spy():
+        got = torch.autograd.grad((model(x) * g).sum(), params)
+    assert in_place == [True]
+    want_out = torch.stack([x[i] @ a.dense_weight(c).T for i, c in enumerate(labels)]) + bias
+    want = torch.autograd.grad((want_out * g).sum(), params)
+    for name, u, w in zip(["x", "bias", "gU", "gS", "gV", "tU2", "tS2", "tV2", "tU5", "tS5", "tV5"], got, want):
+        torch.testing.assert_close(u, w, atol=1e-5, rtol=1e-4, msg=name)
