@@ -20,11 +20,12 @@ S = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 LABELS = [1, 3, 1000, 3]  # two classes with tailor groups, the null class (learngenes only), a repeat
 
 
-def _pretraining_model() -> tuple[nn.Module, list[nn.Parameter]]:
-    """tiny DiT under KIND pretraining (``train_base``): random factors, trained tailors, class rows."""
+def _pretraining_model(adaln: bool = False) -> tuple[nn.Module, list[nn.Parameter]]:
+    """tiny DiT under KIND pretraining (``train_base``): random factors, trained tailors, class rows; with ``adaln``
+    also the adaLN linears (one token per item: their output is reshaped, a view, so the tailors add out of place)."""
     model = tiny_dit(0)
     plugin = KINDPlugin(KINDConfig(target_modules=S, learngenes=20, tailors_per_class=6, classes=[1, 3],
-                                   init="random", train_base=True), "k")
+                                   init="random", train_base=True, adaln=adaln), "k")
     plugin.prepare(None, model)
     randomize_adapter(model, "k", seed=5, std=0.05)
     return model, plugin.trainable_parameters(model)
@@ -53,15 +54,16 @@ def _base_calls(model: nn.Module) -> list[str]:
     return calls
 
 
-def test_the_replacing_route_is_the_host_route_without_running_the_base_layer(monkeypatch):
-    model, params = _pretraining_model()
+@pytest.mark.parametrize("adaln", [False, True])
+def test_the_replacing_route_is_the_host_route_without_running_the_base_layer(monkeypatch, adaln):
+    model, params = _pretraining_model(adaln)
     calls = _base_calls(model)
     out, grads = _step(model, params)
     assert calls == []  # no KIND layer ran W0 x
     assert out.abs().max() > 0.1 and all(g.abs().max() > 0 for g in grads[:3])
     _host_route(monkeypatch)
     want, want_grads = _step(model, params)
-    assert len(calls) == 2 * len(S)  # the old route: every KIND layer runs its base layer
+    assert len(calls) == 2 * (len(S) + adaln)  # the old route: every KIND layer runs its base layer
     # only rounding differs (W0 x no longer cancels); the gradients of every trained tensor (factors, class rows,
     # embedders, adaLN, biases) agree too. The layer-level test below shows a real bug is far above this tolerance.
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
