@@ -361,6 +361,16 @@ class Adapter(nn.Module):
         dw = self.delta_weight(base["weight"])
         return apply_weight(base_layer, x.to(dw.dtype), dw)
 
+    def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
+        """The host's output ``base_layer(x) + δ(x)`` computed without running the base layer, for an adapter whose
+        own parts fully determine the layer (KIND's learngenes + tailors replace W0): the base layer's work is then
+        not done twice. None (the default): the host runs the base layer, then `forward`.
+
+        The host asks only the first active adapter, at weight exactly 1 (no per-item weights), while nothing is
+        fused into the layer and no adapter overrides its parameters, so the two routes are the same function
+        (equal up to rounding); otherwise it takes the usual route."""
+        return None
+
     def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
                 base: Mapping[str, Tensor]) -> Tensor:
         """The host's output after this adapter: ``out + weight · δ(x)`` (``out`` when δ is None)."""

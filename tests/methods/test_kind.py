@@ -134,6 +134,8 @@ def test_an_items_output_does_not_depend_on_the_other_classes_in_its_batch():
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 if func in (torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, F.linear):
                     seen.add(args[0].shape[-1])
+                elif func in (torch.baddbmm, torch.addmm, torch.Tensor.baddbmm_, torch.Tensor.addmm_):
+                    seen.add(args[1].shape[-1])  # input + mat1 @ mat2: mat1's last dim is reduced
                 return func(*args, **(kwargs or {}))
 
         with torch.no_grad(), dt.adapter_inputs(class_labels=torch.tensor(labels)), Spy():
@@ -141,6 +143,7 @@ def test_an_items_output_does_not_depend_on_the_other_classes_in_its_batch():
         return seen
 
     assert reduction_lengths([1, 3, 5]) == reduction_lengths([3, 3, 3]) == reduction_lengths([1000, 3, 1])
+    assert layer.config.tailors_per_class in reduction_lengths([1, 3, 5])  # the spy sees the tailors' second matmul
 
 
 def test_transfer_trains_only_fresh_tailors(tmp_path):

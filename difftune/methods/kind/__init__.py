@@ -11,8 +11,9 @@ by default), is replaced by r rank-1 "basic components" Θ_i = (u_i, σ_i, v_i),
 The first N_G components are **learngenes** (active for every sample); the rest are **tailors**, grouped per class:
 the binary class gate g_y switches on only the group T(y) of the item's class label y (taken per batch item from
 the DiT forward's ``class_labels``), so learngenes receive gradients from every class and a tailor only from its
-own class. The host computes ``base(x) + w·δ(x)`` with δ(x) = W_y x − W0 x, so at weight 1 the layer is exactly
-the KIND layer (plus the base bias).
+own class. At weight 1 the layer is exactly the KIND layer plus the base bias, W_y x + b, computed without W0
+(`KINDAdapter.replace_output`: the host does not run the base layer); at other weights, or with another adapter fused
+into the layer, the host computes ``base(x) + w·δ(x)`` with δ(x) = W_y x − W0 x.
 
 Choices the paper may make otherwise (all [U] in the reference notes):
 

@@ -192,52 +192,85 @@ class KINDAdapter(Adapter):
                                 "items; pass one class label per item (`class_labels`)")
         return labels
 
-    def _tailors(self, x: Tensor, labels: Tensor) -> Tensor | None:
-        """Σ_{i∈T(y)} u_i σ_i v_iᵀ x per item: each item's own group gathered by the class gate, then one batched
-        matmul pair over the items. An item of a class without a group (the null class) has gate 0; a group gets
-        exactly zero gradient from the items of other classes, and groups of absent classes are not in the graph.
-
-        Why per-item gathering rather than one matmul pair over the stacked groups: an item's value must not depend
-        on which other classes share its batch. A stacked pair reduces over P·t components, so its rounding changes
-        with the set of classes present (seen on AMD CPUs); here every reduction has a fixed length (n, then t) and
-        each item is its own GEMM of a fixed shape. For a batch of the same shape an item's output is therefore
-        bit-identical whatever else is in the batch (tested); across batch sizes BLAS may block differently and only
-        a tolerance holds. It is also P times cheaper than the stacked pair."""
+    def _gate(self, x: Tensor) -> tuple[list[str], Tensor, Tensor] | None:
+        """The class gate of this call: the groups present, each item's group (0 where it has none) and its 0/1
+        gate, or None when no item has a group (no labels, no groups, only classes without one)."""
+        labels = self._labels(x)
+        if labels is None:
+            return None
         seen = set(labels.unique().tolist())  # one device sync per layer, not one per class group
         present = [k for k in self.kind_tU if int(k) in seen]
         if not present:
             return None
         owner = torch.tensor([int(k) for k in present], device=x.device)
         match = labels[:, None] == owner[None, :]  # (B, P)
-        group = match.to(torch.long).argmax(1)  # (B,): the item's group, 0 (gated off) where it has none
-        gate = match.any(1).to(x.dtype)[:, None]  # (B, 1)
-        u = torch.stack([self.kind_tU[k] for k in present])[group]  # (P, m, t) -> (B, m, t)
-        s = torch.stack([self.kind_tS[k] for k in present])[group] * gate  # (B, t)
-        v = torch.stack([self.kind_tV[k] for k in present])[group]  # (B, t, n)
-        h = x.reshape(x.shape[0], -1, self.n)  # (B, ..., n) -> (B, T, n)
-        z = torch.bmm(h, v.transpose(1, 2)) * s[:, None, :]  # (B, T, t)
-        return torch.bmm(z, u.transpose(1, 2)).reshape(*x.shape[:-1], self.m)  # (B, T, m) -> (B, ..., m)
+        return present, match.to(torch.long).argmax(1), match.any(1).to(x.dtype)[:, None]
 
-    def _learngene_delta(self, x: Tensor, w0: Tensor | None) -> Tensor:
-        """U_G Σ_G V_Gᵀ x (− W0 x): in factored order, or through the composed (m, n) matrix when that is cheaper
-        (many tokens, N_G close to min(m, n): pretraining); the two orders are the same function."""
+    def _add_tailors(self, x: Tensor, gated: tuple[list[str], Tensor, Tensor], y: Tensor,
+                     bias: Tensor | None) -> Tensor:
+        """y + Σ_{i∈T(y)} u_i σ_i v_iᵀ x (+ b) per item: each item's own group gathered by the class gate, then one
+        batched matmul pair over the items, the second adding into y (in place where autograd allows it: one pass
+        over the output) together with the bias, as an extra component of constant input 1. An item of a class
+        without a group (the null class) has gate 0; a group gets exactly zero gradient from the items of other
+        classes, and groups of absent classes are not in the graph.
+
+        Why per-item gathering rather than one matmul pair over the stacked groups: an item's value must not depend
+        on which other classes share its batch. A stacked pair reduces over P·t components, so its rounding changes
+        with the set of classes present (seen on AMD CPUs); here every reduction has a fixed length (n, then t or
+        t + 1) and each item is its own GEMM of a fixed shape. For a batch of the same shape an item's output is
+        therefore bit-identical whatever else is in the batch (tested); across batch sizes BLAS may block
+        differently and only a tolerance holds. It is also P times cheaper than the stacked pair."""
+        present, group, gate = gated
+        b = x.shape[0]
+        # gathered in the layouts the matmuls read (contiguous Vᵀ, Uᵀ); index_select's backward is a plain index_add
+        ut = torch.stack([self.kind_tU[k].T for k in present]).index_select(0, group)  # (P, t, m) -> (B, t, m)
+        s = torch.stack([self.kind_tS[k] for k in present]).index_select(0, group) * gate  # (B, t)
+        vt = torch.stack([self.kind_tV[k].T for k in present]).index_select(0, group)  # (B, n, t)
+        h = x.reshape(b, -1, self.n)  # (B, ..., n) -> (B, T, n)
+        z = torch.bmm(h, vt) * s[:, None, :]  # (B, T, t)
+        if bias is not None:
+            z = torch.cat([z, z.new_ones(*z.shape[:2], 1)], 2)  # (B, T, t + 1)
+            ut = torch.cat([ut, bias.to(ut.dtype).expand(b, 1, self.m)], 1)  # (B, t + 1, m)
+        y3 = y if y.dim() == 3 else y.reshape(b, -1, self.m)
+        # in place unless y3 is a view (autograd would then copy its whole base) or autocast changed a dtype
+        in_place = not (torch.is_grad_enabled() and y3._is_view()) and y3.dtype == z.dtype == ut.dtype
+        out = y3.baddbmm_(z, ut) if in_place else torch.baddbmm(y3, z, ut)  # (B, T, m)
+        return out.reshape(*x.shape[:-1], self.m)
+
+    def _learngenes(self, x: Tensor, w0: Tensor | None, bias: Tensor | None = None) -> Tensor:
+        """U_G Σ_G V_Gᵀ x (− W0 x) (+ b): in factored order, or through the composed (m, n) matrix when that is
+        cheaper (many tokens, N_G close to min(m, n): pretraining); the two orders are the same function. The bias
+        goes into the last matmul (one pass over the output, as in the base layer) when no tailor runs."""
         tokens = x.numel() // self.n
         g = self.kind_gS.shape[0]
         if tokens * g * (self.m + self.n) <= g * self.m * self.n + tokens * self.m * self.n:
-            y = ((x @ self.kind_gV.T) * self.kind_gS) @ self.kind_gU.T
+            y = F.linear((x @ self.kind_gV.T) * self.kind_gS, self.kind_gU, bias)
             return y if w0 is None else y - F.linear(x, w0)
         w = (self.kind_gU * self.kind_gS) @ self.kind_gV
-        return F.linear(x, w if w0 is None else w - w0)
+        return F.linear(x, w if w0 is None else w - w0, bias)
 
     def kind_forward(self, x: Tensor) -> Tensor:
         """W_y x (no bias) per batch item: learngenes for all, each item's own tailor group by the class gate."""
         return self._forward(x.to(self.kind_gU.dtype), None)
 
-    def _forward(self, x: Tensor, w0: Tensor | None) -> Tensor:
-        y = self._learngene_delta(x, w0)
-        labels = self._labels(x)
-        t = None if labels is None else self._tailors(x, labels)
-        return y if t is None else y + t
+    def _forward(self, x: Tensor, w0: Tensor | None, bias: Tensor | None = None) -> Tensor:
+        gated = self._gate(x)
+        if gated is None:
+            return self._learngenes(x, w0, bias)
+        # the learngenes without the bias: their output is then a fresh tensor (not a view), which the tailors add
+        # into in place, the bias with them
+        return self._add_tailors(x, gated, self._learngenes(x, w0), bias)
+
+    def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
+        """W_y x + b, the layer at weight 1, without W0 x: the host's ``base(x) + δ(x)`` computes W0 x twice (once
+        in the base layer, once subtracted in δ) for a result that does not depend on W0 (`delta`). The same
+        function, rounded differently (W0 x no longer cancels; tested against the host's route)."""
+        h = x.to(self.kind_gU.dtype)
+        bias = base["bias"].to(h.dtype) if "bias" in base else None
+        y = self._forward(h, None, bias)
+        # the dtype the base layer would return: autocast's (a linear runs in it), else its input's
+        device = x.device.type
+        return y.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype)
 
     def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         # the KIND layer replaces W0: δ = W_y x − W0 x, so the host's base(x) + δ(x) is W_y x + b at weight 1. W0 is
