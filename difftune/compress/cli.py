@@ -49,22 +49,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_distill_plan(args: argparse.Namespace) -> int:
     from ..architectures import build_architecture, denoiser_on_meta
-    from .block_removal import NAMED_PLANS
+    from .block_removal import NAMED_PLANS, TRANSFORMER_PLANS, is_unet_config
     from .macs import plan_summary
 
     if bool(args.architecture) == bool(args.model):
         raise bad_value("--architecture/--model", args.architecture or args.model, "exactly one of them")
     teacher = build_architecture(args.architecture) if args.architecture else denoiser_on_meta(args.model)[1]
-    rows = plan_summary(teacher, args.plan or list(NAMED_PLANS), args.resolution)
+    default = NAMED_PLANS if is_unet_config(dict(teacher.config)) else TRANSFORMER_PLANS
+    rows = plan_summary(teacher, args.plan or list(default), args.resolution)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     at = f"MACs @{rows[0]['resolution']}px"
-    print(f"{'model':<10} {'parameters':>15} {'params':>7} {at:>14} {'MACs':>7}")
+    width = max(10, *(len(r["model"]) for r in rows))
+    print(f"{'model':<{width}} {'parameters':>15} {'params':>7} {at:>14} {'MACs':>7}")
     for r in rows:
         macs = "—" if r["macs"] is None else f"{r['macs'] / 1e9:.1f} G"
         ratio = "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"
-        print(f"{r['model']:<10} {r['parameters']:>15,} {r['parameters_ratio']:>7.3f} {macs:>14} {ratio:>7}")
+        print(f"{r['model']:<{width}} {r['parameters']:>15,} {r['parameters_ratio']:>7.3f} {macs:>14} {ratio:>7}")
     return 0
 
 
@@ -99,7 +101,9 @@ def _distill_arguments(s: argparse.ArgumentParser) -> None:
                    + ", ".join(ARCHITECTURES))
     d.add_argument("--model", help="or a local diffusers pipeline folder (its config only is read)")
     d.add_argument("--plan", action="append",
-                   help="base, small, tiny or a YAML plan file (repeatable; default all three)")
+                   help="base, small, tiny (UNets), half (transformers), a YAML plan file or an inline mapping "
+                   "such as '{blocks: [0, 1, 18]}' (repeatable; default: base, small, tiny for a UNet, half for a "
+                   "transformer)")
     d.add_argument("--resolution", type=int, default=None, help="image size in px (default: the model's native size)")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=cmd_distill_plan)
