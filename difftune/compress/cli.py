@@ -70,10 +70,10 @@ def cmd_distill_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("quantize", help="VQ4DiT / k-means / RTN weight quantization of a DiT or PixArt transformer")
+@command("quantize", help="VQ4DiT / k-means / RTN weight quantization of a DiT, PixArt, SD3 or Flux transformer")
 def _quantize_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", help="local DiT/PixArt pipeline folder")
-    s.add_argument("--architecture", help="with --dry-run: a published denoiser on the meta device (e.g. dit-xl2)")
+    s.add_argument("--model", help="local DiT/PixArt/SD3/Flux pipeline folder (vq4dit calibrates DiT/PixArt only)")
+    s.add_argument("--architecture", help="with --dry-run: a published denoiser on the meta device (e.g. flux-dev)")
     s.add_argument("--preset", choices=["2bit", "3bit"], default="2bit", help="2bit: k=256, d=4; 3bit: k=64, d=2")
     s.add_argument("--method", choices=["vq4dit", "kmeans", "rtn"], default="vq4dit")
     s.add_argument("--paper", action="store_true", help="the paper's choices where it differs from the official code")

@@ -52,8 +52,8 @@ from .replaced import ReplacedLinear, register_replacement
 
 #: Official presets: (k codewords, d weights per sub-vector).
 VQ_PRESETS: dict[str, tuple[int, int]] = {"2bit": (256, 4), "3bit": (64, 2)}
-#: Every Linear inside the transformer blocks (DiT and PixArt)...
-BLOCK_TARGETS = (r"transformer_blocks\.\d+\..*",)
+#: Every Linear inside the transformer blocks (DiT, PixArt, SD3's joint blocks; Flux's joint and single blocks)...
+BLOCK_TARGETS = (r"transformer_blocks\.\d+\..*", r"single_transformer_blocks\.\d+\..*")
 #: ...except DiT's per-block copies of the timestep/class embedder (FP and shared in the original DiT).
 BLOCK_EXCLUDE = (r".*\.norm1\.emb\..*",)
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -272,12 +272,14 @@ class VQ4DiTConfig:
 def block_linears(model: nn.Module, target_modules: Sequence[str] = BLOCK_TARGETS,
                   exclude_modules: Sequence[str] = BLOCK_EXCLUDE) -> list[str]:
     """Names of the ``nn.Linear`` modules VQ4DiT quantizes (7 per DiT block; q/k/v/out of both attentions and the
-    MLP in PixArt blocks)."""
+    MLP in PixArt blocks; in SD3/Flux joint blocks 14: both streams' AdaLN modulation, q/k/v/out and feed-forward
+    (SD3's last block 11: no context output or feed-forward); in Flux single blocks 6: AdaLN, q/k/v, MLP in, fused
+    out). Embedders and the final projection stay FP, as in the paper."""
     names = [n for n in find_targets(model, list(target_modules), list(exclude_modules))
              if type(model.get_submodule(n)) is nn.Linear]
     if not names:
         raise DifftuneError(f"`target_modules`={list(target_modules)!r} selects no nn.Linear of "
-                            f"{type(model).__name__}; is it a DiT or PixArt transformer?")
+                            f"{type(model).__name__}; is it a DiT, PixArt, SD3 or Flux transformer?")
     return names
 
 

@@ -265,6 +265,10 @@ def quantize_vq4dit(pipe: Any, config: VQ4DiTConfig, log: Callable[[str], None] 
     if teacher is None or not hasattr(teacher, "transformer_blocks"):
         raise DifftuneError(f"{type(pipe).__name__} has no DiT/PixArt transformer; VQ4DiT quantizes DiT and "
                             "PixArt-α pipelines")
+    if pipeline_kind(pipe) not in ("dit", "pixart"):  # checked before the (slow) k-means
+        raise DifftuneError(f"VQ4DiT's zero-data calibration follows DiT/PixArt sampling trajectories; it is not "
+                            f"implemented for {type(pipe).__name__} (flow matching). Quantize its linears with "
+                            "method 'kmeans' (the same codebooks, uncalibrated) or 'rtn' instead")
     dtype = next(teacher.parameters()).dtype
     start = time.perf_counter()
     student, layers = prepare_student(teacher, config, log)
