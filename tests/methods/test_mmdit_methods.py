@@ -1,0 +1,54 @@
+"""Methods on SD3 and Flux transformers: an adapter saved from the bare transformer records its component (so its
+diffusers export is named ``transformer.``), and the methods that do not apply to an MMDiT are refused by `inject`
+with what to use instead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import difftune as dt
+from difftune.cli import main
+from difftune.counting import method_config
+from difftune.testing import randomize_adapter, tiny_flux_pipeline, tiny_sd3_pipeline
+
+BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+
+
+def _image(pipe) -> np.ndarray:
+    return pipe("a photo of a cat", height=32, width=32, num_inference_steps=2, output_type="np",
+                max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images[0]
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_adapter_saved_from_the_bare_transformer_exports_transformer_keys(kind, tmp_path):
+    """Known bug (issue 26): saved from the module alone, the header had no component and the diffusers export was
+    written under ``unet.`` keys, which StableDiffusion3Pipeline/FluxPipeline ignore."""
+    pipe = BUILDERS[kind]()
+    model = pipe.transformer
+    dt.inject(model, method_config("lora", {"rank": 2}, model), name="t")
+    randomize_adapter(model, "t", seed=0, std=0.3)
+    ours = _image(pipe)
+    dt.save_adapter(model, tmp_path / "adapter")  # the module, not the pipeline
+    assert dt.serialization.read_header(tmp_path / "adapter")["component"] == "transformer"
+    out = tmp_path / "lora.safetensors"
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(out), "--format", "diffusers"]) == 0
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    theirs = BUILDERS[kind]()
+    theirs.load_lora_weights(str(out))
+    np.testing.assert_allclose(_image(theirs), ours, atol=1e-4, rtol=0)
+    # an explicit component still wins over the class
+    path = dt.serialization.save_adapter_file(model, tmp_path / "named", name="t", component="custom")
+    assert dt.serialization.read_header(path)["component"] == "custom"
+
+
+def test_component_from_the_model_class():
+    from difftune.components import component_of_model
+    from difftune.testing import tiny_dit, tiny_unet
+
+    assert component_of_model(tiny_unet()) == "unet" and component_of_model(tiny_dit()) == "transformer"
+    assert component_of_model(torch.nn.Linear(2, 2)) == ""  # nothing to go by: not recorded, as before
