@@ -52,3 +52,27 @@ def test_component_from_the_model_class():
 
     assert component_of_model(tiny_unet()) == "unet" and component_of_model(tiny_dit()) == "transformer"
     assert component_of_model(torch.nn.Linear(2, 2)) == ""  # nothing to go by: not recorded, as before
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("method, says", [
+    ("scedit", "skip connections"), ("csc", "no control-image method"), ("kind", "takes no class labels")])
+def test_methods_that_do_not_apply_are_refused_with_an_alternative(kind, method, says):
+    model = BUILDERS[kind]().transformer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = method_config(method, {"classes": [0, 1], "tailors_per_class": 1, "learngenes": 2}
+                           if method == "kind" else {}, model)
+    with pytest.raises(dt.DifftuneError, match=says) as err:
+        dt.inject(model, config)
+    text = str(err.value)
+    assert type(model).__name__ in text and "use LoRA, LoHa, KronA, SaRA or full fine-tuning" in text
+    assert dt.list_adapters(model) == {} and model.state_dict().keys() == before.keys()
+
+
+def test_kind_still_applies_to_class_conditional_dits_and_plain_modules():
+    from difftune.methods.kind import KINDConfig
+    from difftune.testing import tiny_dit
+
+    cfg = {"learngenes": 2, "tailors_per_class": 1, "classes": [1]}
+    assert dt.inject(tiny_dit(), KINDConfig(**cfg))  # DiTTransformer2DModel takes class_labels
+    assert dt.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), KINDConfig(target_modules=["0"], **cfg)) == ["0"]
