@@ -76,3 +76,22 @@ def test_kind_still_applies_to_class_conditional_dits_and_plain_modules():
     cfg = {"learngenes": 2, "tailors_per_class": 1, "classes": [1]}
     assert dt.inject(tiny_dit(), KINDConfig(**cfg))  # DiTTransformer2DModel takes class_labels
     assert dt.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), KINDConfig(target_modules=["0"], **cfg)) == ["0"]
+
+
+def test_krona_on_flux_dev_counts_by_hand():
+    """KronA 64 × 8 on the MMDiT default targets of FLUX.1 [dev] (the docs' figure): a1·a2 + (d_out/a1)(d_in/a2)
+    per layer; every default target's sides divide (3072, 12288 out; 3072, 12288, 15360 in)."""
+    from difftune.architectures import build_architecture
+    from difftune.counting import count_trainable
+
+    model = build_architecture("flux-dev")
+    w, mlp = 3072, 12288
+
+    def kron(d_in: int, d_out: int) -> int:
+        return 64 * 8 + (d_out // 64) * (d_in // 8)
+
+    joint = 2 * (4 * kron(w, w) + kron(w, mlp) + kron(mlp, w))  # each stream: q, k, v, out, ff in, ff out
+    single = 3 * kron(w, w) + kron(w, mlp) + kron(w + mlp, w)  # q, k, v, proj_mlp, proj_out
+    info = count_trainable(method_config("krona", {"a1": 64, "a2": 8}, model), model)
+    assert info["modules"] == 19 * 12 + 38 * 5
+    assert info["parameters"] == 19 * joint + 38 * single == 17_024_000
