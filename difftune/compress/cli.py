@@ -13,7 +13,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .vq4dit import VQ4DiTConfig, format_size_report, size_report
 
     fields = {"preset": args.preset}
-    for name in ("iterations", "steps", "candidates", "kmeans_iters", "seed"):
+    for name in ("iterations", "steps", "candidates", "kmeans_iters", "seed", "resolution"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.classes:
@@ -72,7 +72,7 @@ def cmd_distill_plan(args: argparse.Namespace) -> int:
 
 @command("quantize", help="VQ4DiT / k-means / RTN weight quantization of a DiT, PixArt, SD3 or Flux transformer")
 def _quantize_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", help="local DiT/PixArt/SD3/Flux pipeline folder (vq4dit calibrates DiT/PixArt only)")
+    s.add_argument("--model", help="local DiT/PixArt/SD3/Flux pipeline folder")
     s.add_argument("--architecture", help="with --dry-run: a published denoiser on the meta device (e.g. flux-dev)")
     s.add_argument("--preset", choices=["2bit", "3bit"], default="2bit", help="2bit: k=256, d=4; 3bit: k=64, d=2")
     s.add_argument("--method", choices=["vq4dit", "kmeans", "rtn"], default="vq4dit")
@@ -84,7 +84,9 @@ def _quantize_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", type=int, default=None, help="n candidate codewords per sub-vector")
     s.add_argument("--kmeans-iters", type=int, default=None, help="Lloyd iterations (default 100)")
     s.add_argument("--classes", help="DiT classes drawn for calibration, e.g. '0-9' (default: all)")
-    s.add_argument("--prompt", action="append", help="PixArt calibration prompt (repeatable)")
+    s.add_argument("--prompt", action="append", help="PixArt/SD3/Flux calibration prompt (repeatable)")
+    s.add_argument("--resolution", type=int, default=None,
+                   help="SD3/Flux calibration image size in px (default: the pipeline's)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dry-run", action="store_true", help="print the sizes only (no weights needed)")
     s.add_argument("--out", help="folder for the compressed transformer (load with load_compressed_pipeline)")

@@ -190,7 +190,8 @@ class VQ4DiTConfig:
         batch: classes (or prompts) per trajectory (code 4).
         guidance: CFG scale of the trajectory (code 4.0).
         class_labels: classes drawn for DiT trajectories (default: every class of the model).
-        prompts: prompts drawn for PixArt trajectories.
+        prompts: prompts drawn for PixArt, SD3 and Flux trajectories.
+        resolution: image size in px of SD3/Flux trajectories (None: the pipeline's default size).
         freeze_threshold: a sub-vector whose largest ratio exceeds it is frozen to that codeword (0.99).
         layer_freeze: share of frozen sub-vectors at which a layer switches to hard codes (0.99).
         lr_ratio: learning rate of the ratio logits z (RMSprop α 0.9; code 5e-2).
@@ -218,6 +219,7 @@ class VQ4DiTConfig:
     guidance: float = 4.0
     class_labels: list[int] | None = None
     prompts: list[str] | None = None
+    resolution: int | None = None
     freeze_threshold: float = 0.99
     layer_freeze: float = 0.99
     lr_ratio: float = 5e-2
@@ -243,6 +245,9 @@ class VQ4DiTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad_value(name, value, f"an integer >= {low}")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+                                            or not 16 <= self.resolution <= 4096):
+            raise bad_value("resolution", self.resolution, "null (the pipeline's size) or an integer in [16, 4096]")
         if self.candidates > self.k:
             raise bad_value("candidates", self.candidates, f"at most k={self.k}")
         for name in ("freeze_threshold", "layer_freeze"):

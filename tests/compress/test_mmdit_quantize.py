@@ -91,10 +91,57 @@ def test_quantized_tiny_pipelines_load_back_and_compute_with_the_dequantized_wei
     assert (out - plain).abs().max() > 1e-3  # 3-bit weights: not the FP model
 
 
-def test_vq4dit_calibration_is_refused_on_flow_matching_pipelines(pipes, tmp_path):
-    from difftune.compress.vq4dit import VQ4DiTConfig
-    from difftune.compress.vq4dit_calib import quantize_pipeline_folder
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_vq4dit_calibration_along_the_flow_matching_trajectory(pipes, kind):
+    """The FP pipeline's own Euler sampler drives the trajectory (SD3 with CFG, Flux [dev] with its guidance value and
+    packed latents); calibration lowers the block-output error over every joint and single block's image stream."""
+    from diffusers import DiffusionPipeline
 
-    with pytest.raises(DifftuneError, match="'kmeans'.*'rtn'"):
-        quantize_pipeline_folder(pipes["flux"], tmp_path / "q", "vq4dit", VQ4DiTConfig(preset="3bit"))
-    assert not (tmp_path / "q").exists()
+    from difftune.compress.vq4dit import VQ4DiTConfig
+    from difftune.compress.vq4dit_calib import quantize_vq4dit
+
+    pipe = DiffusionPipeline.from_pretrained(pipes[kind])
+    with pytest.raises(DifftuneError, match="prompts"):
+        quantize_vq4dit(pipe, VQ4DiTConfig(preset="3bit", k=8, iterations=1, steps=2, kmeans_iters=2),
+                        log=lambda s: None)
+    with pytest.raises(DifftuneError, match="block_inputs"):
+        quantize_vq4dit(pipe, VQ4DiTConfig(preset="3bit", block_inputs="teacher", prompts=["a cat"]))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    config = VQ4DiTConfig(preset="2bit", k=16, iterations=4, steps=3, batch=2, kmeans_iters=3, resolution=32,
+                          prompts=["a photo of a cat", "a red car"], guidance=2.0)
+    model, stats = quantize_vq4dit(pipe, config, log=lambda s: None)
+    mse = [h["block_mse"] for h in stats["history"]]
+    assert len(mse) == 4 and mse[-1] < mse[0], mse  # calibration lowers the block-output error
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in before.items())  # the teacher is intact
+    assert sorted(replaced_modules(model)) == sorted(block_linears(pipe.transformer))
+    pipe.transformer = model
+    image = pipe("a photo of a cat", height=32, width=32, num_inference_steps=2, output_type="np",
+                 max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(torch.as_tensor(image)).all()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_calibration_trajectory_is_the_pipelines_own_sampler(pipes, kind):
+    """Stepping the trajectory with the FP transformer's velocities gives the latents the pipeline itself samples
+    from the same x_T, prompts and guidance (SD3: CFG with the empty negative prompt; Flux: its σ schedule, dynamic
+    shift, packed latents and guidance embedding)."""
+    from diffusers import DiffusionPipeline
+
+    from difftune.compress.vq4dit import VQ4DiTConfig
+    from difftune.compress.vq4dit_flow import FlowTrajectory
+
+    pipe = DiffusionPipeline.from_pretrained(pipes[kind])
+    prompts = ["a photo of a cat", "a red car"]
+    config = VQ4DiTConfig(preset="3bit", steps=3, batch=2, resolution=32, prompts=prompts, guidance=2.5)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    traj = FlowTrajectory(pipe, config, gen, torch.device("cpu"))
+    picked = [prompts[i] for i in torch.randint(2, (2,), generator=torch.Generator().manual_seed(0)).tolist()]
+    x_T = traj.x.clone()
+    with torch.no_grad():
+        for t in traj.timesteps:
+            traj.advance(pipe.transformer(**traj.model_kwargs(t), return_dict=False)[0], t)
+        theirs = pipe(picked, height=32, width=32, num_inference_steps=3, guidance_scale=2.5, latents=x_T,
+                      output_type="latent").images
+    torch.testing.assert_close(traj.x, theirs, atol=1e-5, rtol=1e-5)
+    assert (traj.x - x_T).abs().max() > 0.1  # it moved

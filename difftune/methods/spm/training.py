@@ -54,22 +54,16 @@ def _cat(items: list[Any]) -> Any:
 
 def _sampler(step: TrainingStep, steps: int, b: int) -> Any:
     """The scheduler x_t is sampled with: DDIM on the training schedule, or for SD3/Flux (flow matching) the
-    pipeline's Euler flow scheduler (Flux's dynamic shift at the latents' sequence length, as FluxPipeline)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    pipeline's Euler flow scheduler, set as the pipeline sets it (`families.flow_sampler`)."""
+    from diffusers import DDIMScheduler
 
-    if not step.family.flow:
-        sched = DDIMScheduler.from_config(step.noise_scheduler.config)
-        sched.set_timesteps(steps, device=step.device)
-        return sched
-    sched = FlowMatchEulerDiscreteScheduler.from_config(step.pipe.scheduler.config)
-    mu = None
-    if sched.config.use_dynamic_shifting:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    if step.family.flow:
+        from ...families import flow_sampler
 
         _, _, h, w = step.latent_shape(b)
-        c = sched.config
-        mu = calculate_shift(h * w // 4, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-    sched.set_timesteps(steps, device=step.device, mu=mu)
+        return flow_sampler(step.pipe, steps, h * w // 4, step.device)
+    sched = DDIMScheduler.from_config(step.noise_scheduler.config)
+    sched.set_timesteps(steps, device=step.device)
     return sched
 
 
