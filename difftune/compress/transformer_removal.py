@@ -46,7 +46,8 @@ def _stacks(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [_JOINT, _SINGLE] if "num_single_layers" in config else [_JOINT]
 
 
-def _kept(n: int, blocks: list[int] | None, every: int | None, field: str, default_all: bool) -> list[int]:
+def _kept(n: int, blocks: list[int] | None, every: int | None, field: str, default_all: bool,
+          plan_name: str = "custom") -> list[int]:
     if blocks is not None:
         keep = list(blocks)
     elif every is not None:
@@ -57,7 +58,7 @@ def _kept(n: int, blocks: list[int] | None, every: int | None, field: str, defau
     elif default_all:
         keep = list(range(n))
     else:
-        raise bad_value("plan", None, "`blocks: [...]` or `drop_every: k` for a transformer denoiser",
+        raise bad_value("plan", plan_name, "`blocks: [...]` or `drop_every: k` for a transformer denoiser",
                         "base/small/tiny are UNet plans; e.g. {drop_every: 2} keeps half of the blocks")
     if not keep or any(isinstance(i, bool) or not isinstance(i, int) for i in keep) or keep != sorted(set(keep)) \
             or keep[0] < 0 or keep[-1] >= n:
@@ -80,7 +81,7 @@ def kept_stacks(config: dict[str, Any], plan: Any) -> dict[str, list[int]]:
     if mmdit and all(getattr(plan, f) is None for s in stacks for f in s[2:]):
         raise bad_value("plan", plan.name, "at least one of " + ", ".join(f for s in stacks for f in s[2:]),
                         "e.g. {drop_every: 2} keeps every other joint block")
-    return {attr: _kept(int(config[count]), getattr(plan, field), getattr(plan, every), field, mmdit)
+    return {attr: _kept(int(config[count]), getattr(plan, field), getattr(plan, every), field, mmdit, plan.name)
             for attr, count, field, every in stacks}
 
 
