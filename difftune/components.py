@@ -15,6 +15,18 @@ def denoiser_name(components: Iterable[str]) -> str | None:
     return next((c for c in DENOISERS if c in names), None)
 
 
+def component_of_model(model: Any) -> str:
+    """The pipeline component a bare denoiser module is, from its class: ``unet`` for diffusers' UNets,
+    ``transformer`` for its DiT, PixArt, SD3 and Flux transformers (every ``*Transformer2DModel``); ``""`` for
+    anything else (a text encoder could be any of a pipeline's encoders)."""
+    name = type(model).__name__
+    if name.startswith("UNet2D"):
+        return "unet"
+    if name.endswith("Transformer2DModel"):
+        return "transformer"
+    return ""
+
+
 def pipeline_kind(pipe: Any) -> str:
     """``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"``, ``"sdxl"``, ``"sd"`` (SD 1.x/2.x-like: one CLIP text encoder)
     or ``"other"``."""

@@ -215,6 +215,27 @@ class FluxFamily(FlowFamily):
         return cls._unpack_latents(out, h * scale, w * scale, scale)
 
 
+def flow_sampler(pipe: Any, steps: int, image_seq_len: int, device: torch.device | str) -> Any:
+    """The Euler flow-matching scheduler an SD3/Flux pipeline samples ``steps`` steps with, set up as the pipeline
+    does: Flux's σ from 1 to 1/steps, shifted dynamically at ``image_seq_len`` packed tokens; SD3 the scheduler's
+    own schedule (its static shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    c, kwargs = sched.config, {}
+    if pipeline_kind(pipe) == "flux" and not getattr(c, "use_flow_sigmas", False):
+        import numpy as np
+
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # as FluxPipeline.__call__
+    if c.use_dynamic_shifting:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                                       c.max_shift)
+    sched.set_timesteps(None if "sigmas" in kwargs else steps, device=device, **kwargs)
+    return sched
+
+
 def family_for(pipe: Any, denoiser: nn.Module) -> Family:
     families = {"dit": DiTFamily, "pixart": PixArtFamily, "sdxl": SDXLFamily, "sd": Family, "sd3": SD3Family,
                 "flux": FluxFamily}

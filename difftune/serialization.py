@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .adapter_checks import AllocationGuard, check_dtype, check_loaded, check_safetensors_header, check_values
+from .components import component_of_model
 from .errors import DifftuneError
 from .fileio import atomic_write
 from .methods.base import check_adapter_name, check_weight, get_method
@@ -182,10 +183,15 @@ def save_adapter_file(
 ) -> Path:
     """Save adapter ``name`` of ``model`` as a folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
+    ``component``: the pipeline component ``model`` is; when not given, taken from the model's class
+    (`components.component_of_model`: ``unet`` / ``transformer``), so that an adapter saved from a bare SD3/Flux
+    transformer exports under ``transformer.`` keys rather than the ``unet.`` an unrecorded component defaults to.
+
     Returns:
         The folder.
     """
     config = get_config(model, name)
+    component = component or component_of_model(model)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -17,7 +17,9 @@ stage, L + 1 per up stage, mid = res-attn-res):
 
 A `RemovalPlan` says the same per stage, so a user plan (a YAML file) may keep any pairs, any number of outer stages,
 and fewer transformer layers per attention (KOALA/SSD-1B-style depth reduction; kept: the first n of each stack).
-For transformers (DiT, PixArt), a plan keeps a list of ``transformer_blocks`` (or drops every k-th one).
+For transformers (DiT, PixArt, SD3, Flux; `difftune.compress.transformer_removal`), a plan keeps a list of blocks
+per stack (``transformer_blocks``; Flux's ``single_transformer_blocks`` too) or drops every k-th one; the named plan
+``half`` drops every second block of every stack.
 
 Weight remap (`student_sources`): every student key comes from one teacher key of the same shape; a plan whose
 student has a key with no source or another shape is an error naming the key. The sizes of teacher and students
@@ -36,11 +38,20 @@ import yaml
 from torch import nn
 
 from ..errors import DifftuneError, bad_value
+from .transformer_removal import (
+    feature_output_index,
+    sd3_context_rows,
+    stack_moves,
+    transformer_feature_pairs,
+    transformer_student_config,
+)
 
-__all__ = ["NAMED_PLANS", "RemovalPlan", "build_student", "feature_pairs", "is_unet_config", "load_plan",
-           "student_config", "student_sources", "teacher_to_student"]
+__all__ = ["NAMED_PLANS", "TRANSFORMER_PLANS", "RemovalPlan", "build_student", "feature_output_index",
+           "feature_pairs", "is_unet_config", "load_plan", "student_config", "student_sources", "teacher_to_student"]
 
 NAMED_PLANS = ("base", "small", "tiny")
+#: Named plans for transformer denoisers (DiT, PixArt, SD3, Flux).
+TRANSFORMER_PLANS = ("half",)
 
 
 @dataclass
@@ -57,8 +68,12 @@ class RemovalPlan:
         pairs: pairs removed from every down stage when the keep lists are not given (base: 1).
         mid_block: keep the mid block.
         transformer_layers: per kept down stage, transformer layers kept in each attention (None: all; the first n).
-        blocks: transformer (DiT/PixArt) ``transformer_blocks`` indices kept (None: see `drop_every`).
+        blocks: transformer (DiT/PixArt) or MMDiT joint ``transformer_blocks`` indices kept (None: see
+            `drop_every`; on SD3/Flux, when both are None, all joint blocks are kept).
         drop_every: drop every k-th transformer block (k-1, 2k-1, ...); used when `blocks` is None.
+        single_blocks: Flux's ``single_transformer_blocks`` indices kept (None: see `single_drop_every`, else all).
+        single_drop_every: drop every k-th single block of Flux; ignored on models without single blocks (so one
+            plan such as ``half`` fits every transformer).
     """
 
     name: str = "custom"
@@ -70,31 +85,44 @@ class RemovalPlan:
     transformer_layers: list[int] | None = None
     blocks: list[int] | None = None
     drop_every: int | None = None
+    single_blocks: list[int] | None = None
+    single_drop_every: int | None = None
 
     @classmethod
     def named(cls, name: str) -> RemovalPlan:
-        """One of the paper's plans: ``base``, ``small`` or ``tiny``."""
+        """One of the paper's plans: ``base``, ``small`` or ``tiny``; or ``half`` for transformers (every second
+        block of every stack dropped)."""
+        if name == "half":
+            return cls(name="half", drop_every=2, single_drop_every=2)
         if name == "base":
             return cls(name="base", pairs=1)
         if name == "small":
             return cls(name="small", pairs=1, mid_block=False)
         if name == "tiny":
             return cls(name="tiny", pairs=1, mid_block=False, stages=-1)
-        raise bad_value("plan", name, f"one of {list(NAMED_PLANS)} or a path to a YAML plan",
+        raise bad_value("plan", name, f"one of {list(NAMED_PLANS + TRANSFORMER_PLANS)} or a path to a YAML plan",
                         "e.g. plan: small (BK-SDM-Small: one pair fewer per stage and no mid block)")
 
 
 def load_plan(plan: str | dict[str, Any] | RemovalPlan) -> RemovalPlan:
-    """A plan from a name (``base``/``small``/``tiny``), a YAML file, a mapping, or a `RemovalPlan`."""
+    """A plan from a name (``base``/``small``/``tiny``/``half``), a YAML file, an inline YAML mapping such as
+    ``"{drop_every: 3}"``, a mapping, or a `RemovalPlan`."""
     if isinstance(plan, RemovalPlan):
         return plan
-    if isinstance(plan, str) and plan in NAMED_PLANS:
+    if isinstance(plan, str) and plan in NAMED_PLANS + TRANSFORMER_PLANS:
         return RemovalPlan.named(plan)
-    if isinstance(plan, str):
+    if isinstance(plan, str) and plan.lstrip().startswith("{"):
+        try:
+            plan = yaml.safe_load(plan)
+        except yaml.YAMLError as e:
+            raise bad_value("plan", plan, "an inline YAML mapping of RemovalPlan fields",
+                            "e.g. '{drop_every: 3}'") from e
+    elif isinstance(plan, str):
         path = Path(plan)
         if not path.is_file():
-            raise bad_value("plan", plan, f"one of {list(NAMED_PLANS)} or an existing YAML file",
-                            "a plan file holds RemovalPlan fields, e.g. `stages: 3` and `mid_block: false`")
+            raise bad_value("plan", plan, f"one of {list(NAMED_PLANS + TRANSFORMER_PLANS)}, an existing YAML file "
+                            "or an inline mapping", "a plan file holds RemovalPlan fields, e.g. `stages: 3` and "
+                            "`mid_block: false` (UNet) or `blocks: [0, 1, 5]` (transformer)")
         plan = yaml.safe_load(path.read_text()) or {}
     if not isinstance(plan, dict):
         raise bad_value("plan", plan, "a mapping of RemovalPlan fields")
@@ -189,9 +217,7 @@ def student_config(teacher: dict[str, Any], plan: str | dict[str, Any] | Removal
     plan = load_plan(plan)
     cfg = {k: v for k, v in dict(teacher).items() if not k.startswith("_")}
     if not is_unet_config(cfg):
-        keep = _kept_blocks(cfg, plan)
-        cfg["num_layers"] = len(keep)
-        return cfg
+        return transformer_student_config(cfg, plan)
     lay = _unet_layout(cfg, plan)
     s, n = lay.stages, len(cfg["down_block_types"])
     for key in ("down_block_types", "block_out_channels"):
@@ -232,22 +258,6 @@ def _stage_sources(lay: _UNetLayout, tcfg: dict[str, Any]) -> list[tuple[str, st
     return pairs
 
 
-def _kept_blocks(cfg: dict[str, Any], plan: RemovalPlan) -> list[int]:
-    n = int(cfg["num_layers"])
-    if plan.blocks is not None:
-        keep = list(plan.blocks)
-    elif plan.drop_every is not None:
-        if plan.drop_every < 2:
-            raise bad_value("plan.drop_every", plan.drop_every, "an integer ≥ 2 (drop blocks k-1, 2k-1, ...)")
-        keep = [i for i in range(n) if (i + 1) % plan.drop_every]
-    else:
-        raise bad_value("plan", plan.name, "`blocks: [...]` or `drop_every: k` for a transformer denoiser",
-                        "base/small/tiny are UNet plans; e.g. {drop_every: 2} keeps half of the blocks")
-    if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n:
-        raise bad_value("plan.blocks", keep, f"increasing block indices in 0..{n - 1}")
-    return keep
-
-
 def student_sources(teacher_cfg: dict[str, Any], student_keys: list[str],
                     plan: str | dict[str, Any] | RemovalPlan) -> dict[str, str]:
     """Student state-dict key → teacher key (the paper's remap; the rest keep their names)."""
@@ -255,8 +265,7 @@ def student_sources(teacher_cfg: dict[str, Any], student_keys: list[str],
     if is_unet_config(teacher_cfg):
         moves = _stage_sources(_unet_layout(dict(teacher_cfg), plan), dict(teacher_cfg))
     else:
-        moves = [(f"transformer_blocks.{j}.", f"transformer_blocks.{t}.")
-                 for j, t in enumerate(_kept_blocks(dict(teacher_cfg), plan))]
+        moves = stack_moves(dict(teacher_cfg), plan)[0]
     out = {}
     for key in student_keys:
         src = key
@@ -279,9 +288,8 @@ def teacher_to_student(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] |
         # every kept piece of a stage is in `moves`; anything else in a stage was removed
         removed = re.compile(r"^(down_blocks|up_blocks)\.\d+\." + ("" if lay.mid else r"|^mid_block\."))
     else:
-        keep = _kept_blocks(cfg, plan)
-        moves = [(f"transformer_blocks.{t}.", f"transformer_blocks.{j}.") for j, t in enumerate(keep)]
-        removed = re.compile(r"^transformer_blocks\.\d+\.")
+        pairs, removed = stack_moves(cfg, plan)
+        moves = [(t, s) for s, t in pairs]
 
     def rename(key: str) -> str | None:
         for t, s in moves:
@@ -309,12 +317,19 @@ def build_student(teacher: nn.Module, plan: str | dict[str, Any] | RemovalPlan) 
     tstate = teacher.state_dict()
     sstate = student.state_dict()
     sources = student_sources(teacher.config, list(sstate), plan)
-    bad = [f"{k} ← {sources[k]}" for k in sstate if sources[k] not in tstate
-           or tstate[sources[k]].shape != sstate[k].shape]
+    values, bad = {}, []
+    for k, want in sstate.items():
+        src = tstate.get(sources[k])
+        if src is not None and src.shape != want.shape:  # SD3's last joint block from one that was not last
+            src = sd3_context_rows(dict(teacher.config), k, src, want.shape)
+        if src is None or src.shape != want.shape:
+            bad.append(f"{k} ← {sources[k]}")
+        else:
+            values[k] = src.detach().float().clone()
     if bad:
         raise DifftuneError(f"the plan's student has {len(bad)} tensor(s) without a teacher source of the same shape, "
                             f"first: {bad[:3]}; check down_keep/up_keep against the teacher's blocks")
-    student.load_state_dict({k: tstate[sources[k]].detach().float().clone() for k in sstate})
+    student.load_state_dict(values)
     return student.to(next(teacher.parameters()).device)
 
 
@@ -326,14 +341,14 @@ def feature_pairs(teacher_cfg: dict[str, Any], plan: str | dict[str, Any] | Remo
 
     UNet: the output of every kept down and up stage; where the student's stage lost its downsampler (tiny), the
     paper's choice: the last attention's ``proj_out`` (else the last resnet) of the teacher's stage ↔ the student's.
-    The mid block is never distilled. Transformers: student block j ↔ the teacher block just before the next kept
-    one (the end of the span that j replaces).
+    The mid block is never distilled. Transformers: per stack, student block j ↔ the teacher block just before the
+    next kept one (the end of the span that j replaces); MMDiT blocks are compared on their image stream
+    (`feature_output_index`).
     """
     plan = load_plan(plan)
     cfg = dict(teacher_cfg)
     if not is_unet_config(cfg):
-        keep = _kept_blocks(cfg, plan) + [int(cfg["num_layers"])]
-        return [(f"transformer_blocks.{keep[j + 1] - 1}", f"transformer_blocks.{j}") for j in range(len(keep) - 1)]
+        return transformer_feature_pairs(cfg, plan)
     lay = _unet_layout(cfg, plan)
     n = len(cfg["down_block_types"])
     lpb = _per_stage(cfg["layers_per_block"], n)

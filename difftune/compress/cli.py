@@ -13,7 +13,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .vq4dit import VQ4DiTConfig, format_size_report, size_report
 
     fields = {"preset": args.preset}
-    for name in ("iterations", "steps", "candidates", "kmeans_iters", "seed"):
+    for name in ("iterations", "steps", "candidates", "kmeans_iters", "seed", "resolution"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.classes:
@@ -49,29 +49,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_distill_plan(args: argparse.Namespace) -> int:
     from ..architectures import build_architecture, denoiser_on_meta
-    from .block_removal import NAMED_PLANS
+    from .block_removal import NAMED_PLANS, TRANSFORMER_PLANS, is_unet_config
     from .macs import plan_summary
 
     if bool(args.architecture) == bool(args.model):
         raise bad_value("--architecture/--model", args.architecture or args.model, "exactly one of them")
     teacher = build_architecture(args.architecture) if args.architecture else denoiser_on_meta(args.model)[1]
-    rows = plan_summary(teacher, args.plan or list(NAMED_PLANS), args.resolution)
+    default = NAMED_PLANS if is_unet_config(dict(teacher.config)) else TRANSFORMER_PLANS
+    rows = plan_summary(teacher, args.plan or list(default), args.resolution)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     at = f"MACs @{rows[0]['resolution']}px"
-    print(f"{'model':<10} {'parameters':>15} {'params':>7} {at:>14} {'MACs':>7}")
+    width = max(10, *(len(r["model"]) for r in rows))
+    print(f"{'model':<{width}} {'parameters':>15} {'params':>7} {at:>14} {'MACs':>7}")
     for r in rows:
         macs = "—" if r["macs"] is None else f"{r['macs'] / 1e9:.1f} G"
         ratio = "—" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}"
-        print(f"{r['model']:<10} {r['parameters']:>15,} {r['parameters_ratio']:>7.3f} {macs:>14} {ratio:>7}")
+        print(f"{r['model']:<{width}} {r['parameters']:>15,} {r['parameters_ratio']:>7.3f} {macs:>14} {ratio:>7}")
     return 0
 
 
-@command("quantize", help="VQ4DiT / k-means / RTN weight quantization of a DiT or PixArt transformer")
+@command("quantize", help="VQ4DiT / k-means / RTN weight quantization of a DiT, PixArt, SD3 or Flux transformer")
 def _quantize_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--model", help="local DiT/PixArt pipeline folder")
-    s.add_argument("--architecture", help="with --dry-run: a published denoiser on the meta device (e.g. dit-xl2)")
+    s.add_argument("--model", help="local DiT/PixArt/SD3/Flux pipeline folder")
+    s.add_argument("--architecture", help="with --dry-run: a published denoiser on the meta device (e.g. flux-dev)")
     s.add_argument("--preset", choices=["2bit", "3bit"], default="2bit", help="2bit: k=256, d=4; 3bit: k=64, d=2")
     s.add_argument("--method", choices=["vq4dit", "kmeans", "rtn"], default="vq4dit")
     s.add_argument("--paper", action="store_true", help="the paper's choices where it differs from the official code")
@@ -82,7 +84,9 @@ def _quantize_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--candidates", type=int, default=None, help="n candidate codewords per sub-vector")
     s.add_argument("--kmeans-iters", type=int, default=None, help="Lloyd iterations (default 100)")
     s.add_argument("--classes", help="DiT classes drawn for calibration, e.g. '0-9' (default: all)")
-    s.add_argument("--prompt", action="append", help="PixArt calibration prompt (repeatable)")
+    s.add_argument("--prompt", action="append", help="PixArt/SD3/Flux calibration prompt (repeatable)")
+    s.add_argument("--resolution", type=int, default=None,
+                   help="SD3/Flux calibration image size in px (default: the pipeline's)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--dry-run", action="store_true", help="print the sizes only (no weights needed)")
     s.add_argument("--out", help="folder for the compressed transformer (load with load_compressed_pipeline)")
@@ -99,7 +103,9 @@ def _distill_arguments(s: argparse.ArgumentParser) -> None:
                    + ", ".join(ARCHITECTURES))
     d.add_argument("--model", help="or a local diffusers pipeline folder (its config only is read)")
     d.add_argument("--plan", action="append",
-                   help="base, small, tiny or a YAML plan file (repeatable; default all three)")
+                   help="base, small, tiny (UNets), half (transformers), a YAML plan file or an inline mapping "
+                   "such as '{blocks: [0, 1, 18]}' (repeatable; default: base, small, tiny for a UNet, half for a "
+                   "transformer)")
     d.add_argument("--resolution", type=int, default=None, help="image size in px (default: the model's native size)")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=cmd_distill_plan)

@@ -52,8 +52,8 @@ from .replaced import ReplacedLinear, register_replacement
 
 #: Official presets: (k codewords, d weights per sub-vector).
 VQ_PRESETS: dict[str, tuple[int, int]] = {"2bit": (256, 4), "3bit": (64, 2)}
-#: Every Linear inside the transformer blocks (DiT and PixArt)...
-BLOCK_TARGETS = (r"transformer_blocks\.\d+\..*",)
+#: Every Linear inside the transformer blocks (DiT, PixArt, SD3's joint blocks; Flux's joint and single blocks)...
+BLOCK_TARGETS = (r"transformer_blocks\.\d+\..*", r"single_transformer_blocks\.\d+\..*")
 #: ...except DiT's per-block copies of the timestep/class embedder (FP and shared in the original DiT).
 BLOCK_EXCLUDE = (r".*\.norm1\.emb\..*",)
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -190,7 +190,8 @@ class VQ4DiTConfig:
         batch: classes (or prompts) per trajectory (code 4).
         guidance: CFG scale of the trajectory (code 4.0).
         class_labels: classes drawn for DiT trajectories (default: every class of the model).
-        prompts: prompts drawn for PixArt trajectories.
+        prompts: prompts drawn for PixArt, SD3 and Flux trajectories.
+        resolution: image size in px of SD3/Flux trajectories (None: the pipeline's default size).
         freeze_threshold: a sub-vector whose largest ratio exceeds it is frozen to that codeword (0.99).
         layer_freeze: share of frozen sub-vectors at which a layer switches to hard codes (0.99).
         lr_ratio: learning rate of the ratio logits z (RMSprop α 0.9; code 5e-2).
@@ -218,6 +219,7 @@ class VQ4DiTConfig:
     guidance: float = 4.0
     class_labels: list[int] | None = None
     prompts: list[str] | None = None
+    resolution: int | None = None
     freeze_threshold: float = 0.99
     layer_freeze: float = 0.99
     lr_ratio: float = 5e-2
@@ -243,6 +245,9 @@ class VQ4DiTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad_value(name, value, f"an integer >= {low}")
+        if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+                                            or not 16 <= self.resolution <= 4096):
+            raise bad_value("resolution", self.resolution, "null (the pipeline's size) or an integer in [16, 4096]")
         if self.candidates > self.k:
             raise bad_value("candidates", self.candidates, f"at most k={self.k}")
         for name in ("freeze_threshold", "layer_freeze"):
@@ -272,12 +277,14 @@ class VQ4DiTConfig:
 def block_linears(model: nn.Module, target_modules: Sequence[str] = BLOCK_TARGETS,
                   exclude_modules: Sequence[str] = BLOCK_EXCLUDE) -> list[str]:
     """Names of the ``nn.Linear`` modules VQ4DiT quantizes (7 per DiT block; q/k/v/out of both attentions and the
-    MLP in PixArt blocks)."""
+    MLP in PixArt blocks; in SD3/Flux joint blocks 14: both streams' AdaLN modulation, q/k/v/out and feed-forward
+    (SD3's last block 11: no context output or feed-forward); in Flux single blocks 6: AdaLN, q/k/v, MLP in, fused
+    out). Embedders and the final projection stay FP, as in the paper."""
     names = [n for n in find_targets(model, list(target_modules), list(exclude_modules))
              if type(model.get_submodule(n)) is nn.Linear]
     if not names:
         raise DifftuneError(f"`target_modules`={list(target_modules)!r} selects no nn.Linear of "
-                            f"{type(model).__name__}; is it a DiT or PixArt transformer?")
+                            f"{type(model).__name__}; is it a DiT, PixArt, SD3 or Flux transformer?")
     return names
 
 

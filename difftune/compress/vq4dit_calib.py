@@ -2,9 +2,10 @@
 sampling trajectory (the paper and its deviations are in `vq4dit.py`'s docstring).
 
 A standalone loop rather than a trainer plugin, because calibration is not the trainer's loop: each outer iteration
-draws classes and noise, runs the FP teacher's CFG sampling trajectory, and takes one optimizer step at every
-timestep on the teacher's latent x_t (both models see the same x_t; the student never drives the trajectory), with
-freezing after each step. The trainer draws independent (x_0, t) pairs from data and has no notion of a trajectory.
+draws classes (prompts) and noise, runs the FP teacher's CFG sampling trajectory (SD3/Flux: `vq4dit_flow`), and
+takes one optimizer step at every timestep on the teacher's latent x_t (both models see the same x_t; the student
+never drives the trajectory), with freezing after each step. The trainer draws independent (x_0, t) pairs from data
+and has no notion of a trajectory.
 
 Per quantized Linear (shapes: N = d_out·d_in/d sub-vectors, n candidates)::
 
@@ -30,6 +31,7 @@ from ..components import pipeline_kind
 from ..errors import DifftuneError, bad_value
 from .kmeans import nearest
 from .vq4dit import VQ4DiTConfig, VQLinear, block_linears, kmeans_codebook, quantize_kmeans_, swap_module
+from .vq4dit_flow import FlowTrajectory
 
 
 class VQCalibLinear(nn.Module):
@@ -129,19 +131,26 @@ def _conditioning(pipe: Any, config: VQ4DiTConfig, gen: torch.Generator, device:
             pos, pos_mask = torch.cat([pos, neg]), torch.cat([pos_mask, neg_mask])
         return {"encoder_hidden_states": pos, "encoder_attention_mask": pos_mask,
                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}, config.batch
-    raise bad_value("pipe", type(pipe).__name__, "a DiT or PixArt-α pipeline")
+    raise bad_value("pipe", type(pipe).__name__, "a DiT, PixArt-α, SD3 or Flux pipeline")
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block in order (Flux: the joint blocks, then the single-stream blocks)."""
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
 
 
 class _BlockTaps:
     """Forward hooks capturing every block's output (and, for the teacher, its input hidden states)."""
 
-    def __init__(self, blocks: nn.ModuleList, feed: list[Tensor] | None = None) -> None:
+    def __init__(self, blocks: list[nn.Module], feed: list[Tensor] | None = None) -> None:
         self.outputs: list[Tensor] = []
         self.inputs: list[Tensor] = []
         self.handles = []
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(self._pre(i, feed), with_kwargs=True))
-            self.handles.append(block.register_forward_hook(lambda m, a, out: self.outputs.append(out)))
+            # MMDiT blocks return (context, image): the image stream is compared
+            self.handles.append(block.register_forward_hook(
+                lambda m, a, out: self.outputs.append(out[-1] if isinstance(out, tuple) else out)))
 
     def _pre(self, i: int, feed: list[Tensor] | None) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -188,27 +197,36 @@ def calibrate(pipe: Any, student: nn.Module, layers: dict[str, VQCalibLinear], c
               {"params": [m.codebook for m in layers.values()], "lr": config.lr_codebook},
               {"params": [m.bias for m in layers.values() if m.bias is not None], "lr": config.lr_bias}]
     opt = torch.optim.RMSprop([g for g in groups if g["params"]], alpha=0.9)
-    teacher_taps = _BlockTaps(teacher.transformer_blocks)
+    flow = pipeline_kind(pipe) in ("sd3", "flux")  # SD3/Flux: their flow-matching sampler (`vq4dit_flow`)
+    teacher_taps = _BlockTaps(_blocks(teacher))
     feed: list[Tensor] | None = [] if config.block_inputs == "teacher" else None
-    student_taps = _BlockTaps(student.transformer_blocks, feed)
-    channels, size = teacher.config.in_channels, teacher.config.sample_size
+    student_taps = _BlockTaps(_blocks(student), feed)
     history, start = [], time.perf_counter()
     try:
         for it in range(config.iterations):
-            cond, b = _conditioning(pipe, config, gen, device)
-            x = torch.randn(b, channels, size, size, generator=gen).to(device)
-            scheduler.set_timesteps(config.steps)
+            if flow:
+                traj = FlowTrajectory(pipe, config, gen, device)
+                timesteps = traj.timesteps
+            else:
+                cond, b = _conditioning(pipe, config, gen, device)
+                channels, size = teacher.config.in_channels, teacher.config.sample_size
+                x = torch.randn(b, channels, size, size, generator=gen).to(device)
+                scheduler.set_timesteps(config.steps)
+                timesteps = scheduler.timesteps
             best, losses = float("inf"), []
-            for t in scheduler.timesteps:
-                inp = torch.cat([x, x]) if config.guidance > 1 else x
-                inp = scheduler.scale_model_input(inp, t)
-                ts = t.reshape(1).to(device).expand(inp.shape[0])
+            for t in timesteps:
+                if flow:
+                    args, kwargs = (), traj.model_kwargs(t)
+                else:
+                    inp = torch.cat([x, x]) if config.guidance > 1 else x
+                    inp = scheduler.scale_model_input(inp, t)
+                    args, kwargs = (inp,), {"timestep": t.reshape(1).to(device).expand(inp.shape[0]), **cond}
                 teacher_taps.clear(), student_taps.clear()
                 with torch.no_grad():
-                    pred = teacher(inp, timestep=ts, **cond, return_dict=False)[0]
+                    pred = teacher(*args, **kwargs, return_dict=False)[0]
                 if feed is not None:
                     feed[:] = [h.detach() for h in teacher_taps.inputs]
-                student(inp, timestep=ts, **cond, return_dict=False)
+                student(*args, **kwargs, return_dict=False)
                 l_d = torch.stack([(s.float() - f.detach().float()).square().mean()
                                    for s, f in zip(student_taps.outputs, teacher_taps.outputs, strict=True)]).mean()
                 l_r = torch.stack([m.regularizer(config.regularizer) for m in layers.values()]).sum()
@@ -223,7 +241,10 @@ def calibrate(pipe: Any, student: nn.Module, layers: dict[str, VQCalibLinear], c
                 for m in layers.values():
                     m.freeze_step(config.freeze_threshold, config.layer_freeze, config.codebook)
                 losses.append(l_d.item())
-                x = _teacher_step(scheduler, pred, t, x, channels, config.guidance)
+                if flow:
+                    traj.advance(pred, t)
+                else:
+                    x = _teacher_step(scheduler, pred, t, x, channels, config.guidance)
             frozen = sum(int(m.frozen.sum()) for m in layers.values()) / sum(m.frozen.numel() for m in layers.values())
             hard = sum(m.hard for m in layers.values())
             history.append({"iteration": it, "block_mse": sum(losses) / len(losses), "frozen": frozen, "hard": hard})
@@ -245,7 +266,8 @@ def _teacher_step(scheduler: Any, pred: Tensor, t: Tensor, x: Tensor, channels: 
 
 def quantize_vq4dit(pipe: Any, config: VQ4DiTConfig, log: Callable[[str], None] = print) -> tuple[nn.Module,
                                                                                                     dict[str, Any]]:
-    """VQ4DiT on ``pipe.transformer`` (DiT or PixArt-α): k-means codebooks, candidates, zero-data calibration.
+    """VQ4DiT on ``pipe.transformer`` (DiT, PixArt-α, SD3, Flux): k-means codebooks, candidates, zero-data
+    calibration (SD3/Flux along their flow-matching sampler, `vq4dit_flow`).
 
     Args:
         pipe: the FP pipeline (its transformer is the teacher and is not changed).
@@ -257,7 +279,8 @@ def quantize_vq4dit(pipe: Any, config: VQ4DiTConfig, log: Callable[[str], None] 
         calibration, per-iteration block MSE and frozen share).
 
     Raises:
-        DifftuneError: not a DiT/PixArt pipeline, PixArt without prompts, or shapes k/d do not fit.
+        DifftuneError: not a DiT/PixArt/SD3/Flux pipeline, a text-conditioned one without prompts, or shapes k/d
+            do not fit.
     """
     if not isinstance(config, VQ4DiTConfig):
         raise bad_value("config", type(config).__name__, "a VQ4DiTConfig")
@@ -265,6 +288,10 @@ def quantize_vq4dit(pipe: Any, config: VQ4DiTConfig, log: Callable[[str], None] 
     if teacher is None or not hasattr(teacher, "transformer_blocks"):
         raise DifftuneError(f"{type(pipe).__name__} has no DiT/PixArt transformer; VQ4DiT quantizes DiT and "
                             "PixArt-α pipelines")
+    if pipeline_kind(pipe) in ("sd3", "flux") and config.block_inputs == "teacher":  # before the (slow) k-means
+        raise bad_value("block_inputs", "teacher", "'student' on SD3/Flux",
+                        "an MMDiT block takes two streams; feeding it the FP block's input is implemented for DiT "
+                        "and PixArt blocks only")
     dtype = next(teacher.parameters()).dtype
     start = time.perf_counter()
     student, layers = prepare_student(teacher, config, log)
@@ -286,7 +313,7 @@ QUANTIZERS = ("vq4dit", "kmeans", "rtn")
 
 def quantize_pipeline_folder(model: str | Path, out: str | Path, method: str, config: VQ4DiTConfig,
                              log: Callable[[str], None] = print) -> Path:
-    """Quantize the transformer of the local DiT/PixArt pipeline folder ``model`` and write it to ``out``
+    """Quantize the transformer of the local DiT/PixArt/SD3/Flux pipeline folder ``model`` and write it to ``out``
     (`save_compressed`, plus ``quantize_report.json`` with the settings and timings); load it back with
     ``load_compressed_pipeline(model, out)``.
 

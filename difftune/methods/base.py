@@ -178,6 +178,11 @@ class MethodConfig(abc.ABC):
         """
         return True
 
+    def check_model(self, model: nn.Module) -> None:
+        """Called by `inject` first: raise `DifftuneError` when the method does not apply to ``model`` as a whole
+        (saying why and what to use instead), before any pattern is matched. Default: every model."""
+        return None
+
     def make_model_part(self, model: nn.Module) -> nn.Module | None:
         """A module owned by the adapter as a whole rather than by one layer (a hint encoder, a gate table), or None.
 

@@ -1,18 +1,21 @@
 """BK-SDM: block-removed, knowledge-distilled denoisers (Kim, Song, Castells, Choi; ECCV 2024, arXiv 2305.15798).
 
 Idea: remove whole blocks from a pretrained UNet (`difftune.compress.block_removal`: base / small / tiny or a user
-plan; the student is a stock diffusers model initialised from the teacher's kept blocks), then retrain the student
-with the teacher as a guide. Not an adapter: like ``full``, the result is a whole model (a diffusers pipeline whose
-UNet is the student), loadable with ``UNet2DConditionModel.from_pretrained``.
+plan; for DiT, PixArt, SD3 and Flux transformers, kept block lists per stack or ``half``; the student is a stock
+diffusers model initialised from the teacher's kept blocks), then retrain the student with the teacher as a guide.
+Not an adapter: like ``full``, the result is a whole model (a diffusers pipeline whose denoiser is the student),
+loadable with the denoiser class's ``from_pretrained``.
 
 Loss per batch, with one shared x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε (x0: (B, C, h, w) latents):
 
     L = λ_task ‖ε_S(x_t) - ε‖² + λ_out ‖ε_S(x_t) - ε_T(x_t)‖² + λ_feat Σ_l ‖F_S^l - F_T^l‖²
 
-each ‖·‖² a mean over its elements (the target is the velocity for v-prediction models). F^l are the outputs of the
-paper's blocks (`block_removal.feature_pairs`): every kept down and up stage; for tiny, the teacher's
-``down_blocks.2.attentions.1.proj_out`` ↔ the student's ``down_blocks.2.attentions.0.proj_out``. The paper's λ are
-all 1 (its ``λ_OutKD``, ``λ_FeatKD``; the task term has weight 1).
+each ‖·‖² a mean over its elements (the target is the velocity for v-prediction models; SD3 and Flux draw x_t by
+flow matching and the task term is their weighted flow loss, the output term compares velocities). F^l are the
+outputs of the paper's blocks (`block_removal.feature_pairs`): every kept down and up stage; for tiny, the teacher's
+``down_blocks.2.attentions.1.proj_out`` ↔ the student's ``down_blocks.2.attentions.0.proj_out``; for transformers
+the end of each kept block's span (SD3/Flux: the image stream). The paper's λ are all 1 (its ``λ_OutKD``,
+``λ_FeatKD``; the task term has weight 1).
 
 Deliberate differences from the official ``kd_train_text_to_image.py``:
 
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compress.block_removal import build_student, feature_pairs, load_plan, teacher_to_student
+from ..compress.block_removal import build_student, feature_output_index, feature_pairs, load_plan, teacher_to_student
 from ..errors import DifftuneError, bad_value
 from .base import Adapter, MethodConfig, Site, register_method
 from .plugin import TrainerPlugin, register_plugin
@@ -48,9 +51,9 @@ class BKConfig(MethodConfig):
     """Distil the denoiser into a block-removed student.
 
     Attributes:
-        plan: ``base``, ``small``, ``tiny`` (UNets; BK-SDM-Base/Small/Tiny), or a YAML file or mapping of
-            `RemovalPlan` fields (UNet stages/pairs/mid block/transformer depth; DiT/PixArt ``blocks`` or
-            ``drop_every``).
+        plan: ``base``, ``small``, ``tiny`` (UNets; BK-SDM-Base/Small/Tiny), ``half`` (transformers), or a YAML
+            file or mapping of `RemovalPlan` fields (UNet stages/pairs/mid block/transformer depth; DiT/PixArt/SD3
+            ``blocks`` or ``drop_every``, Flux also ``single_blocks`` or ``single_drop_every``).
         lambda_task: weight of the denoising loss of the student (the paper's L_task weight, 1).
         lambda_out: λ_OutKD, weight of the output distillation ‖ε_S - ε_T‖² (paper: 1).
         lambda_feat: λ_FeatKD, weight of the summed feature distillation Σ_l ‖F_S^l - F_T^l‖² (paper: 1).
@@ -76,17 +79,21 @@ class BKConfig(MethodConfig):
 
 
 class FeatureTap:
-    """Forward hooks on (teacher, student) module pairs that record their outputs while `recording` is on."""
+    """Forward hooks on (teacher, student) module pairs that record their outputs while `recording` is on.
 
-    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    ``index``: the element of a tuple output that is recorded (0: a UNet stage's hidden state before its skips;
+    1: an SD3/Flux block's image stream, after its context stream; `block_removal.feature_output_index`)."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]], index: int = 0) -> None:
         self.pairs = pairs
+        self.index = index
         self.recording = False
         self.outputs: dict[int, Tensor] = {}
         self.handles = [m.register_forward_hook(self._hook) for pair in pairs for m in pair]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self.recording:  # tuple outputs (down blocks return their skips too): the hidden state comes first
-            self.outputs[id(module)] = output if isinstance(output, Tensor) else output[0]
+        if self.recording:  # tuple outputs: down blocks return their skips too, MMDiT blocks both streams
+            self.outputs[id(module)] = output if isinstance(output, Tensor) else output[self.index]
 
     def loss(self) -> Tensor:
         """Σ_l MSE(F_S^l, F_T^l) over the pairs recorded since the last `clear`."""
@@ -114,7 +121,8 @@ class BKPlugin(TrainerPlugin):
     def prepare(self, pipe: Any, model: nn.Module) -> nn.Module:
         student = build_student(model, self.config.plan)
         pairs = feature_pairs(model.config, self.config.plan)
-        self.tap = FeatureTap([(model.get_submodule(t), student.get_submodule(s)) for t, s in pairs])
+        self.tap = FeatureTap([(model.get_submodule(t), student.get_submodule(s)) for t, s in pairs],
+                              feature_output_index(model.config))
         self.last_terms: dict[str, float] = {}
         return student.requires_grad_(True)
 

@@ -122,8 +122,9 @@ def inject(
         The names of the adapted modules.
 
     Raises:
-        DifftuneError: unregistered config type, bad name or weight, a name already in use, nothing matched, or
-            matched modules of a type the method does not support.
+        DifftuneError: unregistered config type, bad name or weight, a name already in use, a model the method
+            does not apply to (`MethodConfig.check_model`), nothing matched, or matched modules of a type the method
+            does not support.
     """
     if not isinstance(config, MethodConfig) or type(config).method not in METHODS:
         raise bad_value("config", config, f"a registered method config ({sorted(METHODS)})")
@@ -135,6 +136,7 @@ def inject(
         raise bad_value("freeze_base", freeze_base, "true or false")
     if name in adapter_names(model):
         raise DifftuneError(f"an adapter named {name!r} is already in the model; pick another name or remove it first")
+    config.check_model(model)
     targets = find_targets(model, config.target_modules, config.exclude_modules)
     part = config.make_model_part(model)
     prefix = ""

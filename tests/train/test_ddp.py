@@ -2,6 +2,7 @@
 
 One `accelerate launch` (2 processes, gloo) runs this file as a script; the script trains every method of the
 registry in turn, for 3 steps on the tiny SD and DiT models, with the smoke runs' settings (`test_trainer.SMOKE`),
+then a selection of methods on the tiny SD3 and Flux pipelines (`MMDIT_RUNS`),
 and writes each rank's final trainable-weights digest (the line the trainer prints) to a JSON file. Paying for the
 process start and the process group once keeps the whole file at about a minute on 2 cores.
 
@@ -74,6 +75,28 @@ def _runs(tiny, root: Path) -> list[dict]:
     return runs
 
 
+#: SD3 and Flux (flow matching) under DDP: LoRA on both, and one run each of a selection-based, a whole-model and a
+#: data-free method (each adds a few seconds to the one launch).
+MMDIT_RUNS = {"lora-sd3": ("sd3", ""), "lora-flux": ("flux", ""),
+              "sara-sd3": ("sd3", "method={name: sara, threshold: 0.02, rank_min_dim: 16}"),
+              "bk-flux": ("flux", "method={name: bk, plan: {single_blocks: [1]}}"),
+              "spm-flux": ("flux", "method={name: spm, concepts: [cat], sampling_steps: 3, num_anchors: 2}")}
+
+
+def _mmdit_runs(tiny, root: Path) -> list[dict]:
+    from difftune.testing import save_tiny_pipeline
+
+    paths = {k: save_tiny_pipeline(k, root / "pipelines" / k) for k in ("sd3", "flux")}
+    runs = []
+    for name, (kind, method) in MMDIT_RUNS.items():
+        sets = [f"model.path={paths[kind]}", f"data.path={tiny['captions']}", f"output_dir={root / name}",
+                f"train.max_steps={STEPS}", "validation.prompts=[]", *([method] if method else [])]
+        if name.startswith("spm"):
+            sets += ["data.kind=none", "data.num_samples=4", "data.path=''", "data.label_dropout=0.0"]
+        runs.append({"name": name, "config": str(REPO / "configs" / "debug" / f"tiny_{kind}.yaml"), "sets": sets})
+    return runs
+
+
 def _free_port() -> int:
     # not the config's fixed port: another suite on this machine may be launching at the same time
     with socket.socket() as s:
@@ -89,6 +112,7 @@ def test_every_method_ends_with_identical_weights_on_both_ranks(tiny, tmp_path):
     runs.append({**joint, "name": "lora+text-encoder-sd",
                  "sets": [*joint["sets"], f"output_dir={tmp_path / 'runs' / 'joint'}", "model.train_text_encoder=true",
                           "train.text_encoder_lr=0.01"]})
+    runs += _mmdit_runs(tiny, tmp_path / "runs")
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"runs": runs}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

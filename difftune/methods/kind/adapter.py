@@ -3,6 +3,7 @@ verbs: part loading, recombination, MACs and the parameter calculator. See the p
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,6 +88,17 @@ class KINDConfig(MethodConfig):
     @property
     def trains_whole_model(self) -> bool:
         return self.train_base
+
+    def check_model(self, model: nn.Module) -> None:
+        # a diffusers transformer without class labels (PixArt, SD3, Flux) is text-conditioned: the gate has nothing
+        # to route by (a plain module may still get its labels per call, through adapter_inputs)
+        kind = type(model).__name__
+        if kind.endswith("Transformer2DModel") and "class_labels" not in inspect.signature(model.forward).parameters:
+            raise DifftuneError(
+                f"method 'kind' routes each item to its class's tailor components by its class label; {kind} is "
+                "text-conditioned and takes no class labels, so KIND's class gate cannot apply. On a text-conditioned "
+                "model use LoRA, LoHa, KronA, SaRA or full fine-tuning (MMDiT default targets: docs/sd3-flux.md); "
+                "KIND needs a class-conditional DiT")
 
     def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
         # one item per class (its tailor group) plus one of no class (learngenes only)

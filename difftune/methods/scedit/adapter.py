@@ -88,6 +88,17 @@ def skip_patterns(skips: list[int], resnets_per_block: int = 3) -> list[str]:
     return [rf"up_blocks\.{k // resnets_per_block}\.resnets\.{k % resnets_per_block}" for k in skips]
 
 
+def refuse_transformers(method: str, model: nn.Module) -> None:
+    """SCEdit and CSC tune a UNet's skip connections; a transformer denoiser (DiT, PixArt, SD3, Flux) has none."""
+    kind = type(model).__name__
+    if kind.endswith("Transformer2DModel") and not hasattr(model, "up_blocks"):
+        raise DifftuneError(
+            f"method {method!r} edits a UNet's skip connections (the encoder features its up-block resnets take); "
+            f"{kind} is a transformer and has no skip connections to tune. On a transformer use LoRA, LoHa, KronA, "
+            "SaRA or full fine-tuning (their MMDiT default targets: docs/sd3-flux.md)"
+            + ("; difftune has no control-image method for transformers" if method == "csc" else ""))
+
+
 def _check_common(cfg: Any) -> None:
     cfg.check_types()
     if not 0 < cfg.down_ratio <= 4:
@@ -143,6 +154,9 @@ class SCEditConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_common(self)
         super().__post_init__()
+
+    def check_model(self, model: nn.Module) -> None:
+        refuse_transformers("scedit", model)
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         k = _check_site(self, site)
@@ -202,6 +216,9 @@ class CSCConfig(MethodConfig):
         # size of the loader's probe of each tuner
         control = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         return 1, {"control": {name: control}, "sample": torch.zeros(1, 4, 1, 1)}
+
+    def check_model(self, model: nn.Module) -> None:
+        refuse_transformers("csc", model)
 
     def make_model_part(self, model: nn.Module) -> nn.Module:
         if not hasattr(model, "up_blocks") or not hasattr(getattr(model, "config", None), "block_out_channels"):

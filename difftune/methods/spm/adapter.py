@@ -12,7 +12,8 @@ parameters (1.70 MB fp32).
 
 **Facilitated transport.** γ_i is the permeability for batch item i, computed once per denoiser call by the
 adapter's model-level part (`SPMPart.begin_call`) from the item's text embedding E(p_i) (the denoiser's own
-``encoder_hidden_states``, (B, L, D)) and its prompt p_i (added by the difftune pipelines)::
+``encoder_hidden_states``, (B, L, D); on SD3/Flux the pooled CLIP ``pooled_projections``, (B, 1, P):
+`transport_embedding`) and its prompt p_i (added by the difftune pipelines)::
 
     γ_i = max( cos(vec E(p_i), vec E(c)),  |tok(p_i) ∩ tok(c)| / |tok(c)| )     ("clipcos_tokenuni")
 
@@ -54,9 +55,14 @@ from torch import Tensor, nn
 from ...errors import DifftuneError, bad_value
 from ..base import MAX_SCALE, MAX_SIZE, Adapter, MethodConfig, Site, register_method
 
-#: Every Linear/Conv2d of the transformer blocks: UNet Transformer2DModels ("attentions.N") and DiT/PixArt blocks.
+#: Every Linear/Conv2d of the transformer blocks: UNet Transformer2DModels ("attentions.N") and DiT/PixArt blocks;
+#: on SD3/Flux the attention and MLP linears of both streams of the joint blocks and of Flux's single blocks (the
+#: MMDiT default targets, `difftune.architectures.mmdit_default_targets`; their AdaLN modulations are not adapted).
 TARGETS = [r".*attentions\.\d+\.proj_(in|out)", r".*transformer_blocks\.\d+\.attn[12]\.to_(q|k|v|out\.0)",
-           r".*transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"]
+           r".*transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)",
+           r".*transformer_blocks\.\d+\.attn\.(to_(q|k|v|out\.0|add_out)|add_[qkv]_proj)",
+           r".*transformer_blocks\.\d+\.ff_context\.net\.(0\.proj|2)",
+           r"single_transformer_blocks\.\d+\.proj_(mlp|out)"]
 MATCHING = ("clipcos_tokenuni", "clipcos", "tokenuni", "fixed")
 GAMMA_MODES = ("linear", "squared")
 ACTIONS = ("erase_with_la", "erase")
@@ -141,8 +147,8 @@ class SPMConfig(MethodConfig):
         return 4, {"prompt": [self.concepts[i % len(self.concepts)] if self.concepts else "" for i in range(4)]}
 
     def make_model_part(self, model: nn.Module) -> nn.Module | None:
-        width = text_width(model)
-        return SPMPart(self, width) if width else None
+        source = transport_embedding(model, self.text_length)
+        return SPMPart(self, *source) if source else None
 
     def make_adapter(self, base_layer: nn.Module, site: Site) -> Adapter | None:
         if isinstance(base_layer, nn.Linear) or (isinstance(base_layer, nn.Conv2d) and base_layer.groups == 1):
@@ -161,6 +167,22 @@ def text_width(model: nn.Module) -> int | None:
         return None
     width = getattr(config, "caption_channels", None) or getattr(config, "cross_attention_dim", None)
     return int(width) if isinstance(width, int) else None
+
+
+def transport_embedding(model: nn.Module, text_length: int) -> tuple[int, str, int] | None:
+    """(D, the denoiser's keyword argument E(p) is read from, L) for facilitated transport, or None (no text).
+
+    UNets, PixArt: the per-token ``encoder_hidden_states`` (L = ``text_length``). SD3 and Flux: the pooled CLIP
+    embedding ``pooled_projections`` (L = 1; SD3 2048 = CLIP-L + CLIP-G, Flux 768 = CLIP-L), the CLIP text embedding
+    the "clipcos" rule is named after; their per-token sequence is mostly T5 (SD3 also holds the CLIP tokens padded
+    to 4096), would store L × 4096 values per concept (2M for Flux's 512 tokens) and its flattened cosine would
+    include every padding position."""
+    config = getattr(model, "config", None)
+    pooled = getattr(config, "pooled_projection_dim", None) if getattr(config, "joint_attention_dim", None) else None
+    if isinstance(pooled, int):
+        return pooled, "pooled_projections", 1
+    width = text_width(model)
+    return (width, "encoder_hidden_states", text_length) if width else None
 
 
 def words(text: str) -> set[str]:
@@ -211,11 +233,13 @@ class SPMPart(nn.Module):
 
     prefix = "spm_"
 
-    def __init__(self, config: SPMConfig, width: int) -> None:
+    def __init__(self, config: SPMConfig, width: int, key: str = "encoder_hidden_states",
+                 length: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.key = key  #: the denoiser argument E(p) is read from (`transport_embedding`)
         n = max(1, len(config.concepts))
-        self.register_buffer("spm_concept_embeds", torch.zeros(n, config.text_length, width))
+        self.register_buffer("spm_concept_embeds", torch.zeros(n, length or config.text_length, width))
         #: False while training (the membrane is fully on) or when a user forces fixed strengths.
         self.transport = True
         self.gamma: Tensor | None = None
@@ -227,7 +251,9 @@ class SPMPart(nn.Module):
         prompts = inputs.get("prompt")
         if isinstance(prompts, str):
             prompts = [prompts]
-        embeds = inputs.get("encoder_hidden_states")
+        embeds = inputs.get(self.key)
+        if isinstance(embeds, Tensor) and embeds.dim() == 2:  # pooled (B, P): a sequence of one
+            embeds = embeds[:, None]
         self.gamma = permeability(self.config, prompts, embeds if isinstance(embeds, Tensor) else None,
                                   self.spm_concept_embeds)
 
@@ -342,7 +368,8 @@ def encode_concepts(pipe: Any, name: str) -> Tensor:
     family = family_for(pipe, model)
     device = part.spm_concept_embeds.device
     for i, concept in enumerate(config.concepts):
-        e = family.encode([concept], device)["encoder_hidden_states"][0]  # (L, D)
+        e = family.encode([concept], device)[part.key][0]  # (L, D); pooled (P,)
+        e = e.reshape(1, -1) if e.dim() == 1 else e
         if e.shape != part.spm_concept_embeds.shape[1:]:
             raise bad_value("text_length", config.text_length, f"the text encoder's length {e.shape[0]}",
                             "Set text_length to the pipeline's sequence length (77 for CLIP, 120 for PixArt).")

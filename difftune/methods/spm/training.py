@@ -4,7 +4,8 @@ Per micro-batch of B items (official: B = 1), with the membrane fully on (γ = 1
 
 1. each item picks a concept c (uniformly) and its surrogate s ("" by default); one t_to ∈ [1, T−1] for the batch;
 2. x_t on-policy: from x_T ~ N(0, I), t_to DDIM steps of the *membrane-equipped* model with CFG
-   (``sampling_guidance``) conditioned on c, without gradients; t = the schedule's timestep t_to;
+   (``sampling_guidance``) conditioned on c, without gradients; t = the schedule's timestep t_to (SD3/Flux: Euler
+   flow-matching steps, and the ε below are their velocities: the erasing target is the same negative guidance);
 3. targets from the same model with the membrane off (`disable`): ε(x_t, c), ε(x_t, s);
 4. L_erase = MSE(ε'(x_t, c), ε(x_t, s) − η (ε(x_t, c) − ε(x_t, s)));
 5. latent anchoring (``action: erase_with_la``): K anchors, L_LA = MSE(ε'(x_t, a), ε(x_t, a)); anchors are the
@@ -30,11 +31,14 @@ from ..plugin import TrainerPlugin, TrainingStep, register_plugin
 from ..verbs import disable, enable, inject, model_part
 from .adapter import SPMConfig, encode_concepts
 
+#: Denoiser kwargs indexed by position, not by batch item (Flux's image/text position ids): shared, never repeated.
+UNBATCHED = ("img_ids", "txt_ids")
+
 
 def _repeat(kwargs: Any, n: int) -> Any:
     """Every batch-first tensor of the denoiser kwargs (nested dicts too) repeated ``n`` times along the batch."""
     if isinstance(kwargs, dict):
-        return {k: _repeat(v, n) for k, v in kwargs.items()}
+        return {k: v if k in UNBATCHED else _repeat(v, n) for k, v in kwargs.items()}
     if isinstance(kwargs, Tensor) and kwargs.dim() > 0:
         return kwargs.repeat_interleave(n, dim=0)
     return kwargs
@@ -42,10 +46,25 @@ def _repeat(kwargs: Any, n: int) -> Any:
 
 def _cat(items: list[Any]) -> Any:
     if isinstance(items[0], dict):
-        return {k: _cat([i[k] for i in items]) for k in items[0]}
+        return {k: items[0][k] if k in UNBATCHED else _cat([i[k] for i in items]) for k in items[0]}
     if isinstance(items[0], Tensor) and items[0].dim() > 0:
         return torch.cat(items)
     return items[0]
+
+
+def _sampler(step: TrainingStep, steps: int, b: int) -> Any:
+    """The scheduler x_t is sampled with: DDIM on the training schedule, or for SD3/Flux (flow matching) the
+    pipeline's Euler flow scheduler, set as the pipeline sets it (`families.flow_sampler`)."""
+    from diffusers import DDIMScheduler
+
+    if step.family.flow:
+        from ...families import flow_sampler
+
+        _, _, h, w = step.latent_shape(b)
+        return flow_sampler(step.pipe, steps, h * w // 4, step.device)
+    sched = DDIMScheduler.from_config(step.noise_scheduler.config)
+    sched.set_timesteps(steps, device=step.device)
+    return sched
 
 
 def random_anchors(target: Tensor, k: int) -> Tensor:
@@ -87,13 +106,10 @@ class SPMPlugin(TrainerPlugin):
     @torch.no_grad()
     def _sample_xt(self, step: TrainingStep, cond: dict[str, Any], uncond: dict[str, Any], b: int) -> tuple[Tensor,
                                                                                                        Tensor]:
-        from diffusers import DDIMScheduler
-
         config: SPMConfig = self.config
-        sched = DDIMScheduler.from_config(step.noise_scheduler.config)
-        sched.set_timesteps(config.sampling_steps, device=step.device)
+        sched = _sampler(step, config.sampling_steps, b)
         t_to = int(torch.randint(1, config.sampling_steps, (1,)))
-        latents = torch.randn(step.latent_shape(b), device=step.device) * sched.init_noise_sigma
+        latents = torch.randn(step.latent_shape(b), device=step.device) * getattr(sched, "init_noise_sigma", 1.0)
         both = _cat([uncond, cond])
         for t in sched.timesteps[:t_to]:
             x = torch.cat([latents, latents])
