@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -34,7 +35,7 @@ from difftune.errors import DifftuneError, bad_value
 from difftune.version import __version__
 
 from . import library, paths
-from .infotext import format_infotext, save_png
+from .infotext import LORA, format_infotext, save_png
 from .library import MixItem
 from .models import Slot, load_model
 from .paths import clip
@@ -42,6 +43,8 @@ from .paths import clip
 EXTRACTORS = ("none", "canny", "sobel", "outline", "skeleton")
 MIX_FOLDER = "studio-mixes"  #: where "save this mix" writes, inside the adapters folder
 SEED_MAX = 2**32 - 1
+CONTROLS = "controls"  #: where control images are kept, inside the images folder, named by content
+CONTROL_REF = 12  #: hex digits of a control image's reference
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,10 @@ class Studio:
                                 f"e.g. {max(step, v // step * step)}")
         if req.sampler and req.sampler not in slot.samplers:
             raise bad_value("sampler", clip(req.sampler), f"one of {list(slot.samplers)}")
+        scale = req.control_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not -library.MAX_WEIGHT <= scale <= library.MAX_WEIGHT):
+            raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
         if req.extractor not in EXTRACTORS:
             raise bad_value("extractor", clip(req.extractor), f"one of {list(EXTRACTORS)}")
         if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
@@ -189,11 +196,11 @@ class Studio:
             inputs, condition = self._method_inputs(slot, req)
             images = self._run(slot, req, seed, inputs, progress)
             notes += self._gamma_notes(slot, req)
+            control = self.save_control(req.control) if condition is not None else ""
+            texts = [self.infotext(slot, req, seed, i, control) for i in range(len(images))]
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths, texts = [], []
-        for i, img in enumerate(images):
-            text = self.infotext(slot, req, seed, i)
-            texts.append(text)
+        paths = []
+        for i, (img, text) in enumerate(zip(images, texts)):
             paths.append(save_png(img, self.out / f"{stamp}-{seed}{tag}-{i}-{random.randrange(16**6):06x}.png", text))
         return Result(paths, seed, texts, notes, condition)
 
@@ -243,9 +250,10 @@ class Studio:
             condition = req.control if req.extractor == "none" else extract(req.extractor, req.control)
             inputs["control"] = control_inputs(slot.pipe, {n: condition for n in csc}, req.batch)
             if req.control_scale is not None:
-                if not -library.MAX_WEIGHT <= req.control_scale <= library.MAX_WEIGHT:
-                    raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
-                loading.set_adapter_weights(slot.pipe, {n: float(req.control_scale) for n in csc})
+                # the control scale multiplies each CSC row's own weight (it used to replace it: a row at 0.3 ran
+                # and was recorded at the scale's 1); the infotext records both
+                rows = {slot.loaded[i.key][0]: i.weight for i in req.mix if i.key in slot.loaded}
+                loading.set_adapter_weights(slot.pipe, {n: rows.get(n, 1.0) * req.control_scale for n in csc})
         return inputs, condition
 
     def _run(self, slot: Slot, req: Request, seed: int, inputs: dict[str, Any],
@@ -305,13 +313,19 @@ class Studio:
             notes.append(text)
         return notes
 
-    def infotext(self, slot: Slot, req: Request, seed: int, index: int) -> str:
+    def infotext(self, slot: Slot, req: Request, seed: int, index: int, control: str = "") -> str:
+        """The image's infotext: every setting *Send to Generate* puts back. Each adapter is written at its row's
+        weight (the mix's, not the pipeline's: the control scale multiplies a CSC adapter's) with its file hash; the
+        method panels' settings follow while an adapter of their method is enabled (``control``: the stored control
+        image's reference, `save_control`)."""
         sampler = req.sampler or next(iter(slot.samplers))
-        adapters = []
-        for key, (name, digest) in slot.loaded.items():
-            info = loading.list_adapters(slot.pipe)[name]
-            if info["enabled"]:
-                adapters.append((key, float(info["weight"]), digest))
+        info = loading.list_adapters(slot.pipe)
+        adapters, loras = [], set()
+        for item in req.mix:
+            name, digest = slot.loaded[item.key]
+            adapters.append((item.key, item.weight, digest))
+            if info[name]["method"] == LORA:
+                loras.add(item.key)
         params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
                                   "Size": f"{req.width}x{req.height}", "Model hash": slot.model_hash,
                                   "Model": slot.label}
@@ -324,10 +338,38 @@ class Studio:
         if slot.names("spm"):
             params["SPM transport"] = "on" if req.transport else "off"
         if slot.names("csc"):
-            params["Control extractor"] = req.extractor
+            params.update({"Control extractor": req.extractor, "Control image": control or None,
+                           "Control scale": 1.0 if req.control_scale is None else req.control_scale})
         params["Version"] = f"difftune {__version__}"
         return format_infotext(req.prompt if slot.kind != "dit" else "", req.negative if slot.kind != "dit" else "",
-                               params, adapters)
+                               params, adapters, loras)
+
+    # -- control images: stored by content so an infotext can name the one an image was made with
+    def save_control(self, image: Image.Image) -> str:
+        """Store a control image under ``out/controls`` as ``<sha256 prefix>.png`` (atomic; once per content) and
+        return that reference."""
+        import hashlib
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        ref = hashlib.sha256(data).hexdigest()[:CONTROL_REF]
+        self.out.mkdir(parents=True, exist_ok=True)
+        folder = paths.make_folder(self.out, CONTROLS)
+        if not (folder / f"{ref}.png").is_file():
+            paths.write_file(self.out, folder / f"{ref}.png", lambda f: f.write(data), f"{CONTROLS}/{ref}.png")
+        return ref
+
+    def control_image(self, ref: object) -> Image.Image | None:
+        """The stored control image ``ref`` names (`save_control`), or None when this studio does not hold it."""
+        if not isinstance(ref, str) or not re.fullmatch(f"[0-9a-f]{{{CONTROL_REF}}}", ref):
+            return None
+        path = self.out / CONTROLS / f"{ref}.png"
+        if not path.is_file():
+            return None
+        with Image.open(path) as img:
+            return img.copy()
 
     # -- saved mixes
     @_public

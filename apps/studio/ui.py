@@ -15,7 +15,7 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import library, rows
+from . import library, recall, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
@@ -90,7 +90,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     height = gr.Slider(size_step, lim.max_size, value=default_size, step=size_step, label="Height",
                                        interactive=not fixed, elem_id="height")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler")
+                    sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler",
+                                          elem_id="sampler")
                     batch = gr.Slider(1, lim.max_batch, value=1, step=1, label="Batch")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id="seed")
@@ -135,13 +136,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     load_btn = gr.Button("Load mix")
                     mix_msg = gr.Markdown()
                 with gr.Tab("SPM"):
-                    transport = gr.Checkbox(value=True, label="Facilitated transport (γ per prompt; off: γ = 1)")
+                    transport = gr.Checkbox(value=True, label="Facilitated transport (γ per prompt; off: γ = 1)",
+                                            elem_id="transport")
                     gr.Markdown("The γ each prompt got is reported under the images.")
                 with gr.Tab("SCEdit"):
-                    control = gr.Image(type="pil", label="Control image (CSC adapters)")
+                    control = gr.Image(type="pil", label="Control image (CSC adapters)", elem_id="control",
+                                       format="png")
                     extractor = gr.Dropdown(list(EXTRACTORS), value="none", label="Extractor")
-                    control_scale = gr.Slider(-2, 2, value=1.0, step=0.05,
-                                              label="Control scale (the CSC adapters' weight)")
+                    control_scale = gr.Slider(-2, 2, value=1.0, step=0.05, elem_id="control-scale",
+                                              label="Control scale (multiplies the CSC adapters' weights)")
                     condition = gr.Image(label="Condition used", interactive=False)
                 with gr.Tab("A/B"):
                     modes = ["adapters"] + (["model"] if studio.compare_slot else [])
@@ -153,11 +156,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         img_b = gr.Image(label="B", interactive=False, format="png")
                     ab_info = gr.Textbox(label="A/B", lines=2)
                 with gr.Tab("Read parameters"):
-                    png = gr.File(label="An image with infotext", file_types=["image"])
-                    read_btn = gr.Button("Read")
+                    png = gr.File(label="An image with infotext", file_types=["image"], elem_id="read-png")
+                    read_btn = gr.Button("Read", elem_id="read")
                     read_text = gr.Textbox(label="parameters", lines=4)
-                    read_json = gr.JSON(label="parsed")
-                    send_btn = gr.Button("Send to Generate")
+                    read_json = gr.JSON(label="parsed", elem_id="read-json")
+                    send_btn = gr.Button("Send to Generate", elem_id="send")
             with gr.Column(scale=6, min_width=340):
                 # the whole image at its aspect ratio ("contain", never cropped), high enough to fill the screen
                 gallery = gr.Gallery(label="Images", columns=1, object_fit="contain",
@@ -273,21 +276,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return text, parse_infotext(text) if text else {"note": "this image carries no 'parameters' chunk"}
 
         def send_to_generate(parsed: dict[str, Any]) -> list[Any]:
-            p = parsed.get("params", {}) if isinstance(parsed, dict) else {}
-            size = p.get("Size", "x").split("x")
-            num = (lambda v: float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else None)  # noqa: E731
-            return [parsed.get("prompt", gr.skip()), parsed.get("negative_prompt", gr.skip()),
-                    num(p.get("Steps", "")) or gr.skip(), num(p.get("CFG scale", "")) or gr.skip(),
-                    num(size[0]) or gr.skip(), num(size[-1]) or gr.skip(),
-                    p["Sampler"] if p.get("Sampler") in slot.samplers else gr.skip(),
-                    num(p.get("Seed", "")) if num(p.get("Seed", "")) is not None else gr.skip(), False]
+            """The controls as an infotext says (`recall.settings`); what it cannot put back is a warning."""
+            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, slot, studio.control_image)
+            for note in notes:
+                gr.Warning(note)
+            return [values.get(name, gr.skip()) for name in recall.CONTROLS]
 
         row_outputs = [ids_state, selection_state, row_summary, *headers, *groups, *enables, *weights, bundle_pick]
         redraw_inputs = [library_json, query, ids_state, selection_state, *enables, *weights]
         # every click queues one job (Gradio's default "once" dropped a click while a job ran), one job at a time
-        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize]
+        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize, class_label,
+                          fused, transport, extractor, control_scale, control]  # recall.CONTROLS, in order
 
-        def recall(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
+        def recall_history(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
             """A history image back in the result view, its settings back in the controls."""
             entry = hist[evt.index]
             return [[entry["path"]], entry["text"], *send_to_generate(parse_infotext(entry["text"]))]
@@ -299,7 +300,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         gen_event.then(finished, jobs_state, [jobs_state, status], api_visibility="private", queue=False)
         gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
                           api_visibility="private", queue=False)
-        history.select(recall, history_state, [gallery, info, *recall_outputs], api_visibility="private",
+        history.select(recall_history, history_state, [gallery, info, *recall_outputs], api_visibility="private",
                        queue=False).then(infotext_to_rows, [library_json, query, info], row_outputs,
                                          api_visibility="private", queue=False)
         reuse_btn.click(lambda s: (s, False), used_seed, [seed, randomize], api_visibility="private", queue=False)

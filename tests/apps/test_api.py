@@ -60,7 +60,7 @@ def test_generate_writes_infotext_and_seed(client, studio_files):
     path = _path(gallery[0])
     with Image.open(path) as img:
         info = img.info["parameters"]
-    assert "<adapter:labs/style:0.8>" in info and "Seed: 7" in info and "Size: 32x32" in info
+    assert "<lora:labs/style:0.8>" in info and "Seed: 7" in info and "Size: 32x32" in info
     assert "SPM labs/erase: γ =" in text  # the SPM panel's report
     # the same seed and mix give the same image; a randomised seed is shown back
     again = _gen(client, mix, b=2)[0]
@@ -92,7 +92,7 @@ def test_read_parameters(client, studio_files):
     gallery = _gen(client, [{"key": studio_files[2]["style"], "weight": 1.0}])[0]
     path = _path(gallery[0])
     text, parsed = client.predict(gradio_client.handle_file(path), api_name="/read_parameters")
-    assert text.startswith("a cat <adapter:labs/style:1>")
+    assert text.startswith("a cat <lora:labs/style:1>")
     assert parsed["adapters"][0]["key"] == "labs/style" and parsed["params"]["Sampler"] == "DDIM"
 
 

@@ -82,10 +82,14 @@ def _tick(page, key: str, weight: str) -> None:
 
 
 def _generate(page) -> str:
-    """Click Generate and return the new infotext."""
-    page.evaluate("document.querySelector('#infotext textarea').value = ''")
+    """Click Generate and return the new infotext (once the image is in the history: the same settings give the same
+    text, so a change of the text box cannot tell that the job finished)."""
+    before = page.locator("#history img").count()
     page.click("#generate")
-    page.wait_for_function("document.querySelector('#infotext textarea').value.includes('Steps:')", timeout=60_000)
+    try:
+        page.wait_for_function(f"document.querySelectorAll('#history img').length > {before}", timeout=60_000)
+    except Exception as e:  # an error toast says why
+        raise AssertionError(f"no image; the page says: {page.locator('.toast-body').all_inner_texts()}") from e
     return page.locator("#infotext textarea").input_value()
 
 
@@ -110,7 +114,7 @@ def test_enable_two_adapters_and_generate(served, studio_files, tmp_path_factory
         page.wait_for_selector("#gallery img", timeout=60_000)
         shot = page.screenshot(path=str(shots / "studio.png"), full_page=True)
     print(f"studio screenshot: {shots / 'studio.png'}")
-    assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['subject']}:-0.5>" in text
+    assert f"<lora:{keys['style']}:0.8>" in text and f"<adapter:{keys['subject']}:-0.5>" in text
     assert len(shot) > 10_000
     if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
         shutil.copy(shots / "studio.png", Path(__file__).resolve().parents[2] / "docs" / "studio.png")
@@ -139,7 +143,7 @@ def test_refresh_keeps_each_selection_on_its_adapter(served, studio_files):
             _poll(lambda: list(_rows(page)) == [keys["erase"]], page)
             assert _rows(page)[keys["erase"]] == (True, 0.4)
             text = _generate(page)
-            assert f"<adapter:{keys['style']}:0.8>" in text and f"<adapter:{keys['erase']}:0.4>" in text
+            assert f"<lora:{keys['style']}:0.8>" in text and f"<adapter:{keys['erase']}:0.4>" in text
             assert "aaa-first" not in text
             # a reload lists the folder as it is now (a fresh session: nothing ticked)
             page.reload(wait_until="domcontentloaded")
@@ -203,17 +207,69 @@ def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
             shutil.copy(shots / name, Path(__file__).resolve().parents[2] / "docs" / name)
 
 
-def test_recall_restores_every_adapter_with_its_weight(served, studio_files):
-    """Issue 28: recall restored the prompt and settings but not the adapters."""
-    keys = studio_files[2]
-    want = {keys["style"]: 0.8, keys["subject"]: -0.5, keys["erase"]: 0.4}
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _pick(page, elem_id: str, option: str) -> None:
+    """Choose ``option`` in the dropdown ``elem_id``."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_recall_restores_every_adapter_with_its_weight(served, studio_files, tmp_path):
+    """Issue 28: recall restored the prompt and settings but not the adapters, the sampler or the method settings (a
+    CSC row at 0.3 came back at the control scale's value). A history click and *Send to Generate* of the PNG both put
+    back three adapters with their weights, the sampler, the control image and the control scale."""
+    import numpy as np
+    from PIL import Image
+
+    studio, keys = served[0], studio_files[2]
+    want = {keys["style"]: 0.8, keys["erase"]: 0.4, keys["edges"]: 0.3}
+    bar = np.zeros((32, 32, 3), dtype=np.uint8)
+    bar[8:24, 14:18] = 255
+    Image.fromarray(bar).save(tmp_path / "control.png")
+    Image.fromarray(bar * 0).save(tmp_path / "black.png")
+    sampler = [s for s in studio.main.samplers if s != next(iter(studio.main.samplers))][0]
     with _page(served[1]) as page:
+        _number(page, "steps", "4")
         for key, weight in want.items():
             _tick(page, key, str(weight))
-        _generate(page)
+        _pick(page, "sampler", sampler)
+        _tab(page, "SCEdit")
+        page.locator("#control input[type=file]").set_input_files(str(tmp_path / "control.png"))
+        page.wait_for_selector("#control img", timeout=30_000)
+        _number(page, "control-scale", "0.6")
+        text = _generate(page)
+        assert f"<adapter:{keys['edges']}:0.3>" in text and "Control scale: 0.6" in text and "Control image:" in text
         _poll(lambda: page.locator("#history img").count() == 1, page)
-        page.locator(f"#adapter-enable-{_row(page, keys['style'])} input[type=checkbox]").uncheck()
-        _tick(page, keys["edges"], "0.3")
+
+        def scramble() -> None:  # another state: one adapter off, another on, the sampler and the panel changed
+            _tab(page, "Adapters")
+            page.locator(f"#adapter-enable-{_row(page, keys['style'])} input[type=checkbox]").uncheck()
+            _tick(page, keys["subject"], "-0.5")
+            _pick(page, "sampler", next(iter(studio.main.samplers)))
+            _tab(page, "SCEdit")
+            page.locator("#control input[type=file]").set_input_files(str(tmp_path / "black.png"))
+            _number(page, "control-scale", "1")
+
+        def restored() -> None:
+            _tab(page, "Adapters")
+            rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"], (0,))[0]), None), page)
+            assert {k: w for k, (on, w) in rows.items() if on} == want
+            _poll(lambda: page.locator("#sampler input").input_value() == sampler, page)
+            _poll(lambda: page.locator("#control-scale input[type=number]").input_value() == "0.6", page)
+            # the same settings again, the control image included (its reference is its content's hash)
+            assert _generate(page) == text
+
+        scramble()
         page.locator("#history img").first.click()
-        rows = _poll(lambda: next((r for r in [_rows(page)] if r.get(keys["style"], (0,))[0]), None), page)
-    assert {k: w for k, (on, w) in rows.items() if on} == want
+        restored()
+        scramble()
+        newest = max(studio.out.glob("*.png"), key=lambda f: f.stat().st_mtime)
+        _tab(page, "Read parameters")
+        page.locator("#read-png input[type=file]").set_input_files(str(newest))
+        page.click("#read")
+        _poll(lambda: "Control image" in page.locator("#read-json").inner_text(), page)
+        page.click("#send")
+        restored()
