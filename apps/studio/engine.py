@@ -34,7 +34,7 @@ from difftune import loading
 from difftune.errors import DifftuneError, bad_value
 from difftune.version import __version__
 
-from . import library, paths
+from . import compat, library, paths
 from .infotext import LORA, format_infotext, save_png
 from .library import MixItem
 from .models import Slot, load_model
@@ -124,10 +124,13 @@ class Studio:
         self.limits = limits or Limits()
         pipe, h = load_model(model, device=device)
         self.main = Slot(Path(model).resolve().name, pipe, h)
+        self.main.bases = compat.model_names(Path(model).resolve()) | compat.model_names(model)
         self.compare_slot: Slot | None = None
         if compare is not None:
             cpipe, ch = load_model(compare, base=model, device=device)
             self.compare_slot = Slot(Path(compare).resolve().name, cpipe, ch)
+            # a BK student or a compressed model of --model takes --model's adapters (what it cannot hold is named)
+            self.compare_slot.bases = compat.model_names(Path(compare).resolve()) | self.main.bases
         self.cancel_event = threading.Event()
 
     # -- listing

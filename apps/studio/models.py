@@ -13,9 +13,9 @@ from typing import Any
 from difftune import loading
 from difftune.components import denoiser_name, pipeline_kind
 from difftune.errors import DifftuneError, bad_value
-from difftune.serialization import WEIGHTS_NAME
+from difftune.serialization import WEIGHTS_NAME, read_header
 
-from . import library
+from . import compat, library
 from .library import MixItem
 from .paths import clip
 
@@ -80,6 +80,8 @@ class Slot:
 
     def __init__(self, label: str, pipe: Any, model_hash: str) -> None:
         self.label, self.pipe, self.model_hash = label, pipe, model_hash
+        self.bases: set[str] = set()  # the names of the models whose adapters it takes (compat.model_names)
+        self.warnings: dict[str, str] = {}  # key -> the note of compat.check for a loaded adapter ("" if none)
         self.kind = pipeline_kind(pipe)
         self.lock = threading.Lock()
         self.loaded: dict[str, tuple[str, str]] = {}  # key -> (adapter name, file hash at load)
@@ -167,12 +169,20 @@ class Slot:
                 del self.loaded[item.key]
                 name = ""
             if not name:
+                # its recorded base first: a KIND adapter for another model is refused before it loads (compat)
+                header = read_header(path)
+                warning = compat.check(header, item.key, self.label, self.bases)
                 name = _slug(item.key, {n for n, _ in self.loaded.values()} | set(loading.list_adapters(self.pipe)))
                 try:
                     loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
                 except DifftuneError as e:
-                    raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}: {e}") from None
+                    other = compat.other_base(header, self.bases)
+                    made = f" (it was made for {other!r})" if other else ""
+                    raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
                 self.loaded[item.key] = (name, digest)
+                self.warnings[item.key] = warning
+            if self.warnings.get(item.key):
+                notes.append(self.warnings[item.key])
             wanted[name] = item.weight
         loading.unfuse(self.pipe)  # back to the exact base weights before changing anything
         others = [n for n, _ in self.loaded.values() if n not in wanted]
