@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import re
 import tempfile
 import threading
 import time
@@ -34,17 +33,16 @@ from difftune import loading
 from difftune.errors import DifftuneError, bad_value
 from difftune.version import __version__
 
-from . import compat, library, paths
+from . import compat, library, panels, paths
 from .infotext import LORA, format_infotext, save_png
 from .library import MixItem
 from .models import Slot, load_model
+from .partner import find_plan
 from .paths import clip
 
 EXTRACTORS = ("none", "canny", "sobel", "outline", "skeleton")
 MIX_FOLDER = "studio-mixes"  #: where "save this mix" writes, inside the adapters folder
 SEED_MAX = 2**32 - 1
-CONTROLS = "controls"  #: where control images are kept, inside the images folder, named by content
-CONTROL_REF = 12  #: hex digits of a control image's reference
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,8 @@ class Studio:
             self.compare_slot = Slot(Path(compare).resolve().name, cpipe, ch)
             # a BK student or a compressed model of --model takes --model's adapters (what it cannot hold is named)
             self.compare_slot.bases = compat.model_names(Path(compare).resolve()) | self.main.bases
+            self.compare_slot.partner, self.compare_slot.teacher = True, self.main.denoiser.config
+            self.compare_slot.plan = find_plan(self.main.denoiser.config, self.compare_slot.denoiser.config)
         self.cancel_event = threading.Event()
 
     # -- listing
@@ -196,9 +196,11 @@ class Studio:
         with slot.lock:
             self.cancel_event.clear()
             notes = slot.apply_mix(self.root, req.mix, req.fused)
-            inputs, condition = self._method_inputs(slot, req)
+            if slot.partner:  # B runs what the partner holds; the notes name the rest
+                req = Request(**{**req.__dict__, "mix": [i for i in req.mix if i.key in slot.loaded]})
+            inputs, condition = panels.method_inputs(slot, req)
             images = self._run(slot, req, seed, inputs, progress)
-            notes += self._gamma_notes(slot, req)
+            notes += panels.gamma_notes(slot, req)
             control = self.save_control(req.control) if condition is not None else ""
             texts = [self.infotext(slot, req, seed, i, control) for i in range(len(images))]
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -230,34 +232,6 @@ class Studio:
 
     def cancel(self) -> None:
         self.cancel_event.set()
-
-    def _method_inputs(self, slot: Slot, req: Request) -> tuple[dict[str, Any], Image.Image | None]:
-        """Per-call inputs of the method panels: SPM transport, SCEdit control image and scale."""
-        from difftune.methods.spm import set_transport
-
-        for name in slot.names("spm"):
-            set_transport(slot.denoiser, name, req.transport)
-        inputs: dict[str, Any] = {}
-        condition = None
-        if slot.kind != "dit" and req.class_label is not None and slot.names("kind"):
-            # KIND on a text pipeline (PixArt): the class gate reads `class_labels`, one per prompt (the pipeline
-            # expands it to the images and both guidance halves)
-            inputs["class_labels"] = [int(req.class_label)]
-        csc = slot.names("csc")
-        if csc:
-            from difftune.methods.scedit.conditions import control_inputs, extract
-
-            if req.control is None:
-                raise bad_value("control image", None, f"an image for the enabled CSC adapter(s) "
-                                f"{[slot.key_of(n) for n in csc]}", "Upload one in the SCEdit panel, or disable them.")
-            condition = req.control if req.extractor == "none" else extract(req.extractor, req.control)
-            inputs["control"] = control_inputs(slot.pipe, {n: condition for n in csc}, req.batch)
-            if req.control_scale is not None:
-                # the control scale multiplies each CSC row's own weight (it used to replace it: a row at 0.3 ran
-                # and was recorded at the scale's 1); the infotext records both
-                rows = {slot.loaded[i.key][0]: i.weight for i in req.mix if i.key in slot.loaded}
-                loading.set_adapter_weights(slot.pipe, {n: rows.get(n, 1.0) * req.control_scale for n in csc})
-        return inputs, condition
 
     def _run(self, slot: Slot, req: Request, seed: int, inputs: dict[str, Any],
              progress: Callable[[int, int], None] | None) -> list[Image.Image]:
@@ -295,27 +269,6 @@ class Studio:
         finally:
             handle.remove()
 
-    def _gamma_notes(self, slot: Slot, req: Request) -> list[str]:
-        """The γ each SPM gave the prompt (and the negative prompt) in the last denoiser call."""
-        from difftune.methods.verbs import model_part
-
-        notes = []
-        for name in slot.names("spm"):
-            part = model_part(slot.denoiser, name)
-            gamma = getattr(part, "gamma", None)
-            key = slot.key_of(name)
-            if gamma is None:
-                notes.append(f"SPM {key}: transport off, γ = 1 on every prompt")
-                continue
-            n = req.batch
-            guided = gamma.numel() == 2 * n
-            cond = gamma[n] if guided and slot.kind != "dit" else gamma[0]
-            text = f"SPM {key}: γ = {float(cond):.2f} for the prompt"
-            if guided and slot.kind != "dit":
-                text += f", {float(gamma[0]):.2f} for the negative prompt"
-            notes.append(text)
-        return notes
-
     def infotext(self, slot: Slot, req: Request, seed: int, index: int, control: str = "") -> str:
         """The image's infotext: every setting *Send to Generate* puts back. Each adapter is written at its row's
         weight (the mix's, not the pipeline's: the control scale multiplies a CSC adapter's) with its file hash; the
@@ -349,30 +302,10 @@ class Studio:
 
     # -- control images: stored by content so an infotext can name the one an image was made with
     def save_control(self, image: Image.Image) -> str:
-        """Store a control image under ``out/controls`` as ``<sha256 prefix>.png`` (atomic; once per content) and
-        return that reference."""
-        import hashlib
-        import io
-
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-        ref = hashlib.sha256(data).hexdigest()[:CONTROL_REF]
-        self.out.mkdir(parents=True, exist_ok=True)
-        folder = paths.make_folder(self.out, CONTROLS)
-        if not (folder / f"{ref}.png").is_file():
-            paths.write_file(self.out, folder / f"{ref}.png", lambda f: f.write(data), f"{CONTROLS}/{ref}.png")
-        return ref
+        return panels.save_control(self.out, image)
 
     def control_image(self, ref: object) -> Image.Image | None:
-        """The stored control image ``ref`` names (`save_control`), or None when this studio does not hold it."""
-        if not isinstance(ref, str) or not re.fullmatch(f"[0-9a-f]{{{CONTROL_REF}}}", ref):
-            return None
-        path = self.out / CONTROLS / f"{ref}.png"
-        if not path.is_file():
-            return None
-        with Image.open(path) as img:
-            return img.copy()
+        return panels.control_image(self.out, ref)
 
     # -- saved mixes
     @_public

@@ -15,7 +15,7 @@ from difftune.components import denoiser_name, pipeline_kind
 from difftune.errors import DifftuneError, bad_value
 from difftune.serialization import WEIGHTS_NAME, read_header
 
-from . import compat, library
+from . import compat, library, partner
 from .library import MixItem
 from .paths import clip
 
@@ -82,6 +82,10 @@ class Slot:
         self.label, self.pipe, self.model_hash = label, pipe, model_hash
         self.bases: set[str] = set()  # the names of the models whose adapters it takes (compat.model_names)
         self.warnings: dict[str, str] = {}  # key -> the note of compat.check for a loaded adapter ("" if none)
+        # an A/B partner (--compare) holds what it can of the mix and names the rest (partner.py): a BK student's
+        # plan is found from its teacher's denoiser config; `refused` keeps (hash, note) of what it could not hold
+        self.partner, self.teacher, self.plan = False, None, None
+        self.refused: dict[str, tuple[str, str]] = {}
         self.kind = pipeline_kind(pipe)
         self.lock = threading.Lock()
         self.loaded: dict[str, tuple[str, str]] = {}  # key -> (adapter name, file hash at load)
@@ -168,17 +172,15 @@ class Slot:
                 loading.delete_adapter(self.pipe, name)
                 del self.loaded[item.key]
                 name = ""
+            if not name and self.refused.get(item.key, ("",))[0] == digest:
+                notes.append(self.refused[item.key][1])  # a partner that could not hold it: tried once per file
+                continue
             if not name:
-                # its recorded base first: a KIND adapter for another model is refused before it loads (compat)
-                header = read_header(path)
-                warning = compat.check(header, item.key, self.label, self.bases)
                 name = _slug(item.key, {n for n, _ in self.loaded.values()} | set(loading.list_adapters(self.pipe)))
-                try:
-                    loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
-                except DifftuneError as e:
-                    other = compat.other_base(header, self.bases)
-                    made = f" (it was made for {other!r})" if other else ""
-                    raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
+                warning = self._load(path, item, name, digest)
+                if warning is None:
+                    notes.append(self.refused[item.key][1])
+                    continue
                 self.loaded[item.key] = (name, digest)
                 self.warnings[item.key] = warning
             if self.warnings.get(item.key):
@@ -204,6 +206,30 @@ class Slot:
                 except DifftuneError:
                     notes.append(f"{key}: {info[name]['method']} acts on activations; it runs unfused")
         return notes
+
+    def _load(self, path: Path, item: MixItem, name: str, digest: str) -> str | None:
+        """Load ``item`` (folder ``path``) as ``name``, its recorded base checked first (`compat`: a KIND adapter
+        for another model is refused before it loads). Returns the note for its images ("" for none), or None when
+        this A/B partner cannot hold it (the note is in `refused`)."""
+        header = read_header(path)
+        try:
+            warning = compat.check(header, item.key, self.label, self.bases)
+            if self.partner:
+                loaded, note = partner.load(self.pipe, path, item.key, name, item.weight, self.teacher, self.plan,
+                                            self.label)
+                if not loaded:
+                    self.refused[item.key] = (digest, note)
+                    return None
+                return "; ".join(n for n in (warning, note) if n)
+            loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
+            return warning
+        except DifftuneError as e:
+            if self.partner:
+                self.refused[item.key] = (digest, f"{item.key}: {self.label} cannot hold it ({e}); B runs without it")
+                return None
+            other = compat.other_base(header, self.bases)
+            made = f" (it was made for {other!r})" if other else ""
+            raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
 
     def names(self, method: str | None = None) -> list[str]:
         """Enabled adapters (of ``method``)."""

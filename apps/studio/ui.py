@@ -24,7 +24,8 @@ MAX_ROWS = rows.MAX_ROWS
 #: the result gallery grows with its image (Gradio's fixed height scrolled a cropped band of it) and an image never
 #: grows past the window's height; object-fit "contain" shows it whole at its aspect ratio
 CSS = """#gallery .grid-wrap { height: auto !important; max-height: none !important; }
-#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }"""
+#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }
+#ab-a img, #ab-b img { width: 100%; height: 100%; object-fit: contain; }"""
 #: Ctrl+Enter (Cmd+Enter) anywhere on the page clicks Generate
 KEYS_JS = """() => { document.addEventListener("keydown", (e) => {
   if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
@@ -151,10 +152,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     ab_mode = gr.Radio(modes, value="adapters", label="Compare",
                                        info="adapters: without vs with the mix; model: --model vs --compare")
                     ab_btn = gr.Button("Compare (same seed)", elem_id="compare")
-                    with gr.Row():
-                        img_a = gr.Image(label="A", interactive=False, format="png")
-                        img_b = gr.Image(label="B", interactive=False, format="png")
-                    ab_info = gr.Textbox(label="A/B", lines=2)
+                    gr.Markdown("A and B show side by side above the images, large; what the A/B model cannot hold "
+                                "of the mix is named under them and B runs the rest.")
                 with gr.Tab("Read parameters"):
                     png = gr.File(label="An image with infotext", file_types=["image"], elem_id="read-png")
                     read_btn = gr.Button("Read", elem_id="read")
@@ -162,6 +161,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     read_json = gr.JSON(label="parsed", elem_id="read-json")
                     send_btn = gr.Button("Send to Generate", elem_id="send")
             with gr.Column(scale=6, min_width=340):
+                # A/B: the two images side by side, large (shown once a comparison ran; Generate hides it again)
+                with gr.Column(visible=False, elem_id="ab-view") as ab_view:
+                    with gr.Row(equal_height=True):
+                        img_a = gr.Image(label="A", interactive=False, format="png", elem_id="ab-a",
+                                         height="calc(100vh - 260px)")
+                        img_b = gr.Image(label="B", interactive=False, format="png", elem_id="ab-b",
+                                         height="calc(100vh - 260px)")
+                    ab_info = gr.Textbox(label="A/B", lines=3, elem_id="ab-info")
                 # the whole image at its aspect ratio ("contain", never cropped), high enough to fill the screen
                 gallery = gr.Gallery(label="Images", columns=1, object_fit="contain",
                                      elem_id="gallery", format="png")
@@ -298,6 +305,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             generate, gen_inputs, [gallery, used_seed, info, condition], api_name="generate",
             concurrency_id="model", concurrency_limit=1, trigger_mode="multiple")
         gen_event.then(finished, jobs_state, [jobs_state, status], api_visibility="private", queue=False)
+        gen_event.success(lambda: gr.update(visible=False), None, ab_view, api_visibility="private", queue=False)
         gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
                           api_visibility="private", queue=False)
         history.select(recall_history, history_state, [gallery, info, *recall_outputs], api_visibility="private",
@@ -309,6 +317,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                 queue=False).then(
             compare, [*gen_inputs, ab_mode], [img_a, img_b, ab_info], api_name="compare",
             concurrency_id="model", concurrency_limit=1)
+        ab_event.success(lambda: gr.update(visible=True), None, ab_view, api_visibility="private", queue=False)
         cancel_btn.click(studio.cancel, None, None, api_name="cancel", queue=False, cancels=[gen_event, ab_event])
         # the rows are drawn again from the folder on every page load and Refresh, the selection carried by identity
         demo.load(lambda: list_adapters(), None, library_json, api_visibility="private", queue=False).then(

@@ -193,6 +193,15 @@ def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
         fit = img.evaluate("e => getComputedStyle(e).objectFit")
         frame = page.locator("#gallery .grid-wrap").bounding_box()  # what the gallery shows (it scrolls inside)
         page.screenshot(path=str(shots / "studio.png"))
+        # A/B: the two images side by side, large, in the result column
+        _tab(page, "A/B")
+        page.click("#compare")
+        page.wait_for_selector("#ab-a img", timeout=60_000)
+        page.wait_for_selector("#ab-b img", timeout=60_000)
+        page.locator("#ab-view").scroll_into_view_if_needed()
+        a, b = (page.locator(f"#ab-{x} img").first.bounding_box() for x in "ab")
+        ab_fit = page.locator("#ab-a img").first.evaluate("e => getComputedStyle(e).objectFit")
+        page.screenshot(path=str(shots / "studio-ab.png"))
     with _page(served[1], 390, 844) as phone:
         _generate(phone)
         phone.locator("#gallery img").first.wait_for(timeout=60_000)
@@ -202,6 +211,9 @@ def test_the_whole_image_is_in_view_at_1280x800(served, tmp_path_factory):
     assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1280 and box["y"] + box["height"] <= 800
     assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]  # not clipped
     assert box["width"] >= 300 and box["height"] >= 300  # large, not a thumbnail
+    assert ab_fit == "contain"  # drawn at the box's size (a 32 px image is not left 32 px wide), whole
+    assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"] - 1  # side by side
+    assert min(a["width"], b["width"], a["height"]) >= 250 and b["x"] + b["width"] <= 1280  # large, in view
     if os.environ.get("STUDIO_SCREENSHOT_DOCS") == "1":
         for name in ("studio.png", "studio-phone.png"):
             shutil.copy(shots / name, Path(__file__).resolve().parents[2] / "docs" / name)

@@ -3,7 +3,9 @@ without a word and gave noise."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from apps.studio import Request, Studio
 from apps.studio.compat import model_names
@@ -60,3 +62,39 @@ def test_kind_for_another_base_is_refused_naming_both_models(two_dits, tmp_path)
     own = Studio(a, root, out=tmp_path / "out-a")
     r = own.generate(Request(steps=2, class_label=1, mix=[MixItem("kind", 1.0), MixItem("lora", 0.5)]))
     assert r.notes == [] and set(own.main.loaded) == {"kind", "lora"}
+
+
+@pytest.fixture(scope="module")
+def bk_student(studio_files, tmp_path_factory):
+    """A BK-Small student of the tiny SD (no mid block), saved as its own pipeline folder (no plan recorded)."""
+    from difftune.compress.block_removal import build_student
+    from difftune.generation import load_pipeline
+
+    pipe = load_pipeline(studio_files[0])
+    pipe.unet = build_student(pipe.unet, "small")
+    out = tmp_path_factory.mktemp("bk") / "bk-small"
+    pipe.save_pretrained(str(out))
+    return out
+
+
+def test_ab_against_a_bk_student_names_what_it_cannot_hold(studio_files, bk_student, tmp_path):
+    """Issue 28: A/B against a BK student failed for adapters on removed blocks without saying which. Now B runs
+    what the student holds (the plan found from the two configs), and the notes name the rest."""
+    from apps.studio.partner import find_plan
+
+    model, root, keys, _ = studio_files
+    st = Studio(model, root, compare=bk_student, out=tmp_path / "out")
+    assert st.compare_slot.plan == "small" and find_plan(st.main.denoiser.config, st.main.denoiser.config) is None
+    control = Image.new("RGB", (32, 32))
+    mix = [MixItem(keys["style"], 0.8), MixItem(keys["edges"], 0.5)]
+    a, b = st.compare(Request(prompt="a cat", steps=2, seed=4, mix=mix, control=control), "model")
+    assert f"<lora:{keys['style']}:0.8>" in a.infotexts[0] and f"<adapter:{keys['edges']}:0.5>" in a.infotexts[0]
+    # B: the LoRA without its mid-block layers, the CSC adapter (hint encoder tied to the teacher's blocks) left out
+    assert f"<lora:{keys['style']}:0.8>" in b.infotexts[0] and keys["edges"] not in b.infotexts[0]
+    lora_note = next(n for n in b.notes if n.startswith(f"{keys['style']}:"))
+    assert "lie on blocks bk-small removed" in lora_note and "mid_block" in lora_note
+    assert any(n.startswith(f"{keys['edges']}: bk-small cannot hold it") for n in b.notes)
+    # the LoRA's kept layers do run on B: B with it differs from B without it
+    plain = st.generate(Request(prompt="a cat", steps=2, seed=4), slot=st.compare_slot)
+    with Image.open(b.images[0]) as x, Image.open(plain.images[0]) as y:
+        assert np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() > 0
