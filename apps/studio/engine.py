@@ -33,7 +33,7 @@ from difftune import loading
 from difftune.errors import DifftuneError, bad_value
 from difftune.version import __version__
 
-from . import compat, library, panels, paths
+from . import compat, library, modes, panels, paths
 from .infotext import LORA, format_infotext, save_png
 from .library import MixItem
 from .models import Slot, load_model
@@ -77,6 +77,10 @@ class Request:
     extractor: str = "none"
     control_scale: float | None = None
     class_label: int | None = None  # class-conditional DiT
+    mode: str = "txt2img"  # or "img2img", "inpaint" (SD families; modes.py)
+    image: Image.Image | None = None  # the init image of img2img and inpainting
+    mask: Image.Image | None = None  # inpainting: white where the image is repainted
+    strength: float = 0.75  # the share of the steps that run from the noised init image
 
 
 @dataclass
@@ -168,6 +172,7 @@ class Studio:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                                   or not -library.MAX_WEIGHT <= scale <= library.MAX_WEIGHT):
             raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
+        modes.check(req, slot)
         if req.extractor not in EXTRACTORS:
             raise bad_value("extractor", clip(req.extractor), f"one of {list(EXTRACTORS)}")
         if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
@@ -201,8 +206,12 @@ class Studio:
             inputs, condition = panels.method_inputs(slot, req)
             images = self._run(slot, req, seed, inputs, progress)
             notes += panels.gamma_notes(slot, req)
-            control = self.save_control(req.control) if condition is not None else ""
-            texts = [self.infotext(slot, req, seed, i, control) for i in range(len(images))]
+            refs = {"control": self.save_input(req.control)} if condition is not None else {}
+            if req.mode != modes.TXT2IMG:  # the input images, stored so that the infotext can name them
+                refs["init"] = self.save_input(req.image)
+                if req.mode == modes.INPAINT:
+                    refs["mask"] = self.save_input(req.mask)
+            texts = [self.infotext(slot, req, seed, i, refs) for i in range(len(images))]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = []
         for i, (img, text) in enumerate(zip(images, texts)):
@@ -237,7 +246,7 @@ class Studio:
              progress: Callable[[int, int], None] | None) -> list[Image.Image]:
         from difftune.pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
 
-        pipe = slot.pipe
+        pipe = slot.variant(req.mode)  # the loaded pipeline, or its img2img/inpaint sibling sharing its modules
         sampler = req.sampler or next(iter(slot.samplers))
         pipe.scheduler = slot.samplers[sampler].from_config(slot.scheduler_config)
         kwargs: dict[str, Any] = {"num_inference_steps": req.steps, "guidance_scale": float(req.guidance),
@@ -249,8 +258,11 @@ class Studio:
                           height=req.height, width=req.width)
             if slot.kind == "pixart":
                 kwargs.update(use_resolution_binning=False, clean_caption=False)
+            if req.mode == modes.IMG2IMG:
+                del kwargs["height"], kwargs["width"]
+            kwargs.update(modes.arguments(req))
         calls = [0]
-        expected = req.steps * (2 if sampler == "Heun" else 1)
+        expected = modes.denoiser_calls(req, req.steps) * (2 if sampler == "Heun" else 1)
 
         def step(module: Any, args: Any) -> None:  # runs before every denoiser call: progress and cancel
             if self.cancel_event.is_set():
@@ -269,11 +281,12 @@ class Studio:
         finally:
             handle.remove()
 
-    def infotext(self, slot: Slot, req: Request, seed: int, index: int, control: str = "") -> str:
+    def infotext(self, slot: Slot, req: Request, seed: int, index: int, refs: dict[str, str] | None = None) -> str:
         """The image's infotext: every setting *Send to Generate* puts back. Each adapter is written at its row's
         weight (the mix's, not the pipeline's: the control scale multiplies a CSC adapter's) with its file hash; the
-        method panels' settings follow while an adapter of their method is enabled (``control``: the stored control
-        image's reference, `save_control`)."""
+        method panels' settings follow while an adapter of their method is enabled, and the mode's (img2img,
+        inpaint). ``refs``: the stored input images' references (`save_input`) by role: control, init, mask."""
+        refs = refs or {}
         sampler = req.sampler or next(iter(slot.samplers))
         info = loading.list_adapters(slot.pipe)
         adapters, loras = [], set()
@@ -294,18 +307,19 @@ class Studio:
         if slot.names("spm"):
             params["SPM transport"] = "on" if req.transport else "off"
         if slot.names("csc"):
-            params.update({"Control extractor": req.extractor, "Control image": control or None,
+            params.update({"Control extractor": req.extractor, "Control image": refs.get("control"),
                            "Control scale": 1.0 if req.control_scale is None else req.control_scale})
+        params.update(modes.params(req, refs))
         params["Version"] = f"difftune {__version__}"
         return format_infotext(req.prompt if slot.kind != "dit" else "", req.negative if slot.kind != "dit" else "",
                                params, adapters, loras)
 
-    # -- control images: stored by content so an infotext can name the one an image was made with
-    def save_control(self, image: Image.Image) -> str:
-        return panels.save_control(self.out, image)
+    # -- input images (control, init, mask): stored by content so an infotext can name the ones an image used
+    def save_input(self, image: Image.Image) -> str:
+        return panels.save_input(self.out, image)
 
-    def control_image(self, ref: object) -> Image.Image | None:
-        return panels.control_image(self.out, ref)
+    def stored_image(self, ref: object) -> Image.Image | None:
+        return panels.stored_image(self.out, ref)
 
     # -- saved mixes
     @_public

@@ -104,6 +104,22 @@ class Slot:
         if not self.samplers:
             self.samplers[own] = type(pipe.scheduler)
         self.denoiser = loading.component_of(pipe)[1]
+        self._variants: dict[str, Any] = {}  # mode -> the img2img/inpaint pipeline built from this one
+
+    def variant(self, mode: str) -> Any:
+        """The pipeline for ``mode`` (`modes.MODES`): the loaded one for text-to-image, else diffusers' img2img or
+        inpaint pipeline built once by ``from_pipe`` (it shares the loaded modules, so the adapters act on it too)."""
+        from . import modes
+
+        if mode == modes.TXT2IMG:
+            return self.pipe
+        if mode not in self._variants:
+            import diffusers
+
+            pipe = getattr(diffusers, modes.PIPELINES[self.kind][mode]).from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[mode] = pipe
+        return self._variants[mode]
 
     # -- sizes, defaults and classes
     def vae_scale(self) -> int:

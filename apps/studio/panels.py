@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # engine imports this module
     from .engine import Request
     from .models import Slot
 
-CONTROLS = "controls"  #: where control images are kept, inside the images folder, named by content
-CONTROL_REF = 12  #: hex digits of a control image's reference
+INPUTS = "inputs"  #: where input images (control, init, mask) are kept, inside the images folder, by content
+INPUT_REF = 12  #: hex digits of an input image's reference
 
 
 def method_inputs(slot: Slot, req: Request) -> tuple[dict[str, Any], Image.Image | None]:
@@ -74,28 +74,28 @@ def gamma_notes(slot: Slot, req: Request) -> list[str]:
     return notes
 
 
-def save_control(out: Path, image: Image.Image) -> str:
-    """Store a control image under ``out/controls`` as ``<sha256 prefix>.png`` (atomic; once per content) and
-    return that reference."""
+def save_input(out: Path, image: Image.Image) -> str:
+    """Store an input image (control, init, mask) under ``out/inputs`` as ``<sha256 prefix>.png`` (atomic; once per
+    content) and return that reference."""
     import hashlib
     import io
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     data = buf.getvalue()
-    ref = hashlib.sha256(data).hexdigest()[:CONTROL_REF]
+    ref = hashlib.sha256(data).hexdigest()[:INPUT_REF]
     out.mkdir(parents=True, exist_ok=True)
-    folder = paths.make_folder(out, CONTROLS)
+    folder = paths.make_folder(out, INPUTS)
     if not (folder / f"{ref}.png").is_file():
-        paths.write_file(out, folder / f"{ref}.png", lambda f: f.write(data), f"{CONTROLS}/{ref}.png")
+        paths.write_file(out, folder / f"{ref}.png", lambda f: f.write(data), f"{INPUTS}/{ref}.png")
     return ref
 
 
-def control_image(out: Path, ref: object) -> Image.Image | None:
-    """The stored control image ``ref`` names (`save_control`), or None when this studio does not hold it."""
-    if not isinstance(ref, str) or not re.fullmatch(f"[0-9a-f]{{{CONTROL_REF}}}", ref):
+def stored_image(out: Path, ref: object) -> Image.Image | None:
+    """The stored input image ``ref`` names (`save_input`), or None when this studio does not hold it."""
+    if not isinstance(ref, str) or not re.fullmatch(f"[0-9a-f]{{{INPUT_REF}}}", ref):
         return None
-    path = out / CONTROLS / f"{ref}.png"
+    path = out / INPUTS / f"{ref}.png"
     if not path.is_file():
         return None
     with Image.open(path) as img:

@@ -1,10 +1,11 @@
 """Recall, as data (no Gradio): the values an image's infotext puts back into the studio's controls.
 
 *Send to Generate* (an uploaded image) and a click on a history image both go through `settings`: the prompt and the
-generation settings, the DiT/PixArt class, the adapters' mode (fused or not) and the method panels' settings (SPM
-transport; SCEdit extractor, control scale and the control image the infotext names). The adapters' ticks and
-weights go back through `rows.from_mix`. A value the infotext does not hold, or that this model does not offer (a
-sampler it lacks, a class outside its range), is left out, so the control keeps what it shows.
+generation settings, the DiT/PixArt class, the adapters' mode (fused or not), the method panels' settings (SPM
+transport; SCEdit extractor, control scale and the control image the infotext names) and the mode (img2img or
+inpainting, its strength, init image and mask). The adapters' ticks and weights go back through `rows.from_mix`. A
+value the infotext does not hold, or that this model does not offer (a sampler it lacks, a class outside its range),
+is left out, so the control keeps what it shows.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from PIL import Image
 
 from .engine import EXTRACTORS
 from .models import Slot
+from .modes import MODES, PIPELINES, TXT2IMG
 
 #: the controls recall may set, in the order the UI lists them as outputs
 CONTROLS = ("prompt", "negative", "steps", "guidance", "width", "height", "sampler", "seed", "randomize",
-            "class_label", "fused", "transport", "extractor", "control_scale", "control")
+            "class_label", "fused", "transport", "extractor", "control_scale", "control", "mode", "strength", "image",
+            "mask")
 
 
 def _number(text: object) -> float | None:
@@ -30,12 +33,12 @@ def _number(text: object) -> float | None:
     return value if value == value and abs(value) != float("inf") else None  # NaN and ±inf are no setting
 
 
-def settings(parsed: Mapping[str, Any], slot: Slot, control_image: Callable[[str], Image.Image | None]
+def settings(parsed: Mapping[str, Any], slot: Slot, stored_image: Callable[[str], Image.Image | None]
              ) -> tuple[dict[str, Any], list[str]]:
     """The controls' values from a parsed infotext (`infotext.parse_infotext`), for the model in ``slot``.
 
     Args:
-        control_image: the stored control image of a reference (`engine.Studio.control_image`), or None.
+        stored_image: the stored control image of a reference (`engine.Studio.stored_image`), or None.
 
     Returns:
         ``{control name: value}`` over `CONTROLS`, holding only what the infotext gives and this model accepts, and
@@ -76,10 +79,20 @@ def settings(parsed: Mapping[str, Any], slot: Slot, control_image: Callable[[str
     scale = _number(p.get("Control scale", ""))
     if scale is not None:
         out["control_scale"] = scale
-    if p.get("Control image"):
-        image = control_image(p["Control image"])
-        if image is not None:
-            out["control"] = image
-        else:
-            notes.append(f"control image {p['Control image']} is not stored by this studio; upload it again")
+    if p.get("Mode") in MODES and (p["Mode"] == TXT2IMG or slot.kind in PIPELINES):
+        out["mode"] = p["Mode"]
+    elif p.get("Mode"):
+        notes.append(f"mode {p['Mode']!r} is not offered for {slot.label}; the mode was left as it is")
+    strength = _number(p.get("Denoising strength", ""))
+    if strength is not None and 0 < strength <= 1:
+        out["strength"] = strength
+    for field, name in (("Control image", "control"), ("Init image", "image"), ("Mask", "mask")):
+        if p.get(field):
+            image = stored_image(p[field])
+            if image is not None:
+                out[name] = image
+            else:
+                notes.append(f"{field.lower()} {p[field]} is not stored by this studio; upload it again")
+    if "Mode" not in p and "Steps" in p:
+        out["mode"] = TXT2IMG  # an infotext without a mode is text-to-image's
     return out, notes

@@ -2,6 +2,8 @@
 
 API endpoints (``gradio_client``): ``/generate``, ``/compare``, ``/list_adapters``, ``/save_mix``, ``/load_mix``,
 ``/read_parameters``, ``/cancel``. The mix travels as JSON text: ``[{"key": "labs/style", "weight": 0.8}, ...]``.
+``/generate`` and ``/compare`` take, after the class, the mode ("txt2img", "img2img", "inpaint"), the init image, the
+mask and the strength (`gradio_client` needs every argument: pass "txt2img", None, None, 0.75 for text-to-image).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import library, recall, rows
+from . import library, modes, recall, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
@@ -147,9 +149,18 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     control_scale = gr.Slider(-2, 2, value=1.0, step=0.05, elem_id="control-scale",
                                               label="Control scale (multiplies the CSC adapters' weights)")
                     condition = gr.Image(label="Condition used", interactive=False)
+                with gr.Tab("img2img / inpaint", visible=slot.kind in modes.PIPELINES):
+                    mode = gr.Radio(list(modes.MODES), value=modes.TXT2IMG, label="Mode", elem_id="mode",
+                                    info="img2img: from the init image; inpaint: repaint where the mask is white")
+                    strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Strength (denoising)",
+                                         elem_id="strength")
+                    with gr.Row():
+                        init_image = gr.Image(type="pil", label="Init image", elem_id="init-image", format="png")
+                        mask_image = gr.Image(type="pil", label="Mask (white: repaint)", elem_id="mask-image",
+                                              format="png", image_mode="L")
                 with gr.Tab("A/B"):
-                    modes = ["adapters"] + (["model"] if studio.compare_slot else [])
-                    ab_mode = gr.Radio(modes, value="adapters", label="Compare",
+                    ab_modes = ["adapters"] + (["model"] if studio.compare_slot else [])
+                    ab_mode = gr.Radio(ab_modes, value="adapters", label="Compare",
                                        info="adapters: without vs with the mix; model: --model vs --compare")
                     ab_btn = gr.Button("Compare (same seed)", elem_id="compare")
                     gr.Markdown("A and B show side by side above the images, large; what the A/B model cannot hold "
@@ -179,14 +190,16 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 jobs_state = gr.State(0)
 
         gen_inputs = [prompt, negative, steps, guidance, width, height, sampler, batch, seed, randomize, mix_box,
-                      fused, transport, control, extractor, control_scale, class_label]
+                      fused, transport, control, extractor, control_scale, class_label, mode, init_image, mask_image,
+                      strength]
 
-        def request(p, neg, st, g, w, h, samp, b, s, rnd, mix, fu, tr, ctrl, ex, cs, cl) -> Request:
+        def request(p, neg, st, g, w, h, samp, b, s, rnd, mix, fu, tr, ctrl, ex, cs, cl, md=modes.TXT2IMG, im=None,
+                    mk=None, sg=0.75) -> Request:
             return Request(prompt=p or "", negative=neg or "", steps=st, guidance=g, width=w, height=h,
                            sampler=samp or "", batch=b, seed=s if s is not None else 0, randomize=bool(rnd),
                            mix=library.parse_mix(mix), fused=bool(fu), transport=bool(tr), control=ctrl,
                            extractor=ex or "none", control_scale=cs if ctrl is not None else None,
-                           class_label=cl)
+                           class_label=cl, mode=md or modes.TXT2IMG, image=im, mask=mk, strength=sg)
 
         def collect(ids: list[str], selection: rows.Selection, *values: Any) -> tuple[str, rows.Selection]:
             """The mix (JSON) from the selection with the slots' values folded in by identity."""
@@ -284,7 +297,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def send_to_generate(parsed: dict[str, Any]) -> list[Any]:
             """The controls as an infotext says (`recall.settings`); what it cannot put back is a warning."""
-            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, slot, studio.control_image)
+            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, slot, studio.stored_image)
             for note in notes:
                 gr.Warning(note)
             return [values.get(name, gr.skip()) for name in recall.CONTROLS]
@@ -293,7 +306,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         redraw_inputs = [library_json, query, ids_state, selection_state, *enables, *weights]
         # every click queues one job (Gradio's default "once" dropped a click while a job ran), one job at a time
         recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize, class_label,
-                          fused, transport, extractor, control_scale, control]  # recall.CONTROLS, in order
+                          fused, transport, extractor, control_scale, control, mode, strength, init_image,
+                          mask_image]  # recall.CONTROLS, in order
 
         def recall_history(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
             """A history image back in the result view, its settings back in the controls."""

@@ -27,7 +27,7 @@ def _path(item):
 
 def _gen_args(**kw):
     args = dict(p="a cat", neg="", st=3, g=4.0, w=32, h=32, samp="DDIM", b=1, s=7, rnd=False, mix="[]",
-                fu=False, tr=True, ctrl=None, ex="none", cs=1.0, cl=None)
+                fu=False, tr=True, ctrl=None, ex="none", cs=1.0, cl=None, md="txt2img", im=None, mk=None, sg=0.75)
     args.update(kw)
     return list(args.values())
 
@@ -98,7 +98,8 @@ def test_read_parameters(client, studio_files):
 
 def test_compare_same_seed(client, studio_files):
     args = ["a cat", "", 3, 4.0, 32, 32, "DDIM", 1, 3, False,
-            json.dumps([{"key": studio_files[2]["style"], "weight": 1.5}]), False, True, None, "none", 1.0, None]
+            json.dumps([{"key": studio_files[2]["style"], "weight": 1.5}]), False, True, None, "none", 1.0, None,
+            "txt2img", None, None, 0.75]
     a, b, text = client.predict(*args, "adapters", api_name="/compare")
     assert "seed 3" in text and list(Image.open(a).getdata()) != list(Image.open(b).getdata())
     a, b, text = client.predict(*args, "model", api_name="/compare")  # FP vs RTN 4-bit, the same LoRA on both

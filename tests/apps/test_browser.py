@@ -285,3 +285,26 @@ def test_recall_restores_every_adapter_with_its_weight(served, studio_files, tmp
         _poll(lambda: "Control image" in page.locator("#read-json").inner_text(), page)
         page.click("#send")
         restored()
+
+
+def test_img2img_and_inpaint_in_the_page(served, tmp_path):
+    """Issue 28: img2img and inpainting (SD families) with strength and a mask upload; both produce images."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), (220, 40, 40)).save(tmp_path / "init.png")
+    mask = Image.new("L", (40, 24), 0)
+    mask.paste(255, (20, 0, 40, 24))
+    mask.save(tmp_path / "mask.png")
+    with _page(served[1]) as page:
+        _number(page, "steps", "4")
+        _tab(page, "img2img / inpaint")
+        page.locator("#init-image input[type=file]").set_input_files(str(tmp_path / "init.png"))
+        page.locator("#mask-image input[type=file]").set_input_files(str(tmp_path / "mask.png"))
+        page.wait_for_selector("#mask-image img", timeout=30_000)
+        _number(page, "strength", "0.5")
+        for mode in ("img2img", "inpaint"):
+            page.locator("#mode").get_by_label(mode, exact=True).check()
+            text = _generate(page)
+            assert f"Mode: {mode}" in text and "Size: 32x32" in text, text
+            assert ("Mask: " in text) == (mode == "inpaint")
+        assert page.locator("#history img").count() == 2

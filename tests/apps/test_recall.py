@@ -79,18 +79,19 @@ def test_send_to_generate_puts_every_setting_back(studio, studio_files):
                                 extractor="sobel", control_scale=0.6))
     parsed = parse_infotext(r.infotexts[0])
     assert [(a["key"], a["weight"]) for a in parsed["adapters"]] == [(i.key, i.weight) for i in mix]
-    values, notes = settings(parsed, studio.main, studio.control_image)
+    values, notes = settings(parsed, studio.main, studio.stored_image)
     control = values.pop("control")
     assert values == {"prompt": "a cat", "negative": "blurry", "steps": 3, "guidance": 5.5, "width": 48,
                       "height": 32, "sampler": sampler, "seed": 11, "randomize": False, "fused": True,
-                      "transport": False, "extractor": "sobel", "control_scale": 0.6} and notes == []
+                      "transport": False, "extractor": "sobel", "control_scale": 0.6, "mode": "txt2img"}
+    assert notes == []
     assert np.array_equal(np.asarray(control.convert("RGB")), np.asarray(_control()))
     assert set(values) | {"control"} <= set(CONTROLS)
     # a reference this studio does not hold, a sampler this model lacks: named, the controls left as they are
     parsed["params"].update({"Control image": "0" * 12, "Sampler": "Nope"})
-    values, notes = settings(parsed, studio.main, studio.control_image)
+    values, notes = settings(parsed, studio.main, studio.stored_image)
     assert "control" not in values and "sampler" not in values and len(notes) == 2
-    assert studio.control_image("../../etc/passwd") is None
+    assert studio.stored_image("../../etc/passwd") is None
 
 
 def test_recall_sets_the_dit_class(tmp_path):
@@ -99,7 +100,7 @@ def test_recall_sets_the_dit_class(tmp_path):
     st = Studio(save_tiny_pipeline("dit", tmp_path / "dit"), tmp_path / "adapters", out=tmp_path / "out")
     sampler = list(st.main.samplers)[-1]
     r = st.generate(Request(steps=2, class_label=3, sampler=sampler))
-    values, notes = settings(parse_infotext(r.infotexts[0]), st.main, st.control_image)
+    values, notes = settings(parse_infotext(r.infotexts[0]), st.main, st.stored_image)
     assert values["class_label"] == 3 and values["sampler"] == sampler and notes == []
-    _, notes = settings(parse_infotext(r.infotexts[0].replace("Class: 3", "Class: 5000")), st.main, st.control_image)
+    _, notes = settings(parse_infotext(r.infotexts[0].replace("Class: 3", "Class: 5000")), st.main, st.stored_image)
     assert notes and "5000" in notes[0]
