@@ -11,10 +11,10 @@ __all__ = ["Limits", "Request", "Studio", "main"]
 
 
 def main(model: str, adapters: str, host: str = "127.0.0.1", port: int | None = None, compare: str | None = None,
-         out: str = "outputs/studio", device: str | None = None) -> None:
-    """Load the model(s) and serve the studio until interrupted."""
+         out: str = "outputs/studio", device: str | None = None, models: str | None = None) -> None:
+    """Load the model(s) and serve the studio until interrupted (``models``: the model dropdown's folder)."""
     from .ui import launch
 
-    studio = Studio(model, adapters, compare=compare, out=out, device=device)
+    studio = Studio(model, adapters, compare=compare, out=out, device=device, models=models)
     print(f"difftune studio: model {studio.main.label}, adapters folder {studio.root}, images to {studio.out}")
     launch(studio, host=host, port=port, block=True)

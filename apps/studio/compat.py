@@ -70,3 +70,4 @@ def check(header: dict[str, Any], key: str, model: str, names: set[str]) -> str:
             f"{made_for!r}, or pick an adapter trained on {model!r}.")
     return (f"{key}: made for the model {made_for!r}, not {model!r}; it fits this model's layers and runs, but may "
             "not do here what it did there")
+

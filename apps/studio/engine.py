@@ -16,13 +16,10 @@ echoes at most a short prefix of a long value (`paths.clip`).
 from __future__ import annotations
 
 import functools
-import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,57 +36,10 @@ from .library import MixItem
 from .models import Slot, load_model
 from .partner import find_plan
 from .paths import clip
+from .request import Limits, Request, Result
 
 EXTRACTORS = ("none", "canny", "sobel", "outline", "skeleton")
-MIX_FOLDER = "studio-mixes"  #: where "save this mix" writes, inside the adapters folder
 SEED_MAX = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask for (a public studio must not be made to allocate without limit)."""
-
-    max_size: int = 1024
-    max_steps: int = 150
-    max_batch: int = 8
-    max_guidance: float = 30.0
-    max_prompt: int = 2000
-
-
-@dataclass
-class Request:
-    """One generation request; `Studio.check` validates it against the model and `Limits`."""
-
-    prompt: str = ""
-    negative: str = ""
-    steps: int = 20
-    guidance: float = 4.0
-    width: int | None = None
-    height: int | None = None
-    sampler: str = ""
-    batch: int = 1
-    seed: int = 0
-    randomize: bool = False
-    mix: list[MixItem] = field(default_factory=list)
-    fused: bool = False
-    transport: bool = True  # SPM facilitated transport
-    control: Image.Image | None = None  # SCEdit CSC control image
-    extractor: str = "none"
-    control_scale: float | None = None
-    class_label: int | None = None  # class-conditional DiT
-    mode: str = "txt2img"  # or "img2img", "inpaint" (SD families; modes.py)
-    image: Image.Image | None = None  # the init image of img2img and inpainting
-    mask: Image.Image | None = None  # inpainting: white where the image is repainted
-    strength: float = 0.75  # the share of the steps that run from the noised init image
-
-
-@dataclass
-class Result:
-    images: list[Path]
-    seed: int
-    infotexts: list[str]
-    notes: list[str]
-    condition: Image.Image | None = None
 
 
 class Cancelled(DifftuneError):
@@ -119,14 +69,16 @@ class Studio:
     """The app's state: the adapters folder, the model(s), where images are written, and the limits."""
 
     def __init__(self, model: str | Path, adapters: str | Path, compare: str | Path | None = None,
-                 out: str | Path = "outputs/studio", device: str | None = None, limits: Limits | None = None) -> None:
+                 out: str | Path = "outputs/studio", device: str | None = None, limits: Limits | None = None,
+                 models: str | Path | None = None) -> None:
         self.root = Path(adapters).resolve()
+        self.models_folder, self.device = models, device  # the model dropdown's folder (catalog.py)
         self.root.mkdir(parents=True, exist_ok=True)
         self.out = Path(out).resolve()
         self.limits = limits or Limits()
         pipe, h = load_model(model, device=device)
-        self.main = Slot(Path(model).resolve().name, pipe, h)
-        self.main.bases = compat.model_names(Path(model).resolve()) | compat.model_names(model)
+        self.model_path = self.started = Path(model).resolve()
+        self.main = self._slot(model, pipe, h)
         self.compare_slot: Slot | None = None
         if compare is not None:
             cpipe, ch = load_model(compare, base=model, device=device)
@@ -136,6 +88,36 @@ class Studio:
             self.compare_slot.partner, self.compare_slot.teacher = True, self.main.denoiser.config
             self.compare_slot.plan = find_plan(self.main.denoiser.config, self.compare_slot.denoiser.config)
         self.cancel_event = threading.Event()
+
+    def _slot(self, model: str | Path, pipe: Any, model_hash: str) -> Slot:
+        slot = Slot(Path(model).resolve().name, pipe, model_hash)
+        slot.bases = compat.model_names(Path(model).resolve()) | compat.model_names(model)
+        return slot
+
+    # -- the model dropdown
+    def model_choices(self) -> dict[str, Path]:
+        """Label -> folder of every model the dropdown offers (`catalog.models`), the running one first."""
+        from . import catalog
+
+        return catalog.models(self.models_folder, self.model_path, self.started)
+
+    @_public
+    def switch_model(self, label: str, mix: list[MixItem] | None = None) -> tuple[list[MixItem], list[str]]:
+        """Run the model the dropdown's ``label`` names instead of the current one (no restart). The A/B model stays.
+
+        Returns:
+            the mix re-validated for the new model (`models.Slot.revalidate`: what it cannot take is dropped) and
+            notes.
+        """
+        choices = self.model_choices()
+        if label not in choices:  # only what the server listed: the page never names a path to load
+            raise bad_value("model", clip(label), "one of the models the dropdown lists", "Press 'Refresh models'.")
+        if choices[label] != self.model_path:
+            pipe, h = load_model(choices[label], device=self.device)
+            slot = self._slot(choices[label], pipe, h)
+            with self.main.lock:  # a job of the old model finishes first
+                self.main, self.model_path = slot, choices[label]
+        return self.main.revalidate(self.root, library.check_mix(mix or []))
 
     # -- listing
     @_public
@@ -172,7 +154,7 @@ class Studio:
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                                   or not -library.MAX_WEIGHT <= scale <= library.MAX_WEIGHT):
             raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
-        modes.check(req, slot)
+        modes.check(req, slot.kind)
         if req.extractor not in EXTRACTORS:
             raise bad_value("extractor", clip(req.extractor), f"one of {list(EXTRACTORS)}")
         if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
@@ -324,48 +306,11 @@ class Studio:
     # -- saved mixes
     @_public
     def save_mix(self, name: str, items: list[MixItem], fused: bool, how: str = "auto") -> tuple[str, str]:
-        """Save the mix as one merged LoRA (weight-space adapters only) or as a bundle that reloads it.
+        """Save the mix as one merged LoRA or as a bundle that reloads it (`merging.save_mix`); returns (the new
+        entry's key, a sentence saying what was written)."""
+        from .merging import save_mix
 
-        Both are written only into a real ``studio-mixes`` folder inside the adapters folder (`paths.make_folder`
-        refuses a symlink out of it) and without following symlinks (`paths.write_file`, `paths.copy_folder`).
-
-        Args:
-            how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
-
-        Returns:
-            (the new entry's key, a sentence saying what was written).
-        """
-        from .merging import NotMergeable, save_merged
-
-        library.check_save_name(name)
-        if how not in ("auto", "merged", "bundle"):
-            raise bad_value("save as", clip(how), "'auto', 'merged' or 'bundle'")
-        items = library.check_mix(items)
-        if not items:
-            raise bad_value("mix", [], "at least one enabled adapter")
-        folder = paths.make_folder(self.root, MIX_FOLDER)
-        if any(os.path.lexists(folder / n) for n in (name, f"{name}{library.BUNDLE_SUFFIX}")):  # a link counts too
-            raise bad_value("mix name", name, "a name not used yet in the adapters folder", "Pick another name.")
-        why = ""
-        if how in ("auto", "merged"):
-            slot = self.main
-            with slot.lock:
-                slot.apply_mix(self.root, items, fused=False)
-                names = [slot.loaded[i.key][0] for i in items]
-                try:
-                    # written to a private temporary folder, then copied in without following any symlink
-                    with tempfile.TemporaryDirectory(prefix="difftune-studio-") as tmp:
-                        _, rank = save_merged(slot.pipe, names, Path(tmp) / name,
-                                              adapter_name=f"mix_{name.replace('-', '_')}")
-                        paths.copy_folder(self.root, Path(tmp) / name, folder / name, f"{MIX_FOLDER}/{name}")
-                    return f"{MIX_FOLDER}/{name}", (f"merged {len(items)} adapter(s) into one LoRA of rank {rank}: "
-                                                    f"{MIX_FOLDER}/{name}")
-                except NotMergeable as e:
-                    if how == "merged":
-                        raise
-                    why = f" ({e})"
-        key = library.write_bundle(self.root, MIX_FOLDER, name, items, fused, self.main.label)
-        return key, f"saved a bundle that reloads the mix{why}: {key}"
+        return save_mix(self.root, self.main, name, items, fused, how)
 
     @_public
     def load_mix(self, key: str) -> dict[str, Any]:

@@ -247,6 +247,30 @@ class Slot:
             made = f" (it was made for {other!r})" if other else ""
             raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
 
+    def revalidate(self, root: Path, items: list[MixItem]) -> tuple[list[MixItem], list[str]]:
+        """The mix kept for this model after a model switch, and notes: an adapter for the other denoiser family (a
+        UNet's on a DiT) or a `compat.STRICT` one made for another model is dropped and named; one made for another
+        model of the same shapes stays, with `compat.check`'s note. Read from the headers: nothing is loaded here."""
+        from difftune.components import denoiser_name
+
+        parts = loading.modules_of(self.pipe)
+        here = denoiser_name(parts) or "no denoiser"
+        kept, notes = [], []
+        for item in items:
+            header = read_header(library.adapter_folder(root, item.key))
+            component = str(header.get("component") or "")
+            if component in ("unet", "transformer") and component not in parts:
+                notes.append(f"{item.key}: made for a {component}, {self.label}'s denoiser is a {here}: unticked")
+                continue
+            try:
+                note = compat.check(header, item.key, self.label, self.bases)
+            except DifftuneError as e:
+                notes.append(f"{e} (unticked)")
+                continue
+            kept.append(item)
+            notes += [note] if note else []
+        return kept, notes
+
     def names(self, method: str | None = None) -> list[str]:
         """Enabled adapters (of ``method``)."""
         return [n for n, i in loading.list_adapters(self.pipe).items()

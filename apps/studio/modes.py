@@ -20,9 +20,8 @@ from difftune.errors import bad_value
 
 from .paths import clip
 
-if TYPE_CHECKING:  # engine imports this module
-    from .engine import Request
-    from .models import Slot
+if TYPE_CHECKING:
+    from .request import Request
 
 TXT2IMG, IMG2IMG, INPAINT = "txt2img", "img2img", "inpaint"
 MODES = (TXT2IMG, IMG2IMG, INPAINT)
@@ -31,14 +30,15 @@ PIPELINES = {"sd": {IMG2IMG: "StableDiffusionImg2ImgPipeline", INPAINT: "StableD
              "sdxl": {IMG2IMG: "StableDiffusionXLImg2ImgPipeline", INPAINT: "StableDiffusionXLInpaintPipeline"}}
 
 
-def check(req: Request, slot: Slot) -> None:
-    """The mode, its images and strength, for ``slot``'s model (img2img and inpainting: SD families only)."""
+def check(req: Request, kind: str) -> None:
+    """The mode, its images and strength, for a model of family ``kind`` (img2img and inpainting: SD families
+    only)."""
     if req.mode not in MODES:
         raise bad_value("mode", clip(req.mode), f"one of {list(MODES)}")
     if req.mode == TXT2IMG:
         return
-    if slot.kind not in PIPELINES:
-        raise bad_value("mode", req.mode, f"{TXT2IMG!r} for this model ({slot.kind})",
+    if kind not in PIPELINES:
+        raise bad_value("mode", req.mode, f"{TXT2IMG!r} for this model ({kind})",
                         f"img2img and inpainting are offered for the SD families {sorted(PIPELINES)}.")
     for name, image in (("init image", req.image), ("mask", req.mask if req.mode == INPAINT else True)):
         if image is None:

@@ -15,9 +15,9 @@ from difftune.errors import bad_value
 
 from . import paths
 
-if TYPE_CHECKING:  # engine imports this module
-    from .engine import Request
+if TYPE_CHECKING:
     from .models import Slot
+    from .request import Request
 
 INPUTS = "inputs"  #: where input images (control, init, mask) are kept, inside the images folder, by content
 INPUT_REF = 12  #: hex digits of an input image's reference

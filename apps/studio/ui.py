@@ -17,7 +17,7 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import library, modes, recall, rows
+from . import controls, library, modes, recall, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
@@ -71,9 +71,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
         return [e.to_dict() for e in studio.entries()]
 
     with gr.Blocks(title="difftune studio") as demo:
-        gr.Markdown(f"## difftune studio — {slot.label}" + (
-            f" (A/B model: {studio.compare_slot.label})" if studio.compare_slot else "") +
-            f"\nAdapters folder: `{studio.root.name}`")  # its name: the page must not show server paths
+        with gr.Row(equal_height=False):  # beside the title: Generate and the result stay in the window's height
+            with gr.Column(scale=5, min_width=340):
+                title = gr.Markdown(controls.title(studio))
+            with gr.Column(scale=6, min_width=340), gr.Row(equal_height=True):
+                model_pick = gr.Dropdown(list(studio.model_choices()), value=next(iter(studio.model_choices())),
+                                         label="Model (shipped, models folder, Hub cache)", elem_id="model", scale=4)
+                refresh_models = gr.Button("Refresh models", size="sm", scale=1, min_width=110)
+                models_json = gr.JSON(visible=False)
         mix_box = gr.Textbox(visible=False, label="mix (JSON)")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=340):  # the controls; the result beside them (below on a phone)
@@ -149,7 +154,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     control_scale = gr.Slider(-2, 2, value=1.0, step=0.05, elem_id="control-scale",
                                               label="Control scale (multiplies the CSC adapters' weights)")
                     condition = gr.Image(label="Condition used", interactive=False)
-                with gr.Tab("img2img / inpaint", visible=slot.kind in modes.PIPELINES):
+                with gr.Tab("img2img / inpaint", visible=slot.kind in modes.PIPELINES) as modes_tab:
                     mode = gr.Radio(list(modes.MODES), value=modes.TXT2IMG, label="Mode", elem_id="mode",
                                     info="img2img: from the init image; inpaint: repaint where the mask is white")
                     strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Strength (denoising)",
@@ -242,7 +247,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             *gen_args, mode = args
             a, b = studio.compare(request(*gen_args), mode)
             what = ("A: no adapters, B: the mix" if mode == "adapters" else
-                    f"A: {slot.label}, B: {studio.compare_slot.label if studio.compare_slot else ''}")
+                    f"A: {studio.main.label}, B: {studio.compare_slot.label if studio.compare_slot else ''}")
             return str(a.images[0]), str(b.images[0]), f"{what} · seed {a.seed}\n" + "\n".join(a.notes + b.notes)
 
         def draw(listing: list[dict[str, Any]], q: str, selection: rows.Selection, notes: list[str]) -> list[Any]:
@@ -297,7 +302,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def send_to_generate(parsed: dict[str, Any]) -> list[Any]:
             """The controls as an infotext says (`recall.settings`); what it cannot put back is a warning."""
-            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, slot, studio.stored_image)
+            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, studio.main,
+                                            studio.stored_image)
             for note in notes:
                 gr.Warning(note)
             return [values.get(name, gr.skip()) for name in recall.CONTROLS]
@@ -348,6 +354,25 @@ def build_demo(studio: Studio) -> gr.Blocks:
         read_btn.click(read_parameters, png, [read_text, read_json], api_name="read_parameters")
         send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private").then(
             infotext_to_rows, [library_json, query, read_json], row_outputs, api_visibility="private", queue=False)
+        # the model dropdown: another model without a restart; the mix is re-validated for it (Slot.revalidate)
+        model_outputs = [title, prompt, negative, class_label, steps, guidance, width, height, sampler, modes_tab,
+                         mode]
+
+        @errors
+        def switch_model(label: str, mix: str) -> list[Any]:
+            """Run the model ``label`` names; returns (the mix kept for it as JSON, notes, the controls' updates)."""
+            kept, notes = studio.switch_model(label, library.parse_mix(mix))
+            kept_json = json.dumps([{"key": i.key, "weight": i.weight} for i in kept])
+            return [kept_json, "\n".join(f"- {n}" for n in notes) or f"now running {studio.main.label}",
+                    *controls.model_controls(studio)]
+
+        model_pick.input(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
+                         queue=False).then(
+            switch_model, [model_pick, mix_box], [mix_box, mix_msg, *model_outputs], api_name="switch_model",
+            concurrency_id="model", concurrency_limit=1).then(
+            mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
+        refresh_models.click(lambda: list(studio.model_choices()), None, models_json, api_name="list_models").then(
+            lambda labels: gr.update(choices=labels), models_json, model_pick, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -88,8 +88,11 @@ def _generate(page) -> str:
     page.click("#generate")
     try:
         page.wait_for_function(f"document.querySelectorAll('#history img').length > {before}", timeout=60_000)
-    except Exception as e:  # an error toast says why
-        raise AssertionError(f"no image; the page says: {page.locator('.toast-body').all_inner_texts()}") from e
+    except Exception as e:  # an error toast says why; the screenshot shows the page
+        shot = Path(tempfile.mkdtemp(prefix="studio-fail-")) / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        raise AssertionError(f"no image; the page says: {page.locator('.toast-body').all_inner_texts()}; "
+                             f"screenshot: {shot}") from e
     return page.locator("#infotext textarea").input_value()
 
 
@@ -308,3 +311,43 @@ def test_img2img_and_inpaint_in_the_page(served, tmp_path):
             assert f"Mode: {mode}" in text and "Size: 32x32" in text, text
             assert ("Mask: " in text) == (mode == "inpaint")
         assert page.locator("#history img").count() == 2
+
+
+def test_switching_the_model_and_back_gives_the_same_image(served, studio_files):
+    """Issue 28: a model dropdown (shipped, models folder, Hub cache) switches without a restart, the adapters
+    re-validated (a UNet LoRA is unticked on dit-mini); back on the first model, the same settings give the same
+    image."""
+    import numpy as np
+    from PIL import Image
+
+    studio, keys = served[0], studio_files[2]
+    first = next(iter(studio.model_choices()))
+
+    def newest() -> np.ndarray:
+        with Image.open(max(studio.out.glob("*.png"), key=lambda f: f.stat().st_mtime)) as img:
+            return np.asarray(img.convert("RGB"))
+
+    def settings() -> None:
+        _number(page, "steps", "3")
+        _number(page, "seed", "5")
+
+    def switch(label: str, name: str) -> None:
+        _pick(page, "model", label)
+        title = f"difftune studio — {name}"
+        _poll(lambda: page.locator("h2").first.inner_text().replace("\n", " ").startswith(title), page, timeout=60)
+
+    with _page(served[1], 1280, 800) as page:
+        try:
+            _tick(page, keys["style"], "0.7")
+            settings()
+            text = _generate(page)
+            image = newest()
+            switch("dit-mini (shipped)", "dit-mini")
+            _poll(lambda: not _rows(page).get(keys["style"], (True,))[0], page)  # unticked: made for a UNet
+            assert "Size: 32x32" in _generate(page)
+            switch(first, first.split(" (")[0])
+            _tick(page, keys["style"], "0.7")
+            settings()
+            assert _generate(page) == text and np.array_equal(newest(), image)
+        finally:
+            studio.switch_model(first)  # the session's other tests run on the first model
