@@ -47,10 +47,11 @@ def settings(parsed: Mapping[str, Any], slot: Slot, stored_image: Callable[[str]
     p = parsed.get("params", {}) if isinstance(parsed, Mapping) else {}
     out: dict[str, Any] = {}
     notes: list[str] = []
-    if "prompt" in parsed:
-        out["prompt"] = parsed["prompt"]
-    if "negative_prompt" in parsed:
-        out["negative"] = parsed["negative_prompt"]
+    if slot.kind != "dit":  # a DiT's infotext has no prompt: the (hidden) prompt box keeps its text for later
+        if "prompt" in parsed:
+            out["prompt"] = parsed["prompt"]
+        if "negative_prompt" in parsed:
+            out["negative"] = parsed["negative_prompt"]
     for field, name in (("Steps", "steps"), ("CFG scale", "guidance"), ("Seed", "seed")):
         value = _number(p.get(field, ""))
         if value is not None:

@@ -86,7 +86,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                     visible=slot.kind != "dit", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
                 class_label = gr.Dropdown(choices=classes, value=classes[0][1] if slot.kind == "dit" else None,
-                                          label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes))
+                                          label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes),
+                                          elem_id="class")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(family["steps"], lim.max_steps), step=1,
                                       label="Steps", elem_id="steps")

@@ -315,8 +315,8 @@ def test_img2img_and_inpaint_in_the_page(served, tmp_path):
 
 def test_switching_the_model_and_back_gives_the_same_image(served, studio_files):
     """Issue 28: a model dropdown (shipped, models folder, Hub cache) switches without a restart, the adapters
-    re-validated (a UNet LoRA is unticked on dit-mini); back on the first model, the same settings give the same
-    image."""
+    re-validated (a UNet LoRA is unticked on dit-mini; a history click there puts the DiT class back); back on the
+    first model, the same settings give the same image."""
     import numpy as np
     from PIL import Image
 
@@ -344,7 +344,12 @@ def test_switching_the_model_and_back_gives_the_same_image(served, studio_files)
             image = newest()
             switch("dit-mini (shipped)", "dit-mini")
             _poll(lambda: not _rows(page).get(keys["style"], (True,))[0], page)  # unticked: made for a UNet
-            assert "Size: 32x32" in _generate(page)
+            _pick(page, "class", "3: three")
+            assert "Size: 32x32" in _generate(page) and "Class: 3" in page.locator("#infotext textarea").input_value()
+            # recall on a DiT: a click on the history image puts its class back
+            _pick(page, "class", "0: zero")
+            page.locator("#history img").last.click()
+            _poll(lambda: page.locator("#class input").input_value() == "3: three", page)
             switch(first, first.split(" (")[0])
             _tick(page, keys["style"], "0.7")
             settings()

@@ -102,5 +102,6 @@ def test_recall_sets_the_dit_class(tmp_path):
     r = st.generate(Request(steps=2, class_label=3, sampler=sampler))
     values, notes = settings(parse_infotext(r.infotexts[0]), st.main, st.stored_image)
     assert values["class_label"] == 3 and values["sampler"] == sampler and notes == []
+    assert "prompt" not in values  # no prompt on a DiT: the hidden box keeps the text for the next SD model
     _, notes = settings(parse_infotext(r.infotexts[0].replace("Class: 3", "Class: 5000")), st.main, st.stored_image)
     assert notes and "5000" in notes[0]
