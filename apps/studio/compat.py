@@ -71,3 +71,13 @@ def check(header: dict[str, Any], key: str, model: str, names: set[str]) -> str:
     return (f"{key}: made for the model {made_for!r}, not {model!r}; it fits this model's layers and runs, but may "
             "not do here what it did there")
 
+
+
+def flag(entry: dict[str, Any], model: str, names: set[str]) -> dict[str, Any]:
+    """A listing entry (`library.Entry.to_dict`) with a warning added to its badges when it was made for another
+    model than ``model`` (its ``names``): the row says so before anything is ticked."""
+    made_for = other_base(entry, names) if entry.get("kind") == "adapter" and not entry.get("error") else ""
+    if not made_for:
+        return entry
+    what = "refused here" if entry.get("method") in STRICT else "may not do here what it did there"
+    return {**entry, "badges": f"{entry.get('badges', '')} · ⚠ made for {made_for}, not {model}: {what}"}

@@ -17,7 +17,7 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import controls, library, modes, recall, rows
+from . import compat, controls, library, modes, recall, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
@@ -67,8 +67,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
     errors = functools.partial(_errors, root=studio.root)
 
     def list_adapters() -> list[dict[str, Any]]:
-        """Every adapter and bundle of the folder with its badges."""
-        return [e.to_dict() for e in studio.entries()]
+        """Every adapter and bundle of the folder with its badges (a warning on those made for another model)."""
+        return [compat.flag(e.to_dict(), studio.main.label, studio.main.bases) for e in studio.entries()]
 
     with gr.Blocks(title="difftune studio") as demo:
         with gr.Row(equal_height=False):  # beside the title: Generate and the result stay in the window's height

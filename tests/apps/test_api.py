@@ -49,6 +49,9 @@ def test_list_adapters_with_badges(client, studio_files):
     assert by_key[keys["style"]]["method"] == "lora" and "lora · base" in by_key[keys["style"]]["badges"]
     assert by_key[keys["subject"]]["method"] == "krona" and by_key[keys["edges"]]["method"] == "csc"
     assert by_key[keys["style"]]["parameters"] > 0 and len(by_key[keys["style"]]["sha256"]) == 12
+    # made for another model: the row says so before anything is ticked (the fixture's DiT LoRA, base dit-model)
+    assert "⚠ made for dit-model, not model" in by_key[keys["dit"]]["badges"]
+    assert "⚠" not in by_key[keys["style"]]["badges"]
 
 
 def test_generate_writes_infotext_and_seed(client, studio_files):

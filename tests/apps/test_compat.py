@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from apps.studio import Request, Studio
-from apps.studio.compat import model_names
+from apps.studio.compat import flag, model_names
 from apps.studio.library import MixItem
 from difftune.errors import DifftuneError
 
@@ -19,6 +19,16 @@ def test_model_names():
     snapshot = "/root/.cache/huggingface/hub/models--runwayml--stable-diffusion-v1-5/snapshots/0123abcd"
     assert model_names(snapshot) == {"runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5"}
     assert model_names("") == set() and model_names(None) == set()
+
+
+
+def test_rows_flag_adapters_made_for_another_model():
+    kind = {"kind": "adapter", "method": "kind", "base_model": "/x/dit-a", "badges": "kind · base dit-a"}
+    assert flag(kind, "dit-b", {"dit-b"})["badges"].endswith("⚠ made for dit-a, not dit-b: refused here")
+    lora = {**kind, "method": "lora"}
+    assert "may not do here what it did there" in flag(lora, "dit-b", {"dit-b"})["badges"]
+    assert flag(kind, "dit-a", {"dit-a"}) == kind and flag({**kind, "base_model": ""}, "b", {"b"})["badges"] == kind[
+        "badges"]  # its own model, or no base recorded: no warning
 
 
 @pytest.fixture(scope="module")
