@@ -371,6 +371,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                          queue=False).then(
             switch_model, [model_pick, mix_box], [mix_box, mix_msg, *model_outputs], api_name="switch_model",
             concurrency_id="model", concurrency_limit=1).then(
+            list_adapters, None, library_json, api_visibility="private", queue=False).then(  # badges: new model
             mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
         refresh_models.click(lambda: list(studio.model_choices()), None, models_json, api_name="list_models").then(
             lambda labels: gr.update(choices=labels), models_json, model_pick, api_visibility="private", queue=False)

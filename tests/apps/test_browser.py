@@ -344,6 +344,8 @@ def test_switching_the_model_and_back_gives_the_same_image(served, studio_files)
             image = newest()
             switch("dit-mini (shipped)", "dit-mini")
             _poll(lambda: not _rows(page).get(keys["style"], (True,))[0], page)  # unticked: made for a UNet
+            style_row = page.locator(f"#adapter-enable-{_row(page, keys['style'])}")
+            _poll(lambda: "⚠ made for model, not dit-mini" in style_row.inner_text(), page)  # listed again
             _pick(page, "class", "3: three")
             assert "Size: 32x32" in _generate(page) and "Class: 3" in page.locator("#infotext textarea").input_value()
             # recall on a DiT: a click on the history image puts its class back
