@@ -1,7 +1,8 @@
 """The Gradio layer of the studio: components and thin callbacks into `engine.Studio` (all logic lives there).
 
 API endpoints (``gradio_client``): ``/generate``, ``/compare``, ``/list_adapters``, ``/save_mix``, ``/load_mix``,
-``/read_parameters``, ``/cancel``. The mix travels as JSON text: ``[{"key": "labs/style", "weight": 0.8}, ...]``.
+``/read_parameters``, ``/cancel``, ``/list_models``, ``/switch_model`` (a listed label and the mix; returns the mix
+kept for the new model and notes). The mix travels as JSON text: ``[{"key": "labs/style", "weight": 0.8}, ...]``.
 ``/generate`` and ``/compare`` take, after the class, the mode ("txt2img", "img2img", "inpaint"), the init image, the
 mask and the strength (`gradio_client` needs every argument: pass "txt2img", None, None, 0.75 for text-to-image).
 """
