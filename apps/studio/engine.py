@@ -16,13 +16,10 @@ echoes at most a short prefix of a long value (`paths.clip`).
 from __future__ import annotations
 
 import functools
-import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,58 +30,16 @@ from difftune import loading
 from difftune.errors import DifftuneError, bad_value
 from difftune.version import __version__
 
-from . import library, paths
-from .infotext import format_infotext, save_png
+from . import compat, library, modes, panels, paths
+from .infotext import LORA, format_infotext, save_png
 from .library import MixItem
 from .models import Slot, load_model
+from .partner import find_plan
 from .paths import clip
+from .request import Limits, Request, Result
 
 EXTRACTORS = ("none", "canny", "sobel", "outline", "skeleton")
-MIX_FOLDER = "studio-mixes"  #: where "save this mix" writes, inside the adapters folder
 SEED_MAX = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask for (a public studio must not be made to allocate without limit)."""
-
-    max_size: int = 1024
-    max_steps: int = 150
-    max_batch: int = 8
-    max_guidance: float = 30.0
-    max_prompt: int = 2000
-
-
-@dataclass
-class Request:
-    """One generation request; `Studio.check` validates it against the model and `Limits`."""
-
-    prompt: str = ""
-    negative: str = ""
-    steps: int = 20
-    guidance: float = 4.0
-    width: int | None = None
-    height: int | None = None
-    sampler: str = ""
-    batch: int = 1
-    seed: int = 0
-    randomize: bool = False
-    mix: list[MixItem] = field(default_factory=list)
-    fused: bool = False
-    transport: bool = True  # SPM facilitated transport
-    control: Image.Image | None = None  # SCEdit CSC control image
-    extractor: str = "none"
-    control_scale: float | None = None
-    class_label: int | None = None  # class-conditional DiT
-
-
-@dataclass
-class Result:
-    images: list[Path]
-    seed: int
-    infotexts: list[str]
-    notes: list[str]
-    condition: Image.Image | None = None
 
 
 class Cancelled(DifftuneError):
@@ -114,18 +69,55 @@ class Studio:
     """The app's state: the adapters folder, the model(s), where images are written, and the limits."""
 
     def __init__(self, model: str | Path, adapters: str | Path, compare: str | Path | None = None,
-                 out: str | Path = "outputs/studio", device: str | None = None, limits: Limits | None = None) -> None:
+                 out: str | Path = "outputs/studio", device: str | None = None, limits: Limits | None = None,
+                 models: str | Path | None = None) -> None:
         self.root = Path(adapters).resolve()
+        self.models_folder, self.device = models, device  # the model dropdown's folder (catalog.py)
         self.root.mkdir(parents=True, exist_ok=True)
         self.out = Path(out).resolve()
         self.limits = limits or Limits()
         pipe, h = load_model(model, device=device)
-        self.main = Slot(Path(model).resolve().name, pipe, h)
+        self.model_path = self.started = Path(model).resolve()
+        self.main = self._slot(model, pipe, h)
         self.compare_slot: Slot | None = None
         if compare is not None:
             cpipe, ch = load_model(compare, base=model, device=device)
             self.compare_slot = Slot(Path(compare).resolve().name, cpipe, ch)
+            # a BK student or a compressed model of --model takes --model's adapters (what it cannot hold is named)
+            self.compare_slot.bases = compat.model_names(Path(compare).resolve()) | self.main.bases
+            self.compare_slot.partner, self.compare_slot.teacher = True, self.main.denoiser.config
+            self.compare_slot.plan = find_plan(self.main.denoiser.config, self.compare_slot.denoiser.config)
         self.cancel_event = threading.Event()
+
+    def _slot(self, model: str | Path, pipe: Any, model_hash: str) -> Slot:
+        slot = Slot(Path(model).resolve().name, pipe, model_hash)
+        slot.bases = compat.model_names(Path(model).resolve()) | compat.model_names(model)
+        return slot
+
+    # -- the model dropdown
+    def model_choices(self) -> dict[str, Path]:
+        """Label -> folder of every model the dropdown offers (`catalog.models`), the running one first."""
+        from . import catalog
+
+        return catalog.models(self.models_folder, self.model_path, self.started)
+
+    @_public
+    def switch_model(self, label: str, mix: list[MixItem] | None = None) -> tuple[list[MixItem], list[str]]:
+        """Run the model the dropdown's ``label`` names instead of the current one (no restart). The A/B model stays.
+
+        Returns:
+            the mix re-validated for the new model (`models.Slot.revalidate`: what it cannot take is dropped) and
+            notes.
+        """
+        choices = self.model_choices()
+        if label not in choices:  # only what the server listed: the page never names a path to load
+            raise bad_value("model", clip(label), "one of the models the dropdown lists", "Press 'Refresh models'.")
+        if choices[label] != self.model_path:
+            pipe, h = load_model(choices[label], device=self.device)
+            slot = self._slot(choices[label], pipe, h)
+            with self.main.lock:  # a job of the old model finishes first
+                self.main, self.model_path = slot, choices[label]
+        return self.main.revalidate(self.root, library.check_mix(mix or []))
 
     # -- listing
     @_public
@@ -158,6 +150,11 @@ class Studio:
                                 f"e.g. {max(step, v // step * step)}")
         if req.sampler and req.sampler not in slot.samplers:
             raise bad_value("sampler", clip(req.sampler), f"one of {list(slot.samplers)}")
+        scale = req.control_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not -library.MAX_WEIGHT <= scale <= library.MAX_WEIGHT):
+            raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
+        modes.check(req, slot.kind)
         if req.extractor not in EXTRACTORS:
             raise bad_value("extractor", clip(req.extractor), f"one of {list(EXTRACTORS)}")
         if slot.kind in ("dit", "pixart") and (slot.kind == "dit" or req.class_label is not None):
@@ -186,14 +183,20 @@ class Studio:
         with slot.lock:
             self.cancel_event.clear()
             notes = slot.apply_mix(self.root, req.mix, req.fused)
-            inputs, condition = self._method_inputs(slot, req)
+            if slot.partner:  # B runs what the partner holds; the notes name the rest
+                req = Request(**{**req.__dict__, "mix": [i for i in req.mix if i.key in slot.loaded]})
+            inputs, condition = panels.method_inputs(slot, req)
             images = self._run(slot, req, seed, inputs, progress)
-            notes += self._gamma_notes(slot, req)
+            notes += panels.gamma_notes(slot, req)
+            refs = {"control": self.save_input(req.control)} if condition is not None else {}
+            if req.mode != modes.TXT2IMG:  # the input images, stored so that the infotext can name them
+                refs["init"] = self.save_input(req.image)
+                if req.mode == modes.INPAINT:
+                    refs["mask"] = self.save_input(req.mask)
+            texts = [self.infotext(slot, req, seed, i, refs) for i in range(len(images))]
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths, texts = [], []
-        for i, img in enumerate(images):
-            text = self.infotext(slot, req, seed, i)
-            texts.append(text)
+        paths = []
+        for i, (img, text) in enumerate(zip(images, texts)):
             paths.append(save_png(img, self.out / f"{stamp}-{seed}{tag}-{i}-{random.randrange(16**6):06x}.png", text))
         return Result(paths, seed, texts, notes, condition)
 
@@ -221,38 +224,11 @@ class Studio:
     def cancel(self) -> None:
         self.cancel_event.set()
 
-    def _method_inputs(self, slot: Slot, req: Request) -> tuple[dict[str, Any], Image.Image | None]:
-        """Per-call inputs of the method panels: SPM transport, SCEdit control image and scale."""
-        from difftune.methods.spm import set_transport
-
-        for name in slot.names("spm"):
-            set_transport(slot.denoiser, name, req.transport)
-        inputs: dict[str, Any] = {}
-        condition = None
-        if slot.kind != "dit" and req.class_label is not None and slot.names("kind"):
-            # KIND on a text pipeline (PixArt): the class gate reads `class_labels`, one per prompt (the pipeline
-            # expands it to the images and both guidance halves)
-            inputs["class_labels"] = [int(req.class_label)]
-        csc = slot.names("csc")
-        if csc:
-            from difftune.methods.scedit.conditions import control_inputs, extract
-
-            if req.control is None:
-                raise bad_value("control image", None, f"an image for the enabled CSC adapter(s) "
-                                f"{[slot.key_of(n) for n in csc]}", "Upload one in the SCEdit panel, or disable them.")
-            condition = req.control if req.extractor == "none" else extract(req.extractor, req.control)
-            inputs["control"] = control_inputs(slot.pipe, {n: condition for n in csc}, req.batch)
-            if req.control_scale is not None:
-                if not -library.MAX_WEIGHT <= req.control_scale <= library.MAX_WEIGHT:
-                    raise bad_value("control scale", clip(req.control_scale), "a number in [-2, 2]")
-                loading.set_adapter_weights(slot.pipe, {n: float(req.control_scale) for n in csc})
-        return inputs, condition
-
     def _run(self, slot: Slot, req: Request, seed: int, inputs: dict[str, Any],
              progress: Callable[[int, int], None] | None) -> list[Image.Image]:
         from difftune.pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
 
-        pipe = slot.pipe
+        pipe = slot.variant(req.mode)  # the loaded pipeline, or its img2img/inpaint sibling sharing its modules
         sampler = req.sampler or next(iter(slot.samplers))
         pipe.scheduler = slot.samplers[sampler].from_config(slot.scheduler_config)
         kwargs: dict[str, Any] = {"num_inference_steps": req.steps, "guidance_scale": float(req.guidance),
@@ -264,8 +240,11 @@ class Studio:
                           height=req.height, width=req.width)
             if slot.kind == "pixart":
                 kwargs.update(use_resolution_binning=False, clean_caption=False)
+            if req.mode == modes.IMG2IMG:
+                del kwargs["height"], kwargs["width"]
+            kwargs.update(modes.arguments(req))
         calls = [0]
-        expected = req.steps * (2 if sampler == "Heun" else 1)
+        expected = modes.denoiser_calls(req, req.steps) * (2 if sampler == "Heun" else 1)
 
         def step(module: Any, args: Any) -> None:  # runs before every denoiser call: progress and cancel
             if self.cancel_event.is_set():
@@ -284,34 +263,20 @@ class Studio:
         finally:
             handle.remove()
 
-    def _gamma_notes(self, slot: Slot, req: Request) -> list[str]:
-        """The γ each SPM gave the prompt (and the negative prompt) in the last denoiser call."""
-        from difftune.methods.verbs import model_part
-
-        notes = []
-        for name in slot.names("spm"):
-            part = model_part(slot.denoiser, name)
-            gamma = getattr(part, "gamma", None)
-            key = slot.key_of(name)
-            if gamma is None:
-                notes.append(f"SPM {key}: transport off, γ = 1 on every prompt")
-                continue
-            n = req.batch
-            guided = gamma.numel() == 2 * n
-            cond = gamma[n] if guided and slot.kind != "dit" else gamma[0]
-            text = f"SPM {key}: γ = {float(cond):.2f} for the prompt"
-            if guided and slot.kind != "dit":
-                text += f", {float(gamma[0]):.2f} for the negative prompt"
-            notes.append(text)
-        return notes
-
-    def infotext(self, slot: Slot, req: Request, seed: int, index: int) -> str:
+    def infotext(self, slot: Slot, req: Request, seed: int, index: int, refs: dict[str, str] | None = None) -> str:
+        """The image's infotext: every setting *Send to Generate* puts back. Each adapter is written at its row's
+        weight (the mix's, not the pipeline's: the control scale multiplies a CSC adapter's) with its file hash; the
+        method panels' settings follow while an adapter of their method is enabled, and the mode's (img2img,
+        inpaint). ``refs``: the stored input images' references (`save_input`) by role: control, init, mask."""
+        refs = refs or {}
         sampler = req.sampler or next(iter(slot.samplers))
-        adapters = []
-        for key, (name, digest) in slot.loaded.items():
-            info = loading.list_adapters(slot.pipe)[name]
-            if info["enabled"]:
-                adapters.append((key, float(info["weight"]), digest))
+        info = loading.list_adapters(slot.pipe)
+        adapters, loras = [], set()
+        for item in req.mix:
+            name, digest = slot.loaded[item.key]
+            adapters.append((item.key, item.weight, digest))
+            if info[name]["method"] == LORA:
+                loras.add(item.key)
         params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
                                   "Size": f"{req.width}x{req.height}", "Model hash": slot.model_hash,
                                   "Model": slot.label}
@@ -324,56 +289,28 @@ class Studio:
         if slot.names("spm"):
             params["SPM transport"] = "on" if req.transport else "off"
         if slot.names("csc"):
-            params["Control extractor"] = req.extractor
+            params.update({"Control extractor": req.extractor, "Control image": refs.get("control"),
+                           "Control scale": 1.0 if req.control_scale is None else req.control_scale})
+        params.update(modes.params(req, refs))
         params["Version"] = f"difftune {__version__}"
         return format_infotext(req.prompt if slot.kind != "dit" else "", req.negative if slot.kind != "dit" else "",
-                               params, adapters)
+                               params, adapters, loras)
+
+    # -- input images (control, init, mask): stored by content so an infotext can name the ones an image used
+    def save_input(self, image: Image.Image) -> str:
+        return panels.save_input(self.out, image)
+
+    def stored_image(self, ref: object) -> Image.Image | None:
+        return panels.stored_image(self.out, ref)
 
     # -- saved mixes
     @_public
     def save_mix(self, name: str, items: list[MixItem], fused: bool, how: str = "auto") -> tuple[str, str]:
-        """Save the mix as one merged LoRA (weight-space adapters only) or as a bundle that reloads it.
+        """Save the mix as one merged LoRA or as a bundle that reloads it (`merging.save_mix`); returns (the new
+        entry's key, a sentence saying what was written)."""
+        from .merging import save_mix
 
-        Both are written only into a real ``studio-mixes`` folder inside the adapters folder (`paths.make_folder`
-        refuses a symlink out of it) and without following symlinks (`paths.write_file`, `paths.copy_folder`).
-
-        Args:
-            how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
-
-        Returns:
-            (the new entry's key, a sentence saying what was written).
-        """
-        from .merging import NotMergeable, save_merged
-
-        library.check_save_name(name)
-        if how not in ("auto", "merged", "bundle"):
-            raise bad_value("save as", clip(how), "'auto', 'merged' or 'bundle'")
-        items = library.check_mix(items)
-        if not items:
-            raise bad_value("mix", [], "at least one enabled adapter")
-        folder = paths.make_folder(self.root, MIX_FOLDER)
-        if any(os.path.lexists(folder / n) for n in (name, f"{name}{library.BUNDLE_SUFFIX}")):  # a link counts too
-            raise bad_value("mix name", name, "a name not used yet in the adapters folder", "Pick another name.")
-        why = ""
-        if how in ("auto", "merged"):
-            slot = self.main
-            with slot.lock:
-                slot.apply_mix(self.root, items, fused=False)
-                names = [slot.loaded[i.key][0] for i in items]
-                try:
-                    # written to a private temporary folder, then copied in without following any symlink
-                    with tempfile.TemporaryDirectory(prefix="difftune-studio-") as tmp:
-                        _, rank = save_merged(slot.pipe, names, Path(tmp) / name,
-                                              adapter_name=f"mix_{name.replace('-', '_')}")
-                        paths.copy_folder(self.root, Path(tmp) / name, folder / name, f"{MIX_FOLDER}/{name}")
-                    return f"{MIX_FOLDER}/{name}", (f"merged {len(items)} adapter(s) into one LoRA of rank {rank}: "
-                                                    f"{MIX_FOLDER}/{name}")
-                except NotMergeable as e:
-                    if how == "merged":
-                        raise
-                    why = f" ({e})"
-        key = library.write_bundle(self.root, MIX_FOLDER, name, items, fused, self.main.label)
-        return key, f"saved a bundle that reloads the mix{why}: {key}"
+        return save_mix(self.root, self.main, name, items, fused, how)
 
     @_public
     def load_mix(self, key: str) -> dict[str, Any]:

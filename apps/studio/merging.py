@@ -14,17 +14,29 @@ pipeline components, and deltas on parameters other than ``weight`` (SaRA on bia
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from difftune import loading
-from difftune.errors import DifftuneError
+from difftune.errors import DifftuneError, bad_value
 from difftune.methods.lora import LoRAConfig
 from difftune.methods.verbs import hosts, model_part
 from difftune.targeting import canonical_name
+
+from . import library, paths
+from .library import MixItem
+from .paths import clip
+
+if TYPE_CHECKING:  # models imports nothing of this module; the slot is only a parameter here
+    from .models import Slot
+
+MIX_FOLDER = "studio-mixes"  #: where "save this mix" writes, inside the adapters folder
 
 RELATIVE_TOL = 1e-6  #: singular values below this fraction of the layer's largest one count as zero
 
@@ -133,3 +145,47 @@ def save_merged(pipe: object, names: Sequence[str], folder: str | Path, adapter_
         return loading.save_adapter(pipe, folder, name=adapter_name), rank
     finally:
         loading.delete_adapter(pipe, adapter_name)
+
+
+def save_mix(root: Path, slot: Slot, name: str, items: list[MixItem], fused: bool, how: str = "auto"
+             ) -> tuple[str, str]:
+    """Save the mix as one merged LoRA (weight-space adapters only) or as a bundle that reloads it.
+
+    Both are written only into a real ``studio-mixes`` folder inside the adapters folder (`paths.make_folder`
+    refuses a symlink out of it) and without following symlinks (`paths.write_file`, `paths.copy_folder`).
+
+    Args:
+        root: the adapters folder; slot: the model whose adapters are merged.
+        how: "merged", "bundle", or "auto" (merged when possible, else a bundle).
+
+    Returns:
+        (the new entry's key, a sentence saying what was written).
+    """
+    library.check_save_name(name)
+    if how not in ("auto", "merged", "bundle"):
+        raise bad_value("save as", clip(how), "'auto', 'merged' or 'bundle'")
+    items = library.check_mix(items)
+    if not items:
+        raise bad_value("mix", [], "at least one enabled adapter")
+    folder = paths.make_folder(root, MIX_FOLDER)
+    if any(os.path.lexists(folder / n) for n in (name, f"{name}{library.BUNDLE_SUFFIX}")):  # a link counts too
+        raise bad_value("mix name", name, "a name not used yet in the adapters folder", "Pick another name.")
+    why = ""
+    if how in ("auto", "merged"):
+        with slot.lock:
+            slot.apply_mix(root, items, fused=False)
+            names = [slot.loaded[i.key][0] for i in items]
+            try:
+                # written to a private temporary folder, then copied in without following any symlink
+                with tempfile.TemporaryDirectory(prefix="difftune-studio-") as tmp:
+                    _, rank = save_merged(slot.pipe, names, Path(tmp) / name,
+                                          adapter_name=f"mix_{name.replace('-', '_')}")
+                    paths.copy_folder(root, Path(tmp) / name, folder / name, f"{MIX_FOLDER}/{name}")
+                return f"{MIX_FOLDER}/{name}", (f"merged {len(items)} adapter(s) into one LoRA of rank {rank}: "
+                                                f"{MIX_FOLDER}/{name}")
+            except NotMergeable as e:
+                if how == "merged":
+                    raise
+                why = f" ({e})"
+    key = library.write_bundle(root, MIX_FOLDER, name, items, fused, slot.label)
+    return key, f"saved a bundle that reloads the mix{why}: {key}"

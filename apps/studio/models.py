@@ -13,9 +13,9 @@ from typing import Any
 from difftune import loading
 from difftune.components import denoiser_name, pipeline_kind
 from difftune.errors import DifftuneError, bad_value
-from difftune.serialization import WEIGHTS_NAME
+from difftune.serialization import WEIGHTS_NAME, read_header
 
-from . import library
+from . import compat, library, partner
 from .library import MixItem
 from .paths import clip
 
@@ -92,6 +92,12 @@ class Slot:
 
     def __init__(self, label: str, pipe: Any, model_hash: str) -> None:
         self.label, self.pipe, self.model_hash = label, pipe, model_hash
+        self.bases: set[str] = set()  # the names of the models whose adapters it takes (compat.model_names)
+        self.warnings: dict[str, str] = {}  # key -> the note of compat.check for a loaded adapter ("" if none)
+        # an A/B partner (--compare) holds what it can of the mix and names the rest (partner.py): a BK student's
+        # plan is found from its teacher's denoiser config; `refused` keeps (hash, note) of what it could not hold
+        self.partner, self.teacher, self.plan = False, None, None
+        self.refused: dict[str, tuple[str, str]] = {}
         self.kind = pipeline_kind(pipe)
         self.lock = threading.Lock()
         self.loaded: dict[str, tuple[str, str]] = {}  # key -> (adapter name, file hash at load)
@@ -110,6 +116,22 @@ class Slot:
         if not self.samplers:
             self.samplers[own] = type(pipe.scheduler)
         self.denoiser = loading.component_of(pipe)[1]
+        self._variants: dict[str, Any] = {}  # mode -> the img2img/inpaint pipeline built from this one
+
+    def variant(self, mode: str) -> Any:
+        """The pipeline for ``mode`` (`modes.MODES`): the loaded one for text-to-image, else diffusers' img2img or
+        inpaint pipeline built once by ``from_pipe`` (it shares the loaded modules, so the adapters act on it too)."""
+        from . import modes
+
+        if mode == modes.TXT2IMG:
+            return self.pipe
+        if mode not in self._variants:
+            import diffusers
+
+            pipe = getattr(diffusers, modes.PIPELINES[self.kind][mode]).from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[mode] = pipe
+        return self._variants[mode]
 
     # -- sizes, defaults and classes
     def vae_scale(self) -> int:
@@ -178,13 +200,19 @@ class Slot:
                 loading.delete_adapter(self.pipe, name)
                 del self.loaded[item.key]
                 name = ""
+            if not name and self.refused.get(item.key, ("",))[0] == digest:
+                notes.append(self.refused[item.key][1])  # a partner that could not hold it: tried once per file
+                continue
             if not name:
                 name = _slug(item.key, {n for n, _ in self.loaded.values()} | set(loading.list_adapters(self.pipe)))
-                try:
-                    loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
-                except DifftuneError as e:
-                    raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}: {e}") from None
+                warning = self._load(path, item, name, digest)
+                if warning is None:
+                    notes.append(self.refused[item.key][1])
+                    continue
                 self.loaded[item.key] = (name, digest)
+                self.warnings[item.key] = warning
+            if self.warnings.get(item.key):
+                notes.append(self.warnings[item.key])
             wanted[name] = item.weight
         loading.unfuse(self.pipe)  # back to the exact base weights before changing anything
         others = [n for n, _ in self.loaded.values() if n not in wanted]
@@ -206,6 +234,54 @@ class Slot:
                 except DifftuneError:
                     notes.append(f"{key}: {info[name]['method']} acts on activations; it runs unfused")
         return notes
+
+    def _load(self, path: Path, item: MixItem, name: str, digest: str) -> str | None:
+        """Load ``item`` (folder ``path``) as ``name``, its recorded base checked first (`compat`: a KIND adapter
+        for another model is refused before it loads). Returns the note for its images ("" for none), or None when
+        this A/B partner cannot hold it (the note is in `refused`)."""
+        header = read_header(path)
+        try:
+            warning = compat.check(header, item.key, self.label, self.bases)
+            if self.partner:
+                loaded, note = partner.load(self.pipe, path, item.key, name, item.weight, self.teacher, self.plan,
+                                            self.label)
+                if not loaded:
+                    self.refused[item.key] = (digest, note)
+                    return None
+                return "; ".join(n for n in (warning, note) if n)
+            loading.load_adapter(self.pipe, path, name=name, weight=item.weight)
+            return warning
+        except DifftuneError as e:
+            if self.partner:
+                self.refused[item.key] = (digest, f"{item.key}: {self.label} cannot hold it ({e}); B runs without it")
+                return None
+            other = compat.other_base(header, self.bases)
+            made = f" (it was made for {other!r})" if other else ""
+            raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
+
+    def revalidate(self, root: Path, items: list[MixItem]) -> tuple[list[MixItem], list[str]]:
+        """The mix kept for this model after a model switch, and notes: an adapter for the other denoiser family (a
+        UNet's on a DiT) or a `compat.STRICT` one made for another model is dropped and named; one made for another
+        model of the same shapes stays, with `compat.check`'s note. Read from the headers: nothing is loaded here."""
+        from difftune.components import denoiser_name
+
+        parts = loading.modules_of(self.pipe)
+        here = denoiser_name(parts) or "no denoiser"
+        kept, notes = [], []
+        for item in items:
+            header = read_header(library.adapter_folder(root, item.key))
+            component = str(header.get("component") or "")
+            if component in ("unet", "transformer") and component not in parts:
+                notes.append(f"{item.key}: made for a {component}, {self.label}'s denoiser is a {here}: unticked")
+                continue
+            try:
+                note = compat.check(header, item.key, self.label, self.bases)
+            except DifftuneError as e:
+                notes.append(f"{e} (unticked)")
+                continue
+            kept.append(item)
+            notes += [note] if note else []
+        return kept, notes
 
     def names(self, method: str | None = None) -> list[str]:
         """Enabled adapters (of ``method``)."""

@@ -1,7 +1,10 @@
 """The Gradio layer of the studio: components and thin callbacks into `engine.Studio` (all logic lives there).
 
 API endpoints (``gradio_client``): ``/generate``, ``/compare``, ``/list_adapters``, ``/save_mix``, ``/load_mix``,
-``/read_parameters``, ``/cancel``. The mix travels as JSON text: ``[{"key": "labs/style", "weight": 0.8}, ...]``.
+``/read_parameters``, ``/cancel``, ``/list_models``, ``/switch_model`` (a listed label and the mix; returns the mix
+kept for the new model and notes). The mix travels as JSON text: ``[{"key": "labs/style", "weight": 0.8}, ...]``.
+``/generate`` and ``/compare`` take, after the class, the mode ("txt2img", "img2img", "inpaint"), the init image, the
+mask and the strength (`gradio_client` needs every argument: pass "txt2img", None, None, 0.75 for text-to-image).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import gradio as gr
 
 from difftune.errors import DifftuneError
 
-from . import library, rows
+from . import compat, controls, library, modes, recall, rows
 from .engine import EXTRACTORS, Cancelled, Request, Studio
 from .infotext import parse_infotext, read_png_parameters
 from .paths import public_message
@@ -24,7 +27,8 @@ MAX_ROWS = rows.MAX_ROWS
 #: the result gallery grows with its image (Gradio's fixed height scrolled a cropped band of it) and an image never
 #: grows past the window's height; object-fit "contain" shows it whole at its aspect ratio
 CSS = """#gallery .grid-wrap { height: auto !important; max-height: none !important; }
-#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }"""
+#gallery .thumbnail-lg { max-height: calc(100vh - 130px); }
+#ab-a img, #ab-b img { width: 100%; height: 100%; object-fit: contain; }"""
 #: Ctrl+Enter (Cmd+Enter) anywhere on the page clicks Generate
 KEYS_JS = """() => { document.addEventListener("keydown", (e) => {
   if ((e.ctrlKey || e.metaKey) && e.key === "Enter") {
@@ -64,13 +68,18 @@ def build_demo(studio: Studio) -> gr.Blocks:
     errors = functools.partial(_errors, root=studio.root)
 
     def list_adapters() -> list[dict[str, Any]]:
-        """Every adapter and bundle of the folder with its badges."""
-        return [e.to_dict() for e in studio.entries()]
+        """Every adapter and bundle of the folder with its badges (a warning on those made for another model)."""
+        return [compat.flag(e.to_dict(), studio.main.label, studio.main.bases) for e in studio.entries()]
 
     with gr.Blocks(title="difftune studio") as demo:
-        gr.Markdown(f"## difftune studio — {slot.label}" + (
-            f" (A/B model: {studio.compare_slot.label})" if studio.compare_slot else "") +
-            f"\nAdapters folder: `{studio.root.name}`")  # its name: the page must not show server paths
+        with gr.Row(equal_height=False):  # beside the title: Generate and the result stay in the window's height
+            with gr.Column(scale=5, min_width=340):
+                title = gr.Markdown(controls.title(studio))
+            with gr.Column(scale=6, min_width=340), gr.Row(equal_height=True):
+                model_pick = gr.Dropdown(list(studio.model_choices()), value=next(iter(studio.model_choices())),
+                                         label="Model (shipped, models folder, Hub cache)", elem_id="model", scale=4)
+                refresh_models = gr.Button("Refresh models", size="sm", scale=1, min_width=110)
+                models_json = gr.JSON(visible=False)
         mix_box = gr.Textbox(visible=False, label="mix (JSON)")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=340):  # the controls; the result beside them (below on a phone)
@@ -78,7 +87,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                     visible=slot.kind != "dit", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
                 class_label = gr.Dropdown(choices=classes, value=classes[0][1] if slot.kind == "dit" else None,
-                                          label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes))
+                                          label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes),
+                                          elem_id="class")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(family["steps"], lim.max_steps), step=1,
                                       label="Steps", elem_id="steps")
@@ -90,7 +100,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     height = gr.Slider(size_step, lim.max_size, value=default_size, step=size_step, label="Height",
                                        interactive=not fixed, elem_id="height")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler")
+                    sampler = gr.Dropdown(list(slot.samplers), value=next(iter(slot.samplers)), label="Sampler",
+                                          elem_id="sampler")
                     batch = gr.Slider(1, lim.max_batch, value=1, step=1, label="Batch")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id="seed")
@@ -135,30 +146,47 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     load_btn = gr.Button("Load mix")
                     mix_msg = gr.Markdown()
                 with gr.Tab("SPM"):
-                    transport = gr.Checkbox(value=True, label="Facilitated transport (γ per prompt; off: γ = 1)")
+                    transport = gr.Checkbox(value=True, label="Facilitated transport (γ per prompt; off: γ = 1)",
+                                            elem_id="transport")
                     gr.Markdown("The γ each prompt got is reported under the images.")
                 with gr.Tab("SCEdit"):
-                    control = gr.Image(type="pil", label="Control image (CSC adapters)")
+                    control = gr.Image(type="pil", label="Control image (CSC adapters)", elem_id="control",
+                                       format="png")
                     extractor = gr.Dropdown(list(EXTRACTORS), value="none", label="Extractor")
-                    control_scale = gr.Slider(-2, 2, value=1.0, step=0.05,
-                                              label="Control scale (the CSC adapters' weight)")
+                    control_scale = gr.Slider(-2, 2, value=1.0, step=0.05, elem_id="control-scale",
+                                              label="Control scale (multiplies the CSC adapters' weights)")
                     condition = gr.Image(label="Condition used", interactive=False)
+                with gr.Tab("img2img / inpaint", visible=slot.kind in modes.PIPELINES) as modes_tab:
+                    mode = gr.Radio(list(modes.MODES), value=modes.TXT2IMG, label="Mode", elem_id="mode",
+                                    info="img2img: from the init image; inpaint: repaint where the mask is white")
+                    strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Strength (denoising)",
+                                         elem_id="strength")
+                    with gr.Row():
+                        init_image = gr.Image(type="pil", label="Init image", elem_id="init-image", format="png")
+                        mask_image = gr.Image(type="pil", label="Mask (white: repaint)", elem_id="mask-image",
+                                              format="png", image_mode="L")
                 with gr.Tab("A/B"):
-                    modes = ["adapters"] + (["model"] if studio.compare_slot else [])
-                    ab_mode = gr.Radio(modes, value="adapters", label="Compare",
+                    ab_modes = ["adapters"] + (["model"] if studio.compare_slot else [])
+                    ab_mode = gr.Radio(ab_modes, value="adapters", label="Compare",
                                        info="adapters: without vs with the mix; model: --model vs --compare")
                     ab_btn = gr.Button("Compare (same seed)", elem_id="compare")
-                    with gr.Row():
-                        img_a = gr.Image(label="A", interactive=False, format="png")
-                        img_b = gr.Image(label="B", interactive=False, format="png")
-                    ab_info = gr.Textbox(label="A/B", lines=2)
+                    gr.Markdown("A and B show side by side above the images, large; what the A/B model cannot hold "
+                                "of the mix is named under them and B runs the rest.")
                 with gr.Tab("Read parameters"):
-                    png = gr.File(label="An image with infotext", file_types=["image"])
-                    read_btn = gr.Button("Read")
+                    png = gr.File(label="An image with infotext", file_types=["image"], elem_id="read-png")
+                    read_btn = gr.Button("Read", elem_id="read")
                     read_text = gr.Textbox(label="parameters", lines=4)
-                    read_json = gr.JSON(label="parsed")
-                    send_btn = gr.Button("Send to Generate")
+                    read_json = gr.JSON(label="parsed", elem_id="read-json")
+                    send_btn = gr.Button("Send to Generate", elem_id="send")
             with gr.Column(scale=6, min_width=340):
+                # A/B: the two images side by side, large (shown once a comparison ran; Generate hides it again)
+                with gr.Column(visible=False, elem_id="ab-view") as ab_view:
+                    with gr.Row(equal_height=True):
+                        img_a = gr.Image(label="A", interactive=False, format="png", elem_id="ab-a",
+                                         height="calc(100vh - 260px)")
+                        img_b = gr.Image(label="B", interactive=False, format="png", elem_id="ab-b",
+                                         height="calc(100vh - 260px)")
+                    ab_info = gr.Textbox(label="A/B", lines=3, elem_id="ab-info")
                 # the whole image at its aspect ratio ("contain", never cropped), high enough to fill the screen
                 gallery = gr.Gallery(label="Images", columns=1, object_fit="contain",
                                      elem_id="gallery", format="png")
@@ -169,14 +197,16 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 jobs_state = gr.State(0)
 
         gen_inputs = [prompt, negative, steps, guidance, width, height, sampler, batch, seed, randomize, mix_box,
-                      fused, transport, control, extractor, control_scale, class_label]
+                      fused, transport, control, extractor, control_scale, class_label, mode, init_image, mask_image,
+                      strength]
 
-        def request(p, neg, st, g, w, h, samp, b, s, rnd, mix, fu, tr, ctrl, ex, cs, cl) -> Request:
+        def request(p, neg, st, g, w, h, samp, b, s, rnd, mix, fu, tr, ctrl, ex, cs, cl, md=modes.TXT2IMG, im=None,
+                    mk=None, sg=0.75) -> Request:
             return Request(prompt=p or "", negative=neg or "", steps=st, guidance=g, width=w, height=h,
                            sampler=samp or "", batch=b, seed=s if s is not None else 0, randomize=bool(rnd),
                            mix=library.parse_mix(mix), fused=bool(fu), transport=bool(tr), control=ctrl,
                            extractor=ex or "none", control_scale=cs if ctrl is not None else None,
-                           class_label=cl)
+                           class_label=cl, mode=md or modes.TXT2IMG, image=im, mask=mk, strength=sg)
 
         def collect(ids: list[str], selection: rows.Selection, *values: Any) -> tuple[str, rows.Selection]:
             """The mix (JSON) from the selection with the slots' values folded in by identity."""
@@ -219,7 +249,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             *gen_args, mode = args
             a, b = studio.compare(request(*gen_args), mode)
             what = ("A: no adapters, B: the mix" if mode == "adapters" else
-                    f"A: {slot.label}, B: {studio.compare_slot.label if studio.compare_slot else ''}")
+                    f"A: {studio.main.label}, B: {studio.compare_slot.label if studio.compare_slot else ''}")
             return str(a.images[0]), str(b.images[0]), f"{what} · seed {a.seed}\n" + "\n".join(a.notes + b.notes)
 
         def draw(listing: list[dict[str, Any]], q: str, selection: rows.Selection, notes: list[str]) -> list[Any]:
@@ -273,21 +303,21 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return text, parse_infotext(text) if text else {"note": "this image carries no 'parameters' chunk"}
 
         def send_to_generate(parsed: dict[str, Any]) -> list[Any]:
-            p = parsed.get("params", {}) if isinstance(parsed, dict) else {}
-            size = p.get("Size", "x").split("x")
-            num = (lambda v: float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else None)  # noqa: E731
-            return [parsed.get("prompt", gr.skip()), parsed.get("negative_prompt", gr.skip()),
-                    num(p.get("Steps", "")) or gr.skip(), num(p.get("CFG scale", "")) or gr.skip(),
-                    num(size[0]) or gr.skip(), num(size[-1]) or gr.skip(),
-                    p["Sampler"] if p.get("Sampler") in slot.samplers else gr.skip(),
-                    num(p.get("Seed", "")) if num(p.get("Seed", "")) is not None else gr.skip(), False]
+            """The controls as an infotext says (`recall.settings`); what it cannot put back is a warning."""
+            values, notes = recall.settings(parsed if isinstance(parsed, dict) else {}, studio.main,
+                                            studio.stored_image)
+            for note in notes:
+                gr.Warning(note)
+            return [values.get(name, gr.skip()) for name in recall.CONTROLS]
 
         row_outputs = [ids_state, selection_state, row_summary, *headers, *groups, *enables, *weights, bundle_pick]
         redraw_inputs = [library_json, query, ids_state, selection_state, *enables, *weights]
         # every click queues one job (Gradio's default "once" dropped a click while a job ran), one job at a time
-        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize]
+        recall_outputs = [prompt, negative, steps, guidance, width, height, sampler, seed, randomize, class_label,
+                          fused, transport, extractor, control_scale, control, mode, strength, init_image,
+                          mask_image]  # recall.CONTROLS, in order
 
-        def recall(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
+        def recall_history(hist: list[dict[str, Any]], evt: gr.SelectData) -> list[Any]:
             """A history image back in the result view, its settings back in the controls."""
             entry = hist[evt.index]
             return [[entry["path"]], entry["text"], *send_to_generate(parse_infotext(entry["text"]))]
@@ -297,9 +327,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
             generate, gen_inputs, [gallery, used_seed, info, condition], api_name="generate",
             concurrency_id="model", concurrency_limit=1, trigger_mode="multiple")
         gen_event.then(finished, jobs_state, [jobs_state, status], api_visibility="private", queue=False)
+        gen_event.success(lambda: gr.update(visible=False), None, ab_view, api_visibility="private", queue=False)
         gen_event.success(remember, [history_state, gallery, used_seed, info], [history_state, history],
                           api_visibility="private", queue=False)
-        history.select(recall, history_state, [gallery, info, *recall_outputs], api_visibility="private",
+        history.select(recall_history, history_state, [gallery, info, *recall_outputs], api_visibility="private",
                        queue=False).then(infotext_to_rows, [library_json, query, info], row_outputs,
                                          api_visibility="private", queue=False)
         reuse_btn.click(lambda s: (s, False), used_seed, [seed, randomize], api_visibility="private", queue=False)
@@ -308,6 +339,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                 queue=False).then(
             compare, [*gen_inputs, ab_mode], [img_a, img_b, ab_info], api_name="compare",
             concurrency_id="model", concurrency_limit=1)
+        ab_event.success(lambda: gr.update(visible=True), None, ab_view, api_visibility="private", queue=False)
         cancel_btn.click(studio.cancel, None, None, api_name="cancel", queue=False, cancels=[gen_event, ab_event])
         # the rows are drawn again from the folder on every page load and Refresh, the selection carried by identity
         demo.load(lambda: list_adapters(), None, library_json, api_visibility="private", queue=False).then(
@@ -324,6 +356,26 @@ def build_demo(studio: Studio) -> gr.Blocks:
         read_btn.click(read_parameters, png, [read_text, read_json], api_name="read_parameters")
         send_btn.click(send_to_generate, read_json, recall_outputs, api_visibility="private").then(
             infotext_to_rows, [library_json, query, read_json], row_outputs, api_visibility="private", queue=False)
+        # the model dropdown: another model without a restart; the mix is re-validated for it (Slot.revalidate)
+        model_outputs = [title, prompt, negative, class_label, steps, guidance, width, height, sampler, modes_tab,
+                         mode]
+
+        @errors
+        def switch_model(label: str, mix: str) -> list[Any]:
+            """Run the model ``label`` names; returns (the mix kept for it as JSON, notes, the controls' updates)."""
+            kept, notes = studio.switch_model(label, library.parse_mix(mix))
+            kept_json = json.dumps([{"key": i.key, "weight": i.weight} for i in kept])
+            return [kept_json, "\n".join(f"- {n}" for n in notes) or f"now running {studio.main.label}",
+                    *controls.model_controls(studio)]
+
+        model_pick.input(collect, row_inputs, [mix_box, selection_state], api_visibility="private",
+                         queue=False).then(
+            switch_model, [model_pick, mix_box], [mix_box, mix_msg, *model_outputs], api_name="switch_model",
+            concurrency_id="model", concurrency_limit=1).then(
+            list_adapters, None, library_json, api_visibility="private", queue=False).then(  # badges: new model
+            mix_to_rows, [library_json, query, mix_box], row_outputs, api_visibility="private", queue=False)
+        refresh_models.click(lambda: list(studio.model_choices()), None, models_json, api_name="list_models").then(
+            lambda labels: gr.update(choices=labels), models_json, model_pick, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 

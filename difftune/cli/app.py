@@ -32,7 +32,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     from ..zoo import path as zoo_path
 
     studio_package().main(args.model or str(zoo_path("sd-mini")), args.adapters, host=args.host, port=args.port,
-                          compare=args.compare, out=args.out, device=args.device)
+                          compare=args.compare, out=args.out, device=args.device, models=args.models)
     return 0
 
 
@@ -44,6 +44,8 @@ def _app_arguments(s: argparse.ArgumentParser) -> None:
                                                          "where quickstart and the labs write)")
     s.add_argument("--compare", default=None, help="a second model for A/B: a BK student pipeline folder or a "
                                                    "compressed model (difftune quantize --out) of --model")
+    s.add_argument("--models", default="models", help="folder of pipelines the model dropdown offers, besides the "
+                                                       "shipped models and the Hub cache's (default: models/)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     s.add_argument("--out", default="outputs/studio", help="where generated PNGs (with infotext) are written")

@@ -27,7 +27,7 @@ def _path(item):
 
 def _gen_args(**kw):
     args = dict(p="a cat", neg="", st=3, g=4.0, w=32, h=32, samp="DDIM", b=1, s=7, rnd=False, mix="[]",
-                fu=False, tr=True, ctrl=None, ex="none", cs=1.0, cl=None)
+                fu=False, tr=True, ctrl=None, ex="none", cs=1.0, cl=None, md="txt2img", im=None, mk=None, sg=0.75)
     args.update(kw)
     return list(args.values())
 
@@ -49,6 +49,9 @@ def test_list_adapters_with_badges(client, studio_files):
     assert by_key[keys["style"]]["method"] == "lora" and "lora · base" in by_key[keys["style"]]["badges"]
     assert by_key[keys["subject"]]["method"] == "krona" and by_key[keys["edges"]]["method"] == "csc"
     assert by_key[keys["style"]]["parameters"] > 0 and len(by_key[keys["style"]]["sha256"]) == 12
+    # made for another model: the row says so before anything is ticked (the fixture's DiT LoRA, base dit-model)
+    assert "⚠ made for dit-model, not model" in by_key[keys["dit"]]["badges"]
+    assert "⚠" not in by_key[keys["style"]]["badges"]
 
 
 def test_generate_writes_infotext_and_seed(client, studio_files):
@@ -60,7 +63,7 @@ def test_generate_writes_infotext_and_seed(client, studio_files):
     path = _path(gallery[0])
     with Image.open(path) as img:
         info = img.info["parameters"]
-    assert "<adapter:labs/style:0.8>" in info and "Seed: 7" in info and "Size: 32x32" in info
+    assert "<lora:labs/style:0.8>" in info and "Seed: 7" in info and "Size: 32x32" in info
     assert "SPM labs/erase: γ =" in text  # the SPM panel's report
     # the same seed and mix give the same image; a randomised seed is shown back
     again = _gen(client, mix, b=2)[0]
@@ -92,13 +95,14 @@ def test_read_parameters(client, studio_files):
     gallery = _gen(client, [{"key": studio_files[2]["style"], "weight": 1.0}])[0]
     path = _path(gallery[0])
     text, parsed = client.predict(gradio_client.handle_file(path), api_name="/read_parameters")
-    assert text.startswith("a cat <adapter:labs/style:1>")
+    assert text.startswith("a cat <lora:labs/style:1>")
     assert parsed["adapters"][0]["key"] == "labs/style" and parsed["params"]["Sampler"] == "DDIM"
 
 
 def test_compare_same_seed(client, studio_files):
     args = ["a cat", "", 3, 4.0, 32, 32, "DDIM", 1, 3, False,
-            json.dumps([{"key": studio_files[2]["style"], "weight": 1.5}]), False, True, None, "none", 1.0, None]
+            json.dumps([{"key": studio_files[2]["style"], "weight": 1.5}]), False, True, None, "none", 1.0, None,
+            "txt2img", None, None, 0.75]
     a, b, text = client.predict(*args, "adapters", api_name="/compare")
     assert "seed 3" in text and list(Image.open(a).getdata()) != list(Image.open(b).getdata())
     a, b, text = client.predict(*args, "model", api_name="/compare")  # FP vs RTN 4-bit, the same LoRA on both

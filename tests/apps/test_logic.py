@@ -90,7 +90,7 @@ def test_infotext_round_trip():
     parsed = parse_infotext(text)
     assert parsed["prompt"] == "a cat, sitting" and parsed["negative_prompt"] == "blurry, dark"
     assert parsed["params"]["Sampler"] == "Euler a" and parsed["params"]["Seed"] == "3"
-    assert parsed["adapters"] == [{"key": "labs/style", "weight": 0.8, "hash": "abc123"}]
+    assert parsed["adapters"] == [{"key": "labs/style", "weight": 0.8, "hash": "abc123", "method": ""}]
 
 
 def test_cancel_stops_the_run_and_the_next_one_works(studio):
