@@ -37,8 +37,8 @@ Choices the paper may make otherwise (all [U] in the reference notes):
 * **Recombination** (`recombine`): learngenes + the chosen groups form a smaller model; its factored cost is
   (N_G + t)(m + n) MACs per token and layer instead of m·n (`factored_macs`).
 
-Layout: `adapter.py` (the config, the layers, part loading, recombination, MACs, the calculator), `training.py`
-(the trainer plugin).
+Layout: `adapter.py` (the config, the layers), `parts.py` (part loading, recombination, MACs, the calculator),
+`training.py` (the trainer plugin).
 """
 
 from .adapter import (  # noqa: F401
@@ -49,10 +49,6 @@ from .adapter import (  # noqa: F401
     KINDAdapter,
     KINDClassRows,
     KINDConfig,
-    calculator,
-    factored_macs,
-    kind_adapters,
-    load_parts,
-    recombine,
 )
+from .parts import calculator, factored_macs, kind_adapters, load_parts, recombine  # noqa: F401
 from .training import KINDPlugin  # noqa: F401

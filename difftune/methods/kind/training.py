@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..plugin import TrainerPlugin, register_plugin
 from ..verbs import hosts, inject
-from .adapter import KINDAdapter, KINDConfig, kind_adapters, load_parts
+from .adapter import KINDAdapter, KINDConfig
+from .parts import kind_adapters, load_parts
 
 
 @register_plugin("kind")
