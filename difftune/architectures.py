@@ -56,6 +56,7 @@ __all__ = [
     "dit_xl2_config",
     "flux_transformer_config",
     "mmdit_default_targets",
+    "with_mmdit_targets",
     "pixart_alpha_config",
     "sd15_unet_config",
     "sd21_unet_config",
@@ -270,6 +271,20 @@ def mmdit_default_targets(model: nn.Module) -> list[str] | None:
     if kind == "FluxTransformer2DModel":
         return list(JOINT_TARGETS + FLUX_SINGLE_TARGETS)
     return None
+
+
+def with_mmdit_targets(cls: type, fields: dict[str, Any], model: nn.Module | None) -> dict[str, Any]:
+    """``fields`` (a method config's, without ``name``) with ``target_modules`` set to `mmdit_default_targets` when
+    ``model`` is an SD3/Flux transformer, ``fields`` names no targets and the method's own default is the attention
+    projections (LoRA, LoHa, KronA: on an MMDiT those would adapt only the image stream's attention)."""
+    import dataclasses
+
+    targets = mmdit_default_targets(model) if model is not None else None
+    field = {f.name: f for f in dataclasses.fields(cls)}.get("target_modules")
+    if targets and "target_modules" not in fields and field is not None \
+            and field.default_factory is not dataclasses.MISSING and field.default_factory() == ATTENTION_TARGETS:
+        return {**fields, "target_modules": targets}
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------------------------

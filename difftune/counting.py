@@ -8,7 +8,6 @@ by value (SaRA) need the real weights: pass a local pipeline folder instead.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,8 @@ from torch import Tensor, nn
 
 from .architectures import ARCHITECTURES as _REGISTRY
 from .architectures import (
-    ATTENTION_TARGETS,
     build_architecture,  # noqa: F401 (kept importable from here, where it used to live)
-    mmdit_default_targets,
+    with_mmdit_targets,
 )
 from .components import denoiser_name
 from .errors import DifftuneError, bad_value
@@ -60,12 +58,7 @@ def method_config(name: str, fields: dict[str, Any], model: nn.Module | None = N
     cls = get_method(name)
     if not cls.is_adapter:
         raise DifftuneError(f"method {name!r} adds no adapter; nothing to count")
-    targets = mmdit_default_targets(model) if model is not None else None
-    defaults = {f.name: f for f in dataclasses.fields(cls)}
-    field = defaults.get("target_modules")
-    if targets and "target_modules" not in fields and field is not None \
-            and field.default_factory is not dataclasses.MISSING and field.default_factory() == ATTENTION_TARGETS:
-        fields = {**fields, "target_modules": targets}
+    fields = with_mmdit_targets(cls, fields, model)
     return cls.from_dict(fields)
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..architectures import with_mmdit_targets
 from ..errors import DifftuneError, bad_value
 from ..methods.base import MethodConfig, check_adapter_name, get_method
 from .checks import (  # noqa: F401 (re-exported: the bounds are part of this module's API)
@@ -327,13 +328,15 @@ class TrainConfig:
             raise bad_value("train.objective", "autoencode", "'denoise' with an adapter method",
                             "the VAE is trained with method.name: full and model.component: vae")
 
-    def method_config(self) -> MethodConfig:
+    def method_config(self, model: Any = None) -> MethodConfig:
+        """The method's config; given the denoiser ``model``, an SD3/Flux transformer gets the MMDiT default
+        targets where the config names none (`difftune.architectures.with_mmdit_targets`)."""
         data = dict(self.method)
         name = data.pop("name", None)
         if name is None:
             raise bad_value("method.name", None, "a registered method name, e.g. lora")
         cls = get_method(name)
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(with_mmdit_targets(cls, data, model))
         except DifftuneError as e:
             raise DifftuneError(f"in `method` ({name}): {e}") from e

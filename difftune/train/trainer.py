@@ -1,10 +1,9 @@
 """One accelerate trainer for every method: ``main(cfg)`` builds, loops, checkpoints, validates and saves.
 
 The trainer knows no method by name: it calls the hooks of the method's trainer plugin
-(`difftune.methods.plugin.TrainerPlugin`: ``prepare``, ``trainable_parameters``, ``make_optimizer``, ``objective``,
-``extra_loss``, ``on_step``, ``checkpoint_tensors``, ``save_trained``). A plugin whose ``prepare`` returns another
-module (a distillation student) trains that module, in the pipeline, with the original as its frozen ``teacher``
-(`adopt_student`).
+(`difftune.methods.plugin.TrainerPlugin`: ``prepare``, ``trainable_parameters``, ``objective``, ``on_step``, ...). A
+plugin whose ``prepare`` returns another module (a distillation student) trains that module, in the pipeline, with
+the original as its frozen ``teacher`` (`adopt_student`).
 
 What it builds comes from `build.py`, the losses from `loss.py`, checkpoints from `checkpoints.py`, the result's
 safe save and a failed write's message from `saving.py`, the validation grid and model card from `reporting.py`;
@@ -173,6 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
                              resuming=bool(cfg.checkpointing.resume_from_checkpoint))
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
+    plugin.config = cfg.method_config(denoiser)  # SD3/Flux: the MMDiT default targets unless the config names some
     plugin = joint_plugin(cfg, plugin, pipe, accelerator.num_processes)  # model.train_text_encoder (textenc.py)
     family = family_for(pipe, denoiser)
     family.prepare_training()

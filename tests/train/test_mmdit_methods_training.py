@@ -112,3 +112,19 @@ def test_resume_is_bit_exact(mmdit, tmp_path, capsys, kind, method):
     main(_cfg(mmdit, tmp_path / "b", kind, method, *sets, "checkpointing.resume_from_checkpoint=latest"))
     digests = re.findall(r"final trainable-weights digest (\w+)", capsys.readouterr().out)
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_config_without_target_modules_trains_the_mmdit_defaults(mmdit, tmp_path, kind):
+    """LoRA's own default (the attention projections) would leave the context stream, the feed-forwards and Flux's
+    single-block MLPs untouched; the trainer applies `mmdit_default_targets` as `difftune inspect` does."""
+    from difftune.methods.verbs import hosts
+
+    cfg = _cfg(mmdit, tmp_path, kind, "full")
+    cfg.method = {"name": "lora", "rank": 2}
+    with _run(cfg) as run:
+        adapted = {n for n, h in hosts(run.denoiser) if h.adapters}
+        assert list(run.plugin.config.target_modules) == mmdit_default_targets(run.denoiser)
+    assert any(n.endswith("ff_context.net.2") for n in adapted), sorted(adapted)[:8]
+    if kind == "flux":
+        assert any(re.search(r"single_transformer_blocks\.\d+\.proj_mlp$", n) for n in adapted)
