@@ -30,10 +30,13 @@ import torch
 from torch import Tensor
 
 from ..errors import DifftuneError
+from . import updates as _updates
 from .kohya import kohya_name
 from .updates import Dense, LowRank, Update
+from .writers import write_kohya
 
-__all__ = ["BFL_PREFIX", "from_bfl", "is_bfl", "is_flux_adapter", "is_flux_module", "to_bfl", "write_bfl"]
+__all__ = ["BFL_PREFIX", "from_bfl", "is_bfl", "is_flux_adapter", "is_flux_module", "read_file", "to_bfl",
+           "write_bfl"]
 
 BFL_PREFIX = "lora_unet"
 #: BFL layer in double_blocks.{i} → diffusers module(s) in transformer_blocks.{i}
@@ -227,6 +230,15 @@ def _split(key: str, members: tuple[str, ...], u: Update) -> dict[str, Update]:
     return out
 
 
+def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
+    """`updates.read_file`, with a Flux LoRA in BFL's names read as diffusers' modules of the transformer (component
+    ``"transformer"``, keys ``lora_unet_<diffusers path>``): what the importer and the exporter's check read."""
+    fmt, out = _updates.read_file(path)
+    if is_bfl(list(out.get("unet", {}))):
+        out["transformer"] = from_bfl(out.pop("unet"))
+    return fmt, out
+
+
 def is_flux_adapter(header: dict[str, Any], paths: list[str], model: str | Path | None = None) -> bool:
     """Whether a saved adapter adapts a Flux transformer: its base's transformer config says so (``model`` or the
     recorded base), or, with no base at hand, it adapts modules only Flux has (single blocks)."""
@@ -243,9 +255,6 @@ def is_flux_adapter(header: dict[str, Any], paths: list[str], model: str | Path 
 def write_bfl(tensors: dict[str, Tensor], updates: dict[str, LowRank], dtype: torch.dtype | None) -> dict[str, Any]:
     """Write a Flux transformer's LoRA in the BFL layout into ``tensors``; returns {kohya name of each diffusers
     module: its ΔW}, what reading the file back must give (`from_bfl` names)."""
-    from .updates import comparable
-    from .writers import write_kohya
-
     for key, u in to_bfl(updates).items():
         write_kohya(tensors, key, u, dtype or u.down.dtype)
-    return {kohya_name(m, BFL_PREFIX): comparable(u) for m, u in updates.items()}
+    return {kohya_name(m, BFL_PREFIX): _updates.comparable(u) for m, u in updates.items()}

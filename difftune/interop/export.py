@@ -54,7 +54,7 @@ from ..fileio import atomic_write
 from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
-from .bfl import is_flux_adapter, write_bfl
+from .bfl import is_flux_adapter, read_file, write_bfl
 from .kohya import kohya_name, kohya_prefix
 from .kohya_meta import base_version, base_version_metadata, export_metadata
 from .tools import READERS, export_warnings, ldm_module_names, resolve_format
@@ -67,7 +67,6 @@ from .updates import (
     comparable,
     low_rank_approximation,
     max_error,
-    read_file,
 )
 from .writers import write_diff, write_kohya, write_loha
 

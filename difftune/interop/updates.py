@@ -314,10 +314,6 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
         component = LDM_COMPONENT if key.startswith(LDM_PREFIX) else \
             next((c for p, c in KOHYA_COMPONENTS.items() if key.startswith(p + "_")), "")
         out.setdefault(component, {})[key] = _kohya_update(key, parts)
-    from .bfl import from_bfl, is_bfl  # (bfl builds on this module's update types)
-
-    if is_bfl(list(out.get("unet", {}))):  # a Flux LoRA in BFL's names: diffusers' modules of the transformer
-        out["transformer"] = from_bfl(out.pop("unet"))
     return fmt, out
 
 
