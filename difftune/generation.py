@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,25 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype: torch.dtyp
             f"`--model` {str(path)!r} is not a diffusers pipeline folder (no model_index.json). Hint: pass a folder "
             "written by pipe.save_pretrained(); difftune loads local folders only"
         )
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, **absent_components(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or default_device())
+
+
+def absent_components(folder: str | Path) -> dict[str, None]:
+    """The components a saved pipeline's model_index.json records as absent (``[null, null]``), each as None.
+
+    diffusers writes a component that was None that way, but loads the folder only when such a component is optional
+    for its pipeline class or passed: an SD3 pipeline without T5 (``text_encoder_3=None``, flow-mini) is loaded with
+    ``text_encoder_3=None, tokenizer_3=None``, as diffusers documents for dropping T5.
+    """
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # from_pretrained reports what is wrong with the folder
+    if not isinstance(index, dict):
+        return {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
 
 
 def generate(

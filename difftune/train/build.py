@@ -62,13 +62,16 @@ def load_training_pipeline(cfg: TrainConfig) -> tuple[Any, str, nn.Module]:
     """The pipeline (fp32, CPU), the denoiser's component name and the denoiser."""
     from diffusers import DiffusionPipeline
 
+    from ..generation import absent_components
+
     if cfg.model.architecture:
         from ..zoo.architectures import build
 
         pipe = build(cfg.model.architecture, seed=cfg.seed, vae_from=cfg.model.vae_from)
     else:
         folder = resolve_model_path(cfg.model.path)
-        pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), variant=cfg.model.variant, dtype=torch.float32,
+                                                 **absent_components(folder))
     pipe.set_progress_bar_config(disable=True)
     default = ["vae"] if cfg.train.objective == "autoencode" else list(DENOISERS)
     names = [cfg.model.component] if cfg.model.component else default
