@@ -192,6 +192,22 @@ def _as_safetensors(path: Path) -> Iterator[Path]:
         yield link
 
 
+def absent_components(folder: str | Path) -> dict[str, None]:
+    """The components a saved pipeline's model_index.json records as absent (``[null, null]``), each as None.
+
+    diffusers writes a component that was None that way, but loads the folder only when such a component is optional
+    for its pipeline class or passed: an SD3 pipeline without T5 (``text_encoder_3=None``, flow-mini) is loaded with
+    ``text_encoder_3=None, tokenizer_3=None``, as diffusers documents for dropping T5.
+    """
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # from_pretrained reports what is wrong with the folder
+    if not isinstance(index, dict):
+        return {}
+    return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+
+
 def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torch.dtype = torch.float32,
                        *, keys: dict[str, str] = MODEL_KEYS) -> Any:
     """The diffusers pipeline of ``model`` (see `resolve_model`), on the CPU; its ``name_or_path`` is ``model.name``
@@ -202,7 +218,8 @@ def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torc
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     if model.file is None:
-        pipe = DiffusionPipeline.from_pretrained(str(model.folder), variant=variant, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(model.folder), variant=variant, dtype=dtype,
+                                                 **absent_components(model.folder))
     else:
         index = json.loads((model.folder / "model_index.json").read_text())
         cls = getattr(diffusers, str(index.get("_class_name")), None)

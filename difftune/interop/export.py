@@ -54,6 +54,7 @@ from ..fileio import atomic_write
 from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
+from .bfl import is_flux_adapter, read_file, write_bfl
 from .kohya import kohya_name, kohya_prefix
 from .kohya_meta import base_version, base_version_metadata, export_metadata
 from .tools import READERS, export_warnings, ldm_module_names, resolve_format
@@ -66,7 +67,6 @@ from .updates import (
     comparable,
     low_rank_approximation,
     max_error,
-    read_file,
 )
 from .writers import write_diff, write_kohya, write_loha
 
@@ -254,6 +254,10 @@ def export_adapter(
         if format in ("kohya", "diffusers"):
             updates = _as_low_rank(source, rank, report)
         components[source.component or "unet"] = updates
+        if format == "kohya" and is_flux_adapter(source.header, list(updates), model):  # BFL's layout (bfl.py)
+            expected.update(write_bfl(tensors, updates, DTYPES[dtype] if dtype else None))  # type: ignore[arg-type]
+            metadata.update(export_metadata(format, source.header, source.path, updates, version))
+            continue
         names = ldm_module_names(source.header, model, source.component, updates) if written == "kohya-ldm" \
             and not source.component.startswith("text_encoder") else {}
         for module, update in updates.items():

@@ -5,6 +5,9 @@
   at its seeded random initialization: the UNet learns to read it), a byte-level CLIP tokenizer with whole-word
   tokens for the digit words, the style word and the trigger, and DDIM sampling (trailing spacing,
   ``clip_sample=False``: clipping x0 to [-1, 1] is wrong for latents, and it broke classifier-free guidance).
+- ``flow-mini``: Stable Diffusion 3 architecture (flow matching, an MMDiT transformer, patch 2 on the same 8×8
+  latents) built on a trained sd-mini folder (``vae_from``): its VAE, CLIP text encoder and tokenizer are reused
+  (see `flow_mini`).
 - ``dit-mini``: class-conditional DiTTransformer2DModel (patch 2 on the same 8×8 latents); its label table has 1,000
   rows plus the null row because DiTPipeline hard-codes 1000 as the null class.
 
@@ -22,7 +25,7 @@ import torch
 from ..errors import bad_value
 from .mnist import DIGIT_WORDS, PHRASINGS, STYLE_WORD, TRIGGER
 
-ARCHITECTURES = ("sd-mini", "dit-mini")
+ARCHITECTURES = ("sd-mini", "dit-mini", "flow-mini")
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
             "prediction_type": "epsilon", "clip_sample": False}
 
@@ -62,14 +65,74 @@ def dit_mini() -> Any:
     )
 
 
+#: flow-mini's transformer: width 64 (4 heads × 16), patch 2 on the 8×8 latents (16 image tokens)
+FLOW_MINI = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16}
+#: CLIP tokens per prompt in flow-mini (its tokenizers' model_max_length): the longest caption, "a photo of the
+#: number seven", is 6 words + BOS/EOS. SD3's pipeline pads prompts to this length; 77 would be 3× the compute.
+FLOW_MINI_CLIP_TOKENS = 8
+
+
+def mmdit_mini() -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    width = FLOW_MINI["num_attention_heads"] * FLOW_MINI["attention_head_dim"]
+    # joint_attention_dim / pooled_projection_dim 128: the two 64-wide CLIP encoders' states and pooled outputs,
+    # concatenated by the pipeline
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, **FLOW_MINI,
+                                 joint_attention_dim=128, caption_projection_dim=width, pooled_projection_dim=128,
+                                 pos_embed_max_size=8)
+
+
+def flow_mini(sd_mini: str | Path, seed: int = 0) -> Any:
+    """An untrained flow-mini: `StableDiffusion3Pipeline` on a trained sd-mini folder ``sd_mini``.
+
+    From sd-mini: the VAE (``shift_factor`` 0: its latents have mean 0.008 over the training digits, which the SD3
+    pipeline needs set), the CLIP text encoder as ``text_encoder`` (with a seeded 64 → 64 text projection, which
+    SD3's pooled embedding needs) and the tokenizer for both CLIP slots, limited to `FLOW_MINI_CLIP_TOKENS`. The
+    second CLIP encoder is a seeded random one of the same shape (both stay frozen, as sd-mini's: the transformer
+    learns to read them). There is no T5 (``text_encoder_3=None``): the pipeline then appends
+    ``max_sequence_length`` zero tokens to the prompt. The scheduler is `FlowMatchEulerDiscreteScheduler` with
+    shift 1 (SD3's shift 3 is for 64×64-patch images; 16 tokens need none).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = str(sd_mini)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae.register_to_config(shift_factor=0.0)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", model_max_length=FLOW_MINI_CLIP_TOKENS)
+    clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    config = clip.config
+    config.projection_dim = config.hidden_size
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(config)
+    text_encoder.text_model.load_state_dict(clip.state_dict())  # transformers 5: CLIPTextModel is the bare text model
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    torch.manual_seed(seed + 4)
+    return StableDiffusion3Pipeline(
+        transformer=mmdit_mini(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
 def _scheduler() -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULE, timestep_spacing="trailing", set_alpha_to_one=False)
 
 
+def _pipeline_folder(folder: str | Path | None) -> Path | None:
+    from . import MODELS, path
+
+    if folder is None or (Path(folder) / "model_index.json").is_file() or str(folder) not in MODELS:
+        return None if folder is None else Path(folder)
+    return path(str(folder))
+
+
 def build(architecture: str, seed: int = 0, vae_from: str | Path | None = None) -> Any:
-    """An untrained pipeline of ``architecture``; ``vae_from`` (a pipeline folder) supplies a trained VAE."""
+    """An untrained pipeline of ``architecture``; ``vae_from`` (a pipeline folder, or a shipped model's name) supplies
+    a trained VAE (flow-mini: a trained sd-mini, which it needs)."""
     from diffusers import AutoencoderKL, DiTPipeline, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -77,6 +140,12 @@ def build(architecture: str, seed: int = 0, vae_from: str | Path | None = None) 
 
     if architecture not in ARCHITECTURES:
         raise bad_value("model.architecture", architecture, f"one of {ARCHITECTURES}")
+    vae_from = _pipeline_folder(vae_from)
+    if architecture == "flow-mini":
+        if vae_from is None:
+            raise bad_value("model.vae_from", vae_from, "a trained sd-mini pipeline folder (or: sd-mini)",
+                            "flow-mini reuses sd-mini's VAE, CLIP text encoder and tokenizer")
+        return flow_mini(vae_from, seed)
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae") if vae_from else vae_mini()
     if architecture == "dit-mini":
