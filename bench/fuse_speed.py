@@ -6,9 +6,11 @@ The SD1.5 UNet architecture (random weights, fp32), one LoRA of rank ``--rank`` 
 same A and B in both: difftune's (``dt.inject`` + ``dt.fuse``) and peft's through diffusers (``unet.add_adapter`` +
 ``unet.fuse_lora``). The two copies share every base tensor except the weights a fuse writes. Each round fuses and
 unfuses both, in alternating order; reported: the median seconds of each fuse and unfuse, the ratio of the medians
-and the min–max of the per-round ratios, and how far the two fused weights and the two unfused weights are from each
-other and from the original (difftune's unfuse restores it exactly; peft's subtracts ΔW again). Time is the process's
-CPU time by default, as in bench/inference_overhead.py (why: its docstring).
+and the min–max of the per-round ratios; the first fuse apart (difftune copies W0 there, for an exact unfuse, and
+keeps the copy after unfusing while the weight is unchanged, so later fuses copy nothing); and how far the two fused
+weights and the two unfused weights are from each other and from the original (difftune's unfuse restores it
+exactly; peft's subtracts ΔW again). Time is the process's CPU time by default, as in bench/inference_overhead.py
+(why: its docstring).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     rounds = 2 if args.quick else args.rounds
     clock = CLOCKS[args.clock]
-    gaps = {}
+    gaps, first = {}, {}
     for r in range(rounds + 1):  # round 0 is a warm-up
         order = ["difftune", "diffusers"] if r % 2 else ["diffusers", "difftune"]
         for who in order:
@@ -87,8 +89,7 @@ def main() -> None:
                 key = next(k for k in steps if k.startswith(who) and k.split()[1].startswith(verb))
                 t0 = clock()
                 steps[key]()
-                if r:
-                    times[key].append(clock() - t0)
+                (times[key] if r else first.setdefault(key, [])).append(clock() - t0)
                 if r == 1 and verb == "fuse":
                     gaps[who] = _targeted(ours if who == "difftune" else theirs)
         if r == 1:
@@ -105,6 +106,9 @@ def main() -> None:
         per_round = [a / b for a, b in zip(mine, times[theirs_key])]
         print(f"| {verb} | {med[f'difftune {verb}']:.3f} | {med[theirs_key]:.3f} | "
               f"{med[f'difftune {verb}'] / med[theirs_key]:.2f}× ({min(per_round):.2f}–{max(per_round):.2f}) |")
+    cold = first["difftune fuse"][0] / first["diffusers fuse_lora"][0]
+    print(f"| first fuse (difftune makes its copy of W0) | {first['difftune fuse'][0]:.3f} | "
+          f"{first['diffusers fuse_lora'][0]:.3f} | {cold:.2f}× (one round) |")
     fused_gap = _gap(gaps["difftune"], gaps["diffusers"])
     print(f"\nfused weights, difftune vs diffusers: max |Δ| {fused_gap:.2e}; after one unfuse, vs the original: "
           f"difftune {gaps['unfused'][0]:.2e}, diffusers {gaps['unfused'][1]:.2e}")

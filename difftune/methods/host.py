@@ -1,7 +1,8 @@
 """`AdapterHost`: the module that replaces an adapted layer and runs its adapters around the original.
 
 Merging writes ``W = W0 + Σ_merged w_i ΔW_i`` (sums in fp32) and keeps W0 while merged, so unmerging is exact
-(no drift over fuse/unfuse cycles). Sparse adapters restore their own entries instead of a dense copy of W0.
+(no drift over fuse/unfuse cycles). Sparse adapters restore their own entries instead of a dense copy of W0. The dense
+copy stays after unmerging while the parameter is unchanged, so fusing again adds in place and copies nothing.
 
 Every adapter computes its ΔW and its output from the true W0 (`BaseParams`), whatever else is fused: the kept
 original while a dense adapter is fused into the parameter, else the live parameter, which holds W0 unless sparse
@@ -64,6 +65,8 @@ class AdapterHost(nn.Module):
         self.adapter_weights: dict[str, float] = {}
         self.disabled: set[str] = set()
         self.merged: list[str] = []
+        # {parameter name: (version, storage) when unmerged} for each dense copy of W0 kept after the unmerge
+        self._kept: dict[str, tuple[int, int]] = {}
 
     def __getattr__(self, name: str) -> Any:
         # Code that reads e.g. `attn.to_q.weight.dtype` or `conv.in_channels` must keep working on the host.
@@ -92,7 +95,7 @@ class AdapterHost(nn.Module):
 
     def base_value(self, pname: str) -> Tensor:
         """The true base value W0 of the base layer's ``pname`` (see the module docstring); KeyError if it has none."""
-        original = self._buffers.get(f"original_{pname}")
+        original = self._original(pname)
         if original is not None:
             return original
         value = getattr(self.base_layer, pname, None)
@@ -194,21 +197,41 @@ class AdapterHost(nn.Module):
     def _touching(self, pname: str) -> dict[str, Adapter]:
         return {n: a for n, a in self.adapters.items() if pname in a.merge_params()}
 
+    def _original(self, pname: str) -> Tensor | None:
+        """The dense copy of W0 of ``pname``, or None. A copy kept after unmerging is W0 only while the parameter is
+        the tensor it was then, unwritten since (its version counter; `forget_kept` for writes through ``.data``):
+        otherwise it goes, and the live parameter is the base again, as without a copy."""
+        key = f"original_{pname}"
+        original = self._buffers.get(key)
+        kept = self._kept.get(pname)
+        if original is not None and kept is not None:
+            param = getattr(self.base_layer, pname)
+            if kept != (param._version, param.data_ptr()):
+                del self._buffers[key], self._kept[pname]
+                return None
+        return original
+
+    def forget_kept(self) -> None:
+        """Drop the copies of W0 kept after unmerging (a later merge copies again); frees their memory."""
+        for pname in self._kept:
+            self._buffers.pop(f"original_{pname}", None)
+        self._kept.clear()
+
     def _restore_param(self, pname: str, param: Tensor) -> None:
-        """``param`` ← W0; keep a dense copy of it exactly while a dense adapter is to be merged into it."""
+        """``param`` ← W0; keep a dense copy of it while a dense adapter is merged into it or may be again."""
         key = f"original_{pname}"
         touching = self._touching(pname)
-        original = self._buffers.get(key)
-        if original is not None:
-            param.copy_(original)
+        original = self._original(pname)
+        if original is not None and self._kept.pop(pname, None) is None:
+            param.copy_(original)  # a dense adapter is merged; a kept copy is what the parameter holds already
         for adapter in touching.values():
             if adapter.sparse:
                 adapter.restore(pname, param)
         dense = any(n in touching and not touching[n].sparse for n in self.merged)
         if dense and original is None:
             self.register_buffer(key, param.detach().clone(), persistent=False)
-        elif not dense and original is not None:
-            del self._buffers[key]
+        elif original is not None and all(a.sparse for a in touching.values()):
+            del self._buffers[key]  # no dense adapter left to merge here
 
     def _write_param(self, pname: str, param: Tensor, base: BaseParams) -> None:
         touching = self._touching(pname)
@@ -228,6 +251,8 @@ class AdapterHost(nn.Module):
         for n in merged:
             if touching[n].sparse:
                 touching[n].add_into(pname, param, self.adapter_weights[n])
+        if not dense and f"original_{pname}" in self._buffers:  # kept: see `_original`
+            self._kept[pname] = (param._version, param.data_ptr())
 
     def bake(self, names: Sequence[str]) -> None:
         """Make merged adapters ``names`` part of the base, W0 ← W0 + Σ w_i Δ_i, so they can be deleted."""
@@ -237,6 +262,7 @@ class AdapterHost(nn.Module):
         with torch.no_grad():
             for key in [k for k in self._buffers if k.startswith("original_")]:
                 del self._buffers[key]  # the current values are the new base
+            self._kept.clear()
             for adapter in self.adapters.values():
                 if adapter.sparse:
                     adapter.recapture(self.base_layer)

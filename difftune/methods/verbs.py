@@ -222,6 +222,7 @@ def remove(model: nn.Module, names: str | Sequence[str] | None = None, merge: bo
             del host.adapters[n]
             host.adapter_weights.pop(n, None)
             host.disabled.discard(n)
+        host.forget_kept()  # the copies of W0 kept for fusing again (the next fuse of the others copies anew)
         if not len(host.adapters):
             _set_module(model, host_name, host.base_layer)
     parts = model_parts(model)
@@ -288,9 +289,10 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
 
 
 def refresh(model: nn.Module) -> None:
-    """Rewrite every merged adapter's values into the base weights and drop the adapters' caches (after tensors
-    were changed via ``.data``, which version counters do not see)."""
+    """Rewrite every merged adapter's values into the base weights and drop the adapters' caches and the hosts'
+    copies of W0 kept after unfusing (after tensors were changed via ``.data``, which version counters do not see)."""
     for _, host in hosts(model):
+        host.forget_kept()
         for adapter in host.adapters.values():
             adapter.clear_cache()
         if host.merged:

@@ -24,8 +24,8 @@ Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
 After training the weights are edited in place (`dt.fuse`): zero inference overhead. Saved: Δ, the mask M as packed
 bits, and a fingerprint of the base values (so an adapter cannot be applied to another base by accident).
 
-Layout: `adapter.py` (the config, the selection masks and the adapter), `training.py` (`SaRAAdamW`, the trainer
-plugin, the learning rate and `threshold_for_fraction`).
+Layout: `adapter.py` (the config, the base check and the adapter), `positions.py` (how M is kept and saved),
+`training.py` (`SaRAAdamW`, the trainer plugin, the learning rate and `threshold_for_fraction`).
 
 Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each tested:
 
@@ -42,7 +42,8 @@ Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each 
    the selected absolute values toward 0. The PPA step updates as usual (officially it is skipped).
 """
 
-from .adapter import SaRAAdapter, SaRAConfig, pack_bits, sara_summary, unpack_bits
+from .adapter import SaRAAdapter, SaRAConfig, sara_summary
+from .positions import pack_bits, unpack_bits
 from .training import SaRAAdamW, SaRAPlugin, auto_lr, prepare_sara, progressive_step, threshold_for_fraction
 
 __all__ = ["SaRAAdamW", "SaRAAdapter", "SaRAConfig", "SaRAPlugin", "auto_lr", "pack_bits", "prepare_sara",

@@ -1,5 +1,6 @@
-"""SaRA's data: the config, the selection M = |W0| < θ (kept as indices, saved as packed bits with a fingerprint
-of the base values) and the adapter that routes grad_W[M] to the trainable vector Δ. See the package docstring."""
+"""SaRA's data: the config, the selection M = |W0| < θ (kept as positions, `positions`, saved as packed bits with a
+fingerprint of the base values) and the adapter that routes grad_W[M] to the trainable vector Δ. See the package
+docstring."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
 from ..host import AdapterHost
 from ..verbs import hosts
+from .positions import decode, encode, pack_bits, unpack_bits
 
 
 @register_method("sara")
@@ -72,28 +74,7 @@ class SaRAConfig(MethodConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Bool (n,) → uint8 (⌈n/8⌉,); bit j of byte i is entry 8i + j."""
-    n = mask.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
-    padded[:n] = mask.reshape(-1).to(torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (padded.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """uint8 (⌈n/8⌉,) → bool (n,), the inverse of `pack_bits`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
-
-
-def _index(mask: Tensor) -> Tensor:
-    idx = mask.reshape(-1).nonzero().squeeze(1)
-    # int32 halves the index memory (indexing accepts it); tensors past 2^31 entries need int64
-    return idx.to(torch.int32) if mask.numel() < 2**31 else idx
+# The base check
 
 
 def _fingerprint(param: Tensor) -> Tensor:
@@ -137,17 +118,17 @@ class _RouteGrad(torch.autograd.Function):
     """Identity on the (already written) base tensor; the backward hands grad_W[M]·w to Δ and nothing to W."""
 
     @staticmethod
-    def forward(ctx: Any, delta: Tensor, carrier: Tensor, idx: Tensor, weight: float) -> Tensor:
-        ctx.save_for_backward(idx)
+    def forward(ctx: Any, delta: Tensor, carrier: Tensor, low: Tensor, counts: Tensor, weight: float) -> Tensor:
+        ctx.save_for_backward(low, counts)  # the kept positions: the flat indices are decoded in the backward only
         ctx.weight = weight
         ctx.delta_dtype = delta.dtype
         return carrier.view_as(carrier)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (idx,) = ctx.saved_tensors
+        idx = decode(*ctx.saved_tensors)
         g_delta = grad.reshape(-1).index_select(0, idx).to(ctx.delta_dtype) * ctx.weight  # (|M|,)
-        return g_delta, grad if ctx.needs_input_grad[1] else None, None, None
+        return g_delta, grad if ctx.needs_input_grad[1] else None, None, None, None
 
 
 @dataclass
@@ -163,8 +144,8 @@ class SaRAAdapter(Adapter):
     """Δ over the selected entries of each of one module's own parameters.
 
     State per parameter ``p`` (``weight``, ``bias``, ...): ``sara_delta_p`` (the trained Δ, fp32), ``sara_mask_p``
-    (M packed in bits) and ``sara_base_p`` (the base fingerprint) are saved; ``idx_p`` (M as indices), ``w0_p``
-    (W0[M], for exact unmerge) and ``train_p`` (M' after PPA) live in memory.
+    (M packed in bits) and ``sara_base_p`` (the base fingerprint) are saved; ``pos_p``/``blocks_p`` (M as positions,
+    `positions.encode`), ``w0_p`` (W0[M], for exact unmerge) and ``train_p`` (M' after PPA) live in memory.
 
     Unfused and without a gradient to build, the layer runs with a dense copy of each parameter with Δ written in,
     kept between calls (`_dense`) and rebuilt only when Δ, the weight or the base tensor changed: one copy per
@@ -194,12 +175,13 @@ class SaRAAdapter(Adapter):
             self._select(pname, param, mask)
 
     def _select(self, pname: str, param: Tensor, mask: Tensor) -> None:
-        idx = _index(mask)
-        flat = param.detach().reshape(-1)
-        self.register_buffer(f"idx_{pname}", idx, persistent=False)
-        self.register_buffer(f"w0_{pname}", flat.index_select(0, idx).clone(), persistent=False)
+        low, counts = encode(mask)
+        self.register_buffer(f"pos_{pname}", low, persistent=False)
+        self.register_buffer(f"blocks_{pname}", counts, persistent=False)
+        self.register_buffer(f"w0_{pname}", param.detach().reshape(-1).index_select(0, self.index(pname)),
+                             persistent=False)
         self.register_buffer(f"train_{pname}", None, persistent=False)  # allocated by PPA or a checkpoint
-        delta = nn.Parameter(torch.zeros(idx.numel(), dtype=torch.float32, device=param.device))
+        delta = nn.Parameter(torch.zeros(low.numel(), dtype=torch.float32, device=param.device))
         delta._sara_owner = (weakref.ref(self), pname)  # lets SaRAAdamW find the mask of each vector it updates
         setattr(self, f"sara_delta_{pname}", delta)
         self._synced.pop(pname, None)
@@ -226,8 +208,13 @@ class SaRAAdapter(Adapter):
                 base: Mapping[str, Tensor]) -> Tensor:
         return out  # SaRA acts through the parameters (`param_overrides`), not on the output
 
+    def positions(self, pname: str) -> tuple[Tensor, Tensor]:
+        """M of ``pname`` as kept (`positions.encode`)."""
+        return getattr(self, f"pos_{pname}"), getattr(self, f"blocks_{pname}")
+
     def index(self, pname: str) -> Tensor:
-        return getattr(self, f"idx_{pname}")
+        """The sorted flat indices of M (decoded on each call: hold them only while needed)."""
+        return decode(*self.positions(pname))
 
     def base_values(self, pname: str) -> Tensor:
         return getattr(self, f"w0_{pname}")
@@ -236,7 +223,8 @@ class SaRAAdapter(Adapter):
         """M' over the selected entries (all True until PPA); (|M|,) bool, allocated on first use."""
         mask = getattr(self, f"train_{pname}")
         if mask is None:
-            mask = torch.ones(self.index(pname).numel(), dtype=torch.bool, device=self.index(pname).device)
+            delta = self.delta_vector(pname)
+            mask = torch.ones(delta.numel(), dtype=torch.bool, device=delta.device)
             setattr(self, f"train_{pname}", mask)
         return mask
 
@@ -245,11 +233,12 @@ class SaRAAdapter(Adapter):
         return mask is None or bool(mask.all())
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        # The mask is saved packed (n/8 bytes) but kept in memory only as indices: packing happens here.
+        # The mask is saved packed (n/8 bytes) but kept in memory as positions: packing happens here.
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for p in self.pnames:
-            mask = torch.zeros(math.prod(self.shapes[p]), dtype=torch.bool, device=self.index(p).device)
-            mask[self.index(p).long()] = True
+            idx = self.index(p)
+            mask = torch.zeros(math.prod(self.shapes[p]), dtype=torch.bool, device=idx.device)
+            mask[idx.long()] = True
             destination[f"{prefix}sara_mask_{p}"] = pack_bits(mask)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -268,7 +257,7 @@ class SaRAAdapter(Adapter):
         """Δ of parameter ``pname`` scattered into a dense fp32 tensor of its shape (zeros off the selection)."""
         delta = self.delta_vector(pname).detach().float()
         dense = torch.zeros(math.prod(self.shapes[pname]), dtype=torch.float32, device=delta.device)
-        return dense.index_put((self.index(pname),), delta).view(self.shapes[pname])
+        return dense.index_put_((self.index(pname),), delta).view(self.shapes[pname])  # in place: one dense tensor
 
     def delta_params(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {p: self.dense_delta(p) for p in self.pnames}  # Δ does not depend on W0
@@ -309,12 +298,12 @@ class SaRAAdapter(Adapter):
                         merged: bool) -> dict[str, Tensor]:
         for p in self.pnames:
             current = params.get(p, getattr(base_layer, p))
-            delta, idx = self.delta_vector(p), self.index(p)
+            delta = self.delta_vector(p)
             if merged:
                 self._dense.pop(p, None)
                 # The values are already in place; route the gradient only (no copy of the weight is made).
                 if torch.is_grad_enabled() and delta.requires_grad:
-                    params[p] = _RouteGrad.apply(delta, current, idx, weight)
+                    params[p] = _RouteGrad.apply(delta, current, *self.positions(p), weight)
             elif torch.is_grad_enabled() and (delta.requires_grad or current.requires_grad):
                 self._dense.pop(p, None)
                 params[p] = self.with_delta(p, current, weight)  # autograd needs this call's graph: built each time
