@@ -69,12 +69,14 @@ def test_methods_that_do_not_apply_are_refused_with_an_alternative(kind, method,
     assert dt.list_adapters(model) == {} and model.state_dict().keys() == before.keys()
 
 
-def test_kind_still_applies_to_class_conditional_dits_and_plain_modules():
+def test_kind_still_applies_to_class_conditional_dits_pixart_and_plain_modules():
+    """PixArt gets its class labels per call (the studio's class picker, tests/apps/test_logic.py)."""
     from difftune.methods.kind import KINDConfig
-    from difftune.testing import tiny_dit
+    from difftune.testing import tiny_dit, tiny_pixart_pipeline
 
     cfg = {"learngenes": 2, "tailors_per_class": 1, "classes": [1]}
     assert dt.inject(tiny_dit(), KINDConfig(**cfg))  # DiTTransformer2DModel takes class_labels
+    assert dt.inject(tiny_pixart_pipeline().transformer, KINDConfig(**cfg))
     assert dt.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), KINDConfig(target_modules=["0"], **cfg)) == ["0"]
 
 

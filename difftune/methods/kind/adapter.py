@@ -3,7 +3,6 @@ verbs are in `parts.py`. See the package docstring."""
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,15 +88,16 @@ class KINDConfig(MethodConfig):
         return self.train_base
 
     def check_model(self, model: nn.Module) -> None:
-        # a diffusers transformer without class labels (PixArt, SD3, Flux) is text-conditioned: the gate has nothing
-        # to route by (a plain module may still get its labels per call, through adapter_inputs)
+        # SD3/Flux take no class labels and no per-call labels reach their blocks' linears through the pipelines;
+        # PixArt (also text-conditioned) is allowed: its class labels come per call (`adapter_inputs`, the studio's
+        # class picker), docs/methods/kind.md
         kind = type(model).__name__
-        if kind.endswith("Transformer2DModel") and "class_labels" not in inspect.signature(model.forward).parameters:
+        if kind in ("SD3Transformer2DModel", "FluxTransformer2DModel"):
             raise DifftuneError(
                 f"method 'kind' routes each item to its class's tailor components by its class label; {kind} is "
-                "text-conditioned and takes no class labels, so KIND's class gate cannot apply. On a text-conditioned "
-                "model use LoRA, LoHa, KronA, SaRA or full fine-tuning (MMDiT default targets: docs/sd3-flux.md); "
-                "KIND needs a class-conditional DiT")
+                "text-conditioned and takes no class labels, so KIND's class gate cannot apply. On SD3/Flux use LoRA, "
+                "LoHa, KronA, SaRA or full fine-tuning (MMDiT default targets: docs/sd3-flux.md); KIND needs a "
+                "class-conditional DiT (or PixArt with class labels given per call)")
 
     def probe_inputs(self, name: str) -> tuple[int, dict[str, Any]]:
         # one item per class (its tailor group) plus one of no class (learngenes only)
