@@ -169,6 +169,9 @@ class ImageDataset(Dataset):
         self.bucket_of: list[int] | None = None  #: each item's bucket index, after `use_buckets`
         self.caption_options = CaptionOptions()  #: kohya-style tag handling (`difftune.train.captions`)
         self.masks: dict[Path, Path] | None = None  #: each image's loss mask, after `use_masks`
+        #: the index of item 0 in the whole data set when this folder is one of several (`folders.ConcatFolders`):
+        #: items report their index in the whole and draw from its generator, so no two folders share a stream
+        self.offset = 0
 
     def use_buckets(self, buckets: Sequence[tuple[int, int]], max_crop: float, root: Path) -> None:
         """Give each item the bucket nearest its image's aspect ratio (`difftune.train.buckets.assign`: raises a
@@ -176,9 +179,9 @@ class ImageDataset(Dataset):
         self.bucket_of = assign([r["path"] for r in self.records], buckets, max_crop, root)
         self.buckets = list(buckets)
 
-    def use_masks(self, mask_root: Path, root: Path) -> None:
+    def use_masks(self, mask_root: Path, root: Path, field: str = "data.masks") -> None:
         """Give each item its image's mask (``"mask"``: (1, H, W) in [0, 1]; `difftune.train.masks`)."""
-        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root))
+        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root), field)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,7 +196,7 @@ class ImageDataset(Dataset):
 
     def rng(self, index: int) -> np.random.Generator:
         """The generator for item ``index`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.epoch, self.offset + index])
 
     def pixels(self, path: Path, rng: np.random.Generator) -> torch.Tensor:
         """Load and augment one image (at the square resolution)."""
@@ -218,9 +221,9 @@ class ImageDataset(Dataset):
             mask = self.augmented(index, self.masks[record["path"]], self.rng(index))
             item["mask"] = mask_item(mask["pixel_values"])
         if "caption" in item and self.caption_options.active:  # a stream of its own: the pixels stay as they were
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            rng = np.random.default_rng([self.seed, self.epoch, self.offset + index, 1])
             item["caption"] = process_caption(item["caption"], self.caption_options, rng)
-        item["index"] = index
+        item["index"] = self.offset + index
         return item
 
 
@@ -341,6 +344,9 @@ class DreamBoothDataset(Dataset):
             cls = [{"path": p, "caption": class_prompt} for p in _readable(find_images(croot), croot, class_field)]
             self.classes = ImageDataset(cls, resolution, center_crop, random_flip, 1, seed)
 
+    #: as `ImageDataset.offset`: item 0's index in the whole data set (kept by the instances, whose generator uses it)
+    offset = property(lambda self: self.instances.offset, lambda self, v: setattr(self.instances, "offset", v))
+
     def __len__(self) -> int:
         n = len(self.instances)
         return max(n, len(self.classes)) if self.classes is not None else n
@@ -362,7 +368,7 @@ class DreamBoothDataset(Dataset):
         rng = self.instances.rng(index)  # one stream per item: instance draws first, then the class image
         i = index % len(self.instances)
         item = {**self.instances.augmented(i, self.instances.records[i]["path"], rng),
-                "caption": self.instances.records[i]["caption"], "index": index}
+                "caption": self.instances.records[i]["caption"], "index": self.offset + index}
         if self.classes is not None:
             c = index % len(self.classes)
             item.update((f"class_{k}", v) for k, v in self.classes.augmented(c, self.classes.records[c]["path"],
