@@ -39,7 +39,7 @@ def preprocess(
 
 def preprocess_geometry(
     image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool, rng: np.random.Generator
-) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
     """Resize ``image`` (any mode; converted to RGB), keeping its aspect ratio, to just cover ``size`` = (width,
     height) (Lanczos); crop the center, else at offsets drawn from ``rng``; then flip horizontally with probability
     0.5 when ``random_flip``, drawn from ``rng`` after the offsets.
@@ -47,7 +47,8 @@ def preprocess_geometry(
     Returns:
         The float32 tensor ``(3, height, width)`` in ``[-1, 1]`` and the geometry SDXL conditions on:
         ``(original height, original width, crop top, crop left)``, the crop's offsets in the resized image
-        (measured from the right edge when flipped, so they describe the flipped image the model sees).
+        (measured from the right edge when flipped, so they describe the flipped image the model sees), and
+        whether it was flipped (`cache` keeps both orientations' latents and picks by it).
     """
     image = image.convert("RGB")
     out_w, out_h = size
@@ -61,11 +62,12 @@ def preprocess_geometry(
     else:
         left, top = int(rng.integers(0, w - out_w + 1)), int(rng.integers(0, h - out_h + 1))
     image = image.crop((left, top, left + out_w, top + out_h))
-    if random_flip and rng.random() < 0.5:
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = w - left - out_w
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), (orig_h, orig_w, top, left)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), (orig_h, orig_w, top, left), flipped
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -205,10 +207,10 @@ class ImageDataset(Dataset):
     def augmented(self, index: int, path: Path, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Item ``index``'s image at its size (its bucket's, else the square resolution) and its geometry."""
         size = (self.resolution,) * 2 if self.bucket_of is None else self.buckets[self.bucket_of[index]]
-        pixels, (h, w, top, left) = preprocess_geometry(_load_image(path), size, self.center_crop,
-                                                        self.random_flip, rng)
+        pixels, (h, w, top, left), flipped = preprocess_geometry(_load_image(path), size, self.center_crop,
+                                                                 self.random_flip, rng)
         return {"pixel_values": pixels, "original_size": torch.tensor([h, w]),
-                "crop_top_left": torch.tensor([top, left])}
+                "crop_top_left": torch.tensor([top, left]), "flipped": torch.tensor(flipped)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):

@@ -62,7 +62,11 @@ class DataConfig:
     random_flip: bool = False  #: random horizontal flip
     repeats: int = 1  #: repeat the dataset this many times per epoch
     label_dropout: float = 0.0  #: probability of replacing a caption by "" (class by the null class), for CFG
-    cache_latents: bool = False  #: encode every image with the VAE once (needs center crop and no flip)
+    #: encode every image with the VAE once, before training (needs center crop; with random_flip both orientations
+    #: are cached): true keeps the latents in memory, ``disk`` also in files under ``cache_dir`` that later runs
+    #: read instead of encoding (keyed by the image's pixels at their bucket and by the VAE: never stale)
+    cache_latents: bool | Literal["disk"] = False
+    cache_dir: str | None = None  #: ``cache_latents: disk``'s folder (default ``~/.cache/difftune/latents``)
     cache_text_embeddings: bool = False  #: encode every caption once
     num_workers: int = 0  #: dataloader workers
     #: kind control (captioned images with a condition image each, for SCEdit's CSC-Tuner): an extractor applied to
@@ -121,9 +125,13 @@ class DataConfig:
         check_range("data.num_class_images", self.num_class_images, 0, MAX_CLASS_IMAGES)
         if self.prior_loss_weight < 0:
             raise bad_value("data.prior_loss_weight", self.prior_loss_weight, "a number >= 0")
-        if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise bad_value("data.cache_latents", True, "false when random_flip or random crops are on",
-                            "cached latents cannot be re-augmented; turn off random_flip and set center_crop: true")
+        if self.cache_latents and not self.center_crop:
+            raise bad_value("data.cache_latents", self.cache_latents, "false when random crops are on",
+                            "cached latents cannot be re-cropped; set center_crop: true (random_flip works: both "
+                            "orientations are cached)")
+        if self.cache_dir and self.cache_latents != "disk":
+            raise bad_value("data.cache_dir", self.cache_dir, "unset unless data.cache_latents is 'disk'",
+                            "in-memory caching (cache_latents: true) writes no files")
 
     def _check_buckets(self) -> None:
         for key in ("bucket_min_size", "bucket_max_size", "bucket_step"):
@@ -222,7 +230,7 @@ class DataConfig:
         # Image options would be silently ignored: refuse them, naming the key.
         image_only = {"path": "", "instance_prompt": None, "class_prompt": None, "default_caption": None,
                       "random_flip": False, "cache_latents": False, "label_dropout": 0.0, "masks": None,
-                      "class_path": None, "datasets": [], "num_class_images": 0}
+                      "class_path": None, "datasets": [], "num_class_images": 0, "cache_dir": None}
         for key, unset in image_only.items():
             if getattr(self, key) != unset:
                 raise bad_value(f"data.{key}", getattr(self, key), f"unset with data.kind {self.kind!r} (no images)",
