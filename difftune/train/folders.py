@@ -116,6 +116,10 @@ def _buckets(cfg: TrainConfig, family: Family) -> list[tuple[int, int]]:
     if cfg.train.objective == "autoencode":
         raise bad_value("data.buckets", True, "false with train.objective autoencode",
                         "the VAE's latent scale is measured on same-sized images")
+    if type(getattr(family.pipe, "transformer", None)).__name__ == "DiTTransformer2DModel":
+        raise bad_value("data.buckets", True, "false for a DiT pipeline",
+                        "diffusers' DiTTransformer2DModel un-patchifies its output as a square (height = width), so "
+                        "DiT trains at the square data.resolution; several folders (data.datasets) still work")
     return make_buckets(d.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step)
 
 
