@@ -44,6 +44,7 @@ from .checkpoints import (
     save_checkpoint,
     weights_digest,
 )
+from .classimages import ensure_class_images
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .flow import configure_family
 from .interrupt import InterruptFlag, TrainingInterrupted
@@ -171,6 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
             # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints
             check_unfinished(cfg.output_dir, overwrite=cfg.overwrite,
                              resuming=bool(cfg.checkpointing.resume_from_checkpoint))
+    ensure_class_images(cfg, accelerator)  # DreamBooth class images sampled by the base model, when asked
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     family = family_for(pipe, denoiser)
