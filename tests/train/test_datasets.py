@@ -25,22 +25,12 @@ BUCKETS = ["data.buckets=true", "data.bucket_min_size=16", "data.bucket_max_size
 TEXT_FAMILY = SimpleNamespace(conditioning="text", pipe=SimpleNamespace(vae_scale_factor=4))
 
 
-def _folder(folder: Path, sizes: list[tuple[int, int]], captions: list[str], ext: str = ".txt",
-            seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}{ext}").write_text(captions[i % len(captions)])
-    return folder
-
-
 @pytest.fixture(scope="module")
-def two(tmp_path_factory):
+def two(tmp_path_factory, write_photos):
     """Two caption folders: wide and square photos with .txt captions, tall ones with .cap captions."""
     root = tmp_path_factory.mktemp("datasets")
-    a = _folder(root / "a", [(64, 32), (70, 36), (40, 40)], ["a photo of a cat", "a red car"])
-    b = _folder(root / "b", [(32, 64), (36, 70)], ["sks dog, park, sunny"], ext=".cap", seed=1)
+    a = write_photos(root / "a", [(64, 32), (70, 36), (40, 40)], ["a photo of a cat", "a red car"])
+    b = write_photos(root / "b", [(32, 64), (36, 70)], ["sks dog, park, sunny"], seed=1, ext=".cap")
     masks = root / "b-masks"
     masks.mkdir()
     for i, (w, h) in enumerate([(32, 64), (36, 70)]):
@@ -150,10 +140,10 @@ def test_a_missing_folder_or_mask_is_named_by_its_entry(two, tmp_path):
         build_dataset(_cfg(two, tmp_path / "o", bad), TEXT_FAMILY)
 
 
-def test_class_folders_of_several_datasets_must_agree_on_labels(tmp_path):
+def test_class_folders_of_several_datasets_must_agree_on_labels(tmp_path, write_photos):
     for root, names in (("x", ["cat", "dog"]), ("y", ["dog"])):
         for name in names:
-            _folder(tmp_path / root / name, [(32, 32)], ["-"])
+            write_photos(tmp_path / root / name, [(32, 32)])
     cfg = load_config(TrainConfig, REPO / "configs" / "debug" / "tiny_dit.yaml", [
         "data.path=''", f"output_dir={tmp_path / 'out'}",
         f"data.datasets=[{{path: {tmp_path / 'x'}}}, {{path: {tmp_path / 'y'}}}]"])

@@ -7,10 +7,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difftune.cli import main as cli_main
 from difftune.config import load_config
@@ -23,25 +21,18 @@ BUCKETS = ["data.buckets=true", "data.bucket_min_size=16", "data.bucket_max_size
 WIDE, TALL, SQUARE = (64, 32), (32, 64), (40, 40)
 
 
-def _photos(folder: Path, sizes: list[tuple[int, int]], seed: int, captions: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        if captions:
-            (folder / f"{i}.txt").write_text(["sks woman, smiling, park", "woman, red coat, street"][i % 2])
-    return folder
+CAPTIONS = ["sks woman, smiling, park", "woman, red coat, street"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, write_photos):
     root = tmp_path_factory.mktemp("families")
-    paths = {"train": _photos(root / "train", [WIDE, TALL, WIDE], 0),
-             "regularization": _photos(root / "regularization", [SQUARE, TALL], 1),
-             "heldout": _photos(root / "heldout", [WIDE, SQUARE], 2)}
+    paths = {"train": write_photos(root / "train", [WIDE, TALL, WIDE], CAPTIONS, 0),
+             "regularization": write_photos(root / "regularization", [SQUARE, TALL], CAPTIONS, 1),
+             "heldout": write_photos(root / "heldout", [WIDE, SQUARE], CAPTIONS, 2)}
     for label, sizes in (("0", [WIDE, TALL]), ("3", [SQUARE, WIDE])):
-        _photos(root / "classes-a" / label, sizes, 3 + int(label), captions=False)
-        _photos(root / "classes-b" / label, sizes[::-1], 7 + int(label), captions=False)
+        write_photos(root / "classes-a" / label, sizes, seed=3 + int(label))
+        write_photos(root / "classes-b" / label, sizes[::-1], seed=7 + int(label))
     paths["classes-a"], paths["classes-b"] = root / "classes-a", root / "classes-b"
     return paths
 

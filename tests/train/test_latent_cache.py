@@ -22,18 +22,14 @@ SIZES = [(64, 32), (70, 36), (32, 64), (40, 40), (36, 40)]
 BUCKETS = ["data.buckets=true", "data.bucket_min_size=16", "data.bucket_max_size=64", "data.bucket_step=8"]
 
 
-def _photos(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(["a photo of a cat", "a red car"][i % 2])
-    return folder
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     return save_tiny_pipeline("sd", tmp_path_factory.mktemp("cache") / "sd")
+
+
+@pytest.fixture
+def photos(tmp_path, write_photos):
+    return write_photos(tmp_path / "photos", SIZES, ["a photo of a cat", "a red car"])
 
 
 @pytest.fixture
@@ -64,8 +60,8 @@ def _files(cache_dir: Path) -> set[Path]:
     return set(cache_dir.rglob("*.safetensors"))
 
 
-def test_a_second_run_reads_the_disk_cache_instead_of_encoding(sd, tmp_path, counted):
-    photos, cache_dir = _photos(tmp_path / "photos"), tmp_path / "cache"
+def test_a_second_run_reads_the_disk_cache_instead_of_encoding(sd, photos, tmp_path, counted):
+    cache_dir = tmp_path / "cache"
     first = _run(sd, photos, tmp_path / "a", cache_dir)
     # batch 1: one VAE call per image and orientation, both orientations of all 5 images on disk
     assert counted["encoded"] == 2 * len(SIZES) and len(_files(cache_dir)) == 2 * len(SIZES)
@@ -76,8 +72,8 @@ def test_a_second_run_reads_the_disk_cache_instead_of_encoding(sd, tmp_path, cou
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_a_changed_image_resolution_or_vae_is_never_served_a_stale_entry(sd, tmp_path, counted):
-    photos, cache_dir = _photos(tmp_path / "photos"), tmp_path / "cache"
+def test_a_changed_image_resolution_or_vae_is_never_served_a_stale_entry(sd, photos, tmp_path, counted):
+    cache_dir = tmp_path / "cache"
     _run(sd, photos, tmp_path / "a", cache_dir, "train.max_steps=1")
     before = _files(cache_dir)
     edited = np.asarray(Image.open(photos / "2.png")).copy()
@@ -105,12 +101,12 @@ def test_a_changed_image_resolution_or_vae_is_never_served_a_stale_entry(sd, tmp
     assert cache.vae_fingerprint(vae) == fingerprint
 
 
-def test_the_flipped_variant_is_the_encoding_of_the_mirrored_image(sd, tmp_path):
+def test_the_flipped_variant_is_the_encoding_of_the_mirrored_image(sd, photos, tmp_path):
     from diffusers import AutoencoderKL
 
     from difftune.train.data import CaptionFolder
 
-    photos, cache_dir = _photos(tmp_path / "photos"), tmp_path / "cache"
+    cache_dir = tmp_path / "cache"
     _run(sd, photos, tmp_path / "a", cache_dir, "train.max_steps=1")
     vae = AutoencoderKL.from_pretrained(sd / "vae")
     store = cache.LatentStore(cache_dir, vae)
@@ -137,8 +133,8 @@ def test_bad_cache_settings_name_the_key(sd, tmp_path, sets, key):
         load_config(TrainConfig, REPO / "configs" / "debug" / "tiny_sd.yaml", [f"output_dir={tmp_path}", *sets])
 
 
-def test_an_unreadable_cache_file_is_a_clear_error(sd, tmp_path):
-    photos, cache_dir = _photos(tmp_path / "photos"), tmp_path / "cache"
+def test_an_unreadable_cache_file_is_a_clear_error(sd, photos, tmp_path):
+    cache_dir = tmp_path / "cache"
     _run(sd, photos, tmp_path / "a", cache_dir, "train.max_steps=1")
     victim = sorted(_files(cache_dir))[0]
     victim.write_bytes(b"not a safetensors file")
