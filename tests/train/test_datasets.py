@@ -150,3 +150,22 @@ def test_class_folders_of_several_datasets_must_agree_on_labels(tmp_path, write_
     family = SimpleNamespace(conditioning="class", pipe=SimpleNamespace(vae_scale_factor=4))
     with pytest.raises(dt.DifftuneError, match=r"`data.datasets\[1\].path`.*label 0 is 'cat'"):
         build_dataset(cfg, family)
+
+
+def test_dreambooth_folders_keep_their_own_prompts_and_class_images(two, tmp_path, write_photos):
+    inst_a = write_photos(tmp_path / "inst-a", [(32, 32)] * 2)
+    inst_b = write_photos(tmp_path / "inst-b", [(32, 32)] * 3, seed=1)
+    cls_a = write_photos(tmp_path / "cls-a", [(32, 32)] * 3, seed=2)
+    cls_b = write_photos(tmp_path / "cls-b", [(32, 32)], seed=3)
+    cfg = _cfg(two, tmp_path / "out", "data.kind=dreambooth", "data.class_prompt=a photo of a dog",
+               f"data.datasets=[{{path: {inst_a}, instance_prompt: a photo of sks dog, class_path: {cls_a}}}, "
+               f"{{path: {inst_b}, instance_prompt: a photo of zwx cat, class_path: {cls_b}, "
+               "class_prompt: a photo of a cat}]")
+    ds = build_dataset(cfg, TEXT_FAMILY)
+    assert len(ds) == 3 + 3  # each folder: max(instances, class images)
+    items = [ds[i] for i in range(len(ds))]
+    assert [it["index"] for it in items] == list(range(6))
+    assert [it["caption"] for it in items] == ["a photo of sks dog"] * 3 + ["a photo of zwx cat"] * 3
+    assert [it["class_caption"] for it in items] == ["a photo of a dog"] * 3 + ["a photo of a cat"] * 3
+    assert all(it["class_pixel_values"].shape == (3, 32, 32) for it in items)
+    assert ds.captions() == ["a photo of a cat", "a photo of a dog", "a photo of sks dog", "a photo of zwx cat"]
