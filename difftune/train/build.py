@@ -20,11 +20,12 @@ from ..basemodel import BaseModel, load_base_pipeline, resolve_model
 from ..components import DENOISERS
 from ..errors import bad_value
 from ..families import Family
-from .buckets import BucketBatchSampler, describe, make_buckets
+from .buckets import BucketBatchSampler, describe
 from .captions import CaptionOptions
 from .config import TrainConfig
 from .control import ControlFolder
-from .data import CaptionFolder, ClassFolder, DreamBoothDataset, check_dir, collate
+from .data import collate
+from .folders import build_folders
 from .sources import IndexDataset, PromptDataset, read_prompts
 from .tracking import check_trackers
 
@@ -104,51 +105,15 @@ def build_dataset(cfg: TrainConfig, family: Family) -> Any:
             raise bad_value("data.kind", "prompts", f"'none' or 'classes' for {type(family.pipe).__name__}",
                             "the pipeline is class-conditional: it has no text encoder for prompts")
         return PromptDataset(read_prompts(d.prompts, d.prompts_file), d.repeats)
-    common = {"resolution": d.resolution, "center_crop": d.center_crop, "random_flip": d.random_flip,
-              "repeats": d.repeats, "seed": cfg.seed}
     if cfg.train.objective == "denoise" and (d.kind == "classes") != (family.conditioning == "class"):
         want = "'classes'" if family.conditioning == "class" else "'captions' or 'dreambooth'"
         raise bad_value("data.kind", d.kind, f"{want} for {type(family.pipe).__name__}")
-    if d.kind == "classes":
-        return _masked(cfg, _bucketed(cfg, family, ClassFolder(d.path, **common)))
-    if d.kind == "dreambooth":
-        return DreamBoothDataset(d.path, d.instance_prompt, class_root=d.class_path, class_prompt=d.class_prompt,
-                                 **common)
-    if d.kind == "control":
-        dataset = ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path,
-                                caption_ext=d.caption_ext, default_caption=d.default_caption, **common)
-    else:
-        dataset = _masked(cfg, _bucketed(cfg, family, CaptionFolder(d.path, caption_ext=d.caption_ext,
-                                                                    default_caption=d.default_caption, **common)))
+    if d.kind != "control":
+        return build_folders(cfg, family)  # one folder (data.path) or several (data.datasets)
+    dataset = ControlFolder(d.path, condition=d.condition, condition_path=d.condition_path, caption_ext=d.caption_ext,
+                            default_caption=d.default_caption, resolution=d.resolution, center_crop=d.center_crop,
+                            random_flip=d.random_flip, repeats=d.repeats, seed=cfg.seed)
     dataset.caption_options = CaptionOptions(d.shuffle_caption, d.keep_tokens, d.caption_tag_dropout)
-    return dataset
-
-
-def _bucketed(cfg: TrainConfig, family: Family, dataset: Any) -> Any:
-    """``dataset`` with aspect-ratio buckets when ``data.buckets`` is on (`difftune.train.buckets`)."""
-    d = cfg.data
-    if not d.buckets:
-        return dataset
-    scale = int(getattr(family.pipe, "vae_scale_factor", 8))
-    if d.bucket_step % scale:
-        raise bad_value("data.bucket_step", d.bucket_step, f"a multiple of the VAE's scale factor {scale}",
-                        "each bucket's latents must have whole sides")
-    if cfg.train.objective == "autoencode":
-        raise bad_value("data.buckets", True, "false with train.objective autoencode",
-                        "the VAE's latent scale is measured on same-sized images")
-    if type(family.denoiser).__name__ == "DiTTransformer2DModel":
-        raise bad_value("data.buckets", True, "false for a DiT transformer",
-                        "diffusers' DiTTransformer2DModel unpatchifies square latents only (it takes the side as the "
-                        "square root of the token count); train it on square images at data.resolution")
-    buckets = make_buckets(d.resolution, d.bucket_min_size, d.bucket_max_size, d.bucket_step)
-    dataset.use_buckets(buckets, d.bucket_max_crop, dataset.root)
-    return dataset
-
-
-def _masked(cfg: TrainConfig, dataset: Any) -> Any:
-    """``dataset`` with a loss mask per image when ``data.masks`` names a folder (`difftune.train.masks`)."""
-    if cfg.data.masks:
-        dataset.use_masks(check_dir(cfg.data.masks, "data.masks"), dataset.root)
     return dataset
 
 

@@ -39,7 +39,7 @@ def preprocess(
 
 def preprocess_geometry(
     image: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool, rng: np.random.Generator
-) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
     """Resize ``image`` (any mode; converted to RGB), keeping its aspect ratio, to just cover ``size`` = (width,
     height) (Lanczos); crop the center, else at offsets drawn from ``rng``; then flip horizontally with probability
     0.5 when ``random_flip``, drawn from ``rng`` after the offsets.
@@ -47,7 +47,8 @@ def preprocess_geometry(
     Returns:
         The float32 tensor ``(3, height, width)`` in ``[-1, 1]`` and the geometry SDXL conditions on:
         ``(original height, original width, crop top, crop left)``, the crop's offsets in the resized image
-        (measured from the right edge when flipped, so they describe the flipped image the model sees).
+        (measured from the right edge when flipped, so they describe the flipped image the model sees), and
+        whether it was flipped (`cache` keeps both orientations' latents and picks by it).
     """
     image = image.convert("RGB")
     out_w, out_h = size
@@ -61,11 +62,12 @@ def preprocess_geometry(
     else:
         left, top = int(rng.integers(0, w - out_w + 1)), int(rng.integers(0, h - out_h + 1))
     image = image.crop((left, top, left + out_w, top + out_h))
-    if random_flip and rng.random() < 0.5:
+    flipped = bool(random_flip and rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = w - left - out_w
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), (orig_h, orig_w, top, left)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), (orig_h, orig_w, top, left), flipped
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -169,6 +171,9 @@ class ImageDataset(Dataset):
         self.bucket_of: list[int] | None = None  #: each item's bucket index, after `use_buckets`
         self.caption_options = CaptionOptions()  #: kohya-style tag handling (`difftune.train.captions`)
         self.masks: dict[Path, Path] | None = None  #: each image's loss mask, after `use_masks`
+        #: the index of item 0 in the whole data set when this folder is one of several (`folders.ConcatFolders`):
+        #: items report their index in the whole and draw from its generator, so no two folders share a stream
+        self.offset = 0
 
     def use_buckets(self, buckets: Sequence[tuple[int, int]], max_crop: float, root: Path) -> None:
         """Give each item the bucket nearest its image's aspect ratio (`difftune.train.buckets.assign`: raises a
@@ -176,9 +181,9 @@ class ImageDataset(Dataset):
         self.bucket_of = assign([r["path"] for r in self.records], buckets, max_crop, root)
         self.buckets = list(buckets)
 
-    def use_masks(self, mask_root: Path, root: Path) -> None:
+    def use_masks(self, mask_root: Path, root: Path, field: str = "data.masks") -> None:
         """Give each item its image's mask (``"mask"``: (1, H, W) in [0, 1]; `difftune.train.masks`)."""
-        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root))
+        self.masks = find_masks([r["path"] for r in self.records], root, mask_root, find_images(mask_root), field)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -193,7 +198,7 @@ class ImageDataset(Dataset):
 
     def rng(self, index: int) -> np.random.Generator:
         """The generator for item ``index`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.epoch, self.offset + index])
 
     def pixels(self, path: Path, rng: np.random.Generator) -> torch.Tensor:
         """Load and augment one image (at the square resolution)."""
@@ -202,10 +207,10 @@ class ImageDataset(Dataset):
     def augmented(self, index: int, path: Path, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Item ``index``'s image at its size (its bucket's, else the square resolution) and its geometry."""
         size = (self.resolution,) * 2 if self.bucket_of is None else self.buckets[self.bucket_of[index]]
-        pixels, (h, w, top, left) = preprocess_geometry(_load_image(path), size, self.center_crop,
-                                                        self.random_flip, rng)
+        pixels, (h, w, top, left), flipped = preprocess_geometry(_load_image(path), size, self.center_crop,
+                                                                 self.random_flip, rng)
         return {"pixel_values": pixels, "original_size": torch.tensor([h, w]),
-                "crop_top_left": torch.tensor([top, left])}
+                "crop_top_left": torch.tensor([top, left]), "flipped": torch.tensor(flipped)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -len(self) <= index < len(self):
@@ -218,9 +223,9 @@ class ImageDataset(Dataset):
             mask = self.augmented(index, self.masks[record["path"]], self.rng(index))
             item["mask"] = mask_item(mask["pixel_values"])
         if "caption" in item and self.caption_options.active:  # a stream of its own: the pixels stay as they were
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            rng = np.random.default_rng([self.seed, self.epoch, self.offset + index, 1])
             item["caption"] = process_caption(item["caption"], self.caption_options, rng)
-        item["index"] = index
+        item["index"] = self.offset + index
         return item
 
 
@@ -341,6 +346,9 @@ class DreamBoothDataset(Dataset):
             cls = [{"path": p, "caption": class_prompt} for p in _readable(find_images(croot), croot, class_field)]
             self.classes = ImageDataset(cls, resolution, center_crop, random_flip, 1, seed)
 
+    #: as `ImageDataset.offset`: item 0's index in the whole data set (kept by the instances, whose generator uses it)
+    offset = property(lambda self: self.instances.offset, lambda self, v: setattr(self.instances, "offset", v))
+
     def __len__(self) -> int:
         n = len(self.instances)
         return max(n, len(self.classes)) if self.classes is not None else n
@@ -362,7 +370,7 @@ class DreamBoothDataset(Dataset):
         rng = self.instances.rng(index)  # one stream per item: instance draws first, then the class image
         i = index % len(self.instances)
         item = {**self.instances.augmented(i, self.instances.records[i]["path"], rng),
-                "caption": self.instances.records[i]["caption"], "index": index}
+                "caption": self.instances.records[i]["caption"], "index": self.offset + index}
         if self.classes is not None:
             c = index % len(self.classes)
             item.update((f"class_{k}", v) for k, v in self.classes.augmented(c, self.classes.records[c]["path"],

@@ -33,7 +33,7 @@ class Frozen:
     noise_scheduler: Any
     weight_dtype: torch.dtype
     text_cache: dict[str, dict[str, Tensor]]
-    latent_cache: dict[tuple[str, int], tuple[Tensor, Tensor]]
+    latent_cache: dict[tuple[str, int, int], tuple[Tensor, Tensor]]  #: `latent_keys` -> posterior mean, std
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def encode_posterior(vae: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
     return dist.mean.float().contiguous(), dist.std.float().contiguous()
 
 
-def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None) -> Tensor:
+def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int, int]] | None) -> Tensor:
     vae = frozen.pipe.vae
     if keys is None:
         mean, std = encode_posterior(vae, pixels)
@@ -60,6 +60,13 @@ def _latents(frozen: Frozen, pixels: Tensor, keys: list[tuple[str, int]] | None)
     latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def latent_keys(batch: dict[str, Any], prefix: str) -> list[tuple[str, int, int]]:
+    """The latent cache's keys of the batch's images (``prefix="class_"``: DreamBooth's class images): (prefix,
+    item index, 1 if the item was flipped else 0); with ``data.random_flip`` both orientations are cached."""
+    flipped = batch.get(f"{prefix}flipped", torch.zeros(len(batch["index"]), dtype=torch.bool))
+    return [(prefix, int(i), int(f)) for i, f in zip(batch["index"], flipped)]
 
 
 def _captions(frozen: Frozen, captions: list[str], device: torch.device, cache: bool) -> dict[str, Tensor]:
@@ -162,7 +169,7 @@ class StepInputs:
             raise DifftuneError(f"this batch has no images (`{key}`; data.kind is {self.config.data.kind!r}): a "
                                 "data-free objective must make its own inputs (see StepInputs.noised)")
         pixels = self.batch[key].to(self.device)
-        keys = [(prefix, int(i)) for i in self.batch["index"]] if self.config.data.cache_latents else None
+        keys = latent_keys(self.batch, prefix) if self.config.data.cache_latents else None
         latents = _latents(self.frozen, pixels, keys)
         drop = torch.rand(latents.shape[0]) < self.config.data.label_dropout
         cond = _condition(self.frozen, self.batch, prefix, drop, self.device, self.config.data.cache_text_embeddings)

@@ -20,11 +20,13 @@ from ..errors import DifftuneError
 from .buckets import image_size
 
 
-def find_masks(paths: list[Path], root: Path, mask_root: Path, masks: list[Path]) -> dict[Path, Path]:
+def find_masks(paths: list[Path], root: Path, mask_root: Path, masks: list[Path],
+               field: str = "data.masks") -> dict[Path, Path]:
     """``{image: its mask}`` for every image (relative to ``root``) from ``masks``, the images in ``mask_root``.
 
     Raises:
-        DifftuneError: naming ``data.masks``: an image without a mask, or a mask whose size differs from its image's.
+        DifftuneError: naming ``field`` (``data.masks``, ``data.datasets[i].masks``): an image without a mask, or a
+            mask whose size differs from its image's.
     """
     by_stem = {p.relative_to(mask_root).with_suffix("").as_posix(): p for p in masks}
     found, missing, wrong = {}, [], []
@@ -40,10 +42,10 @@ def find_masks(paths: list[Path], root: Path, mask_root: Path, masks: list[Path]
             continue
         found[p] = by_stem[stem]
     if missing:
-        raise DifftuneError(f"`data.masks`: no mask in {mask_root} for {len(missing)} image(s), e.g. {missing[:3]}. "
+        raise DifftuneError(f"`{field}`: no mask in {mask_root} for {len(missing)} image(s), e.g. {missing[:3]}. "
                             "Give each image a grayscale mask with the same name (white: train, black: ignore)")
     if wrong:
-        raise DifftuneError(f"`data.masks`: {len(wrong)} mask(s) in {mask_root} differ in size from their image: "
+        raise DifftuneError(f"`{field}`: {len(wrong)} mask(s) in {mask_root} differ in size from their image: "
                             f"{'; '.join(wrong[:3])}. A mask must have its image's width and height")
     return found
 

@@ -9,11 +9,9 @@ What it builds comes from `build.py`, the losses from `loss.py`, checkpoints fro
 safe save and a failed write's message from `saving.py`, the validation grid and model card from `reporting.py`;
 conditioning from the pipeline family (`difftune.families`), data from `data.py` (images) / `sources.py` (data-free).
 
-Exact resume: the data order is a pure function of (seed, epoch) and augmentation of (seed, epoch, index); noise
-and timesteps come from the global RNG, which accelerate's ``save_state``/``load_state`` restore; the trainable
-tensors, the optimizer, the LR schedule and the EMA are checkpointed. Checkpoints hold only what trains (a
-safetensors file), never the frozen base.
-"""
+Exact resume: data order and augmentation are pure functions of (seed, epoch[, index]); noise and timesteps come
+from the global RNG (accelerate's ``save_state``/``load_state``); checkpoints hold only what trains (trainable
+tensors, optimizer, LR schedule, EMA: a safetensors file), never the frozen base."""
 
 from __future__ import annotations
 
@@ -42,6 +40,7 @@ from .checkpoints import (
     save_checkpoint,
     weights_digest,
 )
+from .classimages import ensure_class_images
 from .config import DATA_FREE_KINDS, IMAGE_KINDS, TrainConfig
 from .flow import configure_family
 from .hub import push_folder
@@ -170,6 +169,7 @@ def setup(cfg: TrainConfig) -> Run:
             # a finished run there is refused unless overwrite/resume is asked for; overwrite drops its checkpoints
             check_unfinished(cfg.output_dir, overwrite=cfg.overwrite,
                              resuming=bool(cfg.checkpointing.resume_from_checkpoint))
+    ensure_class_images(cfg, accelerator)  # DreamBooth class images sampled by the base model, when asked
     set_seed(cfg.seed)
     pipe, component, denoiser, weight_dtype = load_frozen_parts(cfg, accelerator)
     plugin.config = cfg.method_config(denoiser)  # SD3/Flux: the MMDiT default targets unless the config names some

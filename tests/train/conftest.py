@@ -19,6 +19,25 @@ def _images(folder: Path, n: int, seed: int, captions: list[str] | None = None) 
     return folder
 
 
+def _photos(folder: Path, sizes: list[tuple[int, int]], captions: list[str] | None = None, seed: int = 0,
+            ext: str = ".txt") -> Path:
+    """Random RGB photos ``0.png, 1.png, ...`` of the given (width, height) sizes, captioned in turn from
+    ``captions`` (sidecar files with suffix ``ext``) when given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        if captions:
+            (folder / f"{i}{ext}").write_text(captions[i % len(captions)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_photos():
+    """``write_photos(folder, sizes, captions=None, seed=0, ext=".txt")``: a folder of photos of any shape."""
+    return _photos
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny SD and DiT pipelines and of small caption / class / DreamBooth data sets."""

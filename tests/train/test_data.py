@@ -123,14 +123,15 @@ def test_dreambooth_lengths_and_keys(tmp_path):
         _png(cls / f"{i}.png", seed=10 + i)
 
     ds = DreamBoothDataset(inst, "a sks dog", RES, repeats=2)
-    assert len(ds) == 4 and set(ds[0]) == {"pixel_values", "caption", "index", "original_size", "crop_top_left"}
+    assert len(ds) == 4 and set(ds[0]) == {"pixel_values", "caption", "index", "original_size", "crop_top_left",
+                                           "flipped"}
     assert ds[3]["caption"] == "a sks dog"
 
     ds = DreamBoothDataset(inst, "a sks dog", RES, class_root=cls, class_prompt="a dog")
     assert len(ds) == 5
     item = ds[4]
     assert set(item) == {"pixel_values", "caption", "index", "class_pixel_values", "class_caption", "original_size",
-                         "crop_top_left", "class_original_size", "class_crop_top_left"}
+                         "crop_top_left", "class_original_size", "class_crop_top_left", "flipped", "class_flipped"}
     assert item["class_caption"] == "a dog" and item["class_pixel_values"].shape == (3, RES, RES)
     assert len(DreamBoothDataset(inst, "p", RES, class_root=cls, class_prompt="c", repeats=3)) == 6
 
