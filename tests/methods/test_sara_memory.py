@@ -16,7 +16,7 @@ from difftune.testing import tiny_unet
 def test_positions_decode_to_the_selected_indices(n: int, density: float):
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < density
     low, counts = encode(mask)
-    assert low.dtype == torch.uint8 and counts.dtype == torch.int16
+    assert low.dtype == torch.uint8 and counts.dtype == torch.int32
     idx = decode(low, counts)
     assert idx.dtype == torch.int32 and torch.equal(idx.long(), mask.nonzero().squeeze(1))
     assert count(counts) == int(mask.sum())
@@ -33,5 +33,5 @@ def test_the_positions_cost_about_a_byte_per_selected_entry():
         kept += sum(b.numel() * b.element_size() for n, b in adapter.named_buffers()
                     if not n.startswith(("w0_", "sara_base_")) and b is not None)
     # 1 byte per selected entry and 2 per block of 256 entries of the tensor (a 4-byte index each before)
-    assert selected > 10_000 and kept == selected + 2 * blocks
+    assert selected > 10_000 and kept == selected + 4 * blocks
 

@@ -60,7 +60,7 @@ def test_every_family_trains_on_photos_of_any_shape_in_several_folders(kind, dat
             "validation.num_inference_steps=1", "data.random_flip=true", "data.cache_latents=true"]
     if kind == "dit":  # diffusers' DiT un-patchifies square latents only: buckets are refused, naming the key
         assert cli_main(["train", str(config), *[a for s in [*sets, *BUCKETS] for a in ("--set", s)]]) == 2
-        assert "`data.buckets` must be false for a DiT pipeline" in capsys.readouterr().err
+        assert "`data.buckets` must be false for a DiT transformer" in capsys.readouterr().err
         _train(config, sets)
         assert len(shapes) == 4 and set(shapes) == {(32, 32)}
         assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

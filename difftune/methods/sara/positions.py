@@ -1,5 +1,5 @@
 """Where SaRA's selected entries are. Saved as packed bits (one bit per entry of the tensor); kept in memory as one
-byte per selected entry, the low byte of its flat index, with a count per block of 256 entries (2 bytes per block):
+byte per selected entry, the low byte of its flat index, with a count per block of 256 entries (4 bytes per block):
 at the paper's densities about a quarter of 4-byte indices, which at equal trainable count is memory LoRA does not
 spend (`bench/sara_memory.py`). The flat indices are decoded where an operation needs them, one tensor at a time."""
 
@@ -28,10 +28,11 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
 
 
 def encode(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Bool mask (any shape, n entries) → (low bytes uint8 (|M|,), counts int16 (⌈n/256⌉,)); `decode` inverts it."""
+    """Bool mask (any shape, n entries) → (low bytes uint8 (|M|,), counts int32 (⌈n/256⌉,)); `decode` inverts it."""
     idx = mask.reshape(-1).nonzero().squeeze(1)
     blocks = (mask.numel() + BLOCK - 1) // BLOCK
-    counts = torch.bincount(idx // BLOCK, minlength=blocks).to(torch.int16)  # at most 256 per block
+    # int32, not int16: DDP broadcasts every buffer at wrap time and gloo has no int16 ("Invalid scalar type")
+    counts = torch.bincount(idx // BLOCK, minlength=blocks).to(torch.int32)
     return (idx % BLOCK).to(torch.uint8), counts
 
 
