@@ -208,6 +208,39 @@ def absent_components(folder: str | Path) -> dict[str, None]:
     return {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
 
 
+#: the key of model_index.json where a pipeline folder records settings its calls need (`call_settings`)
+CALL_KEY = "_difftune_call"
+#: the settings it may record, with their types
+CALL_SETTINGS: dict[str, type] = {"max_sequence_length": int}
+
+
+def call_settings(folder: str | Path) -> dict[str, Any]:
+    """The call settings a pipeline folder records (`CALL_KEY` in model_index.json): what its model was trained with
+    and must be sampled with, e.g. the T5 length of an SD3 pipeline without T5 (flow-mini: 8), whose transformer
+    reads as many zero tokens as ``max_sequence_length`` says (the pipeline's default, 256, is not what it learned).
+
+    diffusers keeps private keys of model_index.json when it saves a pipeline's config but does not load them back;
+    `load_base_pipeline` does."""
+    path = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # from_pretrained reports what is wrong with the folder
+    found = index.get(CALL_KEY) if isinstance(index, dict) else None
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise bad_value(f"{CALL_KEY} in {path}", found, f"a mapping of call settings ({', '.join(CALL_SETTINGS)})")
+    for k, v in found.items():
+        want = CALL_SETTINGS.get(k)
+        if want is None or isinstance(v, bool) or not isinstance(v, want) or (want is int and v < 1):
+            raise bad_value(f"{CALL_KEY}.{k} in {path}", v, "one of: " + ", ".join(
+                f"{name} ({t.__name__} >= 1)" for name, t in CALL_SETTINGS.items()),
+                "the file was edited by hand or written by a newer difftune; remove the entry to use the "
+                "pipeline's own defaults")
+    return dict(found)
+
+
 def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torch.dtype = torch.float32,
                        *, keys: dict[str, str] = MODEL_KEYS) -> Any:
     """The diffusers pipeline of ``model`` (see `resolve_model`), on the CPU; its ``name_or_path`` is ``model.name``
@@ -236,4 +269,7 @@ def load_base_pipeline(model: BaseModel, variant: str | None = None, dtype: torc
                 f"({type(e).__name__}: {str(e)[:300]}). Hint: {keys['config']} must name the pipeline the "
                 "checkpoint was made from (same architecture and sizes)") from e
     pipe.register_to_config(_name_or_path=model.name)
+    recorded = call_settings(model.folder)
+    if recorded:
+        pipe.register_to_config(**{CALL_KEY: recorded})  # saved again by save_pretrained, read by call_defaults
     return pipe

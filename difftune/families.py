@@ -160,8 +160,18 @@ class FlowFamily(Family):
         return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
 
     def configure(self, train: Any) -> None:
+        from .basemodel import CALL_KEY
+        from .generation import call_defaults
+
+        recorded = call_defaults(self.pipe)
         if train.max_sequence_length is not None:
             self.max_sequence_length = train.max_sequence_length
+        elif "max_sequence_length" in recorded:  # the length the pipeline's transformer was trained with
+            self.max_sequence_length = recorded["max_sequence_length"]
+        if getattr(self.pipe, "text_encoder_3", "absent") is None:
+            # SD3 without T5 appends this many zero tokens: sampling must use the length training used, so a
+            # pipeline saved from this run records it (basemodel.call_settings)
+            self.pipe.register_to_config(**{CALL_KEY: {**recorded, "max_sequence_length": self.max_sequence_length}})
         self.guidance_scale = float(train.guidance_scale)
 
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, kwargs: dict[str, Any]) -> Tensor:

@@ -10,13 +10,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .basemodel import CLI_KEYS, BaseModel, load_base_pipeline, resolve_model
+from .basemodel import CALL_KEY, CLI_KEYS, BaseModel, load_base_pipeline, resolve_model
 from .components import pipeline_kind
 from .errors import bad_value
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def call_defaults(pipe: Any) -> dict[str, Any]:
+    """The call settings ``pipe``'s folder records (`difftune.basemodel.call_settings`, e.g. flow-mini's
+    ``max_sequence_length`` 8), to pass to every call of the pipeline; {} for most pipelines."""
+    config = getattr(pipe, "config", None)
+    found = config.get(CALL_KEY) if config is not None else None
+    return dict(found) if isinstance(found, Mapping) else {}
 
 
 def load_pipeline(path: str | Path | BaseModel, device: str | None = None, dtype: torch.dtype = torch.float32, *,
@@ -54,7 +62,7 @@ def generate(
     if steps < 1:
         raise bad_value("steps", steps, "an integer >= 1")
     generator = torch.Generator("cpu").manual_seed(seed)
-    kwargs: dict[str, Any] = {"num_inference_steps": steps, "generator": generator}
+    kwargs: dict[str, Any] = {**call_defaults(pipe), "num_inference_steps": steps, "generator": generator}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     kind = pipeline_kind(pipe)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..components import pipeline_kind
+from ..generation import call_defaults
 from .classifier import DigitClassifier, load_classifier, to_tensor
 
 
@@ -133,6 +134,7 @@ def generate_digits(pipe: Any, digits: Sequence[int], n: int, prompt: str | None
     images: list[Image.Image] = []
     labels: list[int] = []
     is_dit = pipeline_kind(pipe) == "dit"
+    recorded = call_defaults(pipe)
     for d in digits:
         for start in range(0, n, batch):
             k = min(batch, n - start)
@@ -141,7 +143,8 @@ def generate_digits(pipe: Any, digits: Sequence[int], n: int, prompt: str | None
                 out = pipe(class_labels=[d] * k, num_inference_steps=steps, guidance_scale=guidance, generator=g)
             else:
                 text = prompt or f"a handwritten digit {DIGIT_WORDS[d]}"
-                out = pipe(prompt=[text] * k, num_inference_steps=steps, guidance_scale=guidance, generator=g)
+                out = pipe(prompt=[text] * k, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                           **recorded)
             images.extend(out.images)
             labels.extend([d] * k)
     return images, labels

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..basemodel import CALL_KEY
 from ..errors import bad_value
 from .mnist import DIGIT_WORDS, PHRASINGS, STYLE_WORD, TRIGGER
 
@@ -65,11 +66,14 @@ def dit_mini() -> Any:
     )
 
 
-#: flow-mini's transformer: width 64 (4 heads × 16), patch 2 on the 8×8 latents (16 image tokens)
-FLOW_MINI = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16}
+#: flow-mini's transformer: width 128 (4 heads × 32), 6 joint blocks, patch 2 on the 8×8 latents (16 image tokens)
+FLOW_MINI = {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32}
 #: CLIP tokens per prompt in flow-mini (its tokenizers' model_max_length): the longest caption, "a photo of the
 #: number seven", is 6 words + BOS/EOS. SD3's pipeline pads prompts to this length; 77 would be 3× the compute.
 FLOW_MINI_CLIP_TOKENS = 8
+#: the zero "T5" tokens flow-mini reads (it has no T5): recorded in its folder (`difftune.basemodel.call_settings`)
+#: so that every difftune sampler passes ``max_sequence_length`` = 8, not the SD3 pipeline's default 256
+FLOW_MINI_T5_TOKENS = 8
 
 
 def mmdit_mini() -> Any:
@@ -110,10 +114,12 @@ def flow_mini(sd_mini: str | Path, seed: int = 0) -> Any:
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(config)
     torch.manual_seed(seed + 4)
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=mmdit_mini(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
         text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.register_to_config(**{CALL_KEY: {"max_sequence_length": FLOW_MINI_T5_TOKENS}})
+    return pipe
 
 
 def _scheduler() -> Any:
