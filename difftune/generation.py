@@ -52,12 +52,14 @@ def generate(
     num_images: int = 1,
     adapter_inputs: Mapping[str, Any] | None = None,
     negative_prompt: str | None = None,
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """Images from ``pipe``: text pipelines take ``prompt`` (and ``negative_prompt``, what guidance steers away
     from), class-conditional DiT takes ``class_label``.
 
     ``adapter_inputs`` are per-call inputs for the loaded adapters (see `difftune.adapter_inputs`), given per prompt
-    and expanded to the guidance batch as the difftune pipelines do.
+    and expanded to the guidance batch as the difftune pipelines do. ``max_sequence_length`` (SD3 and Flux: T5 tokens
+    per prompt) overrides what the pipeline's folder records (`call_defaults`).
     """
     if steps < 1:
         raise bad_value("steps", steps, "an integer >= 1")
@@ -81,6 +83,13 @@ def generate(
             kwargs["negative_prompt"] = negative_prompt
         if kind == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if max_sequence_length is not None:
+        if kind not in ("sd3", "flux"):
+            raise bad_value("max_sequence_length", max_sequence_length, "null: only SD3 and Flux pipelines take it",
+                            f"this is a {kind} pipeline")
+        if isinstance(max_sequence_length, bool) or not 1 <= max_sequence_length <= 512:
+            raise bad_value("max_sequence_length", max_sequence_length, "an integer in 1..512 (T5 tokens per prompt)")
+        kwargs["max_sequence_length"] = max_sequence_length
     from .pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
 
     # the stock __call__ (a difftune pipeline's own would expand the inputs a second time)

@@ -96,6 +96,24 @@ def test_generate_at_two_weights_writes_different_images(adapter, sd_dir, tmp_pa
     assert outs[0].shape == outs[1].shape and np.abs(outs[0] - outs[1]).max() > 1
 
 
+def test_generate_negative_prompt_and_t5_length(sd_dir, tmp_path, capsys):
+    from difftune.testing import save_tiny_pipeline
+
+    def run(model: str, *extra: str) -> np.ndarray:
+        out = tmp_path / "x.png"
+        assert main(["generate", "--model", model, "--prompt", "a photo of a cat", "--seed", "3", "--steps", "2",
+                     "--guidance", "4", "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(out), dtype=np.float32)
+
+    plain = run(str(sd_dir))
+    assert np.abs(run(str(sd_dir), "--negative-prompt", "a dog") - plain).max() > 1  # it reaches the pipeline
+    sd3 = str(save_tiny_pipeline("sd3", tmp_path / "sd3"))
+    assert np.abs(run(sd3, "--max-sequence-length", "4") - run(sd3, "--max-sequence-length", "16")).max() > 1
+    assert main(["generate", "--model", str(sd_dir), "--prompt", "x", "--max-sequence-length", "8",
+                 "--out", str(tmp_path / "y.png")]) == 2
+    assert "only SD3 and Flux" in capsys.readouterr().err
+
+
 def test_generate_errors_are_clear(adapter, sd_dir, tmp_path, capsys):
     rc = main(["generate", "--model", str(sd_dir), "--adapter", f"{adapter}:strong", "--prompt", "x",
                "--out", str(tmp_path / "x.png")])

@@ -33,7 +33,7 @@ def cmd_zoo_data(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ..quickstart import run_quickstart
 
-    run_quickstart(Path(args.out), steps=args.steps, n=args.n, sample_steps=args.sample_steps)
+    run_quickstart(Path(args.out), steps=args.steps, n=args.n, sample_steps=args.sample_steps, model_name=args.model)
     return 0
 
 
@@ -52,8 +52,11 @@ def _zoo_arguments(s: argparse.ArgumentParser) -> None:
     z.set_defaults(func=cmd_zoo_data)
 
 
-@command("quickstart", help="fine-tune the shipped sd-mini on a new digit; before/after numbers")
+@command("quickstart", help="fine-tune the shipped sd-mini (or flow-mini) on a new digit; before/after numbers")
 def _quickstart_arguments(s: argparse.ArgumentParser) -> None:
+    from ..quickstart import MODELS
+
+    s.add_argument("--model", default="sd-mini", choices=MODELS, help="the shipped reference model to personalize")
     s.add_argument("--out", default="outputs/quickstart")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: the quickstart config's)")
     s.add_argument("--n", type=int, default=20, help="trigger-prompt samples for the judge (n/2 per digit 0-8)")

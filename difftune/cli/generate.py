@@ -59,7 +59,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         scales = {aliases.get(a, a) if a else only: s for _, a, s in controls if s is not None}
         set_adapter_weights(pipe, scales)
     images = generate(pipe, prompt=args.prompt, class_label=args.class_label, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, height=args.height, width=args.width, adapter_inputs=inputs)
+                      guidance=args.guidance, height=args.height, width=args.width, adapter_inputs=inputs,
+                      negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(out)
@@ -129,6 +130,9 @@ def _generate_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=25)
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--negative-prompt", default=None, help="what guidance steers away from (text pipelines)")
+    s.add_argument("--max-sequence-length", type=int, default=None,
+                   help="SD3/Flux: T5 tokens per prompt (default: what the model folder records, else the pipeline's)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
