@@ -123,9 +123,11 @@ def test_flux_guidance_embedding_is_fed_and_matters(mmdit, tmp_path):
     assert kw["guidance"] is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_lora_loss_decreases_on_a_fixed_batch(mmdit, tmp_path, kind):
-    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, kind, "optimizer.lr=3e-2", "data.label_dropout=0")) as run:
+@pytest.mark.parametrize("kind,shift", [("sd3", None), ("flux", None), ("sd3", "train.flow_shift=1.5"),
+                                        ("flux", "train.dynamic_shift=true")])
+def test_lora_loss_decreases_on_a_fixed_batch(mmdit, tmp_path, kind, shift):
+    sets = ["optimizer.lr=3e-2", "data.label_dropout=0", *([shift] if shift else [])]
+    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, kind, *sets)) as run:
         batch = next(iter(run.loader))
         losses = []
         for _ in range(8):
