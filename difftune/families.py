@@ -178,6 +178,12 @@ class FlowFamily(Family):
         """``model``'s velocity for x_t ``noisy`` (B, C, h, w) at ``timesteps`` (σ · 1000, float)."""
         return model(hidden_states=noisy, timestep=timesteps, return_dict=False, **kwargs)[0]
 
+    def image_seq_len(self, height: int, width: int) -> int:
+        """The transformer's image tokens for latents of ``height`` × ``width``, as the pipeline counts them for
+        the dynamic shift's μ (SD3: patches of the transformer's ``patch_size``)."""
+        p = int(self.denoiser.config.patch_size)
+        return (height // p) * (width // p)
+
 
 class SD3Family(FlowFamily):
     def encode(self, captions: list[str], device: torch.device) -> dict[str, Tensor]:
@@ -224,6 +230,23 @@ class FluxFamily(FlowFamily):
         out = model(hidden_states=packed, timestep=timesteps / 1000, return_dict=False, **kwargs)[0]
         return cls._unpack_latents(out, h * scale, w * scale, scale)
 
+    def image_seq_len(self, height: int, width: int) -> int:
+        return (height // 2) * (width // 2)  # the packed 2×2 patches (FluxPipeline: latents.shape[1])
+
+
+def flow_mu(config: Any, image_seq_len: int) -> float:
+    """μ of the dynamic shift at ``image_seq_len`` image tokens from a flow scheduler's ``config``, as the SD3 and
+    Flux pipelines compute it (`calculate_shift`: linear from base_shift at base_image_seq_len to max_shift at
+    max_image_seq_len)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    missing = [k for k in keys if getattr(config, k, None) is None]
+    if missing:
+        raise DifftuneError(f"the scheduler config has no {', '.join(missing)}: the dynamic shift's μ needs them; set "
+                            "them in the pipeline's scheduler/scheduler_config.json or turn the dynamic shift off")
+    return float(calculate_shift(image_seq_len, *(getattr(config, k) for k in keys)))
+
 
 def flow_sampler(pipe: Any, steps: int, image_seq_len: int, device: torch.device | str) -> Any:
     """The Euler flow-matching scheduler an SD3/Flux pipeline samples ``steps`` steps with, set up as the pipeline
@@ -238,10 +261,7 @@ def flow_sampler(pipe: Any, steps: int, image_seq_len: int, device: torch.device
 
         kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # as FluxPipeline.__call__
     if c.use_dynamic_shifting:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        kwargs["mu"] = calculate_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
-                                       c.max_shift)
+        kwargs["mu"] = flow_mu(c, image_seq_len)
     sched.set_timesteps(None if "sigmas" in kwargs else steps, device=device, **kwargs)
     return sched
 

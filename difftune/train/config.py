@@ -167,6 +167,11 @@ class TrainLoopConfig:
     loss_weighting: Literal["sigma_sqrt", "cosmap", "none"] = "none"  #: per-sample weight of the flow loss
     guidance_scale: float = 3.5  #: the guidance value Flux [dev]'s guidance embedding is fed while training
     max_sequence_length: int | None = None  #: T5 tokens per prompt; null: SD3 77, Flux 512
+    #: static shift s of σ (σ' = s σ / (1 + (s − 1) σ), as SD3's scheduler); null: the scheduler's own table
+    flow_shift: float | None = None
+    #: shift σ by each batch's image tokens as the scheduler does at inference with use_dynamic_shifting (Flux's
+    #: μ = calculate_shift); null or false: off, as diffusers' scripts
+    dynamic_shift: bool | None = None
 
     def __post_init__(self) -> None:
         check_finite(self, "train")
@@ -175,6 +180,7 @@ class TrainLoopConfig:
         if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 4096:
             raise bad_value("train.max_sequence_length", self.max_sequence_length, "an integer in [1, 4096] or null",
                             "SD3 was trained with 77 (256 in its pipeline), Flux with 512")
+        self._check_shift()
         for name, most in (("max_steps", MAX_STEPS), ("batch_size", MAX_BATCH),
                            ("gradient_accumulation_steps", MAX_BATCH)):
             check_range(f"train.{name}", getattr(self, name), 1, most)
@@ -188,6 +194,15 @@ class TrainLoopConfig:
             raise bad_value("train.ema_decay", self.ema_decay, "in (0, 1)")
         if self.kl_weight < 0:
             raise bad_value("train.kl_weight", self.kl_weight, "a number >= 0")
+
+    def _check_shift(self) -> None:
+        if self.flow_shift is not None and not 0 < self.flow_shift <= 100:
+            raise bad_value("train.flow_shift", self.flow_shift, "a number in (0, 100] or null",
+                            "1.0 is no shift, SD3's scheduler uses 3.0; null keeps the scheduler's own")
+        if self.dynamic_shift and self.flow_shift is not None:
+            raise bad_value("train.flow_shift", self.flow_shift, "null with train.dynamic_shift: true",
+                            "the scheduler shifts either statically (shift) or by resolution (use_dynamic_shifting),"
+                            " not both: set one of them")
 
 
 @dataclass

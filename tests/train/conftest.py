@@ -55,6 +55,13 @@ def tiny(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def mmdit(tiny, tmp_path_factory):
+    """Paths of the tiny SD3 and Flux pipelines (``sd3``, ``flux``) and of the caption set (``captions``)."""
+    root = tmp_path_factory.mktemp("mmdit")
+    return {"captions": tiny["captions"], **{k: save_tiny_pipeline(k, root / k) for k in ("sd3", "flux")}}
+
+
 @pytest.fixture
 def stop_and_resume(tmp_path, capsys):
     """``run(make, step)``: train ``make(out)`` straight through, then resume a fresh folder holding only its

@@ -4,7 +4,6 @@ a fixed batch, resume is bit-exact, and the result is a stock diffusers pipeline
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 from pathlib import Path
@@ -12,44 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from mmdit_runs import setup_run, tiny_mmdit_cfg
 
 from difftune.compress.block_removal import feature_pairs
-from difftune.config import load_config
-from difftune.testing import save_tiny_pipeline
 from difftune.train import TrainConfig, main
-from difftune.train.lock import release_output_dir
-from difftune.train.trainer import setup, step_loss
+from difftune.train.trainer import step_loss
 
-REPO = Path(__file__).resolve().parents[2]
 # tiny SD3: 2 joint blocks, drop the last (the student's last block is built from block 0, context_pre_only);
 # tiny Flux: 1 joint + 2 single blocks, drop single block 0
 PLANS = {"sd3": "{blocks: [0]}", "flux": "{single_blocks: [1]}"}
 
 
-@pytest.fixture(scope="module")
-def mmdit(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bk-mmdit")
-    return {"captions": tiny["captions"], **{k: save_tiny_pipeline(k, root / k) for k in PLANS}}
-
-
 def _cfg(paths, root: Path, kind: str, *sets: str) -> TrainConfig:
-    return load_config(TrainConfig, REPO / "configs" / "debug" / f"tiny_{kind}.yaml", [
-        f"model.path={paths[kind]}", f"data.path={paths['captions']}", f"output_dir={root / 'out'}",
-        f"method={{name: bk, plan: {PLANS[kind]}}}", "optimizer.lr=1e-3", "validation.prompts=[]", *sets])
-
-
-@contextlib.contextmanager
-def _run(cfg: TrainConfig):
-    run = setup(cfg)
-    try:
-        yield run
-    finally:
-        release_output_dir(cfg.output_dir)
+    return tiny_mmdit_cfg(paths, root, kind, f"method={{name: bk, plan: {PLANS[kind]}}}", "optimizer.lr=1e-3", *sets)
 
 
 @pytest.mark.parametrize("kind", list(PLANS))
 def test_distillation_terms_and_falling_loss(mmdit, tmp_path, kind):
-    with _run(_cfg(mmdit, tmp_path, kind, "data.label_dropout=0")) as run:
+    with setup_run(_cfg(mmdit, tmp_path, kind, "data.label_dropout=0")) as run:
         plugin, student, teacher = run.plugin, run.denoiser, run.plugin.teacher
         assert len(student.transformer_blocks) + len(getattr(student, "single_transformer_blocks", [])) == \
             len(teacher.transformer_blocks) + len(getattr(teacher, "single_transformer_blocks", [])) - 1

@@ -3,47 +3,22 @@ Flux's packed input and guidance value, LoRA learning on a fixed batch, exact re
 
 from __future__ import annotations
 
-import contextlib
 import math
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from mmdit_runs import setup_run, tiny_mmdit_cfg
 from safetensors.torch import load_file
 
 import difftune as dt
-from difftune.config import load_config
-from difftune.testing import save_tiny_pipeline, tiny_flux_pipeline
-from difftune.train import TrainConfig, main
+from difftune.testing import tiny_flux_pipeline
+from difftune.train import main
 from difftune.train.flow import draw_sigmas, flow_loss
-from difftune.train.lock import release_output_dir
 from difftune.train.loss import StepInputs
-from difftune.train.trainer import setup, step_loss
+from difftune.train.trainer import step_loss
 
-REPO = Path(__file__).resolve().parents[2]
 KINDS = ("sd3", "flux")
-
-
-@pytest.fixture(scope="module")
-def mmdit(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmdit")
-    return {"captions": tiny["captions"], **{k: save_tiny_pipeline(k, root / k) for k in KINDS}}
-
-
-def _cfg(paths, root: Path, kind: str, *sets: str) -> TrainConfig:
-    return load_config(TrainConfig, REPO / "configs" / "debug" / f"tiny_{kind}.yaml", [
-        f"model.path={paths[kind]}", f"data.path={paths['captions']}", f"output_dir={root / 'out'}",
-        "validation.prompts=[]", *sets])
-
-
-@contextlib.contextmanager
-def _run(cfg: TrainConfig):
-    run = setup(cfg)
-    try:
-        yield run
-    finally:
-        release_output_dir(cfg.output_dir)
 
 
 def _inputs(run, batch) -> StepInputs:
@@ -60,7 +35,7 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
 def test_velocity_target_and_loss_by_hand(mmdit, tmp_path, kind):
     """x_t = (1 − σ) x0 + σ ε, target ε − x0, and the loss is the MSE of the transformer's own output to it, with
     the transformer called by hand as its pipeline calls it (Flux: packed patches, σ as the timestep, ids)."""
-    with _run(_cfg(mmdit, tmp_path, kind, "data.label_dropout=0", "train.guidance_scale=2.0")) as run:
+    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, kind, "data.label_dropout=0", "train.guidance_scale=2.0")) as run:
         batch = next(iter(run.loader))
         torch.manual_seed(3)
         inputs = _inputs(run, batch)
@@ -92,7 +67,7 @@ def test_velocity_target_and_loss_by_hand(mmdit, tmp_path, kind):
 
 def test_sigmas_follow_the_density_and_the_shifted_schedule(mmdit, tmp_path):
     # SD3: σ = shift·s / (1 + (shift − 1)·s) at s = 1 − i/N, i = floor(u·N), u = sigmoid(N(0, 1)) (logit_normal)
-    with _run(_cfg(mmdit, tmp_path, "sd3")) as run:
+    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, "sd3")) as run:
         sched, train = run.frozen.noise_scheduler, run.cfg.train
         assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler" and sched.config.shift == 3.0
         torch.manual_seed(0)
@@ -125,7 +100,7 @@ def test_loss_weightings_by_hand():
 
 
 def test_flux_guidance_embedding_is_fed_and_matters(mmdit, tmp_path):
-    with _run(_cfg(mmdit, tmp_path, "flux", "train.guidance_scale=4.5", "data.label_dropout=0")) as run:
+    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, "flux", "train.guidance_scale=4.5", "data.label_dropout=0")) as run:
         seen = []
         hook = run.denoiser.time_text_embed.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
         batch = next(iter(run.loader))
@@ -148,9 +123,11 @@ def test_flux_guidance_embedding_is_fed_and_matters(mmdit, tmp_path):
     assert kw["guidance"] is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_lora_loss_decreases_on_a_fixed_batch(mmdit, tmp_path, kind):
-    with _run(_cfg(mmdit, tmp_path, kind, "optimizer.lr=3e-2", "data.label_dropout=0")) as run:
+@pytest.mark.parametrize("kind,shift", [("sd3", None), ("flux", None), ("sd3", "train.flow_shift=1.5"),
+                                        ("flux", "train.dynamic_shift=true")])
+def test_lora_loss_decreases_on_a_fixed_batch(mmdit, tmp_path, kind, shift):
+    sets = ["optimizer.lr=3e-2", "data.label_dropout=0", *([shift] if shift else [])]
+    with setup_run(tiny_mmdit_cfg(mmdit, tmp_path, kind, *sets)) as run:
         batch = next(iter(run.loader))
         losses = []
         for _ in range(8):
@@ -169,15 +146,15 @@ def test_resume_is_bit_exact(mmdit, tmp_path, kind, cache):
     flag = str(cache).lower()  # cached: the T5/CLIP embeddings and VAE posteriors computed once before training
     sets = ["train.max_steps=4", "checkpointing.checkpointing_steps=2", "method.dropout=0.1",
             f"data.cache_text_embeddings={flag}", f"data.cache_latents={flag}", "train.loss_weighting=cosmap"]
-    full = main(_cfg(mmdit, tmp_path / "a", kind, *sets))
+    full = main(tiny_mmdit_cfg(mmdit, tmp_path / "a", kind, *sets))
     (tmp_path / "b" / "out" / "checkpoints").mkdir(parents=True)
     src = tmp_path / "a" / "out" / "checkpoints" / "checkpoint-2"
     subprocess.run(["cp", "-r", str(src), str(tmp_path / "b" / "out" / "checkpoints")], check=True)
     torch.manual_seed(1234)
-    resumed = main(_cfg(mmdit, tmp_path / "b", kind, *sets, "checkpointing.resume_from_checkpoint=latest"))
+    resumed = main(tiny_mmdit_cfg(mmdit, tmp_path / "b", kind, *sets, "checkpointing.resume_from_checkpoint=latest"))
     a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    other = main(_cfg(mmdit, tmp_path / "c", kind, *sets[:-1], "train.loss_weighting=none"))
+    other = main(tiny_mmdit_cfg(mmdit, tmp_path / "c", kind, *sets[:-1], "train.loss_weighting=none"))
     assert not all(torch.equal(a[k], v) for k, v in load_file(other / "adapter_model.safetensors").items())
 
 
@@ -185,13 +162,13 @@ def test_resume_is_bit_exact(mmdit, tmp_path, kind, cache):
                                      "train.zero_terminal_snr=true", "train.debiased_estimation=true"])
 def test_ddpm_settings_are_refused(mmdit, tmp_path, setting):
     with pytest.raises(dt.DifftuneError, match=rf"`{setting.split('=')[0]}`.*flow-matching"):
-        main(_cfg(mmdit, tmp_path, "sd3", setting))
+        main(tiny_mmdit_cfg(mmdit, tmp_path, "sd3", setting))
 
 
 def test_bad_flow_settings(mmdit, tmp_path):
     with pytest.raises(dt.DifftuneError, match="`train.timestep_density`"):
-        _cfg(mmdit, tmp_path, "sd3", "train.timestep_density=gauss")
+        tiny_mmdit_cfg(mmdit, tmp_path, "sd3", "train.timestep_density=gauss")
     with pytest.raises(dt.DifftuneError, match="`train.max_sequence_length`"):
-        _cfg(mmdit, tmp_path, "sd3", "train.max_sequence_length=0")
+        tiny_mmdit_cfg(mmdit, tmp_path, "sd3", "train.max_sequence_length=0")
     with pytest.raises(dt.DifftuneError, match="`train.logit_std`"):
-        _cfg(mmdit, tmp_path, "sd3", "train.logit_std=0")
+        tiny_mmdit_cfg(mmdit, tmp_path, "sd3", "train.logit_std=0")

@@ -4,40 +4,28 @@ pipeline (`dt.load_adapter`, or the saved pipeline for full), and resume is bit-
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from mmdit_runs import setup_run, tiny_mmdit_cfg
 
 import difftune as dt
 from difftune.architectures import mmdit_default_targets
-from difftune.config import load_config
-from difftune.testing import save_tiny_pipeline
 from difftune.train import TrainConfig, main
-from difftune.train.lock import release_output_dir
-from difftune.train.trainer import setup, step_loss
+from difftune.train.trainer import step_loss
 
-REPO = Path(__file__).resolve().parents[2]
 KINDS = ("sd3", "flux")
 #: method fields and learning rate on the tiny pipelines (KronA 4 × 4 factors divide the 32/128-wide layers; SaRA's
 #: threshold selects about a tenth of the entries)
 METHODS = {"krona": ({"a1": 4, "a2": 4}, 1e-1), "sara": ({"threshold": 0.02}, 1e-2), "full": ({}, 1e-3)}
 
 
-@pytest.fixture(scope="module")
-def mmdit(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmdit-methods")
-    return {"captions": tiny["captions"], **{k: save_tiny_pipeline(k, root / k) for k in KINDS}}
-
-
 def _cfg(paths, root: Path, kind: str, method: str, *sets: str) -> TrainConfig:
     fields, lr = METHODS[method]
-    cfg = load_config(TrainConfig, REPO / "configs" / "debug" / f"tiny_{kind}.yaml", [
-        f"model.path={paths[kind]}", f"data.path={paths['captions']}", f"output_dir={root / 'out'}",
-        "validation.prompts=[]", f"optimizer.lr={lr}", *sets])
+    cfg = tiny_mmdit_cfg(paths, root, kind, f"optimizer.lr={lr}", *sets)
     cfg.method = {"name": method, **fields}
     if method == "krona":  # the MMDiT defaults, as configs/krona/flux.yaml lists them
         from diffusers import DiffusionPipeline
@@ -45,15 +33,6 @@ def _cfg(paths, root: Path, kind: str, method: str, *sets: str) -> TrainConfig:
         model = DiffusionPipeline.from_pretrained(paths[kind]).transformer
         cfg.method["target_modules"] = mmdit_default_targets(model)
     return cfg
-
-
-@contextlib.contextmanager
-def _run(cfg: TrainConfig):
-    run = setup(cfg)
-    try:
-        yield run
-    finally:
-        release_output_dir(cfg.output_dir)
 
 
 def _probe(model: torch.nn.Module, kind: str) -> torch.Tensor:
@@ -76,7 +55,7 @@ def _probe(model: torch.nn.Module, kind: str) -> torch.Tensor:
 def test_loss_falls_and_the_saved_result_gives_the_trained_output(mmdit, tmp_path, kind, method):
     from diffusers import DiffusionPipeline
 
-    with _run(_cfg(mmdit, tmp_path, kind, method, "data.label_dropout=0")) as run:
+    with setup_run(_cfg(mmdit, tmp_path, kind, method, "data.label_dropout=0")) as run:
         batch = next(iter(run.loader))
         losses = []
         for _ in range(6):
@@ -122,7 +101,7 @@ def test_a_config_without_target_modules_trains_the_mmdit_defaults(mmdit, tmp_pa
 
     cfg = _cfg(mmdit, tmp_path, kind, "full")
     cfg.method = {"name": "lora", "rank": 2}
-    with _run(cfg) as run:
+    with setup_run(cfg) as run:
         adapted = {n for n, h in hosts(run.denoiser) if h.adapters}
         assert list(run.plugin.config.target_modules) == mmdit_default_targets(run.denoiser)
     assert any(n.endswith("ff_context.net.2") for n in adapted), sorted(adapted)[:8]
