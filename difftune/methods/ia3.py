@@ -110,11 +110,12 @@ class IA3Adapter(Adapter):
     def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         """l ⊙ (W0 x + b0), or W0 (l ⊙ x) + b0, with one run of the base layer: the host's ``base(x) + δ(x)`` runs
         the layer's product twice (once in the layer, once more in δ for W0 x). The same function, rounded
-        differently (tested against the host's route)."""
+        differently (tested against the host's route). l is not rounded to a lower activation dtype (bf16 under
+        autocast would move l = 1.003 to 1): the product is, once."""
         if self.feedforward:
-            return base_layer(x * self._shift(x.dim(), self._channel(), minus_one=False).to(x.dtype))
+            return base_layer((x * self._shift(x.dim(), self._channel(), minus_one=False)).to(x.dtype))
         y = base_layer(x)
-        return y * self._shift(y.dim(), self._channel(), minus_one=False).to(y.dtype)
+        return (y * self._shift(y.dim(), self._channel(), minus_one=False)).to(y.dtype)
 
     def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         x = x.to(self.ia3_l.dtype)

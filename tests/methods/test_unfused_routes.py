@@ -169,3 +169,19 @@ def test_diff_takes_the_host_route_where_one_product_would_differ():
         x = torch.randn(3, 8)
         want = model[0].base_layer(x) + x.sum(-1, keepdim=True) * 0.1  # its own forward, then ΔW x
         torch.testing.assert_close(model(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_ia3_under_autocast_scales_by_l_in_its_own_dtype():
+    """fp32 weights and l, bf16 autocast: l = 1.003 is 1 in bf16, so scaling by a bf16 l would change nothing; the
+    route multiplies by the fp32 l and rounds the product once."""
+    layer = nn.Linear(32, 64)
+    model = nn.Sequential(layer)
+    dt.inject(model, dt.IA3Config(target_modules=["0"], feedforward_modules=[]), name="a")
+    with torch.no_grad():
+        model[0].adapters["a"].ia3_l.fill_(1.003)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, y = model(x), layer(x)
+    assert got.dtype == y.dtype == torch.bfloat16
+    torch.testing.assert_close(got, (y.float() * 1.003).to(torch.bfloat16), atol=0, rtol=0)
+    assert (got != y).float().mean() > 0.2  # the scale shows in the bf16 output
