@@ -3,6 +3,7 @@
     python bench/inference_overhead.py                       # SD1.5 UNet and DiT-XL/2 architectures, 5 rounds
     python bench/inference_overhead.py --models sd15 --rounds 9
     python bench/inference_overhead.py --quick               # tiny models, 2 rounds: a smoke run (seconds)
+    python bench/inference_overhead.py --models dit-xl2 --rows loha ia3 diff fused-lora   # some rows (+ bare)
 
 Random weights on the published configs (time does not depend on the values), batch 1, 32×32 latents (77 text tokens
 for the UNet, one class label for the DiT), fp32, no gradient. Each registered adapter method gets one row (the
@@ -135,23 +136,38 @@ def peft_lora(base: nn.Module) -> nn.Module:
     return model
 
 
-def variants(model_name: str, base: nn.Module, quick: bool, latent: int) -> list[Variant]:
+#: The rows besides one per registered adapter method (named by its registry key), for ``--rows``.
+EXTRA_ROWS = ("peft-lora", "8-loras", "fused-lora")
+
+
+def row_names() -> list[str]:
+    """What ``--rows`` accepts: every registered adapter method, then `EXTRA_ROWS`."""
+    from difftune.methods import METHODS
+
+    return sorted(m for m, cls in METHODS.items() if cls.is_adapter) + list(EXTRA_ROWS)
+
+
+def variants(model_name: str, base: nn.Module, quick: bool, latent: int,
+             only: list[str] | None = None) -> list[Variant]:
+    """The bare model, then each row of ``only`` (`row_names`; all when None) in the table's order."""
     from difftune.errors import DifftuneError
     from difftune.methods import METHODS
     from difftune.methods.lora import LoRAConfig
 
+    wanted = [r for r in row_names() if only is None or r in only]
     rows = [Variant("bare model", base)]
     known = settings(model_name, quick, latent)
-    for method in sorted(m for m, cls in METHODS.items() if cls.is_adapter):
+    for method in (r for r in wanted if r not in EXTRA_ROWS):
         label, fields, inputs = known.get(method, (f"{method} (config defaults)", {}, {}))
         try:
             rows.append(Variant(label, adapted(base, [("a", METHODS[method](**fields))]), inputs))
         except DifftuneError as e:
             rows.append(Variant(label, skipped=str(e).split(". ")[0]))
     lora = LoRAConfig(rank=4, alpha=4.0, target_modules=LORA_TARGETS)
-    rows.append(Variant("peft LoRA r=4 (unmerged)", peft_lora(base)))
-    rows.append(Variant("8 LoRAs r=4 at once", adapted(base, [(f"l{i}", lora) for i in range(8)])))
-    rows.append(Variant("fused LoRA r=4", adapted(base, [("a", lora)], fuse=True)))
+    extra = {"peft-lora": lambda: Variant("peft LoRA r=4 (unmerged)", peft_lora(base)),
+             "8-loras": lambda: Variant("8 LoRAs r=4 at once", adapted(base, [(f"l{i}", lora) for i in range(8)])),
+             "fused-lora": lambda: Variant("fused LoRA r=4", adapted(base, [("a", lora)], fuse=True))}
+    rows.extend(make() for name, make in extra.items() if name in wanted)
     return rows
 
 
@@ -209,14 +225,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time, or wall time")
     ap.add_argument("--quick", action="store_true", help="tiny UNet and DiT, 2 rounds: checks the bench runs")
+    ap.add_argument("--rows", nargs="+", metavar="NAME",
+                    help=f"time only these rows, besides the bare model: {', '.join(row_names())} (default: all)")
     ap.add_argument("--out", default="outputs/bench/inference_overhead")
     args = ap.parse_args()
-    run(args.models, 2 if args.quick else args.rounds, args.threads, args.quick, args.out, args.clock)
+    unknown = sorted(set(args.rows or ()) - set(row_names()))
+    if unknown:
+        ap.error(f"unknown --rows {unknown}; known: {', '.join(row_names())}")
+    run(args.models, 2 if args.quick else args.rounds, args.threads, args.quick, args.out, args.clock, args.rows)
 
 
 def run(models: list[str], rounds: int, threads: int, quick: bool, out: str | None,
-        clock: str = "cpu") -> dict[str, list[dict]]:
-    """Time every variant on each of ``models``; returns the rows per model (also written under ``out``)."""
+        clock: str = "cpu", only: list[str] | None = None) -> dict[str, list[dict]]:
+    """Time every variant (or the rows ``only`` names, `row_names`) on each of ``models``; returns the rows per
+    model (also written under ``out``)."""
     from difftune.fileio import atomic_write
 
     torch.set_num_threads(threads)
@@ -224,14 +246,14 @@ def run(models: list[str], rounds: int, threads: int, quick: bool, out: str | No
     for name in models:
         base, call_args, call_kwargs = build_model(name, quick)
         latent = call_args[0].shape[-1]
-        rows = variants(name, base, quick, latent)
+        rows = variants(name, base, quick, latent, only)
         measure(rows, call_args, call_kwargs, rounds, CLOCKS[clock])
         results[name] = report(name, rows, rounds, threads, clock)
         del rows, base
         gc.collect()
     if out:
         payload = json.dumps({"quick": quick, "rounds": rounds, "threads": threads, "clock": clock,
-                              "results": results}, indent=2)
+                              "rows": only or "all", "results": results}, indent=2)
         atomic_write(Path(out) / "results.json", lambda tmp: Path(tmp).write_text(payload))
     return results
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -39,3 +40,16 @@ def test_gpu_check_cpu_step_trains_and_restores_the_base():
         row = gpu_check.train(unet, "sd15", method, dtype, "sdpa", 2, device)
         assert row["ok"] and row["trainable"] > 0, row
     assert all(torch.equal(before[n], p) for n, p in unet.named_parameters())
+
+
+def test_inference_overhead_rows_times_only_the_named_rows(monkeypatch, capsys):
+    rows = inference_overhead.run(["dit-xl2"], rounds=1, threads=1, quick=True, out=None,
+                                  only=["loha", "fused-lora"])["dit-xl2"]
+    assert [r["variant"] for r in rows] == ["bare model", "loha (config defaults)", "fused LoRA r=4"]
+    assert all(len(r["seconds"]) == 1 for r in rows)
+    monkeypatch.setattr(sys, "argv", ["inference_overhead.py", "--quick", "--rows", "loha", "lohaa"])
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: status 2, the bad name and the known ones
+        inference_overhead.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown --rows ['lohaa']" in err and "fused-lora" in err

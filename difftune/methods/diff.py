@@ -5,7 +5,9 @@ on any layer, norms and biases included (LyCORIS ``diff``/``diff_b`` and ``w_nor
 import as ``diff`` adapters, so every weight-space method's ``--format diff`` export imports back with the same ΔW,
 bit for bit. It also trains (Δ starts at 0), at the size of the adapted layers.
 
-* Linear and Conv2d layers add δ(x) = ΔW·x + Δb with the layer's own operator (per-item weights work);
+* Linear and Conv2d layers add δ(x) = ΔW·x + Δb with the layer's own operator (per-item weights work); at weight 1,
+  the first adapter of an unfused fp32 layer, the layer's operator runs once with W0 + Δ (`DiffAdapter.replace_output`)
+  instead of twice (W0 x, then ΔW·x: a second full-size product);
 * any other layer (GroupNorm, LayerNorm, Embedding, ...) runs with its parameters replaced by W0 + w·Δ
   (``functional_call``), which is exact for every layer type.
 
@@ -19,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import bad_value
@@ -98,6 +101,21 @@ class DiffAdapter(Adapter):
             db = self.diff("bias").to(out.dtype)
             out = out + weight * (db.view(-1, 1, 1) if isinstance(base_layer, nn.Conv2d) else db)
         return out
+
+    def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
+        """(W0 + Δ) x + b0 + Δb with one run of the layer's operator; the same function as the host's ``base(x) +
+        δ(x)``, rounded differently (tested against it). Only for an fp32 weight: in fp16/bf16, W0 + Δ would round
+        away the low bits of a small Δ that the host's route keeps (None: the host's route)."""
+        stock = type(base_layer).forward in (nn.Linear.forward, nn.Conv2d.forward)  # what F.linear/conv compute
+        if not stock or "weight" not in self.pnames or base["weight"].dtype != torch.float32:
+            return None
+        weight = base["weight"] + self.diff("weight").to(torch.float32)
+        bias = base.get("bias")
+        if "bias" in self.pnames:
+            bias = bias + self.diff("bias").to(bias.dtype)
+        if isinstance(base_layer, nn.Conv2d):
+            return base_layer._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
 
 
 class DiffParamAdapter(DiffAdapter):

@@ -10,8 +10,10 @@ activation, i.e. the input of the down projection ``ff.net.2``). A Conv2d scales
 
 The smallest method whose ΔW depends on W0: it is computed from the true base weights the host supplies
 (`difftune.methods.base`), so (IA)³ merges, unmerges and stacks with other fused adapters exactly like the rest,
-and keeps no copy of W0. Unfused, δ(x) needs W0 x once more (the base output may hold other adapters' changes):
-fuse (IA)³ for inference. ``ia3_l`` has peft's shapes ((d_out, 1) or (1, d_in) for a Linear, (1, C, 1, 1) for a
+and keeps no copy of W0. Unfused at weight 1, the first adapter of an unfused layer, it runs the layer once on its
+own terms (`IA3Adapter.replace_output`): l ⊙ base(x), or base(l ⊙ x). Otherwise (another weight, or other adapters
+before it or fused into the layer, whose changes the base output holds) δ(x) needs W0 x once more: fuse (IA)³ for
+inference there. ``ia3_l`` has peft's shapes ((d_out, 1) or (1, d_in) for a Linear, (1, C, 1, 1) for a
 conv), so files map 1:1.
 """
 
@@ -84,12 +86,15 @@ class IA3Adapter(Adapter):
     def merge_params(self) -> tuple[str, ...]:
         return ("weight", "bias") if self.scales_bias else ("weight",)
 
-    def _shift(self, dims: int, channel_dim: int) -> Tensor:
-        """l − 1 (the adapter's dtype) shaped to broadcast over ``channel_dim`` of a ``dims``-D tensor."""
-        shift = self.ia3_l.flatten() - 1
+    def _shift(self, dims: int, channel_dim: int, minus_one: bool = True) -> Tensor:
+        """l − 1 (or l itself; the adapter's dtype) shaped to broadcast over ``channel_dim`` of a ``dims``-D tensor."""
+        shift = self.ia3_l.flatten() - 1 if minus_one else self.ia3_l.flatten()
         shape = [1] * dims
         shape[channel_dim] = -1
         return shift.view(shape)
+
+    def _channel(self) -> int:
+        return -3 if self.conv else -1  # (..., C, H, W) convs (batched or not), (..., d) linears
 
     def delta_weight(self, w0: Tensor) -> Tensor:
         """(diag(l) − I) W0 (rows: output channels) or W0 (diag(l) − I) (columns: input channels), fp32."""
@@ -102,10 +107,20 @@ class IA3Adapter(Adapter):
             out["bias"] = base["bias"].float() * (self.ia3_l.flatten().float() - 1)
         return out
 
+    def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
+        """l ⊙ (W0 x + b0), or W0 (l ⊙ x) + b0, with one run of the base layer: the host's ``base(x) + δ(x)`` runs
+        the layer's product twice (once in the layer, once more in δ for W0 x). The same function, rounded
+        differently (tested against the host's route). l is not rounded to a lower activation dtype (bf16 under
+        autocast would move l = 1.003 to 1): the product is, once."""
+        if self.feedforward:
+            return base_layer((x * self._shift(x.dim(), self._channel(), minus_one=False)).to(x.dtype))
+        y = base_layer(x)
+        return (y * self._shift(y.dim(), self._channel(), minus_one=False)).to(y.dtype)
+
     def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         x = x.to(self.ia3_l.dtype)
         w0 = base["weight"].to(x.dtype)
-        channel = -3 if self.conv else -1  # (..., C, H, W) convs (batched or not), (..., d) linears
+        channel = self._channel()
         if self.feedforward:
             return apply_weight(base_layer, x * self._shift(x.dim(), channel).to(x.dtype), w0)
         y = apply_weight(base_layer, x, w0)  # W0 x + b0: the true base output

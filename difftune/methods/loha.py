@@ -12,9 +12,12 @@ Deliberate choices:
 
 * **Initialization as peft**: W1a, W1b, W2a Kaiming-uniform (a = √5), W2b = 0, so a fresh adapter changes nothing.
   LyCORIS draws W1 ~ N(0, 0.1²)/N(0, 1) and zeros W2a instead; either way one factor is zero.
-* **Dense forward.** δ(x) = ΔW x with the base layer's own operator, as peft and LyCORIS compute it: the Hadamard
-  product has no cheap factored form (its exact rank-r² LoRA, `difftune.interop.updates.loha_as_low_rank`, costs
-  r²(d_out + d_in) per token, more than d_out·d_in for the widths and ranks used on diffusion models).
+* **Factored forward.** δ(x) = U (V x) with the exactly equal rank-r² form of the Hadamard product,
+  (α/r)·(W1a W1b) ⊙ (W2a W2b) = U V, U = (α/r)·[w1a_i ⊙ w2a_j] (d_out × r²), V = [w1b_i ⊙ w2b_j] (r² × d_in·k·k), a
+  Khatri–Rao product (`difftune.interop.updates.loha_as_low_rank` builds the same): r²(d_out + d_in·k·k) per token
+  instead of d_out·d_in·k·k, and no dense ΔW on each forward (peft and LyCORIS build it, then run a second
+  full-size product). A layer where the rank-r² form costs more (r² ≥ d_out·d_in/(d_out + d_in), i.e. r ≥ 24 on a
+  1152-wide square layer) keeps that dense route.
 * No Tucker (``hada_t1``/``hada_t2``), rank dropout or DoRA variant ("DoHa"): files with them are refused on import.
 """
 
@@ -25,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import bad_value
@@ -102,6 +106,8 @@ class LoHaAdapter(Adapter):
         self.hada_w1_a, self.hada_w1_b = factor(d_out, r), factor(r, d_in)
         self.hada_w2_a, self.hada_w2_b = factor(d_out, r), factor(r, d_in)
         self.scale = config.scale
+        # per token: r²(d_out + d_in·k·k) multiply-adds factored, d_out·d_in·k·k dense (`delta`)
+        self.factored = r * r * (d_out + d_in) < d_out * d_in
         for p in (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         nn.init.zeros_(self.hada_w2_b)
@@ -111,3 +117,21 @@ class LoHaAdapter(Adapter):
         w1 = self.hada_w1_a.float() @ self.hada_w1_b.float()  # (d_out, d_in·k·k)
         w2 = self.hada_w2_a.float() @ self.hada_w2_b.float()
         return (w1 * w2 * self.scale).view(self.shape)
+
+    def low_rank_factors(self) -> tuple[Tensor, Tensor]:
+        """(U, V) in fp32 with ΔW = U V: U (d_out, r²) = (α/r)·[w1a_i ⊙ w2a_j], V (r², d_in·k·k) = [w1b_i ⊙ w2b_j]."""
+        w1a, w2a = self.hada_w1_a.float(), self.hada_w2_a.float()
+        up = (w1a[:, :, None] * w2a[:, None, :]).flatten(1) * self.scale  # the scale on the smaller factor
+        down = (self.hada_w1_b.float()[:, None, :] * self.hada_w2_b.float()[None, :, :]).flatten(0, 1)
+        return up, down
+
+    def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
+        """ΔW·x as U (V x), two thin products (module docstring), or with the dense ΔW where that costs less."""
+        if not self.factored:
+            return super().delta(x, base_layer, base)
+        up, down = self.low_rank_factors()
+        x = x.to(up.dtype)  # fp32, as the dense route computes it
+        if isinstance(base_layer, nn.Conv2d):  # V: a (r², d_in, k, k) conv with the layer's stride/padding; U: 1×1
+            h = base_layer._conv_forward(x, down.view(down.shape[0], *self.shape[1:]), None)
+            return F.conv2d(h, up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
