@@ -31,7 +31,7 @@ from .errors import DifftuneError, bad_value
 
 #: The shipped reference models (difftune.zoo), found by name from any working directory.
 ASSETS = Path(__file__).resolve().parent / "assets"
-MODELS = ("sd-mini", "dit-mini")
+MODELS = ("sd-mini", "dit-mini", "flow-mini")
 #: File suffixes taken as single-file checkpoints.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: The names errors give the four settings: the training config's keys, and the CLI's flags (`CLI_KEYS`).
