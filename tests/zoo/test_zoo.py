@@ -66,6 +66,17 @@ def test_quickstart_reduced(tmp_path):
     assert run_quickstart(tmp_path / "qs", steps=1, n=2, sample_steps=1)["train_steps"] == 1
 
 
+def test_quickstart_on_flow_mini(tmp_path, capsys):
+    from difftune.quickstart import run_quickstart
+
+    result = run_quickstart(tmp_path / "qs", steps=2, n=2, sample_steps=2, model_name="flow-mini")
+    assert result["model"] == "flow-mini" and inspect_adapter(result["adapter"])["method"] == "lora"
+    out = capsys.readouterr().out
+    # the printed snippet loads the shipped folder as diffusers needs and passes the recorded T5 length
+    assert "StableDiffusion3Pipeline.from_pretrained(" in out and "text_encoder_3=None" in out
+    assert "max_sequence_length=8" in out
+
+
 def test_eval_cli_writes_json_and_grid(tmp_path, capsys):
     from difftune.cli import main
 
