@@ -48,10 +48,10 @@ from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .bfl import read_file  # updates.read_file, Flux's BFL names mapped to diffusers' modules
 from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules, module_paths
 from .krona import inject_factors
 from .ldm import LDM_PREFIX
+from .mmdit import read_file  # updates.read_file; SD3's/Flux's original names mapped to diffusers'
 from .updates import Dense, Hadamard, Kron, LowRank, Update
 
 
