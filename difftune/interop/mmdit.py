@@ -33,8 +33,6 @@ _LAYOUTS = {
     "dotted": f"ComfyUI's {LDM_PREFIX}<module path>.<part>",
     "diffusers": "diffusers/peft's <component>.<module path>.lora_A/lora_B",
 }
-_KOHYA_PARTS = (_updates.LORA_PARTS | _updates.LOHA_PARTS | _updates.LOKR_PARTS | _updates.TUCKER_PARTS
-                | set(_updates.DENSE_PARTS) | set(_updates.REFUSED_PARTS))
 _DENOISERS = ("unet", "transformer", "prior")
 _SHARED = "both"
 
@@ -45,7 +43,7 @@ def _key_layout(key: str) -> str | None:
     if key.startswith(LDM_PREFIX):
         return "dotted"
     module, _, part = key.partition(".")
-    if part in _KOHYA_PARTS:
+    if part in _updates.KOHYA_PARTS:
         return "kohya" if kohya_component(module) in (None, "unet") else None
     if key.endswith(tuple(_updates.DIFFUSERS_PARTS)) or is_attn_procs_key(key):
         head = key.removeprefix("base_model.model.").split(".", 1)[0]
