@@ -49,9 +49,10 @@ __all__ = [
 
 #: kohya key prefix per pipeline component ("" is a bare denoiser saved without a pipeline).
 KOHYA_PREFIXES = {"": "lora_unet", "unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-#: The component each prefix addresses, for reading: kohya's SDXL scripts call the first text encoder ``lora_te1``.
+#: The component each prefix addresses, for reading: kohya's SDXL and SD3 scripts call the first text encoder
+#: ``lora_te1``, its SD3 scripts the T5 ``lora_te3``.
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                    "lora_te2": "text_encoder_2"}
+                    "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3"}
 
 _V = TypeVar("_V")
 

@@ -202,3 +202,29 @@ def test_comfyui_dotted_sai_keys_read_as_the_kohya_ones(tmp_path):
     dt.load_adapter(model, tmp_path / "dotted.safetensors", name="c")
     k, c = _deltas(model, "k"), _deltas(model, "c")
     assert len(k) == 33 and sorted(k) == sorted(c) and all(torch.equal(k[m], c[m]) for m in k)
+
+
+def test_sai_file_with_text_encoder_keys_loads_each_component(tmp_path):
+    """kohya sd-scripts' SD3 files put CLIP-L, CLIP-G and T5 under lora_te1_, lora_te2_ and lora_te3_."""
+    pipe = tiny_sd3_pipeline()
+    g = torch.Generator().manual_seed(0)
+    tensors, expected = {}, {}
+    for prefix, component, leaf in (("lora_te1", "text_encoder", "layers.0.self_attn.q_proj"),
+                                    ("lora_te2", "text_encoder_2", "layers.1.mlp.fc1"),
+                                    ("lora_te3", "text_encoder_3", "block.0.layer.0.SelfAttention.q"),
+                                    ("lora_unet", "transformer", "transformer_blocks.0.attn.to_out.0")):
+        model = getattr(pipe, component)
+        path = next(n for n, _ in model.named_modules() if n.endswith(leaf))
+        d_out, d_in = model.get_submodule(path).weight.shape
+        key = f"{prefix}_{path.replace('.', '_')}" if component != "transformer" else \
+            "lora_unet_joint_blocks_0_x_block_attn_proj"
+        down, up = torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g)
+        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(3.0)}
+        expected[component] = (path, 1.5 * up @ down)
+    save_file(tensors, str(tmp_path / "sd3.safetensors"))
+    assert dt.load_adapter(pipe, tmp_path / "sd3.safetensors", name="s") == "s"
+    for component, (path, delta) in expected.items():
+        name = "s" if component == "transformer" else f"s_{component}"
+        ours = _deltas(getattr(pipe, component), name)
+        assert list(ours) == [path]
+        torch.testing.assert_close(ours[path], delta, atol=1e-6, rtol=1e-6, msg=component)
