@@ -44,7 +44,7 @@ def _key_layout(key: str) -> str | None:
         return "dotted"
     module, _, part = key.partition(".")
     if part in _updates.KOHYA_PARTS:
-        return "kohya" if kohya_component(module) in (None, "unet") else None
+        return "kohya" if kohya_component(module) in (None, "unet", "transformer") else None
     if key.endswith(tuple(_updates.DIFFUSERS_PARTS)) or is_attn_procs_key(key):
         head = key.removeprefix("base_model.model.").split(".", 1)[0]
         return "diffusers" if head in _DENOISERS or head not in _updates.DIFFUSERS_COMPONENTS else None
@@ -101,8 +101,10 @@ def _from_original(updates: dict[str, Any], path: Any) -> tuple[Layout | None, d
     first: dict[Any, str] = {}
     for key in updates:
         layout = _original(key.removeprefix(f"{BFL_PREFIX}_")) if key.startswith(f"{BFL_PREFIX}_") else None
-        if layout is not _SHARED:  # final_layer_*: whichever layout the rest is
-            first.setdefault(layout, key)
+        first.setdefault(layout, key)
+    if _SHARED in first and len(first) == 1:  # final_layer_* alone: SD3's and Flux's, mapped alike
+        first = {BFL: first[_SHARED]}
+    first.pop(_SHARED, None)  # beside other keys: whichever layout those are
     found = [layout for layout in first if isinstance(layout, Layout)]
     if not found:
         return None, updates
@@ -122,6 +124,10 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, _updates.Updat
     fmt, out = _updates.read_file(path)
     if out.get("unet"):
         layout, modules = _from_original(_undot(out["unet"]), path)
+        if layout is not None and out.get("transformer"):  # diffusers' Flux reader drops the lora_unet_* keys here
+            ours, theirs = next(iter(out["unet"])), next(iter(out["transformer"]))
+            raise DifftuneError(f"{str(path)!r} names the transformer in {layout.name}'s layout (e.g. {ours!r}) and "
+                                f"in diffusers' (e.g. {theirs!r}). One file addresses one layout")
         if layout is not None:
             del out["unet"]
             out["transformer"] = modules

@@ -233,3 +233,40 @@ def test_mixed_flux_layouts_are_refused(tmp_path, tensors, match):
     with pytest.raises(DifftuneError, match=match):
         dt.load_adapter(pipe, tmp_path / "mixed.safetensors")
     assert not list(hosts(pipe.transformer))
+
+
+def test_lora_transformer_keys_match_diffusers_converter(tmp_path):
+    """kohya keys of diffusers' module names under ``lora_transformer_`` (what ComfyUI maps for Flux and SD3, and
+    diffusers' Flux converter reads as its "mixture" format): the ΔW diffusers' converter gives."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for module, d_out, d_in in (("transformer_blocks_0_attn_to_q", D, D),
+                                ("transformer_blocks_0_attn_add_k_proj", D, D),
+                                ("transformer_blocks_0_attn_to_add_out", D, D),
+                                ("single_transformer_blocks_1_attn_to_v", D, D), ("proj_out", 64, D),
+                                ("time_text_embed_timestep_embedder_linear_1", D, 256)):
+        key = f"lora_transformer_{module}"
+        tensors |= {f"{key}.lora_down.weight": torch.randn(2, d_in, generator=g),
+                    f"{key}.lora_up.weight": torch.randn(d_out, 2, generator=g), f"{key}.alpha": torch.tensor(3.0)}
+    save_file(tensors, str(tmp_path / "mixture.safetensors"))
+    expected = _converted(tensors)
+    assert len(expected) == 6
+    _assert_imports_as(tmp_path / "mixture.safetensors", expected, 1e-6)
+    # beside BFL keys: refused (diffusers' converter drops the lora_unet_* keys of such a file)
+    save_file(tensors | _zero_lora("lora_unet_double_blocks_0_img_attn_proj"), str(tmp_path / "both.safetensors"))
+    with pytest.raises(DifftuneError, match=r"BFL Flux's layout \(e.g. 'lora_unet_double.*diffusers' \(e.g. 'lora_"):
+        dt.load_adapter(tiny_flux_pipeline(), tmp_path / "both.safetensors")
+
+
+@pytest.mark.parametrize("keys", [["final_layer_linear"], ["final_layer_linear", "final_layer_adaLN_modulation_1"]])
+def test_final_layer_alone_adapts_only_the_top_level_proj_out(tmp_path, keys):
+    """BFL's (and SAI's) ``final_layer_*`` names need no other key to be read; the top-level ``proj_out`` must not
+    take the single blocks' ``…proj_out`` along (peft's suffix rule for a plain target name). α = rank: diffusers'
+    converter drops the final layer's alphas (its "TODO: alphas"), where kohya and ComfyUI apply α / r."""
+    g = torch.Generator().manual_seed(4)
+    shapes = {"final_layer_linear": (64, D), "final_layer_adaLN_modulation_1": (2 * D, D)}
+    tensors = {}
+    for k in keys:
+        tensors |= _lora(f"lora_unet_{k}", *shapes[k], 2, 2.0, g)
+    save_file(tensors, str(tmp_path / "final.safetensors"))
+    _assert_imports_as(tmp_path / "final.safetensors", _converted(tensors), 1e-6)
