@@ -2,7 +2,7 @@
 full ΔW.
 
 `export_adapter` reads one or more saved adapters (one per pipeline component: a UNet LoRA and a text-encoder LoRA
-go into one file), writes the file, reads it back with the importer's own parser (`updates.read_file`) and reports
+go into one file), writes the file, reads it back with the importer's own parser (`mmdit.read_file`) and reports
 the largest fp32 difference between the file's ΔW and ours. What goes where:
 
 ==============  =====================================  ==========================================================
@@ -54,9 +54,9 @@ from ..fileio import atomic_write
 from ..methods.base import get_method
 from ..serialization import config_from_header, read_header, read_tensors
 from ..version import __version__
-from .bfl import is_flux_adapter, read_file, write_bfl
 from .kohya import kohya_name, kohya_prefix
 from .kohya_meta import base_version, base_version_metadata, export_metadata
+from .mmdit import kohya_layout, read_file
 from .tools import READERS, export_warnings, ldm_module_names, resolve_format
 from .updates import (
     Dense,
@@ -254,8 +254,9 @@ def export_adapter(
         if format in ("kohya", "diffusers"):
             updates = _as_low_rank(source, rank, report)
         components[source.component or "unet"] = updates
-        if format == "kohya" and is_flux_adapter(source.header, list(updates), model):  # BFL's layout (bfl.py)
-            expected.update(write_bfl(tensors, updates, DTYPES[dtype] if dtype else None))  # type: ignore[arg-type]
+        layout = kohya_layout(source.header, list(updates), model, prefix) if format == "kohya" else None
+        if layout is not None:  # SD3's SAI / Flux's BFL names, fused as the original model (sai.py, bfl.py)
+            expected.update(layout.write(tensors, updates, DTYPES[dtype] if dtype else None))  # type: ignore[arg-type]
             metadata.update(export_metadata(format, source.header, source.path, updates, version))
             continue
         names = ldm_module_names(source.header, model, source.component, updates) if written == "kohya-ldm" \

@@ -32,6 +32,7 @@ denoiser's is called ``name``, the others ``name_<component>`` (e.g. ``style_tex
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,10 @@ from ..methods.loha import LoHaConfig
 from ..methods.lora import LoRAConfig
 from ..serialization import save_adapter_file
 from ..targeting import canonical_name
-from .bfl import read_file  # updates.read_file, Flux's BFL names mapped to diffusers' modules
 from .kohya import KOHYA_COMPONENTS, base_layer, fill_injected, match_modules, module_paths
 from .krona import inject_factors
 from .ldm import LDM_PREFIX
+from .mmdit import read_file  # updates.read_file; SD3's/Flux's original names mapped to diffusers'
 from .updates import Dense, Hadamard, Kron, LowRank, Update
 
 
@@ -293,9 +294,12 @@ def _copy_factor(dst: Tensor, src: Tensor, rank_dim: int, module: str, what: str
 
 
 def _targets(module: nn.Module, updates: dict[str, Any]) -> list[str]:
-    """The adapted modules' full names in model order (exact patterns: nothing else is selected)."""
-    names = (canonical_name(n) for n, _ in module.named_modules())
-    return list(dict.fromkeys(n for n in names if n in updates))
+    """The adapted modules' full names in model order, as exact patterns: a name that is also the dotted end of
+    another module's (Flux's top-level ``proj_out`` and its single blocks' ``…proj_out``) is written as an anchored
+    regex, since a plain target name selects every module it ends."""
+    names = list(dict.fromkeys(canonical_name(n) for n, _ in module.named_modules()))
+    ends = {n.split(".", i)[i] for n in names for i in range(1, n.count(".") + 1)}
+    return [f"^{re.escape(n)}$" if n in ends else n for n in names if n in updates]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -49,9 +49,11 @@ __all__ = [
 
 #: kohya key prefix per pipeline component ("" is a bare denoiser saved without a pipeline).
 KOHYA_PREFIXES = {"": "lora_unet", "unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
-#: The component each prefix addresses, for reading: kohya's SDXL scripts call the first text encoder ``lora_te1``.
+#: The component each prefix addresses, for reading: kohya's SDXL and SD3 scripts call the first text encoder
+#: ``lora_te1``, its SD3 scripts the T5 ``lora_te3``; ``lora_transformer`` is diffusers' module names of an SD3/Flux
+#: transformer (ComfyUI reads it, and diffusers' Flux converter).
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                    "lora_te2": "text_encoder_2"}
+                    "lora_te2": "text_encoder_2", "lora_te3": "text_encoder_3", "lora_transformer": "transformer"}
 
 _V = TypeVar("_V")
 

@@ -105,6 +105,10 @@ def export_warnings(format: str, components: dict[str, dict[str, Any]], keys: li
         out.append("the text-encoder part of this kohya file loads in ComfyUI, A1111/Forge, kohya and lycoris-lora, "
                    "but not with diffusers' pipe.load_lora_weights (it cannot read kohya-named text-encoder "
                    "attention keys); for diffusers and peft write it with --format diffusers")
+    if format == "kohya" and any(k.startswith("lora_unet_joint_blocks_") for k in keys):
+        out.append("this SD3 file in SAI's names (lora_unet_joint_blocks_*) loads in ComfyUI and kohya sd-scripts, "
+                   "but diffusers' StableDiffusion3Pipeline.load_lora_weights reads only diffusers' names and loads "
+                   "nothing from it; for diffusers and peft write it with --format diffusers")
     if format == "diffusers":
         losses = comfyui_losses(components)
         if losses:

@@ -43,6 +43,8 @@ DENSE_PARTS = {"diff": "weight", "diff_b": "bias", "w_norm": "weight", "b_norm":
 TUCKER_PARTS = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
 REFUSED_PARTS = {"lokr_t1": "a Tucker core on LoKr's w1 (LyCORIS never writes one)", "scalar": "LyCORIS use_scalar",
                  "oft_blocks": "OFT", "oft_diag": "OFT", "weight": "a whole replaced weight (not a difference)"}
+#: Every part name a kohya/LyCORIS module's keys may end in.
+KOHYA_PARTS = LORA_PARTS | LOHA_PARTS | LOKR_PARTS | TUCKER_PARTS | set(DENSE_PARTS) | set(REFUSED_PARTS)
 
 
 @dataclass
@@ -307,9 +309,8 @@ def read_file(path: str | Path) -> tuple[str, dict[str, dict[str, Update]]]:
         return fmt, _read_diffusers(tensors, _lora_config(path), path)
     out: dict[str, dict[str, Update]] = {}
     generic = {k: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}  # ComfyUI's, module paths with dots
-    parts_known = LORA_PARTS | LOHA_PARTS | LOKR_PARTS | TUCKER_PARTS | set(DENSE_PARTS) | set(REFUSED_PARTS)
     groups = {**group_by_module({k: v for k, v in tensors.items() if k not in generic}),
-              **path_groups(generic, parts_known)}
+              **path_groups(generic, KOHYA_PARTS)}
     for key, parts in groups.items():
         component = LDM_COMPONENT if key.startswith(LDM_PREFIX) else \
             next((c for p, c in KOHYA_COMPONENTS.items() if key.startswith(p + "_")), "")
