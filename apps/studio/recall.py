@@ -50,8 +50,11 @@ def settings(parsed: Mapping[str, Any], slot: Slot, stored_image: Callable[[str]
     if slot.kind != "dit":  # a DiT's infotext has no prompt: the (hidden) prompt box keeps its text for later
         if "prompt" in parsed:
             out["prompt"] = parsed["prompt"]
-        if "negative_prompt" in parsed:
+        if "negative_prompt" in parsed and (slot.kind != "flux" or not parsed["negative_prompt"]):
             out["negative"] = parsed["negative_prompt"]
+        elif "negative_prompt" in parsed:  # Flux takes none (`engine.Studio.check`): the hidden box stays empty
+            out["negative"] = ""
+            notes.append(f"{slot.label} (Flux) takes no negative prompt; the infotext's was left out")
     for field, name in (("Steps", "steps"), ("CFG scale", "guidance"), ("Seed", "seed")):
         value = _number(p.get(field, ""))
         if value is not None:
