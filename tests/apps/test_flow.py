@@ -182,3 +182,18 @@ def test_page_hides_flux_negative_prompt(studios):
     values, notes = settings({"prompt": "a cat", "negative_prompt": "a dog", "params": {}}, studios["flux"].main,
                              lambda ref: None)
     assert values["negative"] == "" and "takes no negative prompt" in notes[0]
+
+
+def test_spm_on_flux_through_generate(flow_files):
+    """`difftune.generation.generate` (and the studio) on Flux with an SPM: the adapter inputs were doubled for
+    guidance > 1 as on SD, but Flux's guidance is embedded and its batch never doubled: 2 γ for 1 item, an error."""
+    import difftune as dt
+    from difftune.generation import generate, load_pipeline
+    from difftune.methods.verbs import model_part
+
+    folder, root = flow_files["flux"]
+    pipe = load_pipeline(folder)
+    dt.load_adapter(pipe, root / "spm", name="spm")
+    images = generate(pipe, prompt="a cat", seed=3, steps=2, guidance=3.5, height=32, width=32, num_images=2)
+    gamma = model_part(pipe.transformer, "spm").gamma
+    assert len(images) == 2 and gamma.tolist() == [1.0, 1.0]  # one γ per image: "cat" is the whole concept
