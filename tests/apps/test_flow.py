@@ -197,3 +197,23 @@ def test_spm_on_flux_through_generate(flow_files):
     images = generate(pipe, prompt="a cat", seed=3, steps=2, guidance=3.5, height=32, width=32, num_images=2)
     gamma = model_part(pipe.transformer, "spm").gamma
     assert len(images) == 2 and gamma.tolist() == [1.0, 1.0]  # one γ per image: "cat" is the whole concept
+
+
+def test_a_kohya_bfl_flux_lora_imported_runs_in_the_studio(flow_files, tmp_path):
+    """A kohya Flux LoRA in the BFL layout (ComfyUI's names, fused qkv), converted by `difftune import` into the
+    adapters folder, is listed and gives the image of the adapter it was exported from."""
+    from difftune.cli import main
+
+    folder, root = flow_files["flux"]
+    adapters = tmp_path / "adapters"
+    shutil.copytree(root / "lora", adapters / "lora")
+    file = tmp_path / "flux_lora.safetensors"
+    assert main(["export", str(root / "lora"), "--out", str(file), "--format", "kohya"]) == 0
+    assert main(["import", str(file), "--model", str(folder), "--out", str(adapters / "comfy")]) == 0
+    st = Studio(folder, adapters, out=tmp_path / "out")
+    assert {e.key: e.method for e in st.entries()} == {"comfy": "lora", "lora": "lora"}
+    imported = st.generate(Request(**RUN, mix=[MixItem("comfy", 0.5)]))
+    original = st.generate(Request(**RUN, mix=[MixItem("lora", 0.5)]))
+    plain = st.generate(Request(**RUN))
+    assert np.abs(_pixels(imported.images[0]) - _pixels(original.images[0])).max() <= 1
+    assert np.abs(_pixels(imported.images[0]) - _pixels(plain.images[0])).max() > 8
