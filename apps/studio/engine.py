@@ -289,7 +289,10 @@ class Studio:
             adapters.append((item.key, item.weight, digest))
             if info[name]["method"] == LORA:
                 loras.add(item.key)
-        params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
+        # Flux's value is its distilled guidance: written as Forge writes it (no CFG runs: "CFG scale: 1")
+        guidance = {"CFG scale": 1, "Distilled CFG Scale": req.guidance} if slot.kind == "flux" else {
+            "CFG scale": req.guidance}
+        params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, **guidance, "Seed": seed,
                                   "Size": f"{req.width}x{req.height}", "Model hash": slot.model_hash,
                                   "Model": slot.label}
         if slot.kind == "dit" or (req.class_label is not None and slot.names("kind")):

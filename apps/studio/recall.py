@@ -55,7 +55,9 @@ def settings(parsed: Mapping[str, Any], slot: Slot, stored_image: Callable[[str]
         elif "negative_prompt" in parsed:  # Flux takes none (`engine.Studio.check`): the hidden box stays empty
             out["negative"] = ""
             notes.append(f"{slot.label} (Flux) takes no negative prompt; the infotext's was left out")
-    for field, name in (("Steps", "steps"), ("CFG scale", "guidance"), ("Seed", "seed")):
+    # on Flux the guidance slider is the distilled guidance value (Forge's "Distilled CFG Scale", its "CFG scale" 1)
+    cfg = "Distilled CFG Scale" if slot.kind == "flux" and "Distilled CFG Scale" in p else "CFG scale"
+    for field, name in (("Steps", "steps"), (cfg, "guidance"), ("Seed", "seed")):
         value = _number(p.get(field, ""))
         if value is not None:
             out[name] = value

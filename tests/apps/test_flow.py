@@ -217,3 +217,19 @@ def test_a_kohya_bfl_flux_lora_imported_runs_in_the_studio(flow_files, tmp_path)
     plain = st.generate(Request(**RUN))
     assert np.abs(_pixels(imported.images[0]) - _pixels(original.images[0])).max() <= 1
     assert np.abs(_pixels(imported.images[0]) - _pixels(plain.images[0])).max() > 8
+
+
+def test_flux_infotext_names_the_distilled_guidance(studios):
+    """Flux's guidance is written and read back as Forge's "Distilled CFG Scale" (its "CFG scale" is 1: no CFG runs);
+    before, "CFG scale: 5" was written and a Forge image's "CFG scale: 1" was put back as the guidance."""
+    from apps.studio.infotext import parse_infotext
+    from apps.studio.recall import settings
+
+    st = studios["flux"]
+    text = st.generate(Request(**{**RUN, "steps": 2}, guidance=5.0)).infotexts[0]
+    assert "CFG scale: 1, Distilled CFG Scale: 5.0" in text
+    assert settings(parse_infotext(text), st.main, lambda ref: None)[0]["guidance"] == 5.0
+    forge = "a cat\nSteps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 1"
+    assert settings(parse_infotext(forge), st.main, lambda ref: None)[0]["guidance"] == 3.5
+    sd3 = studios["sd3"].generate(Request(**{**RUN, "steps": 2}, guidance=5.0)).infotexts[0]
+    assert "CFG scale: 5.0" in sd3 and "Distilled" not in sd3
