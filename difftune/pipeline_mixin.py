@@ -46,7 +46,8 @@ def call_with_adapter_inputs(pipe: Any, call: Callable[..., Any], args: tuple, k
 
     Per-prompt values in ``inputs`` (a list of one item per prompt, or a tensor with one row per prompt) are expanded
     to the batch the denoiser sees: repeated for ``num_images_per_prompt`` and doubled for classifier-free guidance
-    in the pipeline's own order (SD, SDXL, PixArt: unconditional half first; DiT: conditional half first). Text
+    in the pipeline's own order (SD, SDXL, SD3, PixArt: unconditional half first; DiT: conditional half first; Flux:
+    never, its guidance value is embedded). Text
     pipelines also pass each item's ``prompt`` (the negative prompt, or "", for the unconditional half).
     """
     if inputs is not None and not isinstance(inputs, Mapping):
@@ -70,6 +71,8 @@ def call_with_adapter_inputs(pipe: Any, call: Callable[..., Any], args: tuple, k
     unet = getattr(pipe, "unet", None)
     if guided and unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
         guided = False  # guidance-distilled UNets (LCM) take guidance as an embedding, not a doubled batch
+    if kind == "flux":
+        guided = False  # FLUX.1's guidance_scale is embedded too (guidance-distilled): the batch is never doubled
     negative: dict[str, Any] = {}
     prompt = values.get("prompt")
     if kind != "dit" and prompt is not None and "prompt" not in inputs:

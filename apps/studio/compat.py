@@ -72,12 +72,37 @@ def check(header: dict[str, Any], key: str, model: str, names: set[str]) -> str:
             "not do here what it did there")
 
 
+def unusable(header: dict[str, Any], denoiser: Any, parts: dict[str, Any], model: str) -> str:
+    """Why the adapter (its ``header``) cannot run on ``model`` at all, "" when it can as far as the header tells
+    (whether its layers exist here only loading tells): made for the other denoiser family (a UNet's adapter on a
+    transformer), or its method does not apply to this denoiser as a whole (`MethodConfig.check_model`: SCEdit and
+    CSC edit a UNet's skip connections, which SD3, Flux, DiT and PixArt transformers lack; KIND's class gate needs
+    class labels, which SD3 and Flux take none of). ``parts``: the pipeline's components (`loading.modules_of`)."""
+    from difftune.components import denoiser_name
+    from difftune.serialization import config_from_header
 
-def flag(entry: dict[str, Any], model: str, names: set[str]) -> dict[str, Any]:
+    try:  # the method's own reason first: it says what to use instead
+        config_from_header(header, "the adapter").check_model(denoiser)
+    except DifftuneError as e:
+        return str(e)
+    component = str(header.get("component") or "")
+    if component in ("unet", "transformer") and component not in parts:
+        return f"made for a {component}, {model}'s denoiser is a {denoiser_name(parts) or 'no denoiser'}"
+    return ""
+
+
+def flag(entry: dict[str, Any], model: str, names: set[str], reason: str = "") -> dict[str, Any]:
     """A listing entry (`library.Entry.to_dict`) with a warning added to its badges when it was made for another
-    model than ``model`` (its ``names``): the row says so before anything is ticked."""
-    made_for = other_base(entry, names) if entry.get("kind") == "adapter" and not entry.get("error") else ""
-    if not made_for:
+    model than ``model`` (its ``names``): the row says so before anything is ticked. ``reason`` (`unusable`): why
+    it cannot run on this model at all; the entry then says so too, is marked ``incompatible`` and cannot be ticked."""
+    if entry.get("kind") != "adapter" or entry.get("error"):
         return entry
-    what = "refused here" if entry.get("method") in STRICT else "may not do here what it did there"
-    return {**entry, "badges": f"{entry.get('badges', '')} · ⚠ made for {made_for}, not {model}: {what}"}
+    out = dict(entry)
+    made_for = other_base(entry, names)
+    if made_for:
+        what = "refused here" if entry.get("method") in STRICT else "may not do here what it did there"
+        out["badges"] = f"{out.get('badges', '')} · ⚠ made for {made_for}, not {model}: {what}"
+    if reason:
+        out["incompatible"] = reason
+        out["badges"] = f"{out.get('badges', '')} · ⛔ incompatible with {model}: {reason}"
+    return out

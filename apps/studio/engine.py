@@ -130,6 +130,12 @@ class Studio:
         for name, text in (("prompt", req.prompt), ("negative prompt", req.negative)):
             if not isinstance(text, str) or len(text) > lim.max_prompt:  # echoed clipped: a 10 MB prompt stays here
                 raise bad_value(name, clip(text), f"text of at most {lim.max_prompt:,} characters", "Shorten it.")
+        if slot.kind == "flux" and req.negative.strip():
+            # FluxPipeline would run a second, "true CFG" pass only with true_cfg_scale > 1, and FLUX.1 [dev] was
+            # distilled without it: its guidance is the value embedded in the transformer. Never drop it silently.
+            raise bad_value("negative prompt", clip(req.negative), "empty for a Flux model (true classifier-free "
+                            "guidance is not supported here)", "Flux's guidance slider sets its distilled guidance "
+                            "value; describe what you want in the prompt instead.")
         req.steps = _int_in("steps", req.steps, 1, lim.max_steps)
         req.batch = _int_in("batch", req.batch, 1, lim.max_batch)
         if isinstance(req.guidance, bool) or not isinstance(req.guidance, (int, float)) or not (
@@ -226,12 +232,18 @@ class Studio:
 
     def _run(self, slot: Slot, req: Request, seed: int, inputs: dict[str, Any],
              progress: Callable[[int, int], None] | None) -> list[Image.Image]:
+        import inspect
+
+        from difftune.generation import call_defaults
         from difftune.pipeline_mixin import DifftuneAdapterMixin, call_with_adapter_inputs
 
         pipe = slot.variant(req.mode)  # the loaded pipeline, or its img2img/inpaint sibling sharing its modules
         sampler = req.sampler or next(iter(slot.samplers))
         pipe.scheduler = slot.samplers[sampler].from_config(slot.scheduler_config)
-        kwargs: dict[str, Any] = {"num_inference_steps": req.steps, "guidance_scale": float(req.guidance),
+        # the settings the model's folder records for its calls (flow-mini's T5 length 8: the pipeline's default is
+        # not what it learned), then the request's; Flux's guidance_scale is its distilled guidance value
+        kwargs: dict[str, Any] = {**call_defaults(slot.pipe), "num_inference_steps": req.steps,
+                                  "guidance_scale": float(req.guidance),
                                   "generator": torch.Generator("cpu").manual_seed(seed)}
         if slot.kind == "dit":
             kwargs["class_labels"] = [int(req.class_label or 0)] * req.batch
@@ -240,8 +252,8 @@ class Studio:
                           height=req.height, width=req.width)
             if slot.kind == "pixart":
                 kwargs.update(use_resolution_binning=False, clean_caption=False)
-            if req.mode == modes.IMG2IMG:
-                del kwargs["height"], kwargs["width"]
+            if req.mode == modes.IMG2IMG and "height" not in inspect.signature(type(pipe).__call__).parameters:
+                del kwargs["height"], kwargs["width"]  # SD/SDXL img2img: the size is the (resized) init image's
             kwargs.update(modes.arguments(req))
         calls = [0]
         expected = modes.denoiser_calls(req, req.steps) * (2 if sampler == "Heun" else 1)
@@ -277,7 +289,10 @@ class Studio:
             adapters.append((item.key, item.weight, digest))
             if info[name]["method"] == LORA:
                 loras.add(item.key)
-        params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
+        # Flux's value is its distilled guidance: written as Forge writes it (no CFG runs: "CFG scale: 1")
+        guidance = {"CFG scale": 1, "Distilled CFG Scale": req.guidance} if slot.kind == "flux" else {
+            "CFG scale": req.guidance}
+        params: dict[str, Any] = {"Steps": req.steps, "Sampler": sampler, **guidance, "Seed": seed,
                                   "Size": f"{req.width}x{req.height}", "Model hash": slot.model_hash,
                                   "Model": slot.label}
         if slot.kind == "dit" or (req.class_label is not None and slot.names("kind")):

@@ -26,6 +26,8 @@ SAMPLERS = {
     "UniPC": "UniPCMultistepScheduler", "DEIS": "DEISMultistepScheduler", "Heun": "HeunDiscreteScheduler",
     "PNDM": "PNDMScheduler", "LMS": "LMSDiscreteScheduler", "DDPM": "DDPMScheduler", "LCM": "LCMScheduler",
 }
+#: the A1111/Forge name of a flow-matching pipeline's own scheduler (SD3, Flux: Forge writes "Sampler: Euler")
+FLOW_SAMPLERS = {"FlowMatchEulerDiscreteScheduler": "Euler"}
 
 def _slug(key: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_]+", "_", key).strip("_") or "adapter"
@@ -114,7 +116,7 @@ class Slot:
                     continue
                 self.samplers[a1111] = cls
         if not self.samplers:
-            self.samplers[own] = type(pipe.scheduler)
+            self.samplers[FLOW_SAMPLERS.get(own, own)] = type(pipe.scheduler)
         self.denoiser = loading.component_of(pipe)[1]
         self._variants: dict[str, Any] = {}  # mode -> the img2img/inpaint pipeline built from this one
 
@@ -145,13 +147,17 @@ class Slot:
 
     def size_rule(self) -> tuple[int, int, bool]:
         """(default size, step, fixed): the model's native size (its denoiser's sample size in pixels); images are
-        multiples of ``step`` px; DiT samples at its one size only."""
+        multiples of ``step`` px; DiT samples at its one size only. Flux's transformer records no sample size: its
+        pipeline's default (128 latents) is native, and its latents are packed 2×2, so sizes step by 2 latents; SD3
+        steps by its patch (both pipelines refuse or resize other sizes)."""
         vae = self.vae_scale()
         cfg = self.denoiser.config
+        if self.kind == "flux":
+            return int(getattr(self.pipe, "default_sample_size", 128)) * vae, vae * 2, False
         native = int(cfg.sample_size) * vae
         if self.kind == "dit":
             return native, native, True
-        if self.kind == "pixart":
+        if self.kind in ("pixart", "sd3"):
             return native, vae * int(cfg.patch_size), False
         down = len(getattr(cfg, "down_block_types", ()) or (0,))
         return native, vae * 2 ** (down - 1), False
@@ -241,6 +247,9 @@ class Slot:
         this A/B partner cannot hold it (the note is in `refused`)."""
         header = read_header(path)
         try:
+            reason = compat.unusable(header, self.denoiser, loading.modules_of(self.pipe), self.label)
+            if reason:
+                raise DifftuneError(reason)
             warning = compat.check(header, item.key, self.label, self.bases)
             if self.partner:
                 loaded, note = partner.load(self.pipe, path, item.key, name, item.weight, self.teacher, self.plan,
@@ -260,19 +269,16 @@ class Slot:
             raise DifftuneError(f"adapter {item.key!r} cannot be used with {self.label}{made}: {e}") from None
 
     def revalidate(self, root: Path, items: list[MixItem]) -> tuple[list[MixItem], list[str]]:
-        """The mix kept for this model after a model switch, and notes: an adapter for the other denoiser family (a
-        UNet's on a DiT) or a `compat.STRICT` one made for another model is dropped and named; one made for another
+        """The mix kept for this model after a model switch, and notes: an adapter that cannot run here
+        (`compat.unusable`: made for the other denoiser family, a UNet's on a DiT, or of a method that does not apply,
+        SCEdit on Flux) or a `compat.STRICT` one made for another model is dropped and named; one made for another
         model of the same shapes stays, with `compat.check`'s note. Read from the headers: nothing is loaded here."""
-        from difftune.components import denoiser_name
-
-        parts = loading.modules_of(self.pipe)
-        here = denoiser_name(parts) or "no denoiser"
         kept, notes = [], []
         for item in items:
             header = read_header(library.adapter_folder(root, item.key))
-            component = str(header.get("component") or "")
-            if component in ("unet", "transformer") and component not in parts:
-                notes.append(f"{item.key}: made for a {component}, {self.label}'s denoiser is a {here}: unticked")
+            reason = compat.unusable(header, self.denoiser, loading.modules_of(self.pipe), self.label)
+            if reason:
+                notes.append(f"{item.key}: {reason}: unticked")
                 continue
             try:
                 note = compat.check(header, item.key, self.label, self.bases)
@@ -282,6 +288,15 @@ class Slot:
             kept.append(item)
             notes += [note] if note else []
         return kept, notes
+
+    def unusable(self, root: Path, key: str) -> str:
+        """Why the adapter ``key`` of the folder cannot run on this model at all (`compat.unusable`), "" when it can
+        or when its header cannot be read (the listing shows that error)."""
+        try:
+            header = read_header(library.adapter_folder(root, key))
+        except DifftuneError:
+            return ""
+        return compat.unusable(header, self.denoiser, loading.modules_of(self.pipe), self.label)
 
     def names(self, method: str | None = None) -> list[str]:
         """Enabled adapters (of ``method``)."""

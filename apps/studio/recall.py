@@ -50,9 +50,14 @@ def settings(parsed: Mapping[str, Any], slot: Slot, stored_image: Callable[[str]
     if slot.kind != "dit":  # a DiT's infotext has no prompt: the (hidden) prompt box keeps its text for later
         if "prompt" in parsed:
             out["prompt"] = parsed["prompt"]
-        if "negative_prompt" in parsed:
+        if "negative_prompt" in parsed and (slot.kind != "flux" or not parsed["negative_prompt"]):
             out["negative"] = parsed["negative_prompt"]
-    for field, name in (("Steps", "steps"), ("CFG scale", "guidance"), ("Seed", "seed")):
+        elif "negative_prompt" in parsed:  # Flux takes none (`engine.Studio.check`): the hidden box stays empty
+            out["negative"] = ""
+            notes.append(f"{slot.label} (Flux) takes no negative prompt; the infotext's was left out")
+    # on Flux the guidance slider is the distilled guidance value (Forge's "Distilled CFG Scale", its "CFG scale" 1)
+    cfg = "Distilled CFG Scale" if slot.kind == "flux" and "Distilled CFG Scale" in p else "CFG scale"
+    for field, name in (("Steps", "steps"), (cfg, "guidance"), ("Seed", "seed")):
         value = _number(p.get(field, ""))
         if value is not None:
             out[name] = value

@@ -43,7 +43,7 @@ class Request:
     extractor: str = "none"
     control_scale: float | None = None
     class_label: int | None = None  # class-conditional DiT
-    mode: str = "txt2img"  # or "img2img", "inpaint" (SD families; modes.py)
+    mode: str = "txt2img"  # or "img2img", "inpaint" (SD families, SD3, Flux; modes.py)
     image: Image.Image | None = None  # the init image of img2img and inpainting
     mask: Image.Image | None = None  # inpainting: white where the image is repainted
     strength: float = 0.75  # the share of the steps that run from the noised init image

@@ -97,7 +97,7 @@ def layout(listing: list[dict[str, Any]], query: str, selection: Selection) -> t
         group = e.get("method") or UNUSABLE
         on, w = selection.get(identity(e), [False, 1.0])
         slots.append(Slot(identity(e), e["key"], e.get("badges", ""), f"**{group}**" if group != previous else "",
-                          not e.get("error"), bool(on), float(w)))
+                          not e.get("error") and not e.get("incompatible"), bool(on), float(w)))
         previous = group
     slots += [Slot() for _ in range(MAX_ROWS - len(slots))]
     total = len(adapters(listing))

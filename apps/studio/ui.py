@@ -68,8 +68,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
     errors = functools.partial(_errors, root=studio.root)
 
     def list_adapters() -> list[dict[str, Any]]:
-        """Every adapter and bundle of the folder with its badges (a warning on those made for another model)."""
-        return [compat.flag(e.to_dict(), studio.main.label, studio.main.bases) for e in studio.entries()]
+        """Every adapter and bundle of the folder with its badges (a warning on those made for another model, the
+        reason on those that cannot run on it: `compat.unusable`)."""
+        return [compat.flag(e.to_dict(), studio.main.label, studio.main.bases,
+                            studio.main.unusable(studio.root, e.key) if e.kind == "adapter" and not e.error else "")
+                for e in studio.entries()]
 
     with gr.Blocks(title="difftune studio") as demo:
         with gr.Row(equal_height=False):  # beside the title: Generate and the result stay in the window's height
@@ -85,7 +88,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             with gr.Column(scale=5, min_width=340):  # the controls; the result beside them (below on a phone)
                 prompt = gr.Textbox(label="Prompt", value="" if slot.kind == "dit" else "a handwritten digit seven",
                                     visible=slot.kind != "dit", elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", visible=slot.kind != "dit")
+                negative = gr.Textbox(label="Negative prompt", visible=controls.has_negative(slot))
                 class_label = gr.Dropdown(choices=classes, value=classes[0][1] if slot.kind == "dit" else None,
                                           label="Class (DiT; PixArt: for KIND adapters)", visible=bool(classes),
                                           elem_id="class")
@@ -93,7 +96,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     steps = gr.Slider(1, lim.max_steps, value=min(family["steps"], lim.max_steps), step=1,
                                       label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, lim.max_guidance, value=min(family["guidance"], lim.max_guidance),
-                                         step=0.5, label="Guidance (CFG)")
+                                         step=0.5, label=controls.guidance_label(slot))
                 with gr.Row():
                     width = gr.Slider(size_step, lim.max_size, value=default_size, step=size_step, label="Width",
                                       interactive=not fixed, elem_id="width")

@@ -70,3 +70,14 @@ def served(studio_files, tmp_path_factory):
         yield studio, demo.local_url
     finally:
         demo.close()
+
+
+# -- SD3 and Flux (test_flow.py, test_flow_api.py) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def flow_files(tmp_path_factory, sd_dir):
+    """{family: (pipeline folder, adapters folder)} for SD3 and Flux (`flow_case.write_flow_files`)."""
+    from flow_case import write_flow_files
+
+    return write_flow_files(tmp_path_factory.mktemp("flow"), Path(sd_dir))
