@@ -154,6 +154,19 @@ class LoRAAdapter(Adapter):
     def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor:
         return self.low_rank_out(self.lora_dropout(x.to(self.lora_A.dtype)), base_layer)
 
+    def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,
+                base: Mapping[str, Tensor]) -> Tensor:
+        """``out + w · s · B (A x)``. On a linear layer with one weight for the batch and the output in the adapter's
+        dtype, w · s scales the rank-r activations and B's product accumulates into the output in one GEMM
+        (``addmm``), so the output-sized tensor is written once instead of three times (scale, weight, sum): the
+        unfused LoRA costs what peft's does. Equal to the general route up to float rounding (tested)."""
+        if (type(self) is LoRAAdapter and isinstance(weight, (int, float)) and not isinstance(base_layer, nn.Conv2d)
+                and out.dtype == self.lora_A.dtype and out.is_contiguous()):
+            h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A) * (self.scale * weight)  # (..., r)
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+            return flat.view(out.shape)
+        return super().forward(x, out, weight, base_layer, base)
+
 
 class DoRAAdapter(LoRAAdapter):
     """LoRA plus ``lora_magnitude_vector`` m: ΔW = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_c − W0 (module docstring)."""
