@@ -128,7 +128,7 @@ def test_shipped_model_names_resolve_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model("sd-mini").folder == zoo_path("sd-mini")
     assert resolve_model("dit-mini").folder == zoo_path("dit-mini")
-    with pytest.raises(dt.DifftuneError, match=r"model.path.*sd-mini, dit-mini"):
+    with pytest.raises(dt.DifftuneError, match=r"model.path.*sd-mini, dit-mini, flow-mini"):
         resolve_model("difftune/assets/sd-mini")  # relative to a folder that is not the repository
     shipped = [c for c in sorted((REPO / "configs").glob("*/sd-mini*.yaml")) if c.parent.name != "zoo"]
     assert len(shipped) >= 6  # configs/zoo builds the reference models themselves (model.architecture)
