@@ -154,8 +154,9 @@ def test_single_file_without_config_offline_names_model_config(cfg, single_file,
                                                     r"not a Hub repo id"),
     (["model.path=sd-mini", "model.config=sd-mini"], r"`model.config` must be left out"),
     ([f"model.path={REPO_ID}", "model.revision=../../etc"], r"`model.revision` must be a branch, tag or commit"),
-    (["model.path=stable-diffusion-xl-base-1.0"], r"`model.path` must be an existing pipeline folder or checkpoint "
-                                                  r"file, a shipped model \(sd-mini, dit-mini, flow-mini\) or a Hub repo id"),
+    (["model.path=stable-diffusion-xl-base-1.0"],
+     r"`model.path` must be an existing pipeline folder or checkpoint file, a shipped model "
+     r"\(sd-mini, dit-mini, flow-mini\) or a Hub repo id"),
     (["model.path=missing.safetensors"], r"`model.path` must be an existing checkpoint file"),
 ])
 def test_base_model_settings_that_do_not_apply_are_refused(cfg, sets, match, tmp_path):
