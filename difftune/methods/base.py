@@ -349,6 +349,11 @@ class Adapter(nn.Module):
         """The parameters the base layer runs with (``param_space`` adapters); ``params`` holds earlier overrides."""
         return params
 
+    def merged_output(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
+        """The base layer's output on ``x`` while this ``param_space`` adapter is fused into the layer, before the
+        unfused adapters act; ``out`` by default (SaRA attaches the node forming its weight gradient here)."""
+        return out
+
     def adopt(self, tensors: Mapping[str, Tensor], base_layer: nn.Module) -> None:
         """Reshape to saved ``tensors`` (local names) before they are loaded, e.g. a stored selection mask."""
         return None  # most adapters' shapes follow from the config alone

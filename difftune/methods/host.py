@@ -137,6 +137,9 @@ class AdapterHost(nn.Module):
             out = torch.func.functional_call(self.base_layer, params, (x, *args), kwargs)
         else:
             out = self.base_layer(x, *args, **kwargs)
+        for n in self.merged:  # non-empty: `out` is the base layer's own output on x (no `replace_output`)
+            if self.adapters[n].param_space and n not in self.disabled:
+                out = self.adapters[n].merged_output(x, out, self.adapter_weights[n], self.base_layer)
         for n, adapter, w in active:
             out = adapter(x, out, item_weight(n, out) if per_item.get(n) else w, self.base_layer, base)
         return out

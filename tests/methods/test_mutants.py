@@ -100,17 +100,24 @@ def test_krona_ignoring_conv_stride_fails_the_contract(monkeypatch, tmp_path):
            errors=(RuntimeError,))
 
 
-def test_sara_routing_zero_gradients_fails_the_contract(monkeypatch, tmp_path):
+@pytest.mark.parametrize("route", ["weight_grad", "route_grad"])
+def test_sara_routing_zero_gradients_fails_the_contract(route, monkeypatch, tmp_path):
+    """Both of fused SaRA's gradient routes: `WeightGrad` (a stock Linear/Conv2d) and `_RouteGrad` (any parameter;
+    taken here by making the Linear ineligible for the first)."""
     import difftune.methods.sara.adapter as sara_adapter
+    import difftune.methods.sara.grads as sara_grads
 
-    route = sara_adapter._RouteGrad
+    if route == "route_grad":
+        monkeypatch.setattr(sara_adapter, "gradient_rule", lambda layer: False)
+    node = sara_adapter._RouteGrad if route == "route_grad" else sara_grads.WeightGrad
+    deltas = (0,) if route == "route_grad" else (2, 3)  # where Δ's gradients are in each node's backward
+    original = node.backward
 
     def zero(ctx, grad):
-        g_delta, g_carrier, *rest = route_backward(ctx, grad)
-        return (torch.zeros_like(g_delta), g_carrier, *rest)
+        return tuple(torch.zeros_like(g) if g is not None and i in deltas else g
+                     for i, g in enumerate(original(ctx, grad)))
 
-    route_backward = route.backward
-    monkeypatch.setattr(route, "backward", staticmethod(zero))
+    monkeypatch.setattr(node, "backward", staticmethod(zero))
     _fails("training_route", "sara", "linear", tmp_path, match="finite difference")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -35,3 +37,101 @@ def test_the_positions_cost_about_a_byte_per_selected_entry():
     # 1 byte per selected entry and 2 per block of 256 entries of the tensor (a 4-byte index each before)
     assert selected > 10_000 and kept == selected + 4 * blocks
 
+
+
+def _merged_grads(monkeypatch, by_output: bool, chunk: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """∂L/∂Δ of a fused SaRA on the tiny UNet, with the weight gradient formed from the output (`WeightGrad`) or
+    by autograd's dense dL/dW (`_RouteGrad`); also the sizes of the conv weight-gradient blocks formed."""
+    import difftune.methods.sara.adapter as sara_adapter
+    import difftune.methods.sara.grads as sara_grads
+    from difftune.testing import randomize_adapter
+
+    if not by_output:
+        monkeypatch.setattr(sara_adapter, "gradient_rule", lambda layer: False)
+    if chunk is not None:
+        monkeypatch.setattr(sara_grads, "CHUNK", chunk)
+    blocks: list[int] = []
+    conv2d_weight = torch.nn.grad.conv2d_weight
+
+    def spy(x, shape, grad, *args):
+        blocks.append(int(torch.Size(shape).numel()))
+        return conv2d_weight(x, shape, grad, *args)
+
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", spy)
+    model = tiny_unet(0)
+    dt.inject(model, SaRAConfig(threshold=0.02), name="s")
+    randomize_adapter(model, "s", seed=3, std=0.01)
+    dt.merge(model)
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    model(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample.pow(2).mean().backward()
+    grads = torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")])
+    monkeypatch.undo()
+    return grads, blocks
+
+
+def test_weight_gradients_formed_in_blocks_equal_the_dense_route(monkeypatch):
+    """Fused SaRA forms a Linear/Conv2d weight's gradient at M from the layer's output a block of output channels at
+    a time (issue 27: the dense dL/dW of one big layer set the training peak); ∂L/∂Δ is the dense route's."""
+    dense, none = _merged_grads(monkeypatch, by_output=False)
+    blocked, sizes = _merged_grads(monkeypatch, by_output=True)
+    small, small_sizes = _merged_grads(monkeypatch, by_output=True, chunk=600)
+    assert not none and sizes  # the dense route forms no block; the new one does (strided and 3×3 convs included)
+    assert max(small_sizes) <= 600 * 3 * 3 and len(small_sizes) > len(sizes)  # a row of a 3×3 conv can exceed CHUNK
+    assert dense.abs().max() > 1e-3
+    # the same products split by output channel: equal up to float rounding (different BLAS blocking)
+    torch.testing.assert_close(blocked, dense, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(small, dense, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_fused_conv_forms_neither_its_weight_nor_its_bias_gradient(unbatched: bool):
+    """Asked for its bias gradient, a CPU convolution forms the dense dL/dW as well (oneDNN); fused SaRA therefore
+    gives the layer a weight and a bias that need no gradient and forms both gradients at M from the output."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 3, padding=1, stride=2)
+    reference = copy.deepcopy(conv)
+    model = torch.nn.Sequential(conv)
+    dt.inject(model, SaRAConfig(threshold=0.1), name="s")
+    host = model[0]
+    adapter = host.adapters["s"]
+    for p in adapter.pnames:
+        adapter.delta_vector(p).data.normal_(0, 0.05)
+    dt.merge(model)
+    x = torch.randn(*(() if unbatched else (2,)), 6, 9, 9, requires_grad=True)
+    out = model(x)
+    conv_node = out.grad_fn.next_functions[0][0]
+    while not type(conv_node).__name__.startswith("Convolution"):  # an unbatched call squeezes the batch away
+        conv_node = conv_node.next_functions[0][0]
+    assert [f is None for f, _ in conv_node.next_functions] == [False, True, True]  # input only
+    out.pow(2).sum().backward()
+    # the same loss through a plain layer holding W0 + Δ: its dense gradients gathered at M
+    with torch.no_grad():
+        for p in adapter.pnames:
+            getattr(reference, p).copy_(getattr(host.base_layer, p))
+    reference(x.detach()).pow(2).sum().backward()
+    for p in adapter.pnames:
+        expected = getattr(reference, p).grad.reshape(-1)[adapter.index(p).long()]
+        torch.testing.assert_close(adapter.delta_vector(p).grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
+def test_fused_linear_gradients_at_any_input_rank(shape: tuple[int, ...]):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    reference = copy.deepcopy(model[0])
+    dt.inject(model, SaRAConfig(threshold=0.3), name="s")
+    adapter = model[0].adapters["s"]
+    for p in adapter.pnames:
+        adapter.delta_vector(p).data.normal_(0, 0.05)
+    dt.merge(model)
+    x = torch.randn(shape)
+    model(x).pow(2).sum().backward()
+    with torch.no_grad():
+        for p in adapter.pnames:
+            getattr(reference, p).copy_(getattr(model[0].base_layer, p))
+    reference(x).pow(2).sum().backward()
+    assert adapter.delta_vector("bias").numel() > 0
+    for p in adapter.pnames:
+        expected = getattr(reference, p).grad.reshape(-1)[adapter.index(p).long()]
+        torch.testing.assert_close(adapter.delta_vector(p).grad, expected, rtol=1e-5, atol=1e-6)

@@ -10,9 +10,13 @@ parameter of the denoiser, as the paper):
 Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
 
 * **Unstructural backpropagation**: Δ is the only autograd leaf. The selected entries are written into the base
-  tensor in place (`_RouteGrad` hands the layer an alias of it), and the backward pass returns grad_W[M] to Δ.
-  No dense ``.grad`` and no optimizer state ever exist for frozen entries; the dense dL/dW of one layer is formed
-  transiently by autograd, as in the paper.
+  tensor in place, and the backward pass returns grad_W[M] to Δ. No dense ``.grad`` and no optimizer state ever
+  exist for frozen entries. Where the paper lets autograd form each layer's dense dL/dW transiently, a stock
+  Linear/Conv2d here runs with a weight and bias that need no gradient, and `grads.WeightGrad` forms dL/dW[M] from
+  the layer's input and output gradient a block of output channels at a time (and dL/db[M]); other parameters (norm
+  scales, embeddings) go through `_RouteGrad`, which hands the layer an alias of the tensor and gathers its dense
+  gradient at M. Same ∂L/∂Δ up to float rounding (tested); the dense dL/dW of SD1.5's largest convolutions was the
+  peak of training (`bench/sara_memory.py`).
 * **Nuclear-norm constraint** (paper eq. 4-5) with weight λ: each step one 2-D weight whose smaller side exceeds
   ``rank_min_dim`` is drawn at random and λ·∂‖ΔW‖_* = λ·U Vᵀ (singular vectors of the non-zero singular values)
   is added to its Δ's gradient. The draw comes from the optimizer's own generator (seeded alike on every process,
@@ -25,6 +29,7 @@ After training the weights are edited in place (`dt.fuse`): zero inference overh
 bits, and a fingerprint of the base values (so an adapter cannot be applied to another base by accident).
 
 Layout: `adapter.py` (the config, the base check and the adapter), `positions.py` (how M is kept and saved),
+`grads.py` (the weight gradient at M formed in blocks),
 `training.py` (`SaRAAdamW`, the trainer plugin, the learning rate and `threshold_for_fraction`).
 
 Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each tested:

@@ -17,6 +17,7 @@ from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
 from ..host import AdapterHost
 from ..verbs import hosts
+from .grads import WeightGrad, gradient_rule
 from .positions import decode, encode, pack_bits, unpack_bits
 
 
@@ -208,6 +209,21 @@ class SaRAAdapter(Adapter):
                 base: Mapping[str, Tensor]) -> Tensor:
         return out  # SaRA acts through the parameters (`param_overrides`), not on the output
 
+    def _weight_grad_by_output(self, base_layer: nn.Module) -> bool:
+        """Fused, with Δ of ``weight`` training: the weight's and the bias's gradients are formed from the layer's
+        output (`WeightGrad`, in blocks) for a stock Linear/Conv2d, instead of autograd's dense dL/dW routed by
+        `_RouteGrad`."""
+        return ("weight" in self.pnames and torch.is_grad_enabled() and self.delta_vector("weight").requires_grad
+                and gradient_rule(base_layer))
+
+    def merged_output(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
+        if not self._weight_grad_by_output(base_layer):
+            return out
+        bias = "bias" in self.pnames
+        where = (self.positions("weight"), self.positions("bias") if bias else None)
+        return WeightGrad.apply(out, x, self.delta_vector("weight"), self.delta_vector("bias") if bias else None,
+                                base_layer, where, weight)
+
     def positions(self, pname: str) -> tuple[Tensor, Tensor]:
         """M of ``pname`` as kept (`positions.encode`)."""
         return getattr(self, f"pos_{pname}"), getattr(self, f"blocks_{pname}")
@@ -302,7 +318,8 @@ class SaRAAdapter(Adapter):
             if merged:
                 self._dense.pop(p, None)
                 # The values are already in place; route the gradient only (no copy of the weight is made).
-                if torch.is_grad_enabled() and delta.requires_grad:
+                if torch.is_grad_enabled() and delta.requires_grad and not (
+                        p in ("weight", "bias") and self._weight_grad_by_output(base_layer)):
                     params[p] = _RouteGrad.apply(delta, current, *self.positions(p), weight)
             elif torch.is_grad_enabled() and (delta.requires_grad or current.requires_grad):
                 self._dense.pop(p, None)
