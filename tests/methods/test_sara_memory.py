@@ -135,3 +135,26 @@ def test_fused_linear_gradients_at_any_input_rank(shape: tuple[int, ...]):
     for p in adapter.pnames:
         expected = getattr(reference, p).grad.reshape(-1)[adapter.index(p).long()]
         torch.testing.assert_close(adapter.delta_vector(p).grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_weight_gradients_under_checkpointing_and_bf16_autocast():
+    """The output node is recomputed with its layer under gradient checkpointing, and takes bf16 gradients."""
+    from difftune.testing import randomize_adapter
+
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_unet(0)
+        dt.inject(model, SaRAConfig(threshold=0.02), name="s")
+        randomize_adapter(model, "s", seed=3, std=0.01)
+        dt.merge(model)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            model.train()
+        g = torch.Generator().manual_seed(1)
+        x, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample
+        out.float().pow(2).mean().backward()
+        grads.append(torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")]))
+    assert grads[0].dtype == torch.float32 and grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)  # the same kernels recomputed
