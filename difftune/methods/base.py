@@ -322,7 +322,7 @@ class Adapter(nn.Module):
         """Dense Δ (fp32) for each name in `merge_params`, given ``base``: {parameter name: its true base value}."""
         return {"weight": self.delta_weight(base["weight"])}
 
-    # -- Sparse adapters (``sparse = True``) write and restore their own entries; they override these four.
+    # -- Sparse adapters (``sparse = True``) write and restore their own entries; they override these five.
     def restore(self, pname: str, param: Tensor) -> None:
         """Write the base values back into this adapter's entries of ``param``: the live parameter, or a copy of it
         from which the host builds W0 for other adapters (so this must not change the adapter's own state)."""
@@ -330,6 +330,10 @@ class Adapter(nn.Module):
 
     def add_into(self, pname: str, param: Tensor, weight: float) -> None:
         """``param += weight · Δ`` on this adapter's entries."""
+        raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
+
+    def rewrite(self, pname: str, param: Tensor, weight: float | None) -> None:
+        """`restore`, then `add_into` unless ``weight`` is None, in one pass (``pname`` has no other adapter)."""
         raise DifftuneError(f"{type(self).__name__} is not a sparse adapter")
 
     def recapture(self, base_layer: nn.Module) -> None:
@@ -350,8 +354,7 @@ class Adapter(nn.Module):
         return params
 
     def merged_output(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
-        """The base layer's output on ``x`` while this ``param_space`` adapter is fused into the layer, before the
-        unfused adapters act; ``out`` by default (SaRA attaches the node forming its weight gradient here)."""
+        """The base layer's output on ``x`` while this param-space adapter is fused (SaRA forms its gradient here)."""
         return out
 
     def adopt(self, tensors: Mapping[str, Tensor], base_layer: nn.Module) -> None:

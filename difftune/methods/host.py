@@ -190,7 +190,15 @@ class AdapterHost(nn.Module):
         whatever was merged before.
         """
         with torch.no_grad():
-            params = list(self.base_layer.named_parameters(recurse=False))
+            params = []
+            for pname, param in self.base_layer.named_parameters(recurse=False):
+                touching = self._touching(pname)
+                if len(touching) == 1 and f"original_{pname}" not in self._buffers:
+                    (n, only), = touching.items()
+                    if only.sparse:  # SaRA training rewrites its entries every step: one pass, not two
+                        only.rewrite(pname, param, self.adapter_weights[n] if n in self.merged else None)
+                        continue
+                params.append((pname, param))
             for pname, param in params:
                 self._restore_param(pname, param)
             base = BaseParams(self)

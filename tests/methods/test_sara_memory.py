@@ -158,3 +158,42 @@ def test_blocked_weight_gradients_under_checkpointing_and_bf16_autocast():
         grads.append(torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")]))
     assert grads[0].dtype == torch.float32 and grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)  # the same kernels recomputed
+
+
+def test_the_one_pass_rewrite_writes_what_restore_then_add_wrote(monkeypatch):
+    """Fused SaRA's entries are rewritten from W0[M] + Δ after every optimizer step; `SaRAAdapter.rewrite` does it
+    in one pass (a decode and a write instead of two of each): the same values, bit for bit (elementwise fp32 sums)."""
+    from difftune.methods.sara import SaRAAdamW, SaRAAdapter
+
+    calls = []
+    one_pass_rewrite = SaRAAdapter.rewrite
+
+    def counted(self, pname, param, weight):
+        calls.append(weight)
+        one_pass_rewrite(self, pname, param, weight)
+
+    def composed(self, pname, param, weight):  # the two passes the host made before
+        self.restore(pname, param)
+        if weight is not None:
+            self.add_into(pname, param, weight)
+
+    weights = []
+    for one_pass in (True, False):
+        monkeypatch.setattr(SaRAAdapter, "rewrite", counted if one_pass else composed)
+        model = tiny_unet(0)
+        opt = SaRAAdamW(model, threshold=0.02, lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        x, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+        for _ in range(3):
+            model(x, torch.tensor([10, 500]), encoder_hidden_states=cond).sample.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model(x, torch.tensor([10, 500]), encoder_hidden_states=cond)  # the forward rewrites the stale entries
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if "sara_" not in n})
+        dt.unfuse(model)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if "sara_" not in n})
+    assert calls.count(1.0) > 100 and None in calls  # the host took the one-pass route, merged and unmerged
+    for fused in (0, 1):
+        assert weights[fused].keys() == weights[fused + 2].keys()
+        assert all(torch.equal(weights[fused][n], weights[fused + 2][n]) for n in weights[fused])
+    assert any(not torch.equal(weights[0][n], weights[1][n]) for n in weights[0])  # training moved the fused weights

@@ -302,6 +302,15 @@ class SaRAAdapter(Adapter):
         flat.index_put_((idx,), value.to(param.dtype))
         self._synced[pname] = (delta._version, weight)
 
+    def rewrite(self, pname: str, param: Tensor, weight: float | None) -> None:
+        if weight is None:
+            return self.restore(pname, param)
+        flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)
+        value = self.base_values(pname).to(param.dtype).float() + weight * delta.detach().float()  # `add_into`'s sum
+        flat.index_put_((idx,), value.to(param.dtype))
+        self._synced[pname] = (delta._version, weight)
+        self._dense.pop(pname, None)
+
     def recapture(self, base_layer: nn.Module) -> None:
         for p in self.pnames:
             param = getattr(base_layer, p)

@@ -1,6 +1,8 @@
-"""Time of fused SaRA's two weight-gradient routes on the SD1.5 UNet, interleaved in one process.
+"""Time of fused SaRA's training paths on the SD1.5 UNet, old against new, interleaved in one process.
 
-    python bench/sara_grad_route.py [--latent 32] [--batch 1] [--rounds 5]
+    python bench/sara_training_paths.py [--latent 32] [--batch 1] [--rounds 5]
+
+1. The weight gradient (forward + backward):
 
 * ``blocks``: a stock Linear/Conv2d runs with a weight and bias that need no gradient and `WeightGrad` forms dL/dW at
   M a block of output channels at a time (the default since issue 27);
@@ -11,6 +13,11 @@ one model with one SaRA adapter (θ selecting 5 %, random weights) runs both, al
 every round. Reported: the median CPU seconds of a forward + backward per route (one thread by default) and the
 median of the per-round ratios blocks / dense with their min–max. Peak memory needs a process per route: compare
 ``python bench/sara_memory.py`` at two commits.
+
+2. The rewrite of the fused entries that follows every optimizer step (W[M] ← W0[M] + Δ, each host's
+``_write_merged`` over the whole UNet): ``one pass`` (`SaRAAdapter.rewrite`: one decode of the positions and one
+write) against ``two passes`` (`restore` then `add_into`, the host's general route and the only one before). The same
+values bit for bit (tests/methods/test_sara_memory.py).
 """
 
 from __future__ import annotations
@@ -62,6 +69,36 @@ def main() -> None:
         for name in names[r % 2:] + names[:r % 2]:
             times[name].append(step(name))
     sara_adapter.gradient_rule = gradient_rule
+
+    from difftune.methods.sara import SaRAAdapter
+    from difftune.methods.verbs import hosts
+
+    one_pass = SaRAAdapter.rewrite
+
+    def two_passes(self: SaRAAdapter, pname: str, param: torch.Tensor, weight: float | None) -> None:
+        self.restore(pname, param)
+        if weight is not None:
+            self.add_into(pname, param, weight)
+
+    writers = {"one pass": one_pass, "two passes": two_passes}
+    all_hosts = [h for _, h in hosts(unet)]
+
+    def rewrite(name: str) -> float:
+        SaRAAdapter.rewrite = writers[name]
+        t0 = time.process_time()
+        for host in all_hosts:
+            host._write_merged()
+        return time.process_time() - t0
+
+    passes: dict[str, list[float]] = {n: [] for n in writers}
+    order = list(writers)
+    for r in range(args.rounds + 1):
+        for name in order[r % 2:] + order[:r % 2]:
+            seconds = rewrite(name)
+            if r:  # the first round warms up
+                passes[name].append(seconds)
+    SaRAAdapter.rewrite = one_pass
+
     ratios = [b / d for b, d in zip(times["blocks"], times["dense"])]
     print(f"SD1.5 UNet, SaRA fused (5 % selected), batch {args.batch}, {args.latent}x{args.latent} latents, "
           f"{args.threads} thread(s), CPU s of forward + backward, {args.rounds} interleaved rounds after a warm-up")
@@ -70,6 +107,13 @@ def main() -> None:
     print(f"| dense dL/dW (`_RouteGrad`) | {statistics.median(times['dense']):.2f} | 1.00× |")
     print(f"| blocks (`WeightGrad`) | {statistics.median(times['blocks']):.2f} | {statistics.median(ratios):.2f}× "
           f"({min(ratios):.2f}–{max(ratios):.2f}) |")
+    ratios = [a / b for a, b in zip(passes["one pass"], passes["two passes"])]
+    print(f"\nThe rewrite of the fused entries after an optimizer step (all hosts), {args.rounds} interleaved rounds")
+    print("| path | CPU s median | vs two passes: median of per-round ratios (min–max) |")
+    print("|---|---|---|")
+    print(f"| two passes (`restore`, `add_into`) | {statistics.median(passes['two passes']):.2f} | 1.00× |")
+    print(f"| one pass (`SaRAAdapter.rewrite`) | {statistics.median(passes['one pass']):.2f} | "
+          f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |")
 
 
 if __name__ == "__main__":
