@@ -296,20 +296,18 @@ class SaRAAdapter(Adapter):
         self._flat(param).index_put_((self.index(pname),), self.base_values(pname))
         self._dense.pop(pname, None)  # merged or read as W0: the unfused copy is not needed (and frees its memory)
 
-    def add_into(self, pname: str, param: Tensor, weight: float) -> None:
+    def add_into(self, pname: str, param: Tensor, weight: float, start: Tensor | None = None) -> None:
+        """``param[M] = start + weight · Δ`` in fp32 (``start``: what ``param`` holds at M, read when None)."""
         flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)
-        value = flat.index_select(0, idx).float() + weight * delta.detach().float()
-        flat.index_put_((idx,), value.to(param.dtype))
+        start = flat.index_select(0, idx) if start is None else start
+        flat.index_put_((idx,), (start.float() + weight * delta.detach().float()).to(param.dtype))
         self._synced[pname] = (delta._version, weight)
 
     def rewrite(self, pname: str, param: Tensor, weight: float | None) -> None:
+        self._dense.pop(pname, None)
         if weight is None:
             return self.restore(pname, param)
-        flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)
-        value = self.base_values(pname).to(param.dtype).float() + weight * delta.detach().float()  # `add_into`'s sum
-        flat.index_put_((idx,), value.to(param.dtype))
-        self._synced[pname] = (delta._version, weight)
-        self._dense.pop(pname, None)
+        return self.add_into(pname, param, weight, start=self.base_values(pname).to(param.dtype))  # W0[M] as held
 
     def recapture(self, base_layer: nn.Module) -> None:
         for p in self.pnames:
