@@ -12,6 +12,7 @@ quantile that selects ``--fraction`` of all parameters. Variants, each in its ow
 * ``lora``: peft LoRA on q/k/v/out with the rank that gives about the same trainable count as SaRA.
 * ``sara``: `difftune.SaRAAdamW(unet, threshold=θ)`, defaults (nuclear-norm term on, λ = 5e-3: one SVD per step).
 * ``sara_no_rank``: the same with λ = 0, to show what the SVD costs.
+* ``sara_fused``: the defaults with ``fused_training=True`` (Δ written into the weights; W0[M] and the positions kept).
 
 Each process runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc hands freed tensors back to the system: without
 it, the peak RSS also counts freed memory the allocator kept (it inflated SaRA's set-up by ~0.7 GiB in one trial);
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("full", "masked", "lora", "sara", "sara_no_rank")
+VARIANTS = ("full", "masked", "lora", "sara", "sara_no_rank", "sara_fused")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -83,8 +84,9 @@ def run(variant: str, latent: int, fraction: float, steps: int, device: str, bat
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         masks = None
-    elif variant in ("sara", "sara_no_rank"):
-        opt = SaRAAdamW(unet, threshold=theta, **({"rank_weight": 0.0} if variant == "sara_no_rank" else {}))
+    elif variant in ("sara", "sara_no_rank", "sara_fused"):
+        opt = SaRAAdamW(unet, threshold=theta, **({"rank_weight": 0.0} if variant == "sara_no_rank" else {}),
+                        fused_training=variant == "sara_fused")
         params = [p for g in opt.param_groups for p in g["params"]]
         masks = None
     else:

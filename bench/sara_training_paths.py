@@ -6,7 +6,7 @@
 
 * ``blocks``: a stock Linear/Conv2d runs with a weight and bias that need no gradient and `WeightGrad` forms dL/dW at
   M a block of output channels at a time (the default since issue 27);
-* ``dense``: autograd forms each layer's dense dL/dW and `_RouteGrad` gathers it at M (the route before).
+* ``dense``: autograd forms each layer's dense dL/dW and `RouteGrad` gathers it at M (the route before).
 
 Both give the same ∂L/∂Δ up to float rounding (tests/methods/test_sara_memory.py). The route is chosen per forward, so
 one model with one SaRA adapter (θ selecting 5 %, random weights) runs both, alternating, in an order that rotates
@@ -104,7 +104,7 @@ def main() -> None:
           f"{args.threads} thread(s), CPU s of forward + backward, {args.rounds} interleaved rounds after a warm-up")
     print("| route | CPU s median | vs dense: median of per-round ratios (min–max) |")
     print("|---|---|---|")
-    print(f"| dense dL/dW (`_RouteGrad`) | {statistics.median(times['dense']):.2f} | 1.00× |")
+    print(f"| dense dL/dW (`RouteGrad`) | {statistics.median(times['dense']):.2f} | 1.00× |")
     print(f"| blocks (`WeightGrad`) | {statistics.median(times['blocks']):.2f} | {statistics.median(ratios):.2f}× "
           f"({min(ratios):.2f}–{max(ratios):.2f}) |")
     ratios = [a / b for a, b in zip(passes["one pass"], passes["two passes"])]

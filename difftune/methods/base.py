@@ -271,10 +271,9 @@ class Adapter(nn.Module):
     `delta_weight` (or `delta_params` for parameters other than ``weight``); the default `delta` then computes ΔW·x
     with the base layer's own operator (stride, padding, ...), and the adapter can be merged. Override `delta` when
     there is a cheaper route that never materializes ΔW. Activation-space methods implement neither and override
-    `pre_forward` (rewrite the input) and/or `forward` (rewrite the output); they are never merged.
-
-    The ``weight`` an adapter receives is a float, or, when per-item weights were given for the call (see
-    `difftune.adapter_inputs`), a tensor of shape (B, 1, ..., 1) that broadcasts against the batch.
+    `pre_forward` (rewrite the input) and/or `forward` (rewrite the output); they are never merged. The ``weight``
+    an adapter receives is a float, or with per-item weights for the call (`difftune.adapter_inputs`) a tensor of
+    shape (B, 1, ..., 1) that broadcasts against the batch.
 
     W0, the true base values, comes as an argument (module docstring): ``w0`` is the base weight, ``base`` maps each
     of the base layer's parameter names to its base value and computes it only when read (a compressed layer decodes
@@ -346,12 +345,18 @@ class Adapter(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop what the adapter keeps between calls (`difftune.methods.verbs.refresh` calls it); none by default."""
-        return None
 
     def param_overrides(self, params: dict[str, Tensor], base_layer: nn.Module, weight: float,
                         merged: bool) -> dict[str, Tensor]:
         """The parameters the base layer runs with (``param_space`` adapters); ``params`` holds earlier overrides."""
         return params
+
+    def layer_output(self, x: Tensor, base_layer: nn.Module, weight: float) -> Tensor | None:
+        """The layer's output with this unfused param-space adapter, its only active one (SaRA trains so); None: the
+        host runs the layer with `param_overrides`."""
+
+    def before_base_apply(self, base_layer: nn.Module, fn: Any) -> None:
+        """Called before ``fn`` (a `Module._apply` function: a move or a cast) reaches the base layer's tensors."""
 
     def merged_output(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
         """The base layer's output on ``x`` while this param-space adapter is fused (SaRA forms its gradient here)."""
@@ -359,7 +364,6 @@ class Adapter(nn.Module):
 
     def adopt(self, tensors: Mapping[str, Tensor], base_layer: nn.Module) -> None:
         """Reshape to saved ``tensors`` (local names) before they are loaded, e.g. a stored selection mask."""
-        return None  # most adapters' shapes follow from the config alone
 
     def pre_forward(self, x: Tensor, weight: float) -> Tensor:
         """Rewrite the base layer's input (activation-space methods); identity by default."""
@@ -367,21 +371,17 @@ class Adapter(nn.Module):
 
     def delta(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
         """δ(x), the adapter's additive contribution to the base layer's output: ΔW·x for weight-space adapters,
-        None (nothing added) for activation-space ones. ``base`` holds the true base values (W0 is
-        ``base["weight"]``)."""
+        None for activation-space ones. ``base`` holds the true base values (W0 is ``base["weight"]``)."""
         if not self.mergeable:
             return None
         dw = self.delta_weight(base["weight"])
         return apply_weight(base_layer, x.to(dw.dtype), dw)
 
     def replace_output(self, x: Tensor, base_layer: nn.Module, base: Mapping[str, Tensor]) -> Tensor | None:
-        """The host's output ``base_layer(x) + δ(x)`` computed without running the base layer, for an adapter whose
-        own parts fully determine the layer (KIND's learngenes + tailors replace W0): the base layer's work is then
-        not done twice. None (the default): the host runs the base layer, then `forward`.
-
-        The host asks only the first active adapter, at weight exactly 1 (no per-item weights), while nothing is
-        fused into the layer and no adapter overrides its parameters, so the two routes are the same function
-        (equal up to rounding); otherwise it takes the usual route."""
+        """The host's output ``base_layer(x) + δ(x)`` without running the base layer, for an adapter whose own parts
+        fully determine the layer (KIND's learngenes + tailors replace W0). The host asks only the first active
+        adapter, at weight exactly 1 (no per-item weights), while nothing is fused and no adapter overrides parameters,
+        so both routes are the same function up to rounding. None (default): the base layer runs, then `forward`."""
         return None
 
     def forward(self, x: Tensor, out: Tensor, weight: float | Tensor, base_layer: nn.Module,

@@ -75,6 +75,11 @@ class AdapterHost(nn.Module):
         except AttributeError:
             return getattr(self._modules["base_layer"], name)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterHost:
+        for adapter in self.adapters.values():  # before a cast rounds W0 (SaRA takes what it reads off W0 first)
+            adapter.before_base_apply(self.base_layer, fn)
+        return super()._apply(fn, recurse)
+
     def active(self) -> list[tuple[str, Adapter, float]]:
         return [(n, a, self.adapter_weights[n]) for n, a in self.adapters.items()
                 if n not in self.disabled and n not in self.merged]
@@ -119,6 +124,11 @@ class AdapterHost(nn.Module):
         for n, adapter, w in active:
             x = adapter.pre_forward(x, item_weight(n, x) if per_item.get(n) else w)
         params: dict[str, Tensor] = {}
+        out = None
+        if len(active) == 1 and not self.merged and not args and not kwargs and active[0][1].param_space:
+            out = active[0][1].layer_output(x, self.base_layer, active[0][2])  # per-item weights: refused above
+            if out is not None:
+                return out
         if any(a.param_space for a in self.adapters.values()):
             if any(self.adapters[n].is_stale(self.adapter_weights[n]) for n in self.merged):
                 self._write_merged()  # merged values follow an adapter that trains (in place, no copy)
@@ -126,7 +136,6 @@ class AdapterHost(nn.Module):
                 if adapter.param_space and n not in self.disabled:
                     w, merged = self.adapter_weights[n], n in self.merged
                     params = adapter.param_overrides(params, self.base_layer, w, merged)
-        out = None
         if active and not params and not self.merged and not args and not kwargs:
             first, adapter, w = active[0]  # `Adapter.replace_output`: the only case where it is the same function
             if w == 1.0 and not per_item.get(first):

@@ -100,17 +100,27 @@ def test_krona_ignoring_conv_stride_fails_the_contract(monkeypatch, tmp_path):
            errors=(RuntimeError,))
 
 
-@pytest.mark.parametrize("route", ["weight_grad", "route_grad"])
+@pytest.mark.parametrize("route", ["unfused", "weight_grad", "route_grad"])
 def test_sara_routing_zero_gradients_fails_the_contract(route, monkeypatch, tmp_path):
-    """Both of fused SaRA's gradient routes: `WeightGrad` (a stock Linear/Conv2d) and `_RouteGrad` (any parameter;
-    taken here by making the Linear ineligible for the first)."""
+    """Each of SaRA's gradient routes: `UnfusedLayer` (how it trains by default), and trained fused (its
+    ``fused_training``) `WeightGrad` (a stock Linear/Conv2d) and `RouteGrad` (any parameter; taken here by making
+    the Linear ineligible for the first)."""
+    import dataclasses
+
     import difftune.methods.sara.adapter as sara_adapter
     import difftune.methods.sara.grads as sara_grads
+    import difftune.methods.sara.training as sara_training
+    import difftune.methods.sara.unfused as sara_unfused
 
+    if route != "unfused":
+        prepare = sara_training.prepare_sara
+        monkeypatch.setattr(sara_training, "prepare_sara", lambda model, config, name: prepare(
+            model, dataclasses.replace(config, fused_training=True), name))
     if route == "route_grad":
         monkeypatch.setattr(sara_adapter, "gradient_rule", lambda layer: False)
-    node = sara_adapter._RouteGrad if route == "route_grad" else sara_grads.WeightGrad
-    deltas = (0,) if route == "route_grad" else (2, 3)  # where Δ's gradients are in each node's backward
+    node = {"unfused": sara_unfused.UnfusedLayer, "weight_grad": sara_grads.WeightGrad,
+            "route_grad": sara_grads.RouteGrad}[route]
+    deltas = {"unfused": (2,), "weight_grad": (2, 3), "route_grad": (0,)}[route]  # Δ's gradients in each backward
     original = node.backward
 
     def zero(ctx, grad):

@@ -14,6 +14,7 @@ from difftune.counting import inspect_adapter
 from difftune.methods.plugin import plugin_for
 from difftune.methods.sara import (
     SaRAAdamW,
+    SaRAAdapter,
     SaRAConfig,
     auto_lr,
     pack_bits,
@@ -89,10 +90,11 @@ def test_bit_packing_round_trips():
     assert torch.equal(unpack_bits(packed, 1001), mask)
 
 
-def test_training_leaves_unselected_entries_bit_identical_and_keeps_no_dense_grads():
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_leaves_unselected_entries_bit_identical_and_keeps_no_dense_grads(fused):
     model = tiny_unet(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = SaRAAdamW(model, threshold=THETA, lr=1e-3)
+    opt = SaRAAdamW(model, threshold=THETA, lr=1e-3, fused_training=fused)
     deltas = {id(p) for g in opt.param_groups for p in g["params"]}
     frozen = [p for p in model.parameters() if id(p) not in deltas]
     args, kwargs = _inputs()
@@ -111,26 +113,37 @@ def test_training_leaves_unselected_entries_bit_identical_and_keeps_no_dense_gra
         adapter = host.adapters["sara"]
         for p in adapter.pnames:
             w0, w = before[f"{name}.{p}"].reshape(-1), getattr(host.base_layer, p).detach().reshape(-1)
+            if not fused:  # the base keeps W0 and M is read off it; Δ moved
+                assert torch.equal(w, w0) and p in adapter._derived, f"{name}.{p}"
+                w = w.clone().index_put_((adapter.index(p),), w0[adapter.index(p)] + adapter.delta_vector(p).detach())
             keep = torch.ones_like(w0, dtype=torch.bool)
             keep[adapter.index(p).long()] = False
             assert torch.equal(w[keep], w0[keep]), f"{name}.{p}"
             changed += int((w[~keep] != w0[~keep]).sum())
-    assert changed > 1000  # the selected entries moved (in place: the model holds W0 + Δ)
+    assert changed > 1000  # the selected entries moved (fused: in place, the model holds W0 + Δ)
 
 
-def test_gradient_routing_equals_autograd_through_the_dense_weight():
-    """The merged (in-place, UB) path and the unmerged path (autograd through index_put) give the same ∂L/∂Δ."""
-    grads = []
-    for merged in (True, False):
+def test_gradient_routing_equals_autograd_through_the_dense_weight(monkeypatch):
+    """The merged (in-place, UB) path, the unfused path that makes each weight in blocks (`unfused.UnfusedLayer`)
+    and autograd through a dense index_put copy give the same outputs and ∂L/∂Δ."""
+    outs, grads = [], []
+    for route in ("merged", "blocks", "dense"):
+        if route == "dense":
+            monkeypatch.setattr(SaRAAdapter, "layer_output", lambda self, x, layer, weight: None)
         model = tiny_unet(0)
         dt.inject(model, SaRAConfig(threshold=THETA), name="s")
         randomize_adapter(model, "s", seed=3, std=0.01)
-        if merged:
+        if route == "merged":
             dt.merge(model)
         args, kwargs = _inputs()
-        model(*args, **kwargs).sample.pow(2).mean().backward()
+        out = model(*args, **kwargs).sample
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
         grads.append(torch.cat([p.grad for p in dt.methods.verbs.adapter_parameters(model, "s")]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0], atol=1e-6, rtol=1e-5)
+        assert grad.abs().max() > 1e-3
 
 
 def _nuclear(model, name, min_dim):

@@ -27,6 +27,7 @@ def test_positions_decode_to_the_selected_indices(n: int, density: float):
 def test_the_positions_cost_about_a_byte_per_selected_entry():
     model = tiny_unet(0)
     dt.inject(model, SaRAConfig(threshold=0.02), name="s")
+    dt.fuse(model)  # how they are kept once fused or loaded (freshly injected, none are: test_sara_blocks.py)
     selected = blocks = kept = 0
     for _, host in hosts(model):
         adapter = host.adapters["s"]
@@ -41,7 +42,7 @@ def test_the_positions_cost_about_a_byte_per_selected_entry():
 
 def _merged_grads(monkeypatch, by_output: bool, chunk: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """∂L/∂Δ of a fused SaRA on the tiny UNet, with the weight gradient formed from the output (`WeightGrad`) or
-    by autograd's dense dL/dW (`_RouteGrad`); also the sizes of the conv weight-gradient blocks formed."""
+    by autograd's dense dL/dW (`RouteGrad`); also the sizes of the conv weight-gradient blocks formed."""
     import difftune.methods.sara.adapter as sara_adapter
     import difftune.methods.sara.grads as sara_grads
     from difftune.testing import randomize_adapter
@@ -181,7 +182,7 @@ def test_the_one_pass_rewrite_writes_what_restore_then_add_wrote(monkeypatch):
     for one_pass in (True, False):
         monkeypatch.setattr(SaRAAdapter, "rewrite", counted if one_pass else composed)
         model = tiny_unet(0)
-        opt = SaRAAdamW(model, threshold=0.02, lr=1e-3)
+        opt = SaRAAdamW(model, threshold=0.02, lr=1e-3, fused_training=True)
         g = torch.Generator().manual_seed(1)
         x, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
         for _ in range(3):

@@ -1,6 +1,7 @@
-"""SaRA unfused: the dense copy the layer runs with is made once and kept until Δ, the weight or the base changes
-(issue 27: it was rebuilt on every forward). Outputs are compared with a model whose weights hold W0 + w·Δ written
-by hand, the computation the per-forward copy did (same kernels, so equal bit for bit)."""
+"""SaRA unfused, M kept as positions (loaded or once fused): the dense copy the layer runs with is made once and kept
+until Δ, the weight or the base changes (issue 27: it was rebuilt on every forward). Outputs are compared with a
+model whose weights hold W0 + w·Δ written by hand, the computation the per-forward copy did (same kernels, so equal
+bit for bit)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def _adapted(weight=0.7):
     model = copy.deepcopy(base)
     dt.inject(model, SaRAConfig(threshold=THETA), name="s", weight=weight)
     randomize_adapter(model, "s", seed=3, std=0.01)
+    # fused once, M is kept as positions, as in an adapter loaded from a file: the route with a kept dense copy
+    # (freshly injected, M is read off the base and each call makes its weights in blocks: test_sara_blocks.py)
+    dt.fuse(model)
+    dt.unfuse(model)
+    assert not any(a._derived for a in _adapters(model))
     return base, model
 
 

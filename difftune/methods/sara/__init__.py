@@ -14,7 +14,7 @@ Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
   exist for frozen entries. Where the paper lets autograd form each layer's dense dL/dW transiently, a stock
   Linear/Conv2d here runs with a weight and bias that need no gradient, and `grads.WeightGrad` forms dL/dW[M] from
   the layer's input and output gradient a block of output channels at a time (and dL/db[M]); other parameters (norm
-  scales, embeddings) go through `_RouteGrad`, which hands the layer an alias of the tensor and gathers its dense
+  scales, embeddings) go through `RouteGrad`, which hands the layer an alias of the tensor and gathers its dense
   gradient at M. Same ∂L/∂Δ up to float rounding (tested); the dense dL/dW of SD1.5's largest convolutions was the
   peak of training (`bench/sara_memory.py`).
 * **Nuclear-norm constraint** (paper eq. 4-5) with weight λ: each step one 2-D weight whose smaller side exceeds
@@ -47,9 +47,17 @@ Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each 
    the selected absolute values toward 0. The PPA step updates as usual (officially it is skipped).
 """
 
-from .adapter import SaRAAdapter, SaRAConfig, sara_summary
+from .adapter import SaRAAdapter, SaRAConfig
 from .positions import pack_bits, unpack_bits
-from .training import SaRAAdamW, SaRAPlugin, auto_lr, prepare_sara, progressive_step, threshold_for_fraction
+from .training import (
+    SaRAAdamW,
+    SaRAPlugin,
+    auto_lr,
+    prepare_sara,
+    progressive_step,
+    sara_summary,
+    threshold_for_fraction,
+)
 
 __all__ = ["SaRAAdamW", "SaRAAdapter", "SaRAConfig", "SaRAPlugin", "auto_lr", "pack_bits", "prepare_sara",
            "progressive_step", "sara_summary", "threshold_for_fraction", "unpack_bits"]

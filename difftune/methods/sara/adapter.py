@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from ...errors import DifftuneError, bad_value
 from ..base import Adapter, MethodConfig, Site, register_method
 from ..host import AdapterHost
-from ..verbs import hosts
-from .grads import WeightGrad, gradient_rule
+from .fingerprint import check_base, fingerprint
+from .grads import RouteGrad, WeightGrad, gradient_rule
 from .positions import decode, encode, pack_bits, unpack_bits
+from .unfused import UnfusedLayer, block_counts, moved
 
 
 @register_method("sara")
@@ -32,6 +33,9 @@ class SaRAConfig(MethodConfig):
         rank_weight: λ of the nuclear-norm term on ΔW (0 switches it off).
         rank_min_dim: only 2-D weights with both sides larger than this get the nuclear-norm term (official: 64).
         progressive_fraction: T_p as a fraction of training (paper: 0.5); ``None`` switches PPA off.
+        fused_training: train with Δ written into the base weights (`prepare_sara`): each step is cheaper where
+            passes over the weights dominate (CPU), for 5 more bytes per selected entry (W0[M] and the positions);
+            by default SaRA trains unfused, at LoRA's memory for the same trainable count (`sara.unfused`).
     """
 
     target_modules: list[str] = field(default_factory=lambda: [".*"])
@@ -39,6 +43,7 @@ class SaRAConfig(MethodConfig):
     rank_weight: float = 5e-3
     rank_min_dim: int = 64
     progressive_fraction: float | None = 0.5
+    fused_training: bool = False
 
     #: (numel, Σ W0², Σ W0) per parameter: checked in `SaRAAdapter.adopt`; a count overflows float16
     saved_statistics = ("sara_base_",)
@@ -75,61 +80,7 @@ class SaRAConfig(MethodConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The base check
-
-
-def _fingerprint(param: Tensor) -> Tensor:
-    """(numel, Σ W0², Σ W0) in float64: cheap, and far apart for different checkpoints."""
-    w = param.detach().double().reshape(-1)
-    return torch.stack([torch.tensor(float(w.numel()), dtype=torch.float64, device=w.device), w.square().sum(),
-                        w.sum()]).cpu()
-
-
-def _check_base(name: str, saved: Tensor, param: Tensor, mask: Tensor, threshold: float) -> None:
-    here = _fingerprint(param)
-    # A file whose tensors were converted to float16/bfloat16 holds a rounded fingerprint, and a count or sum beyond
-    # 65,504 became inf there: compare within the file's rounding and skip what overflowed (the mask's size, checked
-    # by `adopt`, and the θ test below still tell the base apart).
-    rounding = 0.0 if saved.dtype == torch.float64 else torch.finfo(saved.dtype).eps
-    saved = saved.double()
-    n_saved, n_here = float(saved[0]), float(here[0])
-    if math.isfinite(n_saved) and abs(n_saved - n_here) > rounding * n_here:
-        raise DifftuneError(f"`{name}` has {int(n_here):,} entries, the adapter's mask {n_saved:,.0f}")
-    # An fp16/bf16 copy of the same base differs by rounding only: at most 2·2^-8 relative in Σ W0², and it moves no
-    # entry clearly across θ. Another checkpoint moves many (the energy test alone catches other initializations).
-    scale = max(float(saved[1]), 1e-30)
-    energy = abs(float(here[1]) - float(saved[1])) / scale if math.isfinite(float(saved[1])) else 0.0
-    magnitude = param.detach().abs().reshape(-1).float()
-    # Rounding to fp16/bf16 moves a value by < 0.4 %: only entries clearly on the other side of θ count as flips.
-    clear = (magnitude - threshold).abs() > 1e-2 * threshold
-    flipped = int(((magnitude < threshold) != mask)[clear].sum())
-    if energy > 2 * torch.finfo(torch.bfloat16).eps or flipped > max(10, 1e-3 * int(mask.sum())):
-        raise DifftuneError(
-            f"the base values of `{name}` differ from those the adapter was trained on (Σ W0² differs by "
-            f"{energy:.2e} relative, {flipped:,} entries cross θ={threshold:g}). SaRA stores changes to specific "
-            "weights, so it only applies to the exact base model it was trained on (any dtype of it)."
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The adapter
-
-
-class _RouteGrad(torch.autograd.Function):
-    """Identity on the (already written) base tensor; the backward hands grad_W[M]·w to Δ and nothing to W."""
-
-    @staticmethod
-    def forward(ctx: Any, delta: Tensor, carrier: Tensor, low: Tensor, counts: Tensor, weight: float) -> Tensor:
-        ctx.save_for_backward(low, counts)  # the kept positions: the flat indices are decoded in the backward only
-        ctx.weight = weight
-        ctx.delta_dtype = delta.dtype
-        return carrier.view_as(carrier)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        idx = decode(*ctx.saved_tensors)
-        g_delta = grad.reshape(-1).index_select(0, idx).to(ctx.delta_dtype) * ctx.weight  # (|M|,)
-        return g_delta, grad if ctx.needs_input_grad[1] else None, None, None, None
 
 
 @dataclass
@@ -144,13 +95,14 @@ class _Dense:
 class SaRAAdapter(Adapter):
     """Δ over the selected entries of each of one module's own parameters.
 
-    State per parameter ``p`` (``weight``, ``bias``, ...): ``sara_delta_p`` (the trained Δ, fp32), ``sara_mask_p``
-    (M packed in bits) and ``sara_base_p`` (the base fingerprint) are saved; ``pos_p``/``blocks_p`` (M as positions,
-    `positions.encode`), ``w0_p`` (W0[M], for exact unmerge) and ``train_p`` (M' after PPA) live in memory.
-
-    Unfused and without a gradient to build, the layer runs with a dense copy of each parameter with Δ written in,
-    kept between calls (`_dense`) and rebuilt only when Δ, the weight or the base tensor changed: one copy per
-    adapted parameter (as much memory as the weights adapted) instead of one copy per forward. ``dt.fuse`` needs none.
+    Per parameter ``p``: ``sara_delta_p`` (Δ, fp32), ``sara_mask_p`` (M in bits) and ``sara_base_p`` (the base
+    fingerprint) are saved; ``train_p`` (M' after PPA) lives in memory. Injected and never fused since (how SaRA
+    trains), M is read off the base, which holds W0 untouched (`_derived` keeps |M| per block of rows, to find each
+    block's Δ and to catch a base written since), and a stock Linear/Conv2d runs through `unfused.UnfusedLayer`
+    (`layer_output`). Fused, cast, or loaded from a file, M is kept as positions (``pos_p``/``blocks_p``,
+    `positions.encode`) with W0[M] (``w0_p``) for an exact unmerge (`_materialize`); unfused without a gradient,
+    such an adapter runs its layer with a dense copy of each parameter kept until Δ, the weight or the base changes
+    (`_dense`). ``dt.fuse`` needs none.
     """
 
     prefix = "sara_"
@@ -163,6 +115,9 @@ class SaRAAdapter(Adapter):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._synced: dict[str, tuple[int, float]] = {}
         self._dense: dict[str, _Dense] = {}
+        # M read off the base layer: its dtype then and |M| per `unfused.row_blocks` (each block's Δ offset)
+        self._derived: dict[str, tuple[torch.dtype, list[int]]] = {}
+        object.__setattr__(self, "_layer", (base_layer,))  # not a submodule: where a derived M is read
         for pname, param in base_layer.named_parameters(recurse=False):
             if not param.is_floating_point():
                 continue
@@ -171,28 +126,53 @@ class SaRAAdapter(Adapter):
                                     "device, without values; load the real weights first")
             self.pnames.append(pname)
             self.shapes[pname] = tuple(param.shape)
-            mask = param.detach().abs().reshape(-1) < config.threshold
-            self.register_buffer(f"sara_base_{pname}", _fingerprint(param))
-            self._select(pname, param, mask)
+            self.register_buffer(f"sara_base_{pname}", fingerprint(param))
+            self._derive(pname, param)
+
+    def _groups(self, pname: str) -> int:
+        return getattr(self._layer[0], "groups", 1) if pname == "weight" else 1
+
+    def _derive(self, pname: str, param: Tensor) -> None:
+        """M = |param| < θ, read off ``param`` (the base layer's, holding W0) whenever needed."""
+        for kind in ("pos_", "blocks_", "w0_"):
+            self.register_buffer(f"{kind}{pname}", None, persistent=False)
+        counts = block_counts(param.detach(), self.config.threshold, self._groups(pname))
+        self._derived[pname] = (param.dtype, counts)
+        self._new_delta(pname, sum(counts), param.device)
 
     def _select(self, pname: str, param: Tensor, mask: Tensor) -> None:
+        """M given (``mask``), kept as positions with a copy of W0[M]."""
+        self._derived.pop(pname, None)
+        self._keep(pname, param, mask)
+        self._new_delta(pname, self.positions(pname)[0].numel(), param.device)
+
+    def _keep(self, pname: str, param: Tensor, mask: Tensor) -> None:
         low, counts = encode(mask)
         self.register_buffer(f"pos_{pname}", low, persistent=False)
         self.register_buffer(f"blocks_{pname}", counts, persistent=False)
         self.register_buffer(f"w0_{pname}", param.detach().reshape(-1).index_select(0, self.index(pname)),
                              persistent=False)
+
+    def _materialize(self, pname: str) -> None:
+        """Keep M as positions and W0[M] as a copy: from now on the base tensor may hold anything (fused values)."""
+        if pname in self._derived:
+            param, idx = getattr(self._layer[0], pname), self.index(pname)
+            del self._derived[pname]
+            mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+            mask[idx.long()] = True
+            self._keep(pname, param, mask)
+
+    def _new_delta(self, pname: str, n: int, device: torch.device) -> None:
         self.register_buffer(f"train_{pname}", None, persistent=False)  # allocated by PPA or a checkpoint
-        delta = nn.Parameter(torch.zeros(low.numel(), dtype=torch.float32, device=param.device))
+        delta = nn.Parameter(torch.zeros(n, dtype=torch.float32, device=device))
         delta._sara_owner = (weakref.ref(self), pname)  # lets SaRAAdamW find the mask of each vector it updates
         setattr(self, f"sara_delta_{pname}", delta)
         self._synced.pop(pname, None)
         self._dense.pop(pname, None)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SaRAAdapter:
-        # `model.half()` casts every floating buffer: the base fingerprints must stay float64 (a count of 73,728
-        # entries is inf in float16, and a file saved after the cast could never be checked against its base).
-        # model.to(...) / .half() reach every submodule through here: unfused copies of the old device or dtype must
-        # not stay either (offloading a model to the CPU has to free its GPU memory)
+        # `model.half()` casts every floating buffer: the base fingerprints stay float64 (73,728 is inf in float16);
+        # unfused copies on the old device or dtype must not stay (offloading to the CPU has to free GPU memory)
         self._dense.clear()
         fingerprints = {k: b for k, b in self._buffers.items() if k.startswith("sara_base_") and b is not None}
         super()._apply(fn, recurse)
@@ -225,15 +205,50 @@ class SaRAAdapter(Adapter):
                                 base_layer, where, weight)
 
     def positions(self, pname: str) -> tuple[Tensor, Tensor]:
-        """M of ``pname`` as kept (`positions.encode`)."""
+        """M of ``pname`` as kept (`positions.encode`; a derived M is kept from this call on)."""
+        self._materialize(pname)
         return getattr(self, f"pos_{pname}"), getattr(self, f"blocks_{pname}")
 
     def index(self, pname: str) -> Tensor:
-        """The sorted flat indices of M (decoded on each call: hold them only while needed)."""
-        return decode(*self.positions(pname))
+        """The sorted flat indices of M (made on each call: hold them only while needed)."""
+        if pname not in self._derived:
+            return decode(getattr(self, f"pos_{pname}"), getattr(self, f"blocks_{pname}"))
+        param = self._derived_base(pname)
+        if param.dim() and block_counts(param, self.config.threshold, self._groups(pname)) != self._derived[pname][1]:
+            raise moved()  # written since M was read
+        return (param.abs().reshape(-1) < self.config.threshold).nonzero().squeeze(1)
+
+    def _derived_base(self, pname: str) -> Tensor:
+        """The base tensor a derived M is read off (refused once cast: rounding moves entries across θ)."""
+        param = getattr(self._layer[0], pname).detach()
+        if param.dtype != self._derived[pname][0]:
+            raise moved()
+        return param
 
     def base_values(self, pname: str) -> Tensor:
+        """W0[M]: (|M|,) in the base dtype."""
+        if pname in self._derived:
+            return self._derived_base(pname).reshape(-1).index_select(0, self.index(pname))
         return getattr(self, f"w0_{pname}")
+
+    def before_base_apply(self, base_layer: nn.Module, fn: Any) -> None:
+        for p in list(self._derived):  # a cast moves entries across θ: keep M and W0[M] as they are now
+            param = getattr(base_layer, p)
+            if fn(param.detach().reshape(-1)[:0]).dtype != param.dtype:
+                self._materialize(p)
+
+    def layer_output(self, x: Tensor, base_layer: nn.Module, weight: float) -> Tensor | None:
+        """Trained unfused, a stock Linear/Conv2d with a derived M runs through `unfused.UnfusedLayer` (also without
+        a gradient, e.g. validation during training: no dense copy is cached then)."""
+        if "weight" not in self._derived or not self.delta_vector("weight").requires_grad or not gradient_rule(
+                base_layer):
+            return None
+        bias = base_layer.bias
+        if bias is not None and "bias" in self.pnames:
+            bias = self.with_delta("bias", bias, weight)
+        self._derived_base("weight")
+        return UnfusedLayer.apply(x, bias, self.delta_vector("weight"), base_layer, self.config.threshold, weight,
+                                  self._derived["weight"][1])
 
     def train_mask(self, pname: str) -> Tensor:
         """M' over the selected entries (all True until PPA); (|M|,) bool, allocated on first use."""
@@ -291,13 +306,14 @@ class SaRAAdapter(Adapter):
         return param.view(-1)
 
     def restore(self, pname: str, param: Tensor) -> None:
-        # `_synced` is left alone: ``param`` may be the host's copy for W0, and on the live parameter the host always
-        # follows a restore of a merged adapter with `add_into`, which records the sync
+        self._materialize(pname)  # the host writes the tensor M was read off from here on
+        # `_synced` stays: ``param`` may be the host's copy for W0; the host follows a live restore with `add_into`
         self._flat(param).index_put_((self.index(pname),), self.base_values(pname))
         self._dense.pop(pname, None)  # merged or read as W0: the unfused copy is not needed (and frees its memory)
 
     def add_into(self, pname: str, param: Tensor, weight: float, start: Tensor | None = None) -> None:
         """``param[M] = start + weight · Δ`` in fp32 (``start``: what ``param`` holds at M, read when None)."""
+        self._materialize(pname)
         flat, idx, delta = self._flat(param), self.index(pname), self.delta_vector(pname)
         start = flat.index_select(0, idx) if start is None else start
         flat.index_put_((idx,), (start.float() + weight * delta.detach().float()).to(param.dtype))
@@ -310,9 +326,10 @@ class SaRAAdapter(Adapter):
         return self.add_into(pname, param, weight, start=self.base_values(pname).to(param.dtype))  # W0[M] as held
 
     def recapture(self, base_layer: nn.Module) -> None:
-        for p in self.pnames:
-            param = getattr(base_layer, p)
-            self.base_values(p).copy_(param.detach().reshape(-1).index_select(0, self.index(p)))
+        for p in self.pnames:  # a derived M: its base tensor was not written (no fused adapter touches it)
+            if p not in self._derived:
+                param = getattr(base_layer, p)
+                self.base_values(p).copy_(param.detach().reshape(-1).index_select(0, self.index(p)))
 
     def is_stale(self, weight: float) -> bool:
         return any(self._synced.get(p) != (self.delta_vector(p)._version, weight) for p in self.pnames)
@@ -327,7 +344,7 @@ class SaRAAdapter(Adapter):
                 # The values are already in place; route the gradient only (no copy of the weight is made).
                 if torch.is_grad_enabled() and delta.requires_grad and not (
                         p in ("weight", "bias") and self._weight_grad_by_output(base_layer)):
-                    params[p] = _RouteGrad.apply(delta, current, *self.positions(p), weight)
+                    params[p] = RouteGrad.apply(delta, current, *self.positions(p), weight)
             elif torch.is_grad_enabled() and (delta.requires_grad or current.requires_grad):
                 self._dense.pop(p, None)
                 params[p] = self.with_delta(p, current, weight)  # autograd needs this call's graph: built each time
@@ -375,24 +392,9 @@ class SaRAAdapter(Adapter):
                 raise DifftuneError(f"{key}: expected {(n + 7) // 8} packed bytes (uint8) for `{p}` of shape "
                                     f"{tuple(param.shape)}, got {tuple(packed.shape)} {packed.dtype}")
             mask = unpack_bits(packed, n)
-            _check_base(p, tensors[f"sara_base_{p}"], param, mask, self.config.threshold)
+            check_base(p, tensors[f"sara_base_{p}"], param, mask, self.config.threshold)
             self._select(p, param, mask)
 
     def extra_repr(self) -> str:
         total = sum(math.prod(s) for s in self.shapes.values())
         return f"threshold={self.config.threshold}, selected={self.selected()}/{total}"
-
-
-
-def sara_summary(model: nn.Module, name: str) -> dict[str, Any]:
-    """Selected, still-training (after PPA) and total entries of adapter ``name``."""
-    selected = training = total = 0
-    for _, host in hosts(model):
-        adapter = host.adapters[name] if name in host.adapters else None  # noqa: SIM401 (ModuleDict has no get)
-        if isinstance(adapter, SaRAAdapter):
-            selected += adapter.selected()
-            training += sum(adapter.delta_vector(p).numel() if adapter.all_training(p)
-                            else int(adapter.train_mask(p).sum()) for p in adapter.pnames)
-            total += sum(math.prod(s) for s in adapter.shapes.values())
-    return {"selected": selected, "training": training, "total": total,
-            "density": selected / total if total else 0.0}

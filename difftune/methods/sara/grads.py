@@ -80,3 +80,20 @@ def weight_grad_at(layer: nn.Module, x: Tensor, grad: Tensor, idx: Tensor) -> Te
                                                 layer.padding, layer.dilation, layer.groups)
         parts.append(block.reshape(-1).index_select(0, idx[bounds[i]:bounds[i + 1]] - o0 * per_row).float())
     return torch.cat(parts) if parts else grad.new_zeros(0, dtype=torch.float32)
+
+
+class RouteGrad(torch.autograd.Function):
+    """Identity on the (already written) base tensor; the backward hands grad_W[M]·w to Δ and nothing to W."""
+
+    @staticmethod
+    def forward(ctx: Any, delta: Tensor, carrier: Tensor, low: Tensor, counts: Tensor, weight: float) -> Tensor:
+        ctx.save_for_backward(low, counts)  # the kept positions: the flat indices are decoded in the backward only
+        ctx.weight = weight
+        ctx.delta_dtype = delta.dtype
+        return carrier.view_as(carrier)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        idx = decode(*ctx.saved_tensors)
+        g_delta = grad.reshape(-1).index_select(0, idx).to(ctx.delta_dtype) * ctx.weight  # (|M|,)
+        return g_delta, grad if ctx.needs_input_grad[1] else None, None, None, None

@@ -24,14 +24,19 @@ def auto_lr(threshold: float) -> float:
 
 
 def prepare_sara(model: nn.Module, config: SaRAConfig, name: str) -> None:
-    """Inject and merge: the base tensors hold W0 + Δ from now on and are rewritten in place as Δ trains."""
+    """Inject. Unfused (the default), the base tensors keep W0 and M is read off them; each stock Linear/Conv2d
+    makes its weight W0 + Δ in blocks per call (`unfused.UnfusedLayer`), so no state beyond Δ is kept per selected
+    entry. With ``config.fused_training`` the adapter is merged: the base tensors hold W0 + Δ, rewritten in place as
+    Δ trains."""
     inject(model, config, name=name, freeze_base=True)
-    merge(model, name)
+    if config.fused_training:
+        merge(model, name)
 
 
 @register_plugin("sara")
 class SaRAPlugin(TrainerPlugin):
-    """SaRA's training route: merged sparse Δ, its own AdamW, the paper's learning rate, PPA at T_p."""
+    """SaRA's training route: sparse Δ (unfused, or merged with ``fused_training``), its own AdamW, the paper's
+    learning rate, PPA at T_p."""
 
     config: SaRAConfig
 
@@ -109,6 +114,7 @@ class SaRAAdamW(torch.optim.AdamW):
         rank_weight: λ of the nuclear-norm term on ΔW.
         rank_min_dim: 2-D weights with both sides larger than this are eligible for the nuclear-norm term.
         progressive_step: T_p, the step after which PPA runs (``None``: never, or call `progress` yourself).
+        fused_training: with a model, train with Δ written into its weights (`SaRAConfig.fused_training`).
         max_grad_norm: clip the Δ gradients to this global norm before each step (``None``: no clipping).
         target_modules: with a model, which modules to select from (default all).
         name: with a model, the adapter's name.
@@ -122,8 +128,9 @@ class SaRAAdamW(torch.optim.AdamW):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  rank_weight: float = 5e-3, rank_min_dim: int = 64, progressive_step: int | None = None,
                  max_grad_norm: float | None = None, target_modules: Sequence[str] | None = None,
-                 name: str = "sara", seed: int = 0) -> None:
+                 name: str = "sara", seed: int = 0, fused_training: bool = False) -> None:
         config = SaRAConfig(threshold=threshold, rank_weight=float(rank_weight), rank_min_dim=rank_min_dim,
+                            fused_training=fused_training,
                             **({"target_modules": list(target_modules)} if target_modules else {}))
         if isinstance(params, nn.Module):
             prepare_sara(params, config, name)
@@ -256,3 +263,17 @@ def threshold_for_fraction(model: nn.Module, fraction: float, target_modules: Se
         parts.append(t[torch.randint(t.numel(), (k,), generator=g)].abs().float())
     values = torch.cat(parts)
     return float(torch.quantile(values[:16_000_000], fraction))
+
+
+def sara_summary(model: nn.Module, name: str) -> dict[str, Any]:
+    """Selected, still-training (after PPA) and total entries of adapter ``name``."""
+    selected = training = total = 0
+    for _, host in hosts(model):
+        adapter = host.adapters[name] if name in host.adapters else None  # noqa: SIM401 (ModuleDict has no get)
+        if isinstance(adapter, SaRAAdapter):
+            selected += adapter.selected()
+            training += sum(adapter.delta_vector(p).numel() if adapter.all_training(p)
+                            else int(adapter.train_mask(p).sum()) for p in adapter.pnames)
+            total += sum(math.prod(s) for s in adapter.shapes.values())
+    return {"selected": selected, "training": training, "total": total,
+            "density": selected / total if total else 0.0}
