@@ -7,6 +7,7 @@ of each run (every loss must be finite); exits with status 1 when a run fails.
     python bench/gpu_check.py                   # no CUDA: the CPU subset (seconds), and what it skipped
 
 On CUDA: {LoRA r=4, SaRA θ=2e-4, KronA (64, 8)} × {SD1.5, SDXL UNet architectures, random weights, built on the GPU}
+(and SaRA with ``fused_training`` once: SD1.5, bf16, SDPA)
 × {bf16, fp16} × {SDPA, xformers}, ``--steps`` steps each at batch 1 (SD1.5 64×64 latents, SDXL 128×128), as the
 trainer trains: frozen weights in the autocast dtype, trainable values in fp32, fp16 with a gradient scaler. Then
 ``accelerate launch --num_processes 1`` of the trainer for 5 steps on a tiny SD pipeline with
@@ -91,8 +92,9 @@ def attach(unet: nn.Module, method: str, tiny: bool) -> torch.optim.Optimizer:
     import difftune as dt
     from difftune.methods.verbs import adapter_parameters
 
-    if method == "sara":  # the paper's one-line API: injects, merges, trains Δ sparsely
-        return dt.SaRAAdamW(unet, threshold=2e-4 if not tiny else 2e-3, lr=1e-4, name=NAME)
+    if method in ("sara", "sara_fused"):  # the paper's one-line API: injects, trains Δ sparsely (unfused by default)
+        return dt.SaRAAdamW(unet, threshold=2e-4 if not tiny else 2e-3, lr=1e-4, name=NAME,
+                            fused_training=method == "sara_fused")
     config = (dt.LoRAConfig(rank=4, alpha=4.0) if method == "lora"
               else dt.KronAConfig(**({"a1": 8, "a2": 8} if tiny else {})))
     dt.inject(unet, config, name=NAME)
@@ -138,7 +140,7 @@ def train(unet: nn.Module, arch: str, method: str, dtype: torch.dtype, attention
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
     finally:
-        dt.remove(unet, NAME)  # restores the base weights exactly (SaRA trained merged)
+        dt.remove(unet, NAME)  # restores the base weights exactly (sara_fused trained merged)
     finite = all(math.isfinite(v) for v in losses)
     return {"run": f"{arch} {method} {_dname(dtype)} {attention}", "trainable": trainable,
             "peak": _peak(device), "step_s": statistics.median(times[1:] or times), "loss": losses[-1],
@@ -245,7 +247,9 @@ def check(steps: int | None = None, budget: float = 450.0) -> bool:
                 continue
             unet = build_unet(arch, device, dtype)
             for attention in attentions:
-                for method in METHODS:
+                # SaRA's fused training route once, beside the default (unfused) one: its step time on a GPU
+                first = arch == ARCHS[0] and dtype == dtypes[0] and attention == "sdpa"
+                for method in METHODS + (("sara_fused",) if first else ()):
                     try:
                         rows.append(train(unet, arch, method, dtype, attention, steps, device))
                     except Exception as e:  # noqa: BLE001  (a readiness check reports every failure, then goes on)

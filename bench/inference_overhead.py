@@ -32,6 +32,7 @@ import gc
 import itertools
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,14 @@ def adapted(base: nn.Module, configs: list[tuple[str, Any]], fuse: bool = False)
     for i, (name, config) in enumerate(configs):
         dt.inject(model, config, name=name, weight=1.0 / len(configs))
         randomize_adapter(model, name, seed=i, std=1e-3)  # most methods start as identity: give them values
+        if config.method == "sara":
+            # as an adapter is used at inference, loaded from its file: M kept as positions and the dense copy
+            # kept between calls (freshly injected, SaRA reads M off the base and makes its weights per call, as
+            # it trains, to keep no extra memory)
+            with tempfile.TemporaryDirectory() as tmp:
+                dt.save_adapter(model, Path(tmp) / name, name)
+                dt.remove(model, name)
+                dt.load_adapter(model, Path(tmp) / name, name=name, weight=1.0 / len(configs))
     if fuse:
         dt.fuse(model)
     return model

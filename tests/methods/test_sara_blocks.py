@@ -200,3 +200,36 @@ def test_a_cast_keeps_m_and_a_write_under_a_derived_m_is_refused():
         host.base_layer.weight.mul_(3)
     with pytest.raises(DifftuneError, match="no longer select the entries"):
         fresh(*_inputs()[0], **_inputs()[1])
+
+
+def test_a_checkpoint_leaves_no_byte_per_entry_behind():
+    """Saving a checkpoint reads which entries still train (all, before PPA): the next step frees that all-True mask
+    again (one byte per selected entry that LoRA does not keep); after PPA the mask stays and is obeyed."""
+    from difftune.methods.plugin import plugin_for
+
+    model = tiny_unet(0)
+    opt = SaRAAdamW(model, threshold=THETA, lr=1e-3)
+    plugin = plugin_for(SaRAConfig(threshold=THETA), "sara")
+    tensors = plugin.checkpoint_tensors(model)
+    assert any(k.rsplit(".", 1)[-1].startswith("train_") for k in tensors)
+
+    def masks() -> int:
+        return sum(b is not None for a in _adapters(model, "sara") for n, b in a.named_buffers() if "train_" in n)
+
+    assert masks() > 0
+    args, kwargs = _inputs()
+    model(*args, **kwargs).sample.pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert masks() == 0
+    summary = opt.progress()
+    assert summary["after"] < summary["before"]
+    model(*args, **kwargs).sample.pow(2).mean().backward()
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    opt.step()
+    assert masks() > 0
+    for a in _adapters(model, "sara"):
+        for p in a.pnames:
+            stay = ~a.train_mask(p)
+            moved = a.delta_vector(p).detach() != before.pop(0)
+            assert not bool((moved & stay).any())

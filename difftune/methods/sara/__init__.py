@@ -9,14 +9,18 @@ parameter of the denoiser, as the paper):
 
 Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
 
-* **Unstructural backpropagation**: Δ is the only autograd leaf. The selected entries are written into the base
-  tensor in place, and the backward pass returns grad_W[M] to Δ. No dense ``.grad`` and no optimizer state ever
-  exist for frozen entries. Where the paper lets autograd form each layer's dense dL/dW transiently, a stock
-  Linear/Conv2d here runs with a weight and bias that need no gradient, and `grads.WeightGrad` forms dL/dW[M] from
-  the layer's input and output gradient a block of output channels at a time (and dL/db[M]); other parameters (norm
-  scales, embeddings) go through `RouteGrad`, which hands the layer an alias of the tensor and gathers its dense
-  gradient at M. Same ∂L/∂Δ up to float rounding (tested); the dense dL/dW of SD1.5's largest convolutions was the
-  peak of training (`bench/sara_memory.py`).
+* **Unstructural backpropagation**: Δ is the only autograd leaf; no dense ``.grad`` and no optimizer state ever
+  exist for frozen entries. By default SaRA trains *unfused*: the base tensors keep W0, M is read off them
+  (|W0| < θ; only |M| per block of rows is kept) and a stock Linear/Conv2d runs with W0 + w·Δ made a block of
+  output channels at a time, in the forward and again in the backward, where dL/dW[M] is formed from the same block
+  of the output gradient (`unfused.UnfusedLayer`). So per selected entry only Δ, its gradient and Adam's moments
+  exist, what LoRA keeps per factor entry (the paper's "less memory than LoRA" at equal count needs exactly that).
+  Other parameters (norm scales, embeddings: small) run with a dense copy made per call. With
+  ``fused_training`` the entries are written into the base tensor in place instead (faster where passes over the
+  weights dominate; W0[M] and the positions are kept, 5 bytes per entry): a stock Linear/Conv2d then runs with a
+  weight and bias that need no gradient and `grads.WeightGrad` forms dL/dW[M] in blocks from its input and output
+  gradient, and other parameters go through `grads.RouteGrad`, which gathers their dense gradient at M. Same ∂L/∂Δ
+  on every route up to float rounding (tested).
 * **Nuclear-norm constraint** (paper eq. 4-5) with weight λ: each step one 2-D weight whose smaller side exceeds
   ``rank_min_dim`` is drawn at random and λ·∂‖ΔW‖_* = λ·U Vᵀ (singular vectors of the non-zero singular values)
   is added to its Δ's gradient. The draw comes from the optimizer's own generator (seeded alike on every process,
@@ -28,9 +32,10 @@ Training (`SaRAAdamW`, used by the trainer and as the paper's one-line API):
 After training the weights are edited in place (`dt.fuse`): zero inference overhead. Saved: Δ, the mask M as packed
 bits, and a fingerprint of the base values (so an adapter cannot be applied to another base by accident).
 
-Layout: `adapter.py` (the config, the base check and the adapter), `positions.py` (how M is kept and saved),
-`grads.py` (the weight gradient at M formed in blocks),
-`training.py` (`SaRAAdamW`, the trainer plugin, the learning rate and `threshold_for_fraction`).
+Layout: `adapter.py` (the config and the adapter), `fingerprint.py` (the base check), `positions.py` (how M is
+kept and saved once fused or loaded), `unfused.py` (training unfused: the weight made in blocks), `grads.py` (the
+fused route's gradients), `training.py` (`SaRAAdamW`, the trainer plugin, the learning rate and
+`threshold_for_fraction`).
 
 Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each tested:
 

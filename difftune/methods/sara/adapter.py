@@ -1,6 +1,5 @@
-"""SaRA's data: the config, the selection M = |W0| < θ (kept as positions, `positions`, saved as packed bits with a
-fingerprint of the base values) and the adapter that routes grad_W[M] to the trainable vector Δ. See the package
-docstring."""
+"""SaRA's data: the config, the selection M = |W0| < θ (read off the base, or kept as `positions`; saved as packed bits
+with a fingerprint of the base values) and the adapter that trains the vector Δ at M. See the package docstring."""
 
 from __future__ import annotations
 
@@ -129,7 +128,7 @@ class SaRAAdapter(Adapter):
             self.register_buffer(f"sara_base_{pname}", fingerprint(param))
             self._derive(pname, param)
 
-    def _groups(self, pname: str) -> int:
+    def _groups(self, pname: str) -> int:  # a grouped convolution's weight is one block (`unfused.row_blocks`)
         return getattr(self._layer[0], "groups", 1) if pname == "weight" else 1
 
     def _derive(self, pname: str, param: Tensor) -> None:
@@ -190,9 +189,8 @@ class SaRAAdapter(Adapter):
         return out  # SaRA acts through the parameters (`param_overrides`), not on the output
 
     def _weight_grad_by_output(self, base_layer: nn.Module) -> bool:
-        """Fused, with Δ of ``weight`` training: the weight's and the bias's gradients are formed from the layer's
-        output (`WeightGrad`, in blocks) for a stock Linear/Conv2d, instead of autograd's dense dL/dW routed by
-        `_RouteGrad`."""
+        """Fused, with Δ of ``weight`` training: a stock Linear/Conv2d's weight and bias gradients are formed from
+        the layer's output (`WeightGrad`, in blocks), not as autograd's dense dL/dW routed by `RouteGrad`."""
         return ("weight" in self.pnames and torch.is_grad_enabled() and self.delta_vector("weight").requires_grad
                 and gradient_rule(base_layer))
 
@@ -261,7 +259,9 @@ class SaRAAdapter(Adapter):
 
     def all_training(self, pname: str) -> bool:
         mask = getattr(self, f"train_{pname}")
-        return mask is None or bool(mask.all())
+        if mask is not None and bool(mask.all()):  # all True (a checkpoint allocated it): free its byte per entry
+            mask = self._buffers[f"train_{pname}"] = None
+        return mask is None
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # The mask is saved packed (n/8 bytes) but kept in memory as positions: packing happens here.

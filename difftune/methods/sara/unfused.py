@@ -40,8 +40,10 @@ class _Blocks:
     """Walks a layer's weight in `row_blocks`: each block's mask M = |W0| < θ and, when asked, W0 + w·Δ on it, made
     in two buffers reused from block to block (a fresh tensor per step is slow where memory is mapped per call)."""
 
-    def __init__(self, w0: Tensor, groups: int, theta: float, delta: Tensor, weight: float, counts: list[int]):
+    def __init__(self, w0: Tensor, groups: int, theta: float, delta: Tensor, weight: float, counts: list[int],
+                 counting: bool = True):
         self.w0, self.theta, self.delta, self.weight, self.counts = w0, theta, delta, weight, counts
+        self.counting = counting
         self.ranges = row_blocks(tuple(w0.shape), groups)
         size = max((r1 - r0) * math.prod(w0.shape[1:]) for r0, r1 in self.ranges)
         # fp32 holds bf16/fp16 values exactly, so off M the sum below gives W0 back; float64 stays float64
@@ -50,13 +52,15 @@ class _Blocks:
         self.seen: list[Tensor] = []
 
     def __iter__(self) -> Iterator[tuple[int, int, Tensor, int, int]]:
-        """(o0, o1, the block's mask, its |M|, where its Δ entries start), the mask counted into ``seen``."""
+        """(o0, o1, the block's mask, its |M|, where its Δ entries start); the masks are counted into ``seen`` when
+        `check` is to follow (the forward; the backward reads the same W0 again)."""
         at = 0
         for (o0, o1), n in zip(self.ranges, self.counts):
             w0 = self.w0[o0:o1]
             values, mask = self.values[:w0.numel()].view(w0.shape), self.flags[:w0.numel()].view(w0.shape)
             torch.lt(torch.abs(w0, out=values) if w0.dtype == values.dtype else w0.abs(), self.theta, out=mask)
-            self.seen.append(torch.count_nonzero(mask))
+            if self.counting:
+                self.seen.append(torch.count_nonzero(mask))
             yield o0, o1, mask, n, at
             at += n
 
@@ -134,7 +138,8 @@ class UnfusedLayer(torch.autograd.Function):
             g_bias = grad.sum((0,) if linear else (0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
         g_x = torch.zeros_like(xc) if linear and need_x else None
         g_delta = torch.empty_like(delta) if need_d else None  # (|M|,), filled block by block
-        blocks = _Blocks(w0, getattr(layer, "groups", 1), ctx.theta, delta.detach(), ctx.weight, ctx.counts)
+        blocks = _Blocks(w0, getattr(layer, "groups", 1), ctx.theta, delta.detach(), ctx.weight, ctx.counts,
+                         counting=False)
         for o0, o1, mask, n, at in blocks:
             flat = mask.reshape(-1).nonzero().squeeze(1) if need_d and n else None
             if flat is not None:
