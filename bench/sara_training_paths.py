@@ -1,11 +1,12 @@
-"""Time of fused SaRA's training paths on the SD1.5 UNet, old against new, interleaved in one process.
+"""Time of fused SaRA's training paths (``fused_training=True``; SaRA trains unfused by default, see
+bench/sara_memory.py) on the SD1.5 UNet, old against new, interleaved in one process.
 
     python bench/sara_training_paths.py [--latent 32] [--batch 1] [--rounds 5]
 
 1. The weight gradient (forward + backward):
 
 * ``blocks``: a stock Linear/Conv2d runs with a weight and bias that need no gradient and `WeightGrad` forms dL/dW at
-  M a block of output channels at a time (the default since issue 27);
+  M a block of output channels at a time (the fused route's default since issue 27);
 * ``dense``: autograd forms each layer's dense dL/dW and `RouteGrad` gathers it at M (the route before).
 
 Both give the same ∂L/∂Δ up to float rounding (tests/methods/test_sara_memory.py). The route is chosen per forward, so
@@ -46,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(sd15_unet_config())
-    opt = SaRAAdamW(unet, threshold=threshold_for_fraction(unet, 0.05))
+    opt = SaRAAdamW(unet, threshold=threshold_for_fraction(unet, 0.05), fused_training=True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 4, args.latent, args.latent, generator=g)
     cond = torch.randn(args.batch, 77, 768, generator=g)
