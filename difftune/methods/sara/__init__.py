@@ -46,7 +46,8 @@ Deliberate differences from the official code (sjtuplayer/SaRA @ ea21192), each 
    there the term never took effect, so that value was never actually in use.
 3. Gradient clipping acts on Δ (officially it sees no gradients in this mode and clips nothing).
 4. The mask is stored, not recomputed from the base at load time (a dtype change or another checkpoint would
-   silently shift it), and loading checks the base fingerprint.
+   silently shift it), and loading checks the base fingerprint. While training it is read off the very tensors it
+   was made from; a cast keeps it first, and a base written since is refused (|M| per block is checked).
 5. No |·| on the selected values at initialization or at PPA (officially the first step runs on |W0|).
 6. Decoupled weight decay pulls Δ toward 0, i.e. toward the base weights, as for any adapter; officially it pulls
    the selected absolute values toward 0. The PPA step updates as usual (officially it is skipped).
