@@ -141,7 +141,8 @@ class UnfusedLayer(torch.autograd.Function):
         blocks = _Blocks(w0, getattr(layer, "groups", 1), ctx.theta, delta.detach(), ctx.weight, ctx.counts,
                          counting=False)
         for o0, o1, mask, n, at in blocks:
-            flat = mask.reshape(-1).nonzero().squeeze(1) if need_d and n else None
+            # |M| of the block is known: no host synchronisation on a GPU (`nonzero` waits for the count)
+            flat = torch.nonzero_static(mask.reshape(-1), size=n).squeeze(1) if need_d and n else None
             if flat is not None:
                 if linear:
                     block = grad[:, o0:o1].t().mm(xc)  # (o1 - o0, in)
