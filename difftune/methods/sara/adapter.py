@@ -18,7 +18,7 @@ from ..host import AdapterHost
 from .fingerprint import check_base, fingerprint
 from .grads import RouteGrad, WeightGrad, gradient_rule
 from .positions import decode, encode, pack_bits, unpack_bits
-from .unfused import UnfusedLayer, block_counts, moved
+from .unfused import UnfusedLayer, block_counts, moved, stands_in
 
 
 @register_method("sara")
@@ -238,7 +238,7 @@ class SaRAAdapter(Adapter):
     def layer_output(self, x: Tensor, base_layer: nn.Module, weight: float) -> Tensor | None:
         """Trained unfused, a stock Linear/Conv2d with a derived M runs through `unfused.UnfusedLayer` (also without
         a gradient, e.g. validation during training: no dense copy is cached then)."""
-        if "weight" not in self._derived or not self.delta_vector("weight").requires_grad or not gradient_rule(
+        if "weight" not in self._derived or not self.delta_vector("weight").requires_grad or not stands_in(
                 base_layer):
             return None
         bias = base_layer.bias

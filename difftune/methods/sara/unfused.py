@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import DifftuneError
+from .grads import gradient_rule
 
 #: weight entries made at a time (4 MiB in fp32): at most this much of a layer's weight exists twice
 CHUNK = 1 << 20
@@ -85,6 +86,16 @@ class _Blocks:
             raise moved()
 
 
+def stands_in(layer: nn.Module) -> bool:
+    """Whether `UnfusedLayer` may compute ``layer(x)``: a stock Linear/Conv2d (`grads.gradient_rule`) whose weight
+    needs no gradient (it is read detached) and that nothing watches being called (hooks, a wrapped ``forward``):
+    `UnfusedLayer` never calls the layer."""
+    hooks = (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks, layer._backward_pre_hooks,
+             nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    return (gradient_rule(layer) and not layer.weight.requires_grad and not any(hooks)
+            and "forward" not in layer.__dict__)
+
+
 def moved() -> DifftuneError:
     """The error for a base that no longer gives the M an adapter was made with."""
     return DifftuneError("the base weights under a SaRA adapter that trains unfused no longer select the entries it "
@@ -102,7 +113,9 @@ class UnfusedLayer(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, bias: Tensor | None, delta: Tensor, layer: nn.Module, theta: float,
                 weight: float, counts: list[int]) -> Tensor:
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # autocast leaves float64 alone (a stock layer of a float64 model runs in float64 under it)
+        cast = torch.is_autocast_enabled(device) and torch.float64 not in (x.dtype, layer.weight.dtype)
+        dtype = torch.get_autocast_dtype(device) if cast else x.dtype
         linear = isinstance(layer, nn.Linear)
         unbatched = not linear and x.dim() == 3
         xc = (x.unsqueeze(0) if unbatched else x).to(dtype)
