@@ -355,8 +355,8 @@ class Adapter(nn.Module):
         """The layer's output with this unfused param-space adapter, its only active one (SaRA trains so); None: the
         host runs the layer with `param_overrides`."""
 
-    def before_base_apply(self, base_layer: nn.Module, fn: Any) -> None:
-        """Called before ``fn`` (a `Module._apply` function: a move or a cast) reaches the base layer's tensors."""
+    def before_base_change(self, base_layer: nn.Module, fn: Any = None) -> None:
+        """Called before the base layer's tensors are written (``fn`` None) or reached by ``fn`` (`Module._apply`)."""
 
     def merged_output(self, x: Tensor, out: Tensor, weight: float, base_layer: nn.Module) -> Tensor:
         """The base layer's output on ``x`` while this param-space adapter is fused (SaRA forms its gradient here)."""

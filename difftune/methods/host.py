@@ -77,7 +77,7 @@ class AdapterHost(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterHost:
         for adapter in self.adapters.values():  # before a cast rounds W0 (SaRA takes what it reads off W0 first)
-            adapter.before_base_apply(self.base_layer, fn)
+            adapter.before_base_change(self.base_layer, fn)
         return super()._apply(fn, recurse)
 
     def active(self) -> list[tuple[str, Adapter, float]]:

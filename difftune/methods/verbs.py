@@ -153,12 +153,15 @@ def inject(
         merged = module.merged[:] if isinstance(module, AdapterHost) else []
         if merged:  # a new adapter sees (and may record) the true base values, not merged ones
             module.unmerge()
+        adapter = None
         try:
             adapter = config.make_adapter(base, Site(canonical_name(target), model, part))
         except DifftuneError as e:  # a per-layer refusal (e.g. shapes a method cannot split): name the layer
             raise DifftuneError(f"cannot adapt {canonical_name(target)!r}: {e}") from e
         finally:
             if merged:
+                if adapter is not None:  # not in the host yet: told of the write itself (SaRA keeps M first)
+                    adapter.before_base_change(base)
                 module.merge(merged)
         if adapter is None:
             unsupported[canonical_name(target)] = type(base).__name__

@@ -229,10 +229,10 @@ class SaRAAdapter(Adapter):
             return self._derived_base(pname).reshape(-1).index_select(0, self.index(pname))
         return getattr(self, f"w0_{pname}")
 
-    def before_base_apply(self, base_layer: nn.Module, fn: Any) -> None:
-        for p in list(self._derived):  # a cast moves entries across θ: keep M and W0[M] as they are now
+    def before_base_change(self, base_layer: nn.Module, fn: Any = None) -> None:
+        for p in list(self._derived):  # a write or a cast (entries cross θ): keep M and W0[M] as they are now
             param = getattr(base_layer, p)
-            if fn(param.detach().reshape(-1)[:0]).dtype != param.dtype:
+            if fn is None or fn(param.detach().reshape(-1)[:0]).dtype != param.dtype:
                 self._materialize(p)
 
     def layer_output(self, x: Tensor, base_layer: nn.Module, weight: float) -> Tensor | None:
