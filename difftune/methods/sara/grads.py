@@ -73,13 +73,18 @@ def weight_grad_at(layer: nn.Module, x: Tensor, grad: Tensor, idx: Tensor) -> Te
     for i, (o0, o1) in enumerate(zip(starts[:-1], starts[1:])):
         if bounds[i] == bounds[i + 1]:
             continue  # nothing selected in these rows
-        if isinstance(layer, nn.Linear):
-            block = grad[:, o0:o1].t().mm(x)  # (o1 - o0, in)
-        else:
-            block = torch.nn.grad.conv2d_weight(x, (o1 - o0, *shape[1:]), grad[:, o0:o1], layer.stride,
-                                                layer.padding, layer.dilation, layer.groups)
+        block = weight_block(layer, x, grad, o0, o1)
         parts.append(block.reshape(-1).index_select(0, idx[bounds[i]:bounds[i + 1]] - o0 * per_row).float())
     return torch.cat(parts) if parts else grad.new_zeros(0, dtype=torch.float32)
+
+
+def weight_block(layer: nn.Module, x: Tensor, grad: Tensor, o0: int, o1: int) -> Tensor:
+    """dL/dW of output channels [o0, o1) of ``layer``'s weight from its input and output gradient (a Linear's as
+    (tokens, in) and (tokens, out)): (o1 - o0, *weight.shape[1:])."""
+    if isinstance(layer, nn.Linear):
+        return grad[:, o0:o1].t().mm(x)
+    return torch.nn.grad.conv2d_weight(x, (o1 - o0, *layer.weight.shape[1:]), grad[:, o0:o1], layer.stride,
+                                       layer.padding, layer.dilation, layer.groups)
 
 
 class RouteGrad(torch.autograd.Function):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import DifftuneError
-from .grads import gradient_rule
+from .grads import gradient_rule, weight_block
 
 #: weight entries made at a time (4 MiB in fp32): at most this much of a layer's weight exists twice
 CHUNK = 1 << 20
@@ -157,11 +157,7 @@ class UnfusedLayer(torch.autograd.Function):
             # |M| of the block is known: no host synchronisation on a GPU (`nonzero` waits for the count)
             flat = torch.nonzero_static(mask.reshape(-1), size=n).squeeze(1) if need_d and n else None
             if flat is not None:
-                if linear:
-                    block = grad[:, o0:o1].t().mm(xc)  # (o1 - o0, in)
-                else:
-                    block = torch.nn.grad.conv2d_weight(xc, (o1 - o0, *w0.shape[1:]), grad[:, o0:o1], layer.stride,
-                                                        layer.padding, layer.dilation, layer.groups)
+                block = weight_block(layer, xc, grad, o0, o1)
                 # the flat positions then a gather: quicker on CPUs than a boolean index of the block
                 torch.mul(block.reshape(-1).index_select(0, flat), ctx.weight, out=g_delta[at:at + n])
                 del block
